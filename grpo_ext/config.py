@@ -1,0 +1,285 @@
+"""GRPOExtConfig: every knob of a GRPO run, on TRL's config base class.
+
+Fields shared with `trl.GRPOConfig` keep its names and meaning, so a TRL user's YAML keeps working. Each field's help
+text is written once, in `metadata["help"]`; the class docstring is built from those texts (see `_document`), so
+`help(GRPOExtConfig)` and `--help` always say the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl.trainer.base_config import _BaseConfig
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def _field(default: Any, help: str, group: str | None = None, **kwargs):
+    metadata = {"help": help}
+    if group:
+        metadata["group"] = group
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class GRPOExtConfig(_BaseConfig):
+    # --- Defaults overridden from TrainingArguments / _BaseConfig ---
+    learning_rate: float = _field(
+        1e-6,
+        "Initial learning rate for AdamW. DeepSeekMath uses 1e-6 for full fine-tuning; LoRA adapters usually want "
+        "10-100x more (1e-5 to 1e-4). Same default as TRL.",
+        group="Training",
+    )
+    remove_unused_columns: bool | None = _field(
+        False,
+        "Whether to drop dataset columns other than `prompt`. Keep `False` (the default, as in TRL) so reward "
+        "functions receive the other columns (e.g. `answer`) as keyword arguments.",
+        group="Data",
+    )
+
+    # --- Model ---
+    model_init_kwargs: dict[str, Any] | str | None = _field(
+        None,
+        "Keyword arguments for `AutoModelForCausalLM.from_pretrained`, used when `model` is given as a string (e.g. "
+        '`{"dtype": "bfloat16"}`).',
+        group="Model",
+    )
+    disable_dropout: bool = _field(
+        False,
+        "Whether to set every dropout probability of the policy to 0, so the policy, old and reference passes see "
+        "the same function. Recommended `True` when the base model has dropout.",
+        group="Model",
+    )
+
+    # --- Data and generation ---
+    num_generations: int = _field(
+        8,
+        "G in DeepSeekMath (arXiv 2402.03300): completions sampled per prompt. Must be >= 2. DeepSeekMath uses 64; "
+        "8 to 16 fits a consumer GPU. The generation batch must be divisible by it.",
+        group="Generation",
+    )
+    max_completion_length: int = _field(
+        512, "Maximum number of tokens generated per completion. Same default as TRL.", group="Generation"
+    )
+    shuffle_dataset: bool = _field(True, "Whether to shuffle the training prompts.", group="Data")
+    generation_batch_size: int | None = _field(
+        None,
+        "Completions generated per rollout, across all processes. Defaults to `per_device_train_batch_size x "
+        "num_processes x steps_per_generation` (one rollout per optimizer step). Mutually exclusive with "
+        "`steps_per_generation`.",
+        group="Generation",
+    )
+    steps_per_generation: int | None = _field(
+        None,
+        "Micro-steps served by one rollout. Defaults to `gradient_accumulation_steps`. Mutually exclusive with "
+        "`generation_batch_size`.",
+        group="Generation",
+    )
+    temperature: float = _field(1.0, "Sampling temperature; > 0. DeepSeekMath samples at 1.0.", group="Generation")
+    top_p: float = _field(1.0, "Nucleus sampling threshold in (0, 1]; 1.0 keeps all tokens.", group="Generation")
+    top_k: int = _field(0, "Top-k filtering; 0 disables it.", group="Generation")
+    min_p: float | None = _field(
+        None, "Minimum token probability relative to the most likely token, in [0, 1]; typical 0.01-0.2.",
+        group="Generation",
+    )
+    repetition_penalty: float = _field(
+        1.0, "Penalty (> 0) on tokens already in the prompt or completion; 1.0 disables it.", group="Generation"
+    )
+    generation_kwargs: dict[str, Any] | str | None = _field(
+        None,
+        "Extra `transformers.GenerationConfig` arguments; they override the fields above.",
+        group="Generation",
+    )
+    chat_template_kwargs: dict[str, Any] | str | None = _field(
+        None, "Extra arguments for `apply_chat_template` on conversational prompts.", group="Generation"
+    )
+
+    # --- Objective ---
+    beta: float = _field(
+        0.04,
+        "Coefficient of the KL(pi_theta || pi_ref) term in the loss (k3 estimator). DeepSeekMath uses 0.04, which is "
+        "this default; TRL's default is 0.0. With 0.0 no reference pass is run and no reference model is held.",
+        group="Objective",
+    )
+    num_iterations: int = _field(
+        1,
+        "mu in DeepSeekMath's Algorithm 1: optimisation passes over each rollout. DeepSeekMath uses 1.",
+        group="Objective",
+    )
+    epsilon: float = _field(
+        0.2, "Lower clipping range: the ratio is clipped at 1 - epsilon. PPO/DeepSeekMath use 0.2.", group="Objective"
+    )
+    epsilon_high: float | None = _field(
+        None,
+        "Upper clipping range: the ratio is clipped at 1 + epsilon_high. Defaults to `epsilon`. DAPO "
+        "(arXiv 2503.14476) recommends 0.28 ('clip-higher').",
+        group="Objective",
+    )
+    importance_sampling_level: str = _field(
+        "token",
+        "`token`: one ratio per token (GRPO). `sequence`: GSPO's length-normalised sequence ratio "
+        "exp(mean_t log rho_t) shared by the sequence's tokens (arXiv 2507.18071).",
+        group="Objective",
+    )
+    loss_type: str = _field(
+        "grpo",
+        "How token losses are averaged. `grpo`: 1/G sum_i 1/|o_i| sum_t, DeepSeekMath's objective (the default; TRL's "
+        "default is `dapo`). `dapo`: sum over all tokens / number of tokens in the whole batch across processes "
+        "(arXiv 2503.14476). `dr_grpo`: sum / (num completions x max_completion_length), no length bias "
+        "(arXiv 2503.20783). `bnpo`: token mean over this process's batch; TRL takes it per micro-batch, this "
+        "project over the whole accumulation window so gradient accumulation does not change it (equal when "
+        "gradient_accumulation_steps=1).",
+        group="Objective",
+    )
+    scale_rewards: str = _field(
+        "group",
+        "Divisor of the advantages: `group` std (DeepSeekMath), `batch` std (arXiv 2508.08221) or `none` "
+        "(Dr. GRPO, arXiv 2503.20783). `True`/`False` are read as `group`/`none`, as in TRL.",
+        group="Objective",
+    )
+    reward_weights: list[float] | None = _field(
+        None,
+        "Weight of each reward function in the summed reward, in the order given; defaults to 1.0 each.",
+        group="Objective",
+    )
+    mask_truncated_completions: bool = _field(
+        False,
+        "Exclude completions cut at max_completion_length (no EOS) from the loss. DAPO recommends it.",
+        group="Objective",
+    )
+
+    # --- Memory ---
+    logprob_chunk_size: int = _field(
+        1024,
+        "Completion tokens projected through the LM head at a time when computing log-probs, so the (B, T, V) logits "
+        "are never materialised. Lower it if the LM head pass runs out of memory.",
+        group="Memory",
+    )
+
+    # --- Logging ---
+    log_completions: bool = _field(
+        False, "Print a sample of (prompt, completion, reward) every `logging_steps`.", group="Logging"
+    )
+    num_completions_to_print: int | None = _field(
+        4, "How many completions `log_completions` prints; None prints all.", group="Logging"
+    )
+
+    _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + [
+        "model_init_kwargs",
+        "generation_kwargs",
+        "chat_template_kwargs",
+    ]
+
+    def __post_init__(self):
+        self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
+            self.scale_rewards, self.scale_rewards
+        )
+        super().__post_init__()
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        self._check_values()
+        self._resolve_generation_batch()
+
+    def _check_values(self):
+        def require(condition: bool, message: str):
+            if not condition:
+                raise ValueError(message)
+
+        require(
+            self.num_generations >= 2,
+            f"num_generations={self.num_generations}: GRPO needs at least 2 completions per prompt to compare them "
+            "(the advantage is the reward minus the group mean). Set num_generations >= 2, e.g. 8.",
+        )
+        require(
+            self.max_completion_length >= 1,
+            f"max_completion_length={self.max_completion_length} must be >= 1.",
+        )
+        require(self.beta >= 0, f"beta={self.beta} must be >= 0 (0 turns the KL term off; DeepSeekMath uses 0.04).")
+        require(
+            self.epsilon > 0 and self.epsilon_high > 0,
+            f"epsilon={self.epsilon}, epsilon_high={self.epsilon_high}: clipping ranges must be > 0 (typical 0.2).",
+        )
+        require(self.epsilon < 1, f"epsilon={self.epsilon} must be < 1, or the lower clip bound 1 - epsilon is <= 0.")
+        require(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1.")
+        require(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is not one of {LOSS_TYPES}.")
+        require(
+            self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
+            f"importance_sampling_level={self.importance_sampling_level!r} is not one of "
+            f"{IMPORTANCE_SAMPLING_LEVELS}.",
+        )
+        require(self.scale_rewards in SCALE_REWARDS, f"scale_rewards={self.scale_rewards!r} is not one of {SCALE_REWARDS}.")
+        require(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
+        require(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
+        require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables top-k).")
+        require(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1].")
+        require(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0.")
+        require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
+        require(
+            self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
+            f"reward_weights={self.reward_weights} must be a list of numbers.",
+        )
+        require(
+            not self.auto_find_batch_size,
+            "auto_find_batch_size=True is not supported: shrinking the batch on OOM would split prompt groups. "
+            "Set it to False and lower per_device_train_batch_size instead.",
+        )
+
+    def _resolve_generation_batch(self):
+        """Fill in generation_batch_size / steps_per_generation (as TRL does) and check groups stay whole."""
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError(
+                "generation_batch_size and steps_per_generation are mutually exclusive: set only one of them."
+            )
+        if self.generation_batch_size is None:
+            self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        else:
+            if self.generation_batch_size % global_batch != 0:
+                raise ValueError(
+                    f"generation_batch_size={self.generation_batch_size} must be a multiple of the global batch "
+                    f"per_device_train_batch_size x num_processes = {global_batch}."
+                )
+            self.steps_per_generation = self.generation_batch_size // global_batch
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"The generation batch ({self.generation_batch_size} completions = per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} x {self.world_size} process(es) x steps_per_generation "
+                f"{self.steps_per_generation}) is not divisible by num_generations={self.num_generations}, so a "
+                "prompt's group would be split. Make per_device_train_batch_size x num_processes x "
+                "steps_per_generation a multiple of num_generations (e.g. per_device_train_batch_size="
+                f"{self.num_generations}), or choose num_generations that divides {self.generation_batch_size}."
+            )
+
+
+def _document(cls):
+    """Append a TRL-style `Parameters:` section, built from each field's help, to the class docstring."""
+    own = [f for f in dataclasses.fields(cls) if f.name in cls.__annotations__ and not f.name.startswith("_")]
+    lines = [
+        "Configuration of `GRPOExtTrainer`: GRPO (DeepSeekMath, arXiv 2402.03300) with grpo-ext's extensions.",
+        "",
+        "Derives from TRL's `_BaseConfig` (itself `transformers.TrainingArguments`); every TrainingArguments field "
+        "works as usual. Defaults that differ from `trl.GRPOConfig`: `beta` (0.04, TRL 0.0) and `loss_type` "
+        "(`grpo`, TRL `dapo`).",
+        "",
+        "Parameters:",
+    ]
+    group = None
+    for f in own:
+        if f.metadata.get("group") != group:
+            group = f.metadata.get("group")
+            lines += ["", f"    > {group}", ""]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"    {f.name} (*optional*, defaults to `{default!r}`):")
+        lines.append(f"        {f.metadata['help']}")
+    cls.__doc__ = "\n".join(lines)
+    return cls
+
+
+_document(GRPOExtConfig)

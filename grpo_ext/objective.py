@@ -1,0 +1,111 @@
+"""The GRPO objective: KL estimator, clipped surrogate, GSPO sequence ratio and loss aggregation.
+
+Pure functions of tensors; nothing here knows about models or trainers. Formulas: DeepSeekMath (arXiv 2402.03300)
+eq. 3-4, DAPO (arXiv 2503.14476), Dr. GRPO (arXiv 2503.20783), GSPO (arXiv 2507.18071); see DESIGN.md, step 6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def per_token_kl_k3(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1, unbiased and >= 0."""
+    log_ratio = ref_per_token_logps - per_token_logps
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def log_importance_weights(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    level: str = "token",
+) -> torch.Tensor:
+    """log rho: per token `(B, C)`, or GSPO's length-normalised sequence value `(B, 1)` for level="sequence"."""
+    log_ratio = per_token_logps - old_per_token_logps  # (B, C)
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        lengths = completion_mask.sum(-1).clamp(min=1.0)  # (B,)
+        return ((log_ratio * completion_mask).sum(-1) / lengths).unsqueeze(-1)  # (B, 1)
+    raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {level!r}.")
+
+
+@dataclass
+class ObjectiveTerms:
+    """Per-token pieces of the GRPO loss, kept for aggregation and logging."""
+
+    per_token_loss: torch.Tensor  # (B, C), or (B, 1) at sequence level with beta == 0
+    per_token_kl: torch.Tensor | None  # (B, C)
+    ratio: torch.Tensor  # (B, C) or (B, 1)
+    is_low_clipped: torch.Tensor  # bool, same shape as ratio
+    is_high_clipped: torch.Tensor
+
+
+def grpo_per_token_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    ref_per_token_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    importance_sampling_level: str = "token",
+) -> ObjectiveTerms:
+    """L_t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3_t, before aggregation over tokens."""
+    advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1)
+    ratio = torch.exp(log_importance_weights(per_token_logps, old_per_token_logps, completion_mask, importance_sampling_level))
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    policy_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    per_token_kl = None
+    per_token_loss = policy_loss
+    if beta != 0.0:
+        per_token_kl = per_token_kl_k3(per_token_logps, ref_per_token_logps)
+        per_token_loss = policy_loss + beta * per_token_kl
+    return ObjectiveTerms(
+        per_token_loss=per_token_loss,
+        per_token_kl=per_token_kl,
+        ratio=ratio,
+        is_low_clipped=(ratio < 1 - epsilon_low) & (advantages < 0),
+        is_high_clipped=(ratio > 1 + epsilon_high) & (advantages > 0),
+    )
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    completion_mask: torch.Tensor,
+    loss_type: str,
+    num_sequences: float,
+    num_tokens: float,
+    max_completion_length: int,
+) -> torch.Tensor:
+    """Reduce token losses to this micro-batch's share of the loss of its optimisation window.
+
+    `num_sequences` and `num_tokens` count the completions and completion tokens of the whole window the gradient
+    is accumulated over (for `dapo`, the window on all processes divided by the number of processes, since DDP
+    averages gradients). Summing this value over the window's micro-batches gives:
+
+    - grpo:    1/N sum_i 1/|o_i| sum_t L_it       (DeepSeekMath: mean over tokens, then over completions)
+    - dapo:    sum_it L_it / sum_i |o_i|          (token mean over the global batch)
+    - bnpo:    sum_it L_it / sum_i |o_i|          (token mean over this process's batch)
+    - dr_grpo: sum_it L_it / (N * max_completion_length)
+    """
+    masked_loss = per_token_loss * completion_mask  # (B, C)
+    if loss_type == "grpo":
+        sequence_means = masked_loss.sum(-1) / completion_mask.sum(-1).clamp(min=1.0)  # (B,)
+        return sequence_means.sum() / num_sequences
+    if loss_type in ("dapo", "bnpo"):
+        return masked_loss.sum() / max(num_tokens, 1.0)
+    if loss_type == "dr_grpo":
+        return masked_loss.sum() / (num_sequences * max_completion_length)
+    raise ValueError(f"loss_type must be one of grpo, dapo, dr_grpo, bnpo; got {loss_type!r}.")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the tokens where `mask` is 1; a `(B, 1)` tensor counts once per sequence."""
+    if values.size(-1) == 1 and mask.size(-1) != 1:
+        return values.mean()
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,207 @@
+"""Calling reward functions and reward models with TRL's contract, and checking what they return.
+
+A reward function is `f(prompts, completions, completion_ids, **columns) -> list[float | None]`, sync or async;
+`columns` are the dataset's other columns (one value per completion) plus `trainer_state`. `None` means "this
+function does not score this completion" and becomes NaN, which the advantages skip. A string is a path or id of a
+sequence-classification reward model, scored with its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+
+class RewardFunctionError(ValueError):
+    """A reward function misbehaved; the message names it, the row and the fix."""
+
+
+def _name_of(reward_func) -> str:
+    if isinstance(reward_func, PreTrainedModel):
+        return str(getattr(reward_func.config, "_name_or_path", "") or type(reward_func).__name__).split("/")[-1]
+    return getattr(reward_func, "__name__", None) or type(reward_func).__name__
+
+
+def _is_async(func) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+
+
+def _text(message_or_text) -> str:
+    return message_or_text if isinstance(message_or_text, str) else str(message_or_text)
+
+
+class RewardScorer:
+    """Holds the reward functions, their names and weights, and scores a batch of completions: `(B, K)` rewards."""
+
+    def __init__(
+        self,
+        reward_funcs,
+        reward_weights: Sequence[float] | None = None,
+        reward_processing_classes=None,
+        model_init_kwargs: dict | None = None,
+        chat_template_kwargs: dict | None = None,
+    ):
+        if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
+            raise ValueError("reward_funcs is empty: pass at least one reward function, model path or model.")
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if reward_processing_classes is None:
+            reward_processing_classes = [None] * len(reward_funcs)
+        elif not isinstance(reward_processing_classes, (list, tuple)):
+            reward_processing_classes = [reward_processing_classes]
+        if len(reward_processing_classes) != len(reward_funcs):
+            raise ValueError(
+                f"reward_processing_classes has {len(reward_processing_classes)} entries but there are "
+                f"{len(reward_funcs)} reward functions; give one per reward function (None for plain functions)."
+            )
+        self.funcs, self.processing_classes = [], []
+        for index, (func, processing_class) in enumerate(zip(reward_funcs, reward_processing_classes)):
+            if isinstance(func, str):
+                path = func
+                func = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **(model_init_kwargs or {}))
+                processing_class = processing_class or AutoTokenizer.from_pretrained(path)
+            if isinstance(func, nn.Module):
+                if processing_class is None:
+                    processing_class = AutoTokenizer.from_pretrained(func.config._name_or_path)
+                if processing_class.pad_token is None:
+                    processing_class.pad_token = processing_class.eos_token
+                func.config.pad_token_id = processing_class.pad_token_id
+                func.eval().requires_grad_(False)
+            elif not callable(func):
+                raise TypeError(
+                    f"reward_funcs[{index}] is a {type(func).__name__}, not a reward function: pass a callable "
+                    "f(prompts, completions, completion_ids, **columns) -> list[float], a reward model, or its path."
+                )
+            self.funcs.append(func)
+            self.processing_classes.append(processing_class)
+        self.names = [_name_of(func) for func in self.funcs]
+
+        if reward_weights is None:
+            reward_weights = [1.0] * len(self.funcs)
+        if len(reward_weights) != len(self.funcs):
+            raise ValueError(
+                f"reward_weights has {len(reward_weights)} values but there are {len(self.funcs)} reward functions "
+                f"({', '.join(self.names)}); give one weight per function, in the same order."
+            )
+        self.weights = torch.tensor(reward_weights, dtype=torch.float32)  # (K,)
+        self.chat_template_kwargs = chat_template_kwargs or {}
+
+    @property
+    def reward_models(self) -> list[nn.Module]:
+        return [func for func in self.funcs if isinstance(func, nn.Module)]
+
+    def weighted_sum(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """r_i = sum_k w_k r_ik over the functions that scored completion i; NaN where none did. `(B,)`"""
+        rewards = (rewards_per_func * self.weights.to(rewards_per_func.device)).nansum(dim=1)  # (B,)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        return rewards
+
+    def score(self, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict) -> torch.Tensor:
+        """Rewards `(B, K)` for B completions from K functions (NaN where a function returned None)."""
+        rewards = torch.full((len(prompts), len(self.funcs)), torch.nan, dtype=torch.float32)
+        kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        async_calls = []
+        for k, func in enumerate(self.funcs):
+            if isinstance(func, nn.Module):
+                rewards[:, k] = self._score_with_model(func, self.processing_classes[k], prompts, completions)
+            elif _is_async(func):
+                async_calls.append(k)
+            else:
+                rewards[:, k] = self._check(k, self._call(k, func, kwargs), prompts)
+        if async_calls:
+            outputs = self._run_async([self._call_async(k, self.funcs[k], kwargs) for k in async_calls])
+            for k, output in zip(async_calls, outputs):
+                rewards[:, k] = self._check(k, output, prompts)
+        return rewards
+
+    # --- calling and checking ---
+
+    def _call(self, k: int, func: Callable, kwargs: dict):
+        try:
+            return func(**kwargs)
+        except Exception as error:
+            raise self._locate_failure(k, func, kwargs, error) from error
+
+    async def _call_async(self, k: int, func: Callable, kwargs: dict):
+        try:
+            return await func(**kwargs)
+        except Exception as error:
+            raise self._locate_failure(k, func, kwargs, error) from error
+
+    def _locate_failure(self, k: int, func: Callable, kwargs: dict, error: Exception) -> RewardFunctionError:
+        """Re-run a failed function one row at a time (sync functions only) to name the row that breaks it."""
+        row = None
+        if not _is_async(func):
+            for i in range(len(kwargs["prompts"])):
+                single = {key: value[i : i + 1] if isinstance(value, list) else value for key, value in kwargs.items()}
+                try:
+                    func(**single)
+                except Exception:
+                    row = i
+                    break
+        where = f"on row {row} of the batch (prompt {_text(kwargs['prompts'][row])[:200]!r})" if row is not None else "on this batch"
+        return RewardFunctionError(
+            f"Reward function '{self.names[k]}' raised {type(error).__name__}: {error} {where}. Fix the function, or "
+            "return None for completions it cannot score (they are then left out of that function's reward)."
+        )
+
+    def _check(self, k: int, output, prompts: list) -> torch.Tensor:
+        name = self.names[k]
+        if isinstance(output, torch.Tensor):
+            output = output.tolist()
+        if not isinstance(output, (list, tuple)):
+            raise RewardFunctionError(
+                f"Reward function '{name}' returned a {type(output).__name__}; it must return a list with one float "
+                f"(or None) per completion, here {len(prompts)}."
+            )
+        if len(output) != len(prompts):
+            raise RewardFunctionError(
+                f"Reward function '{name}' returned {len(output)} rewards for {len(prompts)} completions; return "
+                "exactly one reward (float or None) per completion, in the order received."
+            )
+        values = []
+        for row, value in enumerate(output):
+            if value is None:
+                values.append(math.nan)
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                values.append(float(value))
+            else:
+                raise RewardFunctionError(
+                    f"Reward function '{name}' returned {value!r} ({type(value).__name__}) on row {row} of the batch "
+                    f"(prompt {_text(prompts[row])[:200]!r}); rewards must be int, float or None."
+                )
+        return torch.tensor(values, dtype=torch.float32)
+
+    def _run_async(self, coroutines: list) -> list:
+        """Await the async functions concurrently, on a private loop so this works inside Jupyter's running loop."""
+        async def gather():
+            return await asyncio.gather(*coroutines)
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(gather())
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, gather()).result()
+
+    @torch.no_grad()
+    def _score_with_model(self, model: nn.Module, tokenizer, prompts: list, completions: list) -> torch.Tensor:
+        if isinstance(prompts[0], list):  # conversational
+            texts = [
+                tokenizer.apply_chat_template(p + c, tokenize=False, **self.chat_template_kwargs)
+                for p, c in zip(prompts, completions)
+            ]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        device = next(model.parameters()).device
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        logits = model(**{key: value.to(device) for key, value in batch.items()}).logits  # (B, 1)
+        return logits[:, 0].float().cpu()

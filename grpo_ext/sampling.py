@@ -1,0 +1,58 @@
+"""Group sampling and rollouts: each prompt G times in a row, then G completions per prompt, masked after EOS.
+
+The sampler is TRL's `RepeatSampler` (reused: it already keeps groups whole across processes and repeats the
+generation batch for `num_iterations x steps_per_generation` steps). Prefix-shared generation and dynamic sampling
+belong here too (issue "Custom group sampling").
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+from trl.trainer.utils import RepeatSampler
+
+__all__ = ["RepeatSampler", "is_conversational", "prompt_texts", "build_generation_config", "completion_mask_after_eos"]
+
+
+def is_conversational(prompt) -> bool:
+    """A conversational prompt is a list of {"role", "content"} messages, as in TRL."""
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def prompt_texts(prompts: list, tokenizer, chat_template_kwargs: dict | None = None) -> list[str]:
+    """Prompt strings to tokenize: the chat template with the generation prompt for conversations, else as is."""
+    if is_conversational(prompts[0]):
+        return [
+            tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+            )
+            for prompt in prompts
+        ]
+    return list(prompts)
+
+
+def build_generation_config(args, pad_token_id: int, eos_token_ids: list[int]) -> GenerationConfig:
+    """Sampling settings from the config; `generation_kwargs` override the named fields."""
+    settings = dict(
+        max_new_tokens=args.max_completion_length,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_ids,
+    )
+    settings.update(args.generation_kwargs or {})
+    return GenerationConfig(**settings)
+
+
+def completion_mask_after_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 up to and including the first EOS, 0 after it `(B, C)`; and whether each completion was truncated `(B,)`."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (B, C)
+    has_eos = is_eos.any(dim=1)  # (B,)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion_ids.size(1))  # (B,)
+    positions = torch.arange(completion_ids.size(1), device=completion_ids.device)  # (C,)
+    completion_mask = (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (B, C)
+    return completion_mask, ~has_eos

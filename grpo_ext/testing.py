@@ -1,0 +1,128 @@
+"""Tiny models, a tokenizer and synthetic datasets built locally, for tests, the demo and benchmarks.
+
+Nothing here touches the network: the tokenizer is a character-level `tokenizers` model with a Qwen-style chat
+template, and the models are randomly initialised Qwen2 / Llama configs a few hundred kilobytes in size.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+PAD, EOS, IM_START, IM_END = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, EOS, IM_START, IM_END]
+CHARACTERS = list(string.digits + string.ascii_letters + " \n+-*/=?.,:;!()<>{}[]#\\_")
+
+# Qwen-style template: `<|im_start|>role\ncontent<|im_end|>\n`, and `<|im_start|>assistant\n` to generate.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TINY_ARCHITECTURES = ("qwen2", "llama")
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (about 100 tokens) with pad, eos and a chat template; left padding as GRPO wants."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        eos_token=IM_END,
+        bos_token=None,
+        unk_token="?",
+        additional_special_tokens=[EOS, IM_START],
+        padding_side="left",
+        truncation_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_config(architecture: str, tokenizer: PreTrainedTokenizerFast, **overrides):
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    common.update(overrides)
+    if architecture == "qwen2":
+        return Qwen2Config(**common)
+    if architecture == "llama":
+        return LlamaConfig(**common)
+    raise ValueError(f"architecture must be one of {TINY_ARCHITECTURES}, got {architecture!r}.")
+
+
+def make_tiny_model(architecture: str = "qwen2", tokenizer=None, seed: int = 0, **config_overrides):
+    """A randomly initialised causal LM (2 layers, hidden 32) whose vocabulary matches `make_tokenizer()`."""
+    import torch
+
+    tokenizer = tokenizer or make_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_tiny_config(architecture, tokenizer, **config_overrides))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def save_tiny_model(path, architecture: str = "qwen2", seed: int = 0, **config_overrides) -> str:
+    """Write a tiny model and its tokenizer to `path`, so code that takes a model id or path can load it."""
+    tokenizer = make_tokenizer()
+    model = make_tiny_model(architecture, tokenizer, seed=seed, **config_overrides)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_reward_model(path, architecture: str = "qwen2", seed: int = 0) -> str:
+    """Write a tiny sequence-classification model (one label) and its tokenizer to `path`."""
+    import torch
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    config = _tiny_config(architecture, tokenizer, num_labels=1)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_prompt_dataset(num_prompts: int = 16, conversational: bool = False, seed: int = 0) -> Dataset:
+    """Short prompts with an extra `answer` column (for reward functions that read dataset columns)."""
+    rng = random.Random(seed)
+    rows = {"prompt": [], "answer": []}
+    for _ in range(num_prompts):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        question = f"{a}+{b}="
+        rows["prompt"].append([{"role": "user", "content": question}] if conversational else question)
+        rows["answer"].append(str(a + b))
+    return Dataset.from_dict(rows)
+
+
+def digit_fraction_reward(completions, **kwargs) -> list[float]:
+    """Fraction of completion characters that are digits: about 0.1 for a random policy over the tiny vocabulary."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch.isdigit() for ch in text) / len(text) if text else 0.0 for text in texts]

@@ -1,0 +1,459 @@
+"""GRPOExtTrainer: orchestrates one GRPO step (DESIGN.md, "One training step"); holds no formula inline.
+
+sample (sampling) -> roll out (sampling) -> score (rewards) -> advantages (advantages) -> log-probs (logprobs,
+reference) -> loss (objective) -> log.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import defaultdict
+
+import torch
+from accelerate.utils import gather
+from datasets import Dataset, IterableDataset
+from transformers import set_seed
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.base_trainer import _BaseTrainer
+
+from .advantages import group_relative_advantages, nanstd
+from .config import GRPOExtConfig
+from .logprobs import completion_logps_and_entropies
+from .models import apply_peft, disable_dropout, load_causal_lm, load_tokenizer
+from .objective import aggregate_loss, grpo_per_token_loss, masked_mean
+from .reference import ReferencePolicy
+from .rewards import RewardScorer
+from .sampling import (
+    RepeatSampler,
+    build_generation_config,
+    completion_mask_after_eos,
+    is_conversational,
+    prompt_texts,
+)
+
+logger = logging.getLogger(__name__)
+
+# Arguments every reward function receives besides the dataset columns.
+REWARD_FUNCTION_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
+
+
+class GRPOExtTrainer(_BaseTrainer):
+    """Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300), a drop-in for `trl.GRPOTrainer`.
+
+    Args:
+        model: a model id or local path (loaded with `args.model_init_kwargs`), or a `PreTrainedModel` / `PeftModel`.
+        reward_funcs: one or a list of: `f(prompts, completions, completion_ids, **columns) -> list[float | None]`
+            (sync or async), a sequence-classification reward model, or the id / path of one.
+        args: a `GRPOExtConfig`.
+        train_dataset, eval_dataset: datasets with a `prompt` column (text, or a list of chat messages); other
+            columns are passed to the reward functions as keyword arguments.
+        processing_class: the policy's tokenizer; loaded from the model's path when omitted.
+        reward_processing_classes: tokenizers of the reward models, in the order of `reward_funcs`.
+        callbacks, optimizers: as in `transformers.Trainer`.
+        peft_config: a `peft.PeftConfig` to train an adapter instead of the full model.
+        quantization_config: a `BitsAndBytesConfig` used when `model` is a string (QLoRA with `peft_config`).
+    """
+
+    _tag_names = ["trl", "grpo", "grpo-ext"]
+    _name = "GRPO"
+    _paper = {
+        "title": "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+        "id": "2402.03300",
+        "citation": (
+            "@article{shao2024deepseekmath,\n    title = {{DeepSeekMath: Pushing the Limits of Mathematical Reasoning "
+            "in Open Language Models}},\n    author = {Zhihong Shao and Peiyi Wang and Qihao Zhu and Runxin Xu and "
+            "Junxiao Song and Mingchuan Zhang and Y. K. Li and Y. Wu and Daya Guo},\n    year = 2024,\n"
+            "    eprint = {arXiv:2402.03300},\n}"
+        ),
+    }
+    # compute_loss divides by the window's normalisers itself (objective.aggregate_loss)
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: GRPOExtConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        quantization_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = GRPOExtConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-GRPO")
+        elif not isinstance(args, GRPOExtConfig):
+            raise TypeError(
+                f"args is a {type(args).__name__}; GRPOExtTrainer needs a GRPOExtConfig (same field names as "
+                "trl.GRPOConfig: `from grpo_ext import GRPOExtConfig`)."
+            )
+        set_seed(args.seed)  # before the model is built: PEFT initialises adapters randomly
+
+        # Model, tokenizer, adapter
+        model_init_kwargs = dict(args.model_init_kwargs or {})
+        if quantization_config is not None:
+            model_init_kwargs["quantization_config"] = quantization_config
+        model = load_causal_lm(model, model_init_kwargs)
+        processing_class = processing_class if processing_class is not None else load_tokenizer(model)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        model.config.pad_token_id = processing_class.pad_token_id
+        model.generation_config.pad_token_id = processing_class.pad_token_id
+        self.eos_token_ids = self._eos_token_ids(model, processing_class)
+        if peft_config is not None:
+            model = apply_peft(model, peft_config, args.gradient_checkpointing)
+        elif hasattr(model, "peft_config") and args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        if args.disable_dropout:
+            disable_dropout(model)
+
+        # Rewards and data, checked now rather than at the first step
+        self.rewards = RewardScorer(
+            reward_funcs,
+            reward_weights=args.reward_weights,
+            reward_processing_classes=reward_processing_classes,
+            model_init_kwargs=args.model_init_kwargs,
+            chat_template_kwargs=args.chat_template_kwargs,
+        )
+        self._check_dataset(train_dataset, "train_dataset", args)
+        for split, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]):
+            self._check_dataset(dataset, f"eval_dataset[{split!r}]" if split else "eval_dataset", args)
+
+        self.reference = ReferencePolicy.for_policy(model, args.beta)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=lambda features: features,  # rows stay dicts: prompts are tokenized at rollout time
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.model_accepts_loss_kwargs = False
+        if self.reference.model is not None:
+            self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
+        for reward_model in self.rewards.reward_models:
+            reward_model.to(self.accelerator.device)
+
+        self.num_generations = args.num_generations
+        self.generation_config = build_generation_config(args, processing_class.pad_token_id, self.eos_token_ids)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._samples = []  # (prompt, completion, reward) of the last rollout, for log_completions
+        self._buffered_inputs = None
+        self._step = 0  # micro-steps taken, to know when to roll out again
+
+    # --- Set-up checks ---
+
+    @staticmethod
+    def _eos_token_ids(model, tokenizer) -> list[int]:
+        """The tokenizer's EOS plus every EOS the model's generation config declares (e.g. end-of-turn tokens)."""
+        declared = model.generation_config.eos_token_id
+        declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+        return list(dict.fromkeys([tokenizer.eos_token_id, *declared]))
+
+    def _check_dataset(self, dataset, name: str, args: GRPOExtConfig) -> None:
+        if dataset is None:
+            return
+        if isinstance(dataset, IterableDataset):
+            raise NotImplementedError(f"{name} is an IterableDataset; GRPOExtTrainer needs a map-style Dataset.")
+        columns = list(dataset.column_names)
+        if "prompt" not in columns:
+            raise ValueError(
+                f"{name} has no 'prompt' column (columns: {columns}). Rename the column that holds the prompts, e.g. "
+                "dataset = dataset.rename_column('question', 'prompt')."
+            )
+        prompts_per_rollout = args.generation_batch_size // args.num_generations
+        if name == "train_dataset" and len(dataset) < prompts_per_rollout:
+            raise ValueError(
+                f"train_dataset has {len(dataset)} prompts but one rollout takes {prompts_per_rollout} "
+                f"(generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}). "
+                "Add prompts or lower per_device_train_batch_size / steps_per_generation."
+            )
+        for func, func_name in zip(self.rewards.funcs, self.rewards.names):
+            missing = [column for column in self._required_columns(func) if column not in columns]
+            if missing:
+                raise ValueError(
+                    f"Reward function '{func_name}' takes {missing} but {name} has no such column (columns: "
+                    f"{columns}). Add the column to the dataset or give the argument a default value."
+                )
+
+    @staticmethod
+    def _required_columns(func) -> list[str]:
+        """Keyword arguments a reward function needs with no default: they must come from dataset columns."""
+        if isinstance(func, torch.nn.Module):
+            return []
+        try:
+            parameters = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):
+            return []
+        return [
+            p.name
+            for p in parameters
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in REWARD_FUNCTION_ARGUMENTS
+        ]
+
+    # --- Data: each prompt G times in a row, one generation batch per rollout ---
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def get_train_dataloader(self):
+        # The same as Trainer's, except that one batch is a whole generation batch (steps_per_generation
+        # micro-batches): _prepare_inputs rolls it out once and serves it slice by slice.
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None):
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+            shuffle=self.args.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _get_eval_sampler(self, eval_dataset):
+        return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations, seed=self.args.seed)
+
+    # --- One step ---
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        return loss
+
+    def _prepare_inputs(self, generation_batch: list[dict]) -> dict:
+        if not self.model.training:
+            return self._generate_and_score(generation_batch, mode="eval")
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            rollout = self._generate_and_score(generation_batch, mode="train")
+            self._buffered_inputs = self._split_into_micro_batches(rollout)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    @property
+    def _policy_moves_during_rollout(self) -> bool:
+        """True when an optimizer step happens between a rollout and the use of its data: old log-probs needed."""
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        return self.args.gradient_accumulation_steps % generate_every != 0
+
+    def _completion_logps(self, model, batch: dict) -> torch.Tensor:
+        with torch.no_grad(), self.compute_loss_context_manager():
+            per_token_logps, _ = completion_logps_and_entropies(
+                model,
+                torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+                torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+                batch["completion_ids"].size(1),
+                temperature=self.args.temperature,
+                chunk_size=self.args.logprob_chunk_size,
+            )
+        return per_token_logps
+
+    def _generate_and_score(self, rows: list[dict], mode: str) -> dict:
+        """Roll out G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
+        device = self.accelerator.device
+        tokenizer = self.processing_class
+        prompts = [row["prompt"] for row in rows]
+        encoded = tokenizer(
+            prompt_texts(prompts, tokenizer, self.args.chat_template_kwargs),
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        )
+        prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)  # (B, P)
+
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+        ):
+            prompt_completion_ids = unwrapped_model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config
+            )
+        completion_ids = prompt_completion_ids[:, prompt_ids.size(1) :]  # (B, C)
+        completion_mask, is_truncated = completion_mask_after_eos(completion_ids, self.eos_token_ids)  # (B, C), (B,)
+        completion_ids_list = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
+        if self.args.mask_truncated_completions:
+            completion_mask = completion_mask * (~is_truncated).unsqueeze(1)
+        texts = tokenizer.batch_decode(completion_ids_list, skip_special_tokens=True)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) else texts
+
+        batch = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+        }
+        if mode == "train" and self._policy_moves_during_rollout:
+            batch["old_per_token_logps"] = self._completion_logps(self.model, batch)  # (B, C)
+        if self.reference.mode != "none":
+            with self.reference.activate(self.model) as reference_model:
+                batch["ref_per_token_logps"] = self._completion_logps(reference_model, batch)  # (B, C)
+
+        # Rewards of the whole group are needed for its advantages: gather them from every process.
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        columns["trainer_state"] = self.state
+        local_rewards_per_func = self.rewards.score(prompts, completions, completion_ids_list, columns)  # (B, K)
+        rewards_per_func = gather(local_rewards_per_func.to(device))  # (B * num_processes, K)
+        rewards = self.rewards.weighted_sum(rewards_per_func)  # (B * num_processes,)
+        advantages, std = group_relative_advantages(rewards, self.num_generations, self.args.scale_rewards)
+        process_slice = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
+        batch["advantages"] = advantages[process_slice]  # (B,)
+
+        self._log_rollout(mode, rewards_per_func, rewards, std, prompt_mask, completion_mask, is_truncated)
+        if self.args.log_completions and self.accelerator.is_main_process:
+            self._samples = list(zip(prompts, texts, rewards[process_slice].tolist()))
+        return batch
+
+    def _split_into_micro_batches(self, rollout: dict) -> list[dict]:
+        """Slice a rollout into steps_per_generation micro-batches and attach the normalisers of their window.
+
+        The window is the gradient_accumulation_steps micro-batches summed into one optimizer step. When the rollout
+        covers whole windows (steps_per_generation a multiple of gradient_accumulation_steps, the default), counts are
+        exact; otherwise they are the rollout's counts scaled to one window, as TRL does.
+        """
+        steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
+        size = rollout["completion_ids"].size(0) // steps
+        micro_batches = [{k: v[i * size : (i + 1) * size] for k, v in rollout.items()} for i in range(steps)]
+        tokens = torch.stack([mb["completion_mask"].sum() for mb in micro_batches]).float()  # (steps,)
+        if steps % accumulation == 0:
+            window_tokens = tokens.view(-1, accumulation).sum(1).repeat_interleave(accumulation)  # (steps,)
+        else:
+            window_tokens = tokens.sum().expand(steps) * accumulation / steps
+        global_window_tokens = self.accelerator.reduce(window_tokens.clone(), reduction="sum")  # (steps,)
+        for i, micro_batch in enumerate(micro_batches):
+            micro_batch["num_sequences"] = float(size * accumulation)
+            micro_batch["num_tokens"] = float(window_tokens[i])
+            micro_batch["num_tokens_per_process"] = float(global_window_tokens[i]) / self.accelerator.num_processes
+        return micro_batches
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("GRPOExtTrainer.compute_loss does not return outputs.")
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]  # (B, C)
+        per_token_logps, entropies = completion_logps_and_entropies(
+            model,
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+            inputs["completion_ids"].size(1),
+            temperature=self.args.temperature,
+            chunk_size=self.args.logprob_chunk_size,
+        )  # (B, C) each
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
+            old_per_token_logps = per_token_logps.detach()
+        terms = grpo_per_token_loss(
+            per_token_logps,
+            old_per_token_logps,
+            inputs["advantages"],
+            completion_mask,
+            ref_per_token_logps=inputs.get("ref_per_token_logps"),
+            beta=self.args.beta,
+            epsilon_low=self.args.epsilon,
+            epsilon_high=self.args.epsilon_high,
+            importance_sampling_level=self.args.importance_sampling_level,
+        )
+        if mode == "train":
+            num_sequences = inputs["num_sequences"]
+            num_tokens = inputs["num_tokens_per_process" if self.args.loss_type == "dapo" else "num_tokens"]
+        else:  # evaluation: each batch on its own
+            num_sequences, num_tokens = completion_mask.size(0), float(completion_mask.sum())
+        loss = aggregate_loss(
+            terms.per_token_loss,
+            completion_mask,
+            self.args.loss_type,
+            num_sequences=num_sequences,
+            num_tokens=num_tokens,
+            max_completion_length=self.args.max_completion_length,
+        )
+        self._log_objective(mode, terms, entropies, completion_mask)
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # --- Metrics, with TRL's names ---
+
+    def _mean_across_processes(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        totals = torch.stack([(values * mask).sum(), mask.sum()]).float()
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def _log_objective(self, mode, terms, entropies, completion_mask):
+        metrics = self._metrics[mode]
+        mask = completion_mask.float()
+        if terms.per_token_kl is not None:
+            metrics["kl"].append(self._mean_across_processes(terms.per_token_kl.detach(), mask))
+        metrics["entropy"].append(self._mean_across_processes(entropies, mask))
+        if terms.ratio.size(-1) == 1:  # sequence-level ratio: every token of a sequence shares its clipping
+            mask = torch.ones_like(terms.ratio)
+        low, high = terms.is_low_clipped.float(), terms.is_high_clipped.float()
+        metrics["clip_ratio/low_mean"].append(self._mean_across_processes(low, mask))
+        metrics["clip_ratio/high_mean"].append(self._mean_across_processes(high, mask))
+        metrics["clip_ratio/region_mean"].append(self._mean_across_processes(torch.maximum(low, high), mask))
+        per_sequence = lambda x: (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # noqa: E731
+        metrics["clip_ratio/low_min"].append(gather(per_sequence(low)).min().item())
+        metrics["clip_ratio/high_max"].append(gather(per_sequence(high)).max().item())
+
+    def _log_rollout(self, mode, rewards_per_func, rewards, std, prompt_mask, completion_mask, is_truncated):
+        metrics = self._metrics[mode]
+        for k, name in enumerate(self.rewards.names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, k]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, k]).item())
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(nanstd(rewards).item())
+        is_std_zero = torch.isclose(std, torch.zeros_like(std))
+        metrics["frac_reward_zero_std"].append(is_std_zero.float().mean().item())
+
+        lengths = gather(completion_mask.sum(1))  # (B * num_processes,)
+        truncated = gather(is_truncated)
+        terminated = lengths[~truncated].float()
+        if mode == "train":
+            self.state.num_input_tokens_seen += int(gather(prompt_mask.sum() + completion_mask.sum()).sum())
+            metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        metrics["completions/mean_length"].append(lengths.float().mean().item())
+        metrics["completions/min_length"].append(lengths.float().min().item())
+        metrics["completions/max_length"].append(lengths.float().max().item())
+        metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
+        if terminated.numel() == 0:
+            terminated = torch.zeros(1)
+        metrics["completions/mean_terminated_length"].append(terminated.mean().item())
+        metrics["completions/min_terminated_length"].append(terminated.min().item())
+        metrics["completions/max_terminated_length"].append(terminated.max().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+        if self.args.log_completions and mode == "train" and self._samples:
+            shown = self._samples[: self.args.num_completions_to_print]
+            lines = [f"step {self.state.global_step} completions:"]
+            lines += [f"  reward {reward:+.3f} | {prompt!r} -> {completion!r}" for prompt, completion, reward in shown]
+            logger.info("\n".join(lines))
