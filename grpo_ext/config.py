@@ -18,10 +18,8 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
-def _field(default: Any, help: str, group: str | None = None, **kwargs):
-    metadata = {"help": help}
-    if group:
-        metadata["group"] = group
+def _field(default: Any, help: str, **kwargs):
+    metadata = {"help": help}  # HfArgumentParser hands metadata to argparse: only argparse keywords belong here
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -34,13 +32,11 @@ class GRPOExtConfig(_BaseConfig):
         1e-6,
         "Initial learning rate for AdamW. DeepSeekMath uses 1e-6 for full fine-tuning; LoRA adapters usually want "
         "10-100x more (1e-5 to 1e-4). Same default as TRL.",
-        group="Training",
     )
     remove_unused_columns: bool | None = _field(
         False,
         "Whether to drop dataset columns other than `prompt`. Keep `False` (the default, as in TRL) so reward "
         "functions receive the other columns (e.g. `answer`) as keyword arguments.",
-        group="Data",
     )
 
     # --- Model ---
@@ -48,13 +44,11 @@ class GRPOExtConfig(_BaseConfig):
         None,
         "Keyword arguments for `AutoModelForCausalLM.from_pretrained`, used when `model` is given as a string (e.g. "
         '`{"dtype": "bfloat16"}`).',
-        group="Model",
     )
     disable_dropout: bool = _field(
         False,
         "Whether to set every dropout probability of the policy to 0, so the policy, old and reference passes see "
         "the same function. Recommended `True` when the base model has dropout.",
-        group="Model",
     )
 
     # --- Data and generation ---
@@ -62,42 +56,53 @@ class GRPOExtConfig(_BaseConfig):
         8,
         "G in DeepSeekMath (arXiv 2402.03300): completions sampled per prompt. Must be >= 2. DeepSeekMath uses 64; "
         "8 to 16 fits a consumer GPU. The generation batch must be divisible by it.",
-        group="Generation",
     )
     max_completion_length: int = _field(
-        512, "Maximum number of tokens generated per completion. Same default as TRL.", group="Generation"
+        512,
+        "Maximum number of tokens generated per completion. Same default as TRL.",
     )
-    shuffle_dataset: bool = _field(True, "Whether to shuffle the training prompts.", group="Data")
+    shuffle_dataset: bool = _field(
+        True,
+        "Whether to shuffle the training prompts.",
+    )
     generation_batch_size: int | None = _field(
         None,
         "Completions generated per rollout, across all processes. Defaults to `per_device_train_batch_size x "
         "num_processes x steps_per_generation` (one rollout per optimizer step). Mutually exclusive with "
         "`steps_per_generation`.",
-        group="Generation",
     )
     steps_per_generation: int | None = _field(
         None,
         "Micro-steps served by one rollout. Defaults to `gradient_accumulation_steps`. Mutually exclusive with "
         "`generation_batch_size`.",
-        group="Generation",
     )
-    temperature: float = _field(1.0, "Sampling temperature; > 0. DeepSeekMath samples at 1.0.", group="Generation")
-    top_p: float = _field(1.0, "Nucleus sampling threshold in (0, 1]; 1.0 keeps all tokens.", group="Generation")
-    top_k: int = _field(0, "Top-k filtering; 0 disables it.", group="Generation")
+    temperature: float = _field(
+        1.0,
+        "Sampling temperature; > 0. DeepSeekMath samples at 1.0.",
+    )
+    top_p: float = _field(
+        1.0,
+        "Nucleus sampling threshold in (0, 1]; 1.0 keeps all tokens.",
+    )
+    top_k: int = _field(
+        0,
+        "Top-k filtering; 0 disables it.",
+    )
     min_p: float | None = _field(
-        None, "Minimum token probability relative to the most likely token, in [0, 1]; typical 0.01-0.2.",
-        group="Generation",
+        None,
+        "Minimum token probability relative to the most likely token, in [0, 1]; typical 0.01-0.2.",
     )
     repetition_penalty: float = _field(
-        1.0, "Penalty (> 0) on tokens already in the prompt or completion; 1.0 disables it.", group="Generation"
+        1.0,
+        "Penalty (> 0) on tokens already in the prompt or completion; 1.0 disables it.",
     )
     generation_kwargs: dict[str, Any] | str | None = _field(
         None,
         "Extra `transformers.GenerationConfig` arguments; they override the fields above.",
-        group="Generation",
     )
     chat_template_kwargs: dict[str, Any] | str | None = _field(
-        None, "Extra arguments for `apply_chat_template` on conversational prompts.", group="Generation"
+        None,
+        "Extra arguments for `apply_chat_template` on conversational prompts.",
     )
 
     # --- Objective ---
@@ -105,27 +110,24 @@ class GRPOExtConfig(_BaseConfig):
         0.04,
         "Coefficient of the KL(pi_theta || pi_ref) term in the loss (k3 estimator). DeepSeekMath uses 0.04, which is "
         "this default; TRL's default is 0.0. With 0.0 no reference pass is run and no reference model is held.",
-        group="Objective",
     )
     num_iterations: int = _field(
         1,
         "mu in DeepSeekMath's Algorithm 1: optimisation passes over each rollout. DeepSeekMath uses 1.",
-        group="Objective",
     )
     epsilon: float = _field(
-        0.2, "Lower clipping range: the ratio is clipped at 1 - epsilon. PPO/DeepSeekMath use 0.2.", group="Objective"
+        0.2,
+        "Lower clipping range: the ratio is clipped at 1 - epsilon. PPO/DeepSeekMath use 0.2.",
     )
     epsilon_high: float | None = _field(
         None,
         "Upper clipping range: the ratio is clipped at 1 + epsilon_high. Defaults to `epsilon`. DAPO "
         "(arXiv 2503.14476) recommends 0.28 ('clip-higher').",
-        group="Objective",
     )
     importance_sampling_level: str = _field(
         "token",
         "`token`: one ratio per token (GRPO). `sequence`: GSPO's length-normalised sequence ratio "
         "exp(mean_t log rho_t) shared by the sequence's tokens (arXiv 2507.18071).",
-        group="Objective",
     )
     loss_type: str = _field(
         "grpo",
@@ -135,23 +137,19 @@ class GRPOExtConfig(_BaseConfig):
         "(arXiv 2503.20783). `bnpo`: token mean over this process's batch; TRL takes it per micro-batch, this "
         "project over the whole accumulation window so gradient accumulation does not change it (equal when "
         "gradient_accumulation_steps=1).",
-        group="Objective",
     )
     scale_rewards: str = _field(
         "group",
         "Divisor of the advantages: `group` std (DeepSeekMath), `batch` std (arXiv 2508.08221) or `none` "
         "(Dr. GRPO, arXiv 2503.20783). `True`/`False` are read as `group`/`none`, as in TRL.",
-        group="Objective",
     )
     reward_weights: list[float] | None = _field(
         None,
         "Weight of each reward function in the summed reward, in the order given; defaults to 1.0 each.",
-        group="Objective",
     )
     mask_truncated_completions: bool = _field(
         False,
         "Exclude completions cut at max_completion_length (no EOS) from the loss. DAPO recommends it.",
-        group="Objective",
     )
 
     # --- Memory ---
@@ -159,15 +157,16 @@ class GRPOExtConfig(_BaseConfig):
         1024,
         "Completion tokens projected through the LM head at a time when computing log-probs, so the (B, T, V) logits "
         "are never materialised. Lower it if the LM head pass runs out of memory.",
-        group="Memory",
     )
 
     # --- Logging ---
     log_completions: bool = _field(
-        False, "Print a sample of (prompt, completion, reward) every `logging_steps`.", group="Logging"
+        False,
+        "Print a sample of (prompt, completion, reward) every `logging_steps`.",
     )
     num_completions_to_print: int | None = _field(
-        4, "How many completions `log_completions` prints; None prints all.", group="Logging"
+        4,
+        "How many completions `log_completions` prints; None prints all.",
     )
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + [
@@ -210,10 +209,11 @@ class GRPOExtConfig(_BaseConfig):
         require(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is not one of {LOSS_TYPES}.")
         require(
             self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
-            f"importance_sampling_level={self.importance_sampling_level!r} is not one of "
-            f"{IMPORTANCE_SAMPLING_LEVELS}.",
+            f"importance_sampling_level={self.importance_sampling_level!r} is not one of {IMPORTANCE_SAMPLING_LEVELS}.",
         )
-        require(self.scale_rewards in SCALE_REWARDS, f"scale_rewards={self.scale_rewards!r} is not one of {SCALE_REWARDS}.")
+        require(
+            self.scale_rewards in SCALE_REWARDS, f"scale_rewards={self.scale_rewards!r} is not one of {SCALE_REWARDS}."
+        )
         require(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
         require(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables top-k).")
@@ -258,6 +258,17 @@ class GRPOExtConfig(_BaseConfig):
             )
 
 
+# Headings of the docstring, at the first field of each group (fields are declared group by group).
+_SECTION_STARTS = {
+    "learning_rate": "Defaults overridden from TrainingArguments",
+    "model_init_kwargs": "Model",
+    "num_generations": "Data and generation",
+    "beta": "Objective",
+    "logprob_chunk_size": "Memory",
+    "log_completions": "Logging",
+}
+
+
 def _document(cls):
     """Append a TRL-style `Parameters:` section, built from each field's help, to the class docstring."""
     own = [f for f in dataclasses.fields(cls) if f.name in cls.__annotations__ and not f.name.startswith("_")]
@@ -270,11 +281,9 @@ def _document(cls):
         "",
         "Parameters:",
     ]
-    group = None
     for f in own:
-        if f.metadata.get("group") != group:
-            group = f.metadata.get("group")
-            lines += ["", f"    > {group}", ""]
+        if f.name in _SECTION_STARTS:
+            lines += ["", f"    > {_SECTION_STARTS[f.name]}", ""]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"    {f.name} (*optional*, defaults to `{default!r}`):")
         lines.append(f"        {f.metadata['help']}")

@@ -57,7 +57,9 @@ def grpo_per_token_loss(
 ) -> ObjectiveTerms:
     """L_t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3_t, before aggregation over tokens."""
     advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1)
-    ratio = torch.exp(log_importance_weights(per_token_logps, old_per_token_logps, completion_mask, importance_sampling_level))
+    ratio = torch.exp(
+        log_importance_weights(per_token_logps, old_per_token_logps, completion_mask, importance_sampling_level)
+    )
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     policy_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
     per_token_kl = None

@@ -30,7 +30,8 @@ def _name_of(reward_func) -> str:
 
 
 def _is_async(func) -> bool:
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+    """An `async def` function, or an object whose `__call__` is one."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
 
 
 def _text(message_or_text) -> str:
@@ -64,7 +65,9 @@ class RewardScorer:
         for index, (func, processing_class) in enumerate(zip(reward_funcs, reward_processing_classes)):
             if isinstance(func, str):
                 path = func
-                func = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **(model_init_kwargs or {}))
+                func = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, **(model_init_kwargs or {})
+                )
                 processing_class = processing_class or AutoTokenizer.from_pretrained(path)
             if isinstance(func, nn.Module):
                 if processing_class is None:
@@ -145,7 +148,11 @@ class RewardScorer:
                 except Exception:
                     row = i
                     break
-        where = f"on row {row} of the batch (prompt {_text(kwargs['prompts'][row])[:200]!r})" if row is not None else "on this batch"
+        where = (
+            f"on row {row} of the batch (prompt {_text(kwargs['prompts'][row])[:200]!r})"
+            if row is not None
+            else "on this batch"
+        )
         return RewardFunctionError(
             f"Reward function '{self.names[k]}' raised {type(error).__name__}: {error} {where}. Fix the function, or "
             "return None for completions it cannot score (they are then left out of that function's reward)."
@@ -180,6 +187,7 @@ class RewardScorer:
 
     def _run_async(self, coroutines: list) -> list:
         """Await the async functions concurrently, on a private loop so this works inside Jupyter's running loop."""
+
         async def gather():
             return await asyncio.gather(*coroutines)
 

@@ -48,7 +48,9 @@ def build_generation_config(args, pad_token_id: int, eos_token_ids: list[int]) -
     return GenerationConfig(**settings)
 
 
-def completion_mask_after_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_mask_after_eos(
+    completion_ids: torch.Tensor, eos_token_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """1 up to and including the first EOS, 0 after it `(B, C)`; and whether each completion was truncated `(B,)`."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (B, C)
     has_eos = is_eos.any(dim=1)  # (B,)

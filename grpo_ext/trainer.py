@@ -21,7 +21,7 @@ from .advantages import group_relative_advantages, nanstd
 from .config import GRPOExtConfig
 from .logprobs import completion_logps_and_entropies
 from .models import apply_peft, disable_dropout, load_causal_lm, load_tokenizer
-from .objective import aggregate_loss, grpo_per_token_loss, masked_mean
+from .objective import aggregate_loss, grpo_per_token_loss
 from .reference import ReferencePolicy
 from .rewards import RewardScorer
 from .sampling import (
@@ -121,7 +121,7 @@ class GRPOExtTrainer(_BaseTrainer):
             chat_template_kwargs=args.chat_template_kwargs,
         )
         self._check_dataset(train_dataset, "train_dataset", args)
-        for split, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]):
+        for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
             self._check_dataset(dataset, f"eval_dataset[{split!r}]" if split else "eval_dataset", args)
 
         self.reference = ReferencePolicy.for_policy(model, args.beta)
@@ -317,7 +317,9 @@ class GRPOExtTrainer(_BaseTrainer):
         rewards_per_func = gather(local_rewards_per_func.to(device))  # (B * num_processes, K)
         rewards = self.rewards.weighted_sum(rewards_per_func)  # (B * num_processes,)
         advantages, std = group_relative_advantages(rewards, self.num_generations, self.args.scale_rewards)
-        process_slice = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
+        process_slice = slice(
+            self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows)
+        )
         batch["advantages"] = advantages[process_slice]  # (B,)
 
         self._log_rollout(mode, rewards_per_func, rewards, std, prompt_mask, completion_mask, is_truncated)

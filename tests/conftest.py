@@ -1,0 +1,45 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+@pytest.fixture
+def tokenizer():
+    from grpo_ext.testing import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture
+def make_args(tmp_path):
+    """Build a fast CPU config for this test, overriding any field."""
+    return lambda **overrides: tiny_args(tmp_path, **overrides)
+
+
+def tiny_args(tmp_path, **overrides):
+    """A fast CPU config: fp32, no gradient checkpointing, nothing saved or reported."""
+    from grpo_ext import GRPOExtConfig
+
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        learning_rate=1e-3,
+        max_steps=2,
+        logging_steps=1,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return GRPOExtConfig(**settings)

@@ -1,0 +1,60 @@
+import pytest
+from transformers import HfArgumentParser
+
+from grpo_ext import GRPOExtConfig
+
+
+def test_defaults_follow_deepseekmath_and_say_where_they_differ_from_trl():
+    from trl import GRPOConfig
+
+    ours, trl = GRPOExtConfig(output_dir="x", use_cpu=True), GRPOConfig(output_dir="x", use_cpu=True)
+    assert ours.beta == 0.04 and trl.beta == 0.0
+    assert ours.loss_type == "grpo" and trl.loss_type == "dapo"
+    assert ours.epsilon_high == ours.epsilon == 0.2
+    assert "TRL's default is 0.0" in GRPOExtConfig.__dataclass_fields__["beta"].metadata["help"]
+
+
+def test_docstring_documents_every_field_with_its_help():
+    for name in ("num_generations", "beta", "loss_type", "scale_rewards", "logprob_chunk_size"):
+        help_text = GRPOExtConfig.__dataclass_fields__[name].metadata["help"]
+        assert f"    {name} (*optional*, defaults to" in GRPOExtConfig.__doc__
+        assert help_text in GRPOExtConfig.__doc__
+    assert "arXiv 2402.03300" in GRPOExtConfig.__doc__
+
+
+def test_command_line_parsing_and_help(capsys):
+    parser = HfArgumentParser(GRPOExtConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            "x",
+            "--use_cpu",
+            "--num_generations",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--loss_type",
+            "dapo",
+            "--beta",
+            "0.0",
+            "--scale_rewards",
+            "false",
+        ]
+    )
+    assert (args.num_generations, args.loss_type, args.beta, args.scale_rewards) == (4, "dapo", 0.0, "none")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    assert "DeepSeekMath uses 0.04" in capsys.readouterr().out
+
+
+def test_generation_batch_is_resolved_like_trl():
+    args = GRPOExtConfig(
+        output_dir="x", use_cpu=True, per_device_train_batch_size=4, gradient_accumulation_steps=3, num_generations=4
+    )
+    assert (args.steps_per_generation, args.generation_batch_size) == (3, 12)  # 4 per step x 3 steps
+    args = GRPOExtConfig(
+        output_dir="x", use_cpu=True, per_device_train_batch_size=4, generation_batch_size=16, num_generations=8
+    )
+    assert args.steps_per_generation == 4
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        GRPOExtConfig(output_dir="x", use_cpu=True, generation_batch_size=16, steps_per_generation=2)

@@ -1,0 +1,101 @@
+"""Bad input fails before or at the first step, naming the argument, column, reward function or row, and the fix."""
+
+import pytest
+
+from grpo_ext import GRPOExtTrainer
+from grpo_ext.rewards import RewardFunctionError
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+
+
+def _trainer(tokenizer, args, reward_funcs=digit_fraction_reward, dataset=None):
+    return GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        reward_funcs,
+        args=args,
+        train_dataset=dataset if dataset is not None else make_prompt_dataset(8),
+        processing_class=tokenizer,
+    )
+
+
+def test_missing_prompt_column(tokenizer, make_args):
+    dataset = make_prompt_dataset(8).rename_column("prompt", "question")
+    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column.*rename_column"):
+        _trainer(tokenizer, make_args(), dataset=dataset)
+
+
+def test_reward_function_needing_a_missing_column(tokenizer, make_args):
+    def accuracy(completions, solution, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ValueError, match=r"'accuracy' takes \['solution'\].*no such column"):
+        _trainer(tokenizer, make_args(), reward_funcs=accuracy)
+
+
+def test_fewer_than_two_generations(make_args):
+    with pytest.raises(ValueError, match=r"num_generations=1.*at least 2"):
+        make_args(num_generations=1, per_device_train_batch_size=4)
+
+
+def test_batch_not_divisible_by_group_size(make_args):
+    with pytest.raises(ValueError, match=r"not divisible by num_generations=4.*per_device_train_batch_size=4"):
+        make_args(per_device_train_batch_size=6, num_generations=4)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("epsilon", 0.0, "clipping ranges must be > 0"),
+        ("beta", -0.1, "beta=-0.1 must be >= 0"),
+        ("loss_type", "ppo", "loss_type='ppo' is not one of"),
+        ("importance_sampling_level", "word", "importance_sampling_level='word'"),
+        ("scale_rewards", "median", "scale_rewards='median'"),
+        ("temperature", 0.0, "temperature=0.0 must be > 0"),
+        ("top_p", 1.5, r"top_p=1.5 must be in \(0, 1\]"),
+    ],
+)
+def test_impossible_settings(make_args, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(**{field: value})
+
+
+def test_reward_weights_of_the_wrong_length(tokenizer, make_args):
+    with pytest.raises(ValueError, match=r"reward_weights has 2 values but there are 1 reward functions"):
+        _trainer(tokenizer, make_args(reward_weights=[1.0, 2.0]))
+
+
+def test_reward_function_returning_the_wrong_length(tokenizer, make_args):
+    def too_short(completions, **kwargs):
+        return [1.0] * (len(completions) - 1)
+
+    with pytest.raises(RewardFunctionError, match=r"'too_short' returned 7 rewards for 8 completions"):
+        _trainer(tokenizer, make_args(), reward_funcs=too_short).train()
+
+
+def test_reward_function_returning_a_non_number(tokenizer, make_args):
+    def stringly(completions, **kwargs):
+        return [1.0, 0.0, "yes"] + [0.0] * (len(completions) - 3)
+
+    with pytest.raises(RewardFunctionError, match=r"'stringly' returned 'yes' \(str\) on row 2.*int, float or None"):
+        _trainer(tokenizer, make_args(), reward_funcs=stringly).train()
+
+
+def test_reward_function_that_raises_names_itself_and_the_row(tokenizer, make_args):
+    def fragile(prompts, completions, **kwargs):
+        return [1.0 / (0 if prompt == prompts[-1] else 1) for prompt in prompts]  # fails on the last group's prompt
+
+    with pytest.raises(RewardFunctionError, match=r"'fragile' raised ZeroDivisionError.*on row 0 .*prompt") as caught:
+        _trainer(tokenizer, make_args(), reward_funcs=fragile).train()
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+
+
+def test_not_a_reward_function(tokenizer, make_args):
+    with pytest.raises(TypeError, match=r"reward_funcs\[0\] is a int"):
+        _trainer(tokenizer, make_args(), reward_funcs=[3])
+
+
+def test_trl_config_is_refused_with_the_fix(tokenizer, tmp_path):
+    from trl import GRPOConfig
+
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True)
+    with pytest.raises(TypeError, match="needs a GRPOExtConfig"):
+        _trainer(tokenizer, args)

@@ -1,0 +1,179 @@
+"""Short training runs on tiny models: full, LoRA, 4-bit QLoRA, conversational, several reward kinds."""
+
+import asyncio
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from grpo_ext import GRPOExtTrainer
+from grpo_ext.testing import (
+    TINY_ARCHITECTURES,
+    digit_fraction_reward,
+    make_prompt_dataset,
+    make_tiny_model,
+    save_tiny_model,
+    save_tiny_reward_model,
+)
+
+
+def _snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _changed(before, model):
+    return {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_full_model_trains_against_a_frozen_copy(tokenizer, make_args, architecture):
+    model = make_tiny_model(architecture, tokenizer)
+    trainer = GRPOExtTrainer(
+        model, digit_fraction_reward, args=make_args(), train_dataset=make_prompt_dataset(8), processing_class=tokenizer
+    )
+    assert trainer.reference.mode == "copy"
+    reference_before = _snapshot(trainer.reference.model)
+    before = _snapshot(trainer.model)
+    trainer.train()
+    assert _changed(before, trainer.model) == set(before)  # every parameter moved
+    assert not _changed(reference_before, trainer.reference.model)  # pi_ref stayed frozen
+    logged = trainer.state.log_history[0]
+    for key in ("reward", "reward_std", "kl", "entropy", "clip_ratio/region_mean", "completions/mean_length"):
+        assert key in logged, key
+
+
+def test_lora_trains_only_the_adapter_with_no_reference_copy(tokenizer, make_args):
+    trainer = GRPOExtTrainer(
+        make_tiny_model("llama", tokenizer),
+        digit_fraction_reward,
+        args=make_args(max_steps=3),
+        train_dataset=make_prompt_dataset(8),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    assert trainer.reference.mode == "disabled_adapter" and trainer.reference.model is None
+    before = _snapshot(trainer.model)
+    trainer.train()
+    changed = _changed(before, trainer.model)
+    assert changed and all("lora_" in name for name in changed)
+    assert any("lora_B" in name for name in changed) and any("lora_A" in name for name in changed)
+    assert "kl" in trainer.state.log_history[-2]
+
+
+def test_lora_on_lm_head_is_scored_through_the_adapter(tokenizer, make_args):
+    """The chunked log-probs go through the LoRA lm_head, so its adapter learns and matches the full forward."""
+    trainer = GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        digit_fraction_reward,
+        args=make_args(max_steps=3),
+        train_dataset=make_prompt_dataset(8),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["lm_head", "q_proj"], lora_dropout=0.0),
+    )
+    before = _snapshot(trainer.model)
+    trainer.train()
+    assert any("lm_head.lora_B" in name for name in _changed(before, trainer.model))
+    batch = trainer._buffered_inputs[0]
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    logits = trainer.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)
+    ).logits[:, -input_ids.size(1) + batch["prompt_ids"].size(1) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    expected = expected * batch["completion_mask"]
+    torch.testing.assert_close(trainer._completion_logps(trainer.model, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_qlora_4bit_on_cpu(tmp_path, tokenizer, make_args):
+    pytest.importorskip("bitsandbytes")
+    from grpo_ext.models import four_bit_config
+
+    trainer = GRPOExtTrainer(
+        save_tiny_model(tmp_path / "model"),
+        digit_fraction_reward,
+        args=make_args(max_steps=2),
+        train_dataset=make_prompt_dataset(8),
+        processing_class=tokenizer,
+        quantization_config=four_bit_config(torch.float32),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    assert trainer.model.is_loaded_in_4bit
+    assert trainer.reference.mode == "disabled_adapter"
+    before = _snapshot(trainer.model)
+    trainer.train()
+    changed = _changed(before, trainer.model)
+    assert changed and all("lora_" in name for name in changed)
+
+
+def test_conversational_prompts_and_weighted_rewards(tokenizer, make_args):
+    seen = {}
+
+    def length_reward(completions, **kwargs):
+        seen["completion"] = completions[0]
+        return [float(len(c[0]["content"])) for c in completions]
+
+    trainer = GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        [digit_fraction_reward, length_reward],
+        args=make_args(reward_weights=[1.0, 0.5], max_steps=1),
+        train_dataset=make_prompt_dataset(8, conversational=True),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert isinstance(seen["completion"], list) and seen["completion"][0]["role"] == "assistant"
+    logged = trainer.state.log_history[0]
+    expected = logged["rewards/digit_fraction_reward/mean"] + 0.5 * logged["rewards/length_reward/mean"]
+    assert logged["reward"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_async_reward_and_reward_model_from_a_local_path(tmp_path, tokenizer, make_args):
+    async def async_digit_reward(completions, **kwargs):
+        await asyncio.sleep(0)
+        return digit_fraction_reward(completions)
+
+    reward_model_path = save_tiny_reward_model(tmp_path / "reward_model")
+    trainer = GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        [async_digit_reward, reward_model_path],
+        args=make_args(max_steps=1),
+        train_dataset=make_prompt_dataset(8),
+        processing_class=tokenizer,
+    )
+    assert trainer.rewards.names == ["async_digit_reward", "reward_model"]
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert 0.0 <= logged["rewards/async_digit_reward/mean"] <= 1.0
+    assert logged["rewards/reward_model/std"] > 0  # the reward model scored each completion differently
+
+
+def test_old_log_probs_when_the_policy_moves_during_a_rollout(tokenizer, make_args):
+    """num_iterations=2 reuses each rollout for a second update, which needs pi_old."""
+    trainer = GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        digit_fraction_reward,
+        args=make_args(num_iterations=2, max_steps=2, beta=0.0),
+        train_dataset=make_prompt_dataset(8),
+        processing_class=tokenizer,
+    )
+    assert trainer.reference.mode == "none"
+    trainer.train()
+    batch = trainer._buffered_inputs[0]
+    assert "old_per_token_logps" in batch and "ref_per_token_logps" not in batch
+    # The second pass saw a moved policy: its ratios differ from 1 somewhere
+    now = trainer._completion_logps(trainer.model, batch)
+    assert (now - batch["old_per_token_logps"]).abs().max() > 0
+
+
+def test_evaluation_logs_eval_metrics(tokenizer, make_args):
+    trainer = GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        digit_fraction_reward,
+        args=make_args(max_steps=1, per_device_eval_batch_size=8, eval_strategy="steps", eval_steps=1),
+        train_dataset=make_prompt_dataset(8),
+        eval_dataset=make_prompt_dataset(8, seed=1),
+        processing_class=tokenizer,
+    )
+    metrics = trainer.evaluate()
+    logged = trainer.state.log_history[-1]  # as in TRL, the GRPO metrics go to the log, the loss to both
+    assert "eval_loss" in metrics and "eval_loss" in logged
+    assert {"eval_reward", "eval_kl", "eval_entropy", "eval_completions/mean_length"} <= set(logged)

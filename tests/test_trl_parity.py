@@ -1,0 +1,87 @@
+"""The loss equals trl.GRPOTrainer's on the same batch, computed by calling TRL here (not copied numbers)."""
+
+import pytest
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from grpo_ext import GRPOExtTrainer
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, save_tiny_model
+
+TRL_SETTINGS = dict(bf16=False, gradient_checkpointing=False, report_to=[], use_cpu=True)
+
+
+def _batch(tokenizer, seed=0):
+    """Left-padded prompts, completions with an EOS in the middle, old/ref log-probs and advantages off-policy."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = tokenizer(["1+2=", "33+4=", "5*6=", "7="], return_tensors="pt", padding=True, padding_side="left")
+    completion_ids = torch.randint(4, 80, (4, 5), generator=generator)
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    noise = lambda: 0.3 * torch.randn(4, 5, generator=generator)  # noqa: E731
+    return {
+        "prompt_ids": prompts["input_ids"],
+        "prompt_mask": prompts["attention_mask"],
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.2, -0.4, 0.9, -1.7]),
+        "_old_noise": noise(),
+        "_ref_noise": noise(),
+    }
+
+
+def _trainers(tmp_path, make_args, tokenizer, loss_type, importance_sampling_level, beta):
+    model = save_tiny_model(tmp_path / "model")  # a path: TRL loads its reference model from it
+    common = dict(
+        loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level,
+        beta=beta,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        temperature=0.7,
+        num_generations=4,
+        per_device_train_batch_size=4,
+        max_completion_length=5,
+    )
+    dataset = make_prompt_dataset(8)
+    trl_args = GRPOConfig(output_dir=str(tmp_path / "trl"), use_bias_correction_kl=False, **common, **TRL_SETTINGS)
+    trl_trainer = GRPOTrainer(
+        model, digit_fraction_reward, args=trl_args, train_dataset=dataset, processing_class=tokenizer
+    )
+    ours = GRPOExtTrainer(
+        model,
+        digit_fraction_reward,
+        args=make_args(**common),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    return trl_trainer, ours
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+@pytest.mark.parametrize("importance_sampling_level", ["token", "sequence"])
+def test_loss_and_gradient_match_trl(tmp_path, make_args, tokenizer, loss_type, importance_sampling_level):
+    trl_trainer, ours = _trainers(tmp_path, make_args, tokenizer, loss_type, importance_sampling_level, beta=0.04)
+    batch = _batch(tokenizer)
+    with torch.no_grad():  # old and ref log-probs near the model's own, so some ratios clip and some do not
+        logps = ours._completion_logps(ours.model, batch)
+    inputs = {k: v for k, v in batch.items() if not k.startswith("_")}
+    inputs["old_per_token_logps"] = logps + batch["_old_noise"]
+    inputs["ref_per_token_logps"] = logps + batch["_ref_noise"]
+    num_tokens = float(batch["completion_mask"].sum())
+
+    trl_trainer.model.train()
+    trl_trainer.current_gradient_accumulation_steps = 1
+    trl_loss = trl_trainer._compute_loss(trl_trainer.model, {**inputs, "num_items_in_batch": torch.tensor(num_tokens)})
+    trl_loss.backward()
+
+    ours.model.train()
+    our_inputs = {**inputs, "num_sequences": 4.0, "num_tokens": num_tokens, "num_tokens_per_process": num_tokens}
+    our_loss = ours.compute_loss(ours.model, our_inputs)
+    our_loss.backward()
+
+    assert abs(our_loss.item() - trl_loss.item()) < 1e-6, (our_loss.item(), trl_loss.item())
+    assert abs(our_loss.item()) > 1e-3  # a real, non-trivial loss was compared
+    for (name, ours_param), trl_param in zip(ours.model.named_parameters(), trl_trainer.model.parameters()):
+        torch.testing.assert_close(ours_param.grad, trl_param.grad, atol=1e-6, rtol=1e-4, msg=name)
+    # The same clipping statistics under the same names
+    for key in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert ours._metrics["train"][key][-1] == pytest.approx(trl_trainer._metrics["train"][key][-1], abs=1e-6), key
