@@ -7,7 +7,6 @@ reference) -> loss (objective) -> log.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections import defaultdict
 
 import torch
@@ -31,8 +30,6 @@ from .sampling import (
     is_conversational,
     prompt_texts,
 )
-
-logger = logging.getLogger(__name__)
 
 # Arguments every reward function receives besides the dataset columns.
 REWARD_FUNCTION_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
@@ -458,4 +455,4 @@ class GRPOExtTrainer(_BaseTrainer):
             shown = self._samples[: self.args.num_completions_to_print]
             lines = [f"step {self.state.global_step} completions:"]
             lines += [f"  reward {reward:+.3f} | {prompt!r} -> {completion!r}" for prompt, completion, reward in shown]
-            logger.info("\n".join(lines))
+            print("\n".join(lines))

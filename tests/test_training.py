@@ -84,14 +84,14 @@ def test_lora_on_lm_head_is_scored_through_the_adapter(tokenizer, make_args):
     torch.testing.assert_close(trainer._completion_logps(trainer.model, batch), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_qlora_4bit_on_cpu(tmp_path, tokenizer, make_args):
+def test_qlora_4bit_on_cpu_with_gradient_checkpointing(tmp_path, tokenizer, make_args):
     pytest.importorskip("bitsandbytes")
     from grpo_ext.models import four_bit_config
 
     trainer = GRPOExtTrainer(
         save_tiny_model(tmp_path / "model"),
         digit_fraction_reward,
-        args=make_args(max_steps=2),
+        args=make_args(max_steps=2, gradient_checkpointing=True),  # as the QLoRA recipes run
         train_dataset=make_prompt_dataset(8),
         processing_class=tokenizer,
         quantization_config=four_bit_config(torch.float32),
@@ -177,3 +177,32 @@ def test_evaluation_logs_eval_metrics(tokenizer, make_args):
     logged = trainer.state.log_history[-1]  # as in TRL, the GRPO metrics go to the log, the loss to both
     assert "eval_loss" in metrics and "eval_loss" in logged
     assert {"eval_reward", "eval_kl", "eval_entropy", "eval_completions/mean_length"} <= set(logged)
+
+
+def test_checkpoint_holds_the_adapter_and_training_resumes(tmp_path, tokenizer, make_args, capsys):
+    args = make_args(max_steps=2, save_strategy="steps", save_steps=1, log_completions=True, num_completions_to_print=2)
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    dataset = make_prompt_dataset(8)
+    trainer = GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        digit_fraction_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    assert (checkpoint / "adapter_model.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
+    assert "step 1 completions:" in capsys.readouterr().out  # log_completions prints a sample
+
+    resumed = GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        digit_fraction_reward,
+        args=make_args(max_steps=2),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 2
