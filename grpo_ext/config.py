@@ -13,6 +13,8 @@ from typing import Any
 
 from trl.trainer.base_config import _BaseConfig
 
+from .objective import KL_ESTIMATORS
+
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -152,6 +154,53 @@ class GRPOExtConfig(_BaseConfig):
         "Exclude completions cut at max_completion_length (no EOS) from the loss. DAPO recommends it.",
     )
 
+    kl_estimator: str = _field(
+        "k3",
+        "Estimator of KL(pi_theta || pi_ref) in the loss term weighted by `beta`: `k3` (DeepSeekMath eq. 4, unbiased, "
+        ">= 0; recommended), `k1` (log-ratio) or `k2` (squared log-ratio / 2). See http://joschu.net/blog/kl-approx.html.",
+    )
+
+    # --- Reward-side penalties (the reward half of the dual penalty) ---
+    reward_kl_coef: float = _field(
+        0.0,
+        "beta_r: weight of the KL penalty folded into the reward before group normalisation, r~_i = r_i - beta_r * "
+        "sum_t KL_t(pi_old || pi_ref), as in PPO-RLHF (Ouyang et al. 2022, arXiv 2203.02155) and DeepSeekMath's "
+        "dual penalty. 0 turns it off (the default). Worth turning on when the policy drifts (KL keeps growing, "
+        "outputs degenerate) although `beta` is set: a completion's whole KL then lowers its advantage against its "
+        "group, a sequence-level signal the per-token loss term does not give. Typical 0.01-0.1 with `k1`.",
+    )
+    reward_kl_estimator: str = _field(
+        "k1",
+        "Per-token estimator summed into the reward-side KL: `k1` (the log-ratio, unbiased for the sequence KL; the "
+        "PPO-RLHF choice and the default), `k2` or `k3`.",
+    )
+    reward_kl_target: float | None = _field(
+        None,
+        "Target mean per-completion KL for the adaptive controller of Ziegler et al. 2019 (arXiv 1909.08593): beta_r "
+        "starts at `reward_kl_coef` and is moved multiplicatively to keep the measured KL near the target. None "
+        "keeps beta_r fixed. Ziegler et al. use 6 nats for 24-token completions.",
+    )
+    reward_kl_horizon: float = _field(
+        10000,
+        "Horizon of the adaptive controller in completions: how fast beta_r reacts (Ziegler et al. use 10000).",
+    )
+    overlong_buffer_len: int | None = _field(
+        None,
+        "L_cache of DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): completions longer than "
+        "max_completion_length - L_cache lose up to `overlong_penalty_factor` reward, linearly, reaching it at "
+        "max_completion_length. DAPO uses 4096 of 20480. None turns it off. Worth it when truncated answers are "
+        "common (`completions/clipped_ratio` high) and you want shorter reasoning rather than to ignore them "
+        "(`mask_truncated_completions`).",
+    )
+    overlong_penalty_factor: float = _field(
+        1.0, "Largest overlong penalty, reached at max_completion_length (DAPO: 1.0)."
+    )
+    missing_eos_penalty: float | None = _field(
+        None,
+        "Subtracted from the reward of completions truncated without an EOS (as in TRL's online DPO trainer). A hard "
+        "alternative to the soft overlong penalty. None turns it off.",
+    )
+
     # --- Memory ---
     logprob_chunk_size: int = _field(
         1024,
@@ -219,6 +268,33 @@ class GRPOExtConfig(_BaseConfig):
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables top-k).")
         require(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1].")
         require(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0.")
+        require(
+            self.kl_estimator in KL_ESTIMATORS and self.reward_kl_estimator in KL_ESTIMATORS,
+            f"kl_estimator={self.kl_estimator!r} and reward_kl_estimator={self.reward_kl_estimator!r} must each be one "
+            f"of {KL_ESTIMATORS}.",
+        )
+        require(self.reward_kl_coef >= 0, f"reward_kl_coef={self.reward_kl_coef} must be >= 0 (0 turns it off).")
+        require(
+            self.reward_kl_target is None or (self.reward_kl_target > 0 and self.reward_kl_coef > 0),
+            f"reward_kl_target={self.reward_kl_target} needs a target > 0 and a starting reward_kl_coef > 0 (the "
+            f"controller scales reward_kl_coef={self.reward_kl_coef} multiplicatively, so it cannot start at 0); "
+            "e.g. reward_kl_coef=0.05.",
+        )
+        require(self.reward_kl_horizon > 0, f"reward_kl_horizon={self.reward_kl_horizon} must be > 0.")
+        require(
+            self.overlong_buffer_len is None or 0 < self.overlong_buffer_len <= self.max_completion_length,
+            f"overlong_buffer_len={self.overlong_buffer_len} must be in (0, max_completion_length="
+            f"{self.max_completion_length}]: the penalty ramps over the last overlong_buffer_len tokens. Lower it "
+            "(DAPO uses a fifth of the length) or set None to turn the penalty off.",
+        )
+        require(
+            self.overlong_penalty_factor >= 0,
+            f"overlong_penalty_factor={self.overlong_penalty_factor} must be >= 0 (it is subtracted from rewards).",
+        )
+        require(
+            self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+            f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted from rewards).",
+        )
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
         require(
             self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
@@ -264,6 +340,7 @@ _SECTION_STARTS = {
     "model_init_kwargs": "Model",
     "num_generations": "Data and generation",
     "beta": "Objective",
+    "reward_kl_coef": "Reward-side penalties",
     "logprob_chunk_size": "Memory",
     "log_completions": "Logging",
 }

@@ -10,11 +10,27 @@ from dataclasses import dataclass
 
 import torch
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
-def per_token_kl_k3(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1, unbiased and >= 0."""
+
+def per_token_kl(
+    per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor, estimator: str = "k3"
+) -> torch.Tensor:
+    """Schulman's estimators of KL(pi || pi_ref) from tokens sampled from pi (http://joschu.net/blog/kl-approx.html).
+
+    With log r = ref_logp - logp:
+    - k1 = -log r                 unbiased, can be negative per token (the plain log-ratio; PPO-RLHF's reward KL)
+    - k2 = (log r)^2 / 2          biased, >= 0, low variance
+    - k3 = exp(log r) - log r - 1 unbiased, >= 0 (DeepSeekMath's loss term)
+    """
     log_ratio = ref_per_token_logps - per_token_logps
-    return torch.exp(log_ratio) - log_ratio - 1
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return log_ratio**2 / 2
+    if estimator == "k3":
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {estimator!r}.")
 
 
 def log_importance_weights(
@@ -54,22 +70,26 @@ def grpo_per_token_loss(
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     importance_sampling_level: str = "token",
+    kl_estimator: str = "k3",
 ) -> ObjectiveTerms:
-    """L_t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3_t, before aggregation over tokens."""
+    """L_t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta KL_t, before aggregation over tokens.
+
+    KL_t is k3 by default (DeepSeekMath eq. 4); `kl_estimator` picks k1 or k2 instead.
+    """
     advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1)
     ratio = torch.exp(
         log_importance_weights(per_token_logps, old_per_token_logps, completion_mask, importance_sampling_level)
     )
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     policy_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
-    per_token_kl = None
+    kl = None
     per_token_loss = policy_loss
     if beta != 0.0:
-        per_token_kl = per_token_kl_k3(per_token_logps, ref_per_token_logps)
-        per_token_loss = policy_loss + beta * per_token_kl
+        kl = per_token_kl(per_token_logps, ref_per_token_logps, kl_estimator)
+        per_token_loss = policy_loss + beta * kl
     return ObjectiveTerms(
         per_token_loss=per_token_loss,
-        per_token_kl=per_token_kl,
+        per_token_kl=kl,
         ratio=ratio,
         is_low_clipped=(ratio < 1 - epsilon_low) & (advantages < 0),
         is_high_clipped=(ratio > 1 + epsilon_high) & (advantages > 0),

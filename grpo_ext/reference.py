@@ -2,7 +2,7 @@
 
 - `disabled_adapter`: a PEFT model with its adapters switched off is the base model: no second copy of the weights.
 - `copy`: a frozen deep copy, for full fine-tuning with beta > 0 (what TRL does too).
-- `none`: beta == 0, no reference pass at all.
+- `none`: no KL anywhere (beta == 0 and reward_kl_coef == 0): no reference pass at all.
 (Snapshot adapters refreshed every N steps come with the issue "Reference snapshots".)
 """
 
@@ -31,9 +31,9 @@ class ReferencePolicy:
         self.model = model  # the frozen copy in `copy` mode, else None
 
     @classmethod
-    def for_policy(cls, policy: nn.Module, beta: float) -> ReferencePolicy:
-        """The cheapest reference for this policy: none when beta == 0, disabled adapters for PEFT, else a copy."""
-        if beta == 0.0:
+    def for_policy(cls, policy: nn.Module, needed: bool) -> ReferencePolicy:
+        """The cheapest reference for this policy: none when no KL needs it, disabled adapters for PEFT, else a copy."""
+        if not needed:
             reference = cls("none")
         elif _is_peft_model(policy):
             reference = cls("disabled_adapter")
@@ -53,7 +53,7 @@ class ReferencePolicy:
     def activate(self, policy: nn.Module):
         """Yield the module whose forward pass is pi_ref."""
         if self.mode == "none":
-            raise RuntimeError("There is no reference policy when beta == 0.")
+            raise RuntimeError("There is no reference policy when beta == 0 and reward_kl_coef == 0.")
         if self.mode == "copy":
             yield self.model
             return

@@ -7,20 +7,24 @@ reference) -> loss (objective) -> log.
 from __future__ import annotations
 
 import inspect
+import json
+import os
 from collections import defaultdict
 
 import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import set_seed
-from trl.models.utils import unwrap_model_for_generation
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 
 from .advantages import group_relative_advantages, nanstd
 from .config import GRPOExtConfig
-from .logprobs import completion_logps_and_entropies
+from .logprobs import check_against_full_logits, completion_logps_and_entropies
 from .models import apply_peft, disable_dropout, load_causal_lm, load_tokenizer
 from .objective import aggregate_loss, grpo_per_token_loss
+from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
 from .reference import ReferencePolicy
 from .rewards import RewardScorer
 from .sampling import (
@@ -30,6 +34,9 @@ from .sampling import (
     is_conversational,
     prompt_texts,
 )
+
+# Trainer state beyond transformers' own, saved in each checkpoint folder.
+STATE_FILE = "grpo_ext_state.json"
 
 # Arguments every reward function receives besides the dataset columns.
 REWARD_FUNCTION_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
@@ -120,8 +127,15 @@ class GRPOExtTrainer(_BaseTrainer):
         self._check_dataset(train_dataset, "train_dataset", args)
         for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
             self._check_dataset(dataset, f"eval_dataset[{split!r}]" if split else "eval_dataset", args)
+        if eval_dataset is not None:
+            self._check_eval_batch(args)
 
-        self.reference = ReferencePolicy.for_policy(model, args.beta)
+        self.reference = ReferencePolicy.for_policy(model, needed=args.beta > 0 or args.reward_kl_coef > 0)
+        self.reward_kl_controller = None
+        if args.reward_kl_target is not None:
+            self.reward_kl_controller = AdaptiveKLController(
+                args.reward_kl_coef, args.reward_kl_target, args.reward_kl_horizon
+            )
 
         super().__init__(
             model=model,
@@ -134,6 +148,8 @@ class GRPOExtTrainer(_BaseTrainer):
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded weights cannot be scored here
+            check_against_full_logits(self.model)
         if self.reference.model is not None:
             self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
         for reward_model in self.rewards.reward_models:
@@ -182,6 +198,15 @@ class GRPOExtTrainer(_BaseTrainer):
                 )
 
     @staticmethod
+    def _check_eval_batch(args: GRPOExtConfig) -> None:
+        if (args.per_device_eval_batch_size * args.world_size) % args.num_generations:
+            raise ValueError(
+                f"per_device_eval_batch_size={args.per_device_eval_batch_size} x {args.world_size} process(es) is not "
+                f"divisible by num_generations={args.num_generations}, so evaluation groups would be split. Set "
+                f"per_device_eval_batch_size to a multiple of {args.num_generations}."
+            )
+
+    @staticmethod
     def _required_columns(func) -> list[str]:
         """Keyword arguments a reward function needs with no default: they must come from dataset columns."""
         if isinstance(func, torch.nn.Module):
@@ -226,6 +251,7 @@ class GRPOExtTrainer(_BaseTrainer):
         )
 
     def _get_eval_sampler(self, eval_dataset):
+        self._check_eval_batch(self.args)  # also for datasets given to evaluate() directly
         return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations, seed=self.args.seed)
 
     # --- One step ---
@@ -251,7 +277,12 @@ class GRPOExtTrainer(_BaseTrainer):
         return self.args.gradient_accumulation_steps % generate_every != 0
 
     def _completion_logps(self, model, batch: dict) -> torch.Tensor:
-        with torch.no_grad(), self.compute_loss_context_manager():
+        """Log-probs `(B, C)` without gradient (rollout, old and reference passes)."""
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self.compute_loss_context_manager(),
+        ):
             per_token_logps, _ = completion_logps_and_entropies(
                 model,
                 torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
@@ -290,6 +321,7 @@ class GRPOExtTrainer(_BaseTrainer):
         completion_ids = prompt_completion_ids[:, prompt_ids.size(1) :]  # (B, C)
         completion_mask, is_truncated = completion_mask_after_eos(completion_ids, self.eos_token_ids)  # (B, C), (B,)
         completion_ids_list = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
+        lengths = completion_mask.sum(1)  # (B,) generated tokens, EOS included
         if self.args.mask_truncated_completions:
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1)
         texts = tokenizer.batch_decode(completion_ids_list, skip_special_tokens=True)
@@ -301,9 +333,13 @@ class GRPOExtTrainer(_BaseTrainer):
             "completion_ids": completion_ids,
             "completion_mask": completion_mask,
         }
-        if mode == "train" and self._policy_moves_during_rollout:
-            batch["old_per_token_logps"] = self._completion_logps(self.model, batch)  # (B, C)
-        if self.reference.mode != "none":
+        old_needed = mode == "train" and self._policy_moves_during_rollout
+        rollout_per_token_logps = None
+        if old_needed or self.args.reward_kl_coef > 0:  # log-probs of the policy that sampled the rollout
+            rollout_per_token_logps = self._completion_logps(self.model, batch)  # (B, C)
+        if old_needed:
+            batch["old_per_token_logps"] = rollout_per_token_logps
+        if self.reference.mode != "none":  # one reference pass serves both penalties
             with self.reference.activate(self.model) as reference_model:
                 batch["ref_per_token_logps"] = self._completion_logps(reference_model, batch)  # (B, C)
 
@@ -313,16 +349,50 @@ class GRPOExtTrainer(_BaseTrainer):
         local_rewards_per_func = self.rewards.score(prompts, completions, completion_ids_list, columns)  # (B, K)
         rewards_per_func = gather(local_rewards_per_func.to(device))  # (B * num_processes, K)
         rewards = self.rewards.weighted_sum(rewards_per_func)  # (B * num_processes,)
-        advantages, std = group_relative_advantages(rewards, self.num_generations, self.args.scale_rewards)
+        penalty = self._reward_penalties(mode, batch, rollout_per_token_logps, lengths, is_truncated)
+        shaped_rewards = rewards - penalty  # (B * num_processes,)
+        advantages, std = group_relative_advantages(shaped_rewards, self.num_generations, self.args.scale_rewards)
         process_slice = slice(
             self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows)
         )
         batch["advantages"] = advantages[process_slice]  # (B,)
 
-        self._log_rollout(mode, rewards_per_func, rewards, std, prompt_mask, completion_mask, is_truncated)
+        self._log_rollout(mode, rewards_per_func, rewards, std, prompt_mask, lengths, is_truncated)
+        if penalty.any():
+            self._metrics[mode]["reward_shaped"].append(torch.nanmean(shaped_rewards).item())
         if self.args.log_completions and self.accelerator.is_main_process:
             self._samples = list(zip(prompts, texts, rewards[process_slice].tolist()))
         return batch
+
+    def _reward_penalties(self, mode, batch, rollout_per_token_logps, lengths, is_truncated) -> torch.Tensor:
+        """beta_r * sum_t KL_t + overlong + missing-EOS, per completion of all processes `(B * num_processes,)`."""
+        args, metrics = self.args, self._metrics[mode]
+        penalty = torch.zeros(lengths.size(0), device=lengths.device)  # (B,)
+        if args.reward_kl_coef > 0:
+            coef = self.reward_kl_controller.value if self.reward_kl_controller else args.reward_kl_coef
+            kl = sequence_kl(
+                rollout_per_token_logps,
+                batch["ref_per_token_logps"],
+                batch["completion_mask"],
+                args.reward_kl_estimator,
+            )  # (B,)
+            penalty = penalty + coef * kl
+            mean_kl = gather(kl).mean().item()
+            metrics["penalty/reward_kl"].append(mean_kl)
+            metrics["penalty/reward_kl_coef"].append(coef)
+            if self.reward_kl_controller and mode == "train":  # this rollout used coef; the next one uses the update
+                self.reward_kl_controller.update(mean_kl, lengths.size(0) * self.accelerator.num_processes)
+        if args.overlong_buffer_len is not None:
+            overlong = overlong_penalty(
+                lengths, args.max_completion_length, args.overlong_buffer_len, args.overlong_penalty_factor
+            )  # (B,)
+            penalty = penalty + overlong
+            metrics["penalty/overlong"].append(gather(overlong).mean().item())
+        if args.missing_eos_penalty is not None:
+            missing_eos = missing_eos_penalty(is_truncated, args.missing_eos_penalty)  # (B,)
+            penalty = penalty + missing_eos
+            metrics["penalty/missing_eos"].append(gather(missing_eos).mean().item())
+        return gather(penalty)
 
     def _split_into_micro_batches(self, rollout: dict) -> list[dict]:
         """Slice a rollout into steps_per_generation micro-batches and attach the normalisers of their window.
@@ -372,10 +442,14 @@ class GRPOExtTrainer(_BaseTrainer):
             epsilon_low=self.args.epsilon,
             epsilon_high=self.args.epsilon_high,
             importance_sampling_level=self.args.importance_sampling_level,
+            kl_estimator=self.args.kl_estimator,
         )
         if mode == "train":
-            num_sequences = inputs["num_sequences"]
-            num_tokens = inputs["num_tokens_per_process" if self.args.loss_type == "dapo" else "num_tokens"]
+            # A window cut short at the end of an epoch holds current_gradient_accumulation_steps micro-batches
+            accumulation = self.args.gradient_accumulation_steps
+            window = getattr(self, "current_gradient_accumulation_steps", accumulation) / accumulation
+            num_sequences = inputs["num_sequences"] * window
+            num_tokens = inputs["num_tokens_per_process" if self.args.loss_type == "dapo" else "num_tokens"] * window
         else:  # evaluation: each batch on its own
             num_sequences, num_tokens = completion_mask.size(0), float(completion_mask.sum())
         loss = aggregate_loss(
@@ -407,6 +481,7 @@ class GRPOExtTrainer(_BaseTrainer):
         mask = completion_mask.float()
         if terms.per_token_kl is not None:
             metrics["kl"].append(self._mean_across_processes(terms.per_token_kl.detach(), mask))
+            metrics["penalty/objective_kl"].append(metrics["kl"][-1])
         metrics["entropy"].append(self._mean_across_processes(entropies, mask))
         if terms.ratio.size(-1) == 1:  # sequence-level ratio: every token of a sequence shares its clipping
             mask = torch.ones_like(terms.ratio)
@@ -418,7 +493,7 @@ class GRPOExtTrainer(_BaseTrainer):
         metrics["clip_ratio/low_min"].append(gather(per_sequence(low)).min().item())
         metrics["clip_ratio/high_max"].append(gather(per_sequence(high)).max().item())
 
-    def _log_rollout(self, mode, rewards_per_func, rewards, std, prompt_mask, completion_mask, is_truncated):
+    def _log_rollout(self, mode, rewards_per_func, rewards, std, prompt_mask, lengths, is_truncated):
         metrics = self._metrics[mode]
         for k, name in enumerate(self.rewards.names):
             metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, k]).item())
@@ -428,12 +503,12 @@ class GRPOExtTrainer(_BaseTrainer):
         is_std_zero = torch.isclose(std, torch.zeros_like(std))
         metrics["frac_reward_zero_std"].append(is_std_zero.float().mean().item())
 
-        lengths = gather(completion_mask.sum(1))  # (B * num_processes,)
+        if mode == "train":
+            self.state.num_input_tokens_seen += int(gather(prompt_mask.sum() + lengths.sum()).sum())
+            metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        lengths = gather(lengths)  # (B * num_processes,)
         truncated = gather(is_truncated)
         terminated = lengths[~truncated].float()
-        if mode == "train":
-            self.state.num_input_tokens_seen += int(gather(prompt_mask.sum() + completion_mask.sum()).sum())
-            metrics["num_tokens"] = [self.state.num_input_tokens_seen]
         metrics["completions/mean_length"].append(lengths.float().mean().item())
         metrics["completions/min_length"].append(lengths.float().min().item())
         metrics["completions/max_length"].append(lengths.float().max().item())
@@ -443,6 +518,28 @@ class GRPOExtTrainer(_BaseTrainer):
         metrics["completions/mean_terminated_length"].append(terminated.mean().item())
         metrics["completions/min_terminated_length"].append(terminated.min().item())
         metrics["completions/max_terminated_length"].append(terminated.max().item())
+
+    # --- State beyond transformers': saved with each checkpoint, restored on resume ---
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.reward_kl_controller is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, STATE_FILE), "w") as file:
+                json.dump({"reward_kl_controller": self.reward_kl_controller.state_dict()}, file, indent=2)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Called on resume by every backend (DDP, DeepSpeed, FSDP), after the TrainerState is restored.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        # Continue the rollout schedule where it stopped (the next micro-step rolls out anew: no buffer is saved).
+        self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        self._buffered_inputs = None
+        path = os.path.join(checkpoint, STATE_FILE)
+        if self.reward_kl_controller is not None and os.path.isfile(path):
+            with open(path) as file:
+                self.reward_kl_controller.load_state_dict(json.load(file)["reward_kl_controller"])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

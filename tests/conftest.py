@@ -40,6 +40,7 @@ def tiny_args(tmp_path, **overrides):
         save_strategy="no",
         use_cpu=True,
         seed=0,
+        disable_tqdm=True,
     )
     settings.update(overrides)
     return GRPOExtConfig(**settings)

@@ -99,3 +99,19 @@ def test_trl_config_is_refused_with_the_fix(tokenizer, tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True)
     with pytest.raises(TypeError, match="needs a GRPOExtConfig"):
         _trainer(tokenizer, args)
+
+
+def test_eval_batch_not_divisible_by_group_size(tokenizer, make_args):
+    args = make_args(per_device_eval_batch_size=6)
+    trainer = _trainer(tokenizer, args)  # no eval set yet: fine
+    with pytest.raises(ValueError, match=r"per_device_eval_batch_size=6 .* not divisible by num_generations=4"):
+        trainer.evaluate(make_prompt_dataset(8))
+    with pytest.raises(ValueError, match=r"per_device_eval_batch_size=6"):
+        GRPOExtTrainer(
+            make_tiny_model("qwen2", tokenizer),
+            digit_fraction_reward,
+            args=args,
+            train_dataset=make_prompt_dataset(8),
+            eval_dataset=make_prompt_dataset(8),
+            processing_class=tokenizer,
+        )

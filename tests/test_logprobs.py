@@ -45,3 +45,88 @@ def test_lm_head_never_sees_more_than_a_chunk(tokenizer):
     logps.sum().backward()  # the backward recomputes chunks, never the whole
     assert rows_seen and max(rows_seen) <= 16
     assert sum(rows_seen) >= 8 * 32  # every completion token was scored
+
+
+def test_gemma2_softcapping_is_applied(tokenizer):
+    """Gemma-2 caps its logits in forward; the chunked path must score the same distribution."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=2.0,
+        pad_token_id=0,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # large logits, so the cap matters
+    input_ids = torch.randint(4, 80, (2, 9))
+    mask = torch.ones_like(input_ids)
+    logps, _ = completion_logps_and_entropies(model, input_ids, mask, 4)
+    expected, _ = _full_logits_reference(model, input_ids, mask, 4, 1.0)
+    torch.testing.assert_close(logps, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_logit_transform_is_refused(tokenizer, monkeypatch):
+    from grpo_ext import logprobs
+
+    model = make_tiny_model("qwen2", tokenizer)
+    logprobs.check_against_full_logits(model)  # a plain model passes
+    other = make_tiny_model("llama", tokenizer)
+    original = type(other).forward
+
+    def forward_with_scaled_logits(self, *args, **kwargs):
+        outputs = original(self, *args, **kwargs)
+        outputs.logits = outputs.logits * 30.0  # a post-processing step the chunked path does not know
+        return outputs
+
+    monkeypatch.setattr(type(other), "forward", forward_with_scaled_logits)
+    with pytest.raises(NotImplementedError, match="differ from the model's own logits"):
+        logprobs.check_against_full_logits(other)
+
+
+def test_ddp_wrapped_model_synchronises_gradients(tmp_path):
+    """The scoring pass goes through DDP's forward, so two processes end with the same gradient."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        textwrap.dedent("""
+        import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+        from torch.nn.parallel import DistributedDataParallel
+
+        def run(rank, port):
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            dist.init_process_group("gloo", rank=rank, world_size=2)
+            torch.set_num_threads(1)
+            from grpo_ext.logprobs import completion_logps_and_entropies
+            from grpo_ext.testing import make_tiny_model
+            model = DistributedDataParallel(make_tiny_model(seed=0))
+            ids = torch.randint(4, 80, (2, 8), generator=torch.Generator().manual_seed(rank))  # different data
+            logps, _ = completion_logps_and_entropies(model, ids, torch.ones_like(ids), 4)
+            logps.sum().backward()
+            grad = model.module.lm_head.weight.grad
+            grads = [torch.zeros_like(grad) for _ in range(2)]
+            dist.all_gather(grads, grad)
+            assert torch.allclose(grads[0], grads[1]), "gradients differ across processes"
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            mp.spawn(run, args=(int(sys.argv[1]),), nprocs=2)
+    """)
+    )
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_ext.objective import aggregate_loss, grpo_per_token_loss, log_importance_weights, per_token_kl_k3
+from grpo_ext.objective import aggregate_loss, grpo_per_token_loss, log_importance_weights, per_token_kl
 
 LOGPS = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -4.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
@@ -14,9 +14,9 @@ MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
 def test_k3_closed_form_and_non_negative():
     logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -2.0, 0.0])
     expected = [math.exp(-0.5) + 0.5 - 1, 0.0, math.exp(0.5) - 0.5 - 1]
-    torch.testing.assert_close(per_token_kl_k3(logp, ref), torch.tensor(expected))
+    torch.testing.assert_close(per_token_kl(logp, ref, "k3"), torch.tensor(expected))
     diffs = torch.linspace(-10, 10, 1001)
-    assert (per_token_kl_k3(torch.zeros_like(diffs), diffs) >= 0).all()
+    assert (per_token_kl(torch.zeros_like(diffs), diffs, "k3") >= 0).all()
 
 
 def test_on_policy_loss_is_minus_advantage_times_ratio_one():
