@@ -10,7 +10,7 @@ import random
 import string
 
 from datasets import Dataset
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -35,11 +35,16 @@ TINY_ARCHITECTURES = ("qwen2", "llama")
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (about 100 tokens) with pad, eos and a chat template; left padding as GRPO wants."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    """A character-level tokenizer (90 tokens) with pad, eos and a chat template; left padding as GRPO wants.
+
+    It is a byte-level BPE with no merges, so every character is one token, and a copy saved next to a Qwen2 model
+    reloads identically through `AutoTokenizer` (which rebuilds Qwen2 tokenizers as byte-level BPE from the vocab).
+    """
+    byte_level = {" ": "\u0120", "\n": "\u010a"}  # GPT-2's byte-to-unicode map; other characters map to themselves
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + [byte_level.get(c, c) for c in CHARACTERS])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD,
