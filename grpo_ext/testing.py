@@ -131,3 +131,41 @@ def digit_fraction_reward(completions, **kwargs) -> list[float]:
     """Fraction of completion characters that are digits: about 0.1 for a random policy over the tiny vocabulary."""
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
     return [sum(ch.isdigit() for ch in text) / len(text) if text else 0.0 for text in texts]
+
+
+def make_arithmetic_splits(num_test: int = 100, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Two-digit plus one-digit sums without a carry ("37+2=" -> "39"): 395 train and `num_test` held-out problems.
+
+    A held-out problem never appears in training, but its tens digit and its units sum each do, so a small model can
+    generalise. Columns `prompt` (plain text) and `answer`.
+    """
+    problems = [(a, b) for a in range(10, 100) for b in range(10) if a % 10 + b < 10]
+    random.Random(seed).shuffle(problems)
+
+    def to_dataset(pairs):
+        return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]})
+
+    return to_dataset(problems[num_test:]), to_dataset(problems[:num_test])
+
+
+def supervised_warm_up(
+    model, tokenizer, dataset: Dataset, steps: int, learning_rate: float = 3e-3, batch_size: int = 32, seed: int = 0
+):
+    """A short supervised pass on `prompt + answer + EOS` (as DeepSeekMath-Instruct precedes its RL stage), so the
+    tiny model knows the answer format before GRPO; returns the final loss."""
+    import torch
+
+    generator = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    rows = list(zip(dataset["prompt"], dataset["answer"]))
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        texts = [prompt + answer + tokenizer.eos_token for prompt, answer in generator.sample(rows, batch_size)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss.item()

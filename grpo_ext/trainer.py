@@ -10,17 +10,25 @@ import inspect
 import json
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 
 from .advantages import group_relative_advantages, nanstd
 from .config import GRPOExtConfig
+from .hub import (
+    DEEPSEEKMATH_BIBTEX,
+    model_card_for_output_dir,
+    push_adapter_to_hub,
+    save_training_config,
+    training_config_dict,
+)
 from .logprobs import check_against_full_logits, completion_logps_and_entropies
 from .models import apply_peft, disable_dropout, load_causal_lm, load_tokenizer
 from .objective import aggregate_loss, grpo_per_token_loss
@@ -64,12 +72,7 @@ class GRPOExtTrainer(_BaseTrainer):
     _paper = {
         "title": "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
         "id": "2402.03300",
-        "citation": (
-            "@article{shao2024deepseekmath,\n    title = {{DeepSeekMath: Pushing the Limits of Mathematical Reasoning "
-            "in Open Language Models}},\n    author = {Zhihong Shao and Peiyi Wang and Qihao Zhu and Runxin Xu and "
-            "Junxiao Song and Mingchuan Zhang and Y. K. Li and Y. Wu and Daya Guo},\n    year = 2024,\n"
-            "    eprint = {arXiv:2402.03300},\n}"
-        ),
+        "citation": DEEPSEEKMATH_BIBTEX,
     }
     # compute_loss divides by the window's normalisers itself (objective.aggregate_loss)
     loss_is_scaled_for_ga = True
@@ -540,6 +543,82 @@ class GRPOExtTrainer(_BaseTrainer):
         if self.reward_kl_controller is not None and os.path.isfile(path):
             with open(path) as file:
                 self.reward_kl_controller.load_state_dict(json.load(file)["reward_kl_controller"])
+
+    # --- Hub: adapters only, with grpo-ext's model card (hub.py); full models go through transformers ---
+
+    def _is_adapter(self) -> bool:
+        return hasattr(self.accelerator.unwrap_model(self.model), "peft_config")
+
+    def _hub_repo_id(self, model_name=None) -> str:
+        return self.hub_model_id or self.args.hub_model_id or model_name or Path(self.args.output_dir).absolute().name
+
+    def _model_card(self, folder, repo_id, dataset_name=None) -> str:
+        base_model = getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", None) or None
+        return model_card_for_output_dir(
+            folder,
+            repo_id,
+            base_model=base_model,
+            datasets=dataset_name,
+            reward_funcs=self.rewards.names,
+            training_config=training_config_dict(self.args),
+            log_history=self.state.log_history,
+        )
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        if not self.is_world_process_zero():
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card = self._model_card(self.args.output_dir, self._hub_repo_id(model_name), dataset_name)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as file:
+            file.write(card)
+
+    def _save_card_assets(self, folder) -> None:
+        """The training config (tokens removed) and the curves PNG, next to the adapter."""
+        save_training_config(self.args, folder)
+        try:
+            from .plot import plot_training_curves
+
+            plot_training_curves(folder)
+        except (ImportError, ValueError) as error:  # no matplotlib, or nothing logged yet: push without curves
+            print(f"no training curves: {error}")
+
+    def push_to_hub(
+        self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs
+    ):
+        if not self._is_adapter():
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.save_state()
+        self._save_card_assets(self.args.output_dir)
+        self.create_model_card(model_name=kwargs.get("model_name"), dataset_name=kwargs.get("dataset_name"))
+        return push_adapter_to_hub(
+            self.args.output_dir,
+            self._hub_repo_id(kwargs.get("model_name")),
+            token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+            commit_message=commit_message,
+            revision=revision or self.args.hub_revision,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        # transformers would upload training_args.bin, a pickle holding hub_token in clear: push the adapter only
+        if not self._is_adapter():
+            return super()._push_from_checkpoint(checkpoint_folder)
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        self._save_card_assets(checkpoint_folder)
+        repo_id = self._hub_repo_id()
+        push_adapter_to_hub(
+            checkpoint_folder,
+            repo_id,
+            token=self.args.hub_token,
+            private=self.args.hub_private_repo,
+            commit_message=f"Training in progress, step {self.state.global_step}",
+            revision=self.args.hub_revision,
+            model_card=self._model_card(checkpoint_folder, repo_id),
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

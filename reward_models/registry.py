@@ -90,10 +90,11 @@ def _build(name: str, factory: Callable, factory_kwargs: dict) -> tuple[Callable
     return factory(**kwargs), set(kwargs)
 
 
-def get_reward_funcs(names: list[str], **factory_kwargs) -> list[Callable]:
+def get_reward_funcs(names: list[str], warn_unused: bool = True, **factory_kwargs) -> list[Callable]:
     """Reward functions for registry names or dotted import paths, factories built with `factory_kwargs`.
 
-    A keyword argument that none of the requested factories accepts triggers a warning (it is most likely a typo).
+    A keyword argument that none of the requested factories accepts triggers a warning (it is most likely a typo),
+    unless `warn_unused=False` (a script passing the same run settings to whatever factories its config names).
     Callables in `names` are passed through unchanged.
     """
     if isinstance(names, str):
@@ -116,7 +117,7 @@ def get_reward_funcs(names: list[str], **factory_kwargs) -> list[Callable]:
             raise ValueError(f"{name!r} resolved to a {type(obj).__name__}, which is not a reward function.")
         funcs.append(obj)
     unused = sorted(set(factory_kwargs) - used)
-    if unused:
+    if unused and warn_unused:
         warnings.warn(
             f"get_reward_funcs: no requested reward factory takes {', '.join(unused)}; they were ignored.",
             stacklevel=2,

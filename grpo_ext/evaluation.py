@@ -1,0 +1,80 @@
+"""Accuracy of a policy on a dataset split: pass@1 (greedy) and maj@k (majority vote over k samples).
+
+Used by `recipes/evaluate.py` and by the training recipe before and after training (DeepSeekMath reports greedy
+top-1 accuracy and maj@64; arXiv 2402.03300, section 4.2).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from tqdm.auto import tqdm
+
+from .sampling import completion_mask_after_eos, prompt_texts
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, batch_size=32):
+    """`num_samples` completions (greedy when 1) for each prompt: a list of lists of strings."""
+    model.eval()
+    eos_token_ids = [tokenizer.eos_token_id]
+    device = next(model.parameters()).device
+    texts = prompt_texts(list(prompts), tokenizer)
+    completions = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="Evaluating", unit="batch"):
+        batch = tokenizer(
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        ).to(device)
+        sampled = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=num_samples > 1,
+            temperature=temperature if num_samples > 1 else None,
+            top_p=None,
+            top_k=None,
+            num_return_sequences=num_samples,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos_token_ids,
+        )
+        completion_ids = sampled[:, batch["input_ids"].size(1) :]  # (b * k, C)
+        mask, _ = completion_mask_after_eos(completion_ids, eos_token_ids)
+        decoded = tokenizer.batch_decode(
+            [ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True
+        )
+        completions += [decoded[i : i + num_samples] for i in range(0, len(decoded), num_samples)]
+    return completions
+
+
+def evaluate_accuracy(
+    model, tokenizer, dataset, num_samples=1, max_new_tokens=256, temperature=1.0, batch_size=32, answer_key=None
+) -> dict:
+    """`{"pass@1": ..., "maj@k": ..., "num_problems": n}` on a dataset with `prompt` and `answer` columns.
+
+    With num_samples == 1, pass@1 is greedy accuracy; with k > 1 it is the mean accuracy of the k samples and
+    maj@k scores the most frequent final answer. Answers are compared by `reward_models.accuracy_reward`
+    (math-verify), and `answer_key` (text -> hashable) groups equal answers for the vote.
+    """
+    from reward_models.accuracy import accuracy_reward, extract_answer
+
+    answer_key = answer_key or (lambda text: (extract_answer(text) or "").strip())
+    completions = generate_completions(
+        model, tokenizer, dataset["prompt"], num_samples, max_new_tokens, temperature, batch_size
+    )
+    pass_scores, majority_scores = [], []
+    for samples, gold in zip(completions, dataset["answer"]):
+        scores = [score or 0.0 for score in accuracy_reward(samples, answer=[gold] * len(samples))]
+        pass_scores.append(sum(scores) / len(scores))
+        votes = Counter(answer_key(text) for text in samples)
+        winner = votes.most_common(1)[0][0]
+        majority_scores.append(next(score for text, score in zip(samples, scores) if answer_key(text) == winner))
+    n = max(len(pass_scores), 1)
+    return {
+        "pass@1": sum(pass_scores) / n,
+        f"maj@{num_samples}": sum(majority_scores) / n,
+        "num_problems": len(pass_scores),
+    }

@@ -1,0 +1,63 @@
+"""Held-out accuracy of a base model, or a base model plus a trained adapter: pass@1 and maj@k, as JSON.
+
+    python recipes/evaluate.py --model Qwen/Qwen2.5-Math-1.5B --adapter outputs/qwen-math-grpo \
+        --dataset openai/gsm8k --dataset_config main --split test --num_samples 8 --output results.json
+"""
+
+import argparse
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo_ext.data import DEEPSEEKMATH_INSTRUCTION, load_split, to_prompt_answer
+from grpo_ext.evaluation import evaluate_accuracy
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Base model id or path.")
+    parser.add_argument("--adapter", default=None, help="PEFT adapter path or id to load on top of the base.")
+    parser.add_argument("--dataset", default="openai/gsm8k", help="Hub dataset id or local data file.")
+    parser.add_argument("--dataset_config", default=None)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--instruction", default=DEEPSEEKMATH_INSTRUCTION, help="Appended to questions; '' for none.")
+    parser.add_argument("--plain_prompts", action="store_true", help="Plain text prompts instead of chat messages.")
+    parser.add_argument("--max_problems", type=int, default=None)
+    parser.add_argument("--num_samples", type=int, default=1, help="1: greedy; k: sampled pass@1 and maj@k.")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--output", default=None, help="Write the summary JSON here too.")
+    cli = parser.parse_args()
+
+    dataset = to_prompt_answer(
+        load_split(cli.dataset, cli.dataset_config, cli.split),
+        instruction=cli.instruction or None,
+        conversational=not cli.plain_prompts,
+    )
+    if cli.max_problems:
+        dataset = dataset.select(range(min(cli.max_problems, len(dataset))))
+    dtype = cli.dtype if cli.dtype == "auto" else getattr(torch, cli.dtype)
+    model = AutoModelForCausalLM.from_pretrained(cli.model, dtype=dtype)
+    if cli.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cli.adapter)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    tokenizer = AutoTokenizer.from_pretrained(cli.adapter or cli.model)
+
+    results = evaluate_accuracy(
+        model, tokenizer, dataset, cli.num_samples, cli.max_new_tokens, cli.temperature, cli.batch_size
+    )
+    summary = {"model": cli.model, "adapter": cli.adapter, "dataset": cli.dataset, "split": cli.split, **results}
+    print(json.dumps(summary, indent=2))
+    if cli.output:
+        with open(cli.output, "w") as file:
+            json.dump(summary, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
