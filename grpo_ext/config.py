@@ -14,6 +14,7 @@ from typing import Any
 from trl.trainer.base_config import _BaseConfig
 
 from .objective import KL_ESTIMATORS
+from .reference import REFERENCE_MODES
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -201,6 +202,20 @@ class GRPOExtConfig(_BaseConfig):
         "alternative to the soft overlong penalty. None turns it off.",
     )
 
+    # --- Reference policy ---
+    ref_model_mode: str = _field(
+        "auto",
+        "How pi_ref is held. `auto` (the default): `disabled_adapter` for PEFT models (the base model, no extra "
+        "memory), `copy` for full fine-tuning, `none` when no KL term is on. `snapshot_adapter`: a frozen copy of the "
+        "adapter, refreshed every `ref_model_sync_steps` steps: DeepSeekMath's iterative RL reference reset "
+        "(arXiv 2402.03300, section 4.1.3) at the cost of one adapter; works on 4-bit bases.",
+    )
+    ref_model_sync_steps: int = _field(
+        512,
+        "Optimizer steps between refreshes of the snapshot adapter (`ref_model_mode='snapshot_adapter'`). Same name "
+        "as TRL's reference-sync interval.",
+    )
+
     # --- Memory ---
     logprob_chunk_size: int = _field(
         1024,
@@ -295,6 +310,11 @@ class GRPOExtConfig(_BaseConfig):
             self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
             f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted from rewards).",
         )
+        require(
+            self.ref_model_mode in REFERENCE_MODES,
+            f"ref_model_mode={self.ref_model_mode!r} is not one of {REFERENCE_MODES}.",
+        )
+        require(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1.")
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
         require(
             self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
@@ -341,6 +361,7 @@ _SECTION_STARTS = {
     "num_generations": "Data and generation",
     "beta": "Objective",
     "reward_kl_coef": "Reward-side penalties",
+    "ref_model_mode": "Reference policy",
     "logprob_chunk_size": "Memory",
     "log_completions": "Logging",
 }

@@ -1,53 +1,88 @@
-"""The reference policy pi_ref of the KL term, held as cheaply as the model allows.
+"""The reference policy pi_ref of the KL terms, held as cheaply as the model allows.
 
 - `disabled_adapter`: a PEFT model with its adapters switched off is the base model: no second copy of the weights.
-- `copy`: a frozen deep copy, for full fine-tuning with beta > 0 (what TRL does too).
+- `snapshot_adapter`: a frozen copy of the policy's adapter, refreshed every `ref_model_sync_steps` optimizer steps:
+  DeepSeekMath's iterative RL resets the reference to the current policy (arXiv 2402.03300, section 4.1.3); with an
+  adapter that reset costs an adapter, not a model. Works on 4-bit bases.
+- `copy`: a frozen deep copy, for full fine-tuning with a KL term (what TRL does too).
 - `none`: no KL anywhere (beta == 0 and reward_kl_coef == 0): no reference pass at all.
-(Snapshot adapters refreshed every N steps come with the issue "Reference snapshots".)
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from contextlib import contextmanager, nullcontext
 
+import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
-
-REFERENCE_MODES = ("disabled_adapter", "copy", "none")
+REFERENCE_MODES = ("auto", "disabled_adapter", "snapshot_adapter", "copy", "none")
+SNAPSHOT_ADAPTER = "reference"  # name of the frozen adapter in snapshot mode (saved in checkpoints as a subfolder)
 
 
 def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    """LoRA-style parameters of one adapter, keyed by their name with the adapter name removed."""
+    marker = f".{adapter}."
+    return {name.replace(marker, "."): p for name, p in model.named_parameters() if marker in name}
+
+
 class ReferencePolicy:
     def __init__(self, mode: str, model: nn.Module | None = None):
-        if mode not in REFERENCE_MODES:
-            raise ValueError(f"reference mode must be one of {REFERENCE_MODES}, got {mode!r}.")
         self.mode = mode
         self.model = model  # the frozen copy in `copy` mode, else None
+        self.active_adapter = None  # the trained adapter, in snapshot mode
 
     @classmethod
-    def for_policy(cls, policy: nn.Module, needed: bool) -> ReferencePolicy:
-        """The cheapest reference for this policy: none when no KL needs it, disabled adapters for PEFT, else a copy."""
-        if not needed:
-            reference = cls("none")
-        elif _is_peft_model(policy):
-            reference = cls("disabled_adapter")
-        else:
-            frozen = copy.deepcopy(policy).eval().requires_grad_(False)
-            reference = cls("copy", frozen)
-        logger.info("Reference policy: %s (%s)", reference.mode, reference.memory_note())
+    def build(cls, policy: nn.Module, mode: str = "auto", needed: bool = True) -> ReferencePolicy:
+        """The reference for `mode`; `auto` picks the cheapest: none when no KL needs it, disabled adapters for PEFT,
+        else a frozen copy. Raises when the mode cannot serve this policy, saying what to use instead."""
+        if mode not in REFERENCE_MODES:
+            raise ValueError(f"ref_model_mode={mode!r} is not one of {REFERENCE_MODES}.")
+        is_peft = _is_peft_model(policy)
+        if mode == "auto":
+            mode = "none" if not needed else "disabled_adapter" if is_peft else "copy"
+        if mode == "none" and needed:
+            raise ValueError(
+                "ref_model_mode='none' but a KL term needs pi_ref (beta > 0 or reward_kl_coef > 0): set both to 0, or "
+                "choose ref_model_mode='auto'."
+            )
+        if mode in ("disabled_adapter", "snapshot_adapter") and not is_peft:
+            raise ValueError(
+                f"ref_model_mode={mode!r} needs a PEFT model (pass peft_config=LoraConfig(...)); for full fine-tuning "
+                "use 'copy' or 'auto'."
+            )
+        if mode == "copy":
+            return cls(mode, copy.deepcopy(policy).eval().requires_grad_(False))
+        reference = cls(mode)
+        if mode == "snapshot_adapter":
+            reference.active_adapter = policy.active_adapter
+            policy.add_adapter(SNAPSHOT_ADAPTER, policy.peft_config[reference.active_adapter])
+            policy.set_adapter(reference.active_adapter)  # keeps the trained adapter trainable, the snapshot frozen
+            reference.sync(policy)
         return reference
 
-    def memory_note(self) -> str:
-        if self.model is None:
+    def memory_note(self, policy: nn.Module) -> str:
+        if self.mode == "copy":
+            size = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        elif self.mode == "snapshot_adapter":
+            size = sum(p.numel() * p.element_size() for p in _adapter_parameters(policy, SNAPSHOT_ADAPTER).values())
+        else:
             return "no extra weights"
-        size = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return f"{size / 2**20:.1f} MiB of frozen weights"
+
+    @torch.no_grad()
+    def sync(self, policy: nn.Module) -> None:
+        """Snapshot mode: pi_ref <- pi_theta, by copying the trained adapter into the frozen one."""
+        if self.mode != "snapshot_adapter":
+            return
+        policy = getattr(policy, "module", policy)
+        snapshot = _adapter_parameters(policy, SNAPSHOT_ADAPTER)
+        for name, parameter in _adapter_parameters(policy, self.active_adapter).items():
+            snapshot[name].copy_(parameter)
 
     @contextmanager
     def activate(self, policy: nn.Module):
@@ -58,5 +93,12 @@ class ReferencePolicy:
             yield self.model
             return
         unwrapped = getattr(policy, "module", policy)
+        if self.mode == "snapshot_adapter":
+            unwrapped.set_adapter(SNAPSHOT_ADAPTER)
+            try:
+                yield policy
+            finally:
+                unwrapped.set_adapter(self.active_adapter)  # PEFT makes the active adapter trainable again
+            return
         with unwrapped.disable_adapter() if _is_peft_model(unwrapped) else nullcontext():
             yield policy

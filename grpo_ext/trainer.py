@@ -21,6 +21,7 @@ from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_ge
 from trl.trainer.base_trainer import _BaseTrainer
 
 from .advantages import group_relative_advantages, nanstd
+from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
 from .config import GRPOExtConfig
 from .hub import (
     DEEPSEEKMATH_BIBTEX,
@@ -133,7 +134,9 @@ class GRPOExtTrainer(_BaseTrainer):
         if eval_dataset is not None:
             self._check_eval_batch(args)
 
-        self.reference = ReferencePolicy.for_policy(model, needed=args.beta > 0 or args.reward_kl_coef > 0)
+        self.reference = ReferencePolicy.build(
+            model, args.ref_model_mode, needed=args.beta > 0 or args.reward_kl_coef > 0
+        )
         self.reward_kl_controller = None
         if args.reward_kl_target is not None:
             self.reward_kl_controller = AdaptiveKLController(
@@ -151,6 +154,12 @@ class GRPOExtTrainer(_BaseTrainer):
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
+        self._interrupt = SaveOnInterruptCallback()
+        self.add_callback(self._interrupt)
+        if self.reference.mode == "snapshot_adapter":
+            self.add_callback(ReferenceSyncCallback(self.reference, self.model, args.ref_model_sync_steps))
+        if self.accelerator.is_main_process:
+            print(f"[grpo-ext] reference policy: {self.reference.mode} ({self.reference.memory_note(self.model)})")
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded weights cannot be scored here
             check_against_full_logits(self.model)
         if self.reference.model is not None:
@@ -164,6 +173,11 @@ class GRPOExtTrainer(_BaseTrainer):
         self._samples = []  # (prompt, completion, reward) of the last rollout, for log_completions
         self._buffered_inputs = None
         self._step = 0  # micro-steps taken, to know when to roll out again
+
+    @property
+    def interrupted(self) -> bool:
+        """True when SIGTERM or Ctrl-C stopped the last `train()` early (after saving a checkpoint)."""
+        return self._interrupt.interrupted
 
     # --- Set-up checks ---
 

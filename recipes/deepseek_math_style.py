@@ -133,6 +133,9 @@ def main():
 
     # Train (resumes from the latest checkpoint in output_dir when --resume_from_checkpoint is given)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.interrupted:  # SIGTERM / Ctrl-C: a checkpoint was saved in output_dir
+        print("Interrupted: resume with --resume_from_checkpoint true")
+        return
 
     # Save: the adapter (or model), the tokenizer, the resolved config, the training state and curves
     trainer.save_model(training_args.output_dir)

@@ -1,0 +1,58 @@
+"""Trainer callbacks: refreshing the snapshot reference, and saving a checkpoint when the run is interrupted."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from transformers import TrainerCallback
+
+
+class ReferenceSyncCallback(TrainerCallback):
+    """Every `sync_steps` optimizer steps, copy the trained adapter into the snapshot reference (snapshot mode)."""
+
+    def __init__(self, reference, policy, sync_steps: int):
+        self.reference, self.policy, self.sync_steps = reference, policy, sync_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.sync_steps == 0:
+            self.reference.sync(self.policy)
+
+
+class SaveOnInterruptCallback(TrainerCallback):
+    """SIGTERM (a scheduler's pre-emption) or a first Ctrl-C: finish the current step, save a checkpoint, stop.
+
+    A second Ctrl-C aborts at once. `interrupted` tells the caller that training ended early; resume it with
+    `trainer.train(resume_from_checkpoint=True)` (the recipe: `--resume_from_checkpoint true`).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.interrupted and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print(
+            f"\n[grpo-ext] {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping"
+            + (" (Ctrl-C again to abort without saving)." if signum == signal.SIGINT else "."),
+            flush=True,
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.interrupted = False
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
