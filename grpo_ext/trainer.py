@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather
+from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from transformers import set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
@@ -170,7 +170,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self.num_generations = args.num_generations
         self.generation_config = build_generation_config(args, processing_class.pad_token_id, self.eos_token_ids)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._samples = []  # (prompt, completion, reward) of the last rollout, for log_completions
+        self._samples = {}  # columns of the last rollout's completions table, for log_completions
         self._buffered_inputs = None
         self._step = 0  # micro-steps taken, to know when to roll out again
 
@@ -377,8 +377,15 @@ class GRPOExtTrainer(_BaseTrainer):
         self._log_rollout(mode, rewards_per_func, rewards, std, prompt_mask, lengths, is_truncated)
         if penalty.any():
             self._metrics[mode]["reward_shaped"].append(torch.nanmean(shaped_rewards).item())
-        if self.args.log_completions and self.accelerator.is_main_process:
-            self._samples = list(zip(prompts, texts, rewards[process_slice].tolist()))
+        if self.args.log_completions and mode == "train":
+            self._samples = {
+                "step": [self.state.global_step] * rewards.numel(),
+                "prompt": [str(p) for p in gather_object(prompts)],
+                "completion": gather_object(texts),
+                **{name: rewards_per_func[:, k].tolist() for k, name in enumerate(self.rewards.names)},
+                "reward": rewards.tolist(),
+                "advantage": advantages.tolist(),
+            }
         return batch
 
     def _reward_penalties(self, mode, batch, rollout_per_token_logps, lengths, is_truncated) -> torch.Tensor:
@@ -641,8 +648,27 @@ class GRPOExtTrainer(_BaseTrainer):
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
-        if self.args.log_completions and mode == "train" and self._samples:
-            shown = self._samples[: self.args.num_completions_to_print]
-            lines = [f"step {self.state.global_step} completions:"]
-            lines += [f"  reward {reward:+.3f} | {prompt!r} -> {completion!r}" for prompt, completion, reward in shown]
-            print("\n".join(lines))
+        if self.args.log_completions and mode == "train" and self._samples and self.accelerator.is_main_process:
+            self._log_completions_table()
+
+    def _log_completions_table(self) -> None:
+        """Print a few of the last rollout's completions and send the whole table to wandb / trackio if they run."""
+        samples, shown = self._samples, self.args.num_completions_to_print
+        rows = list(zip(*samples.values()))
+        lines = [f"step {self.state.global_step} completions:"]
+        lines += [
+            f"  reward {reward:+.3f} advantage {advantage:+.2f} | {prompt!r} -> {completion!r}"
+            for prompt, completion, reward, advantage in zip(
+                samples["prompt"][:shown], samples["completion"][:shown], samples["reward"], samples["advantage"]
+            )
+        ]
+        print("\n".join(lines))
+        if "wandb" in self.args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"completions": wandb.Table(columns=list(samples), data=rows)}, step=self.state.global_step)
+        if "trackio" in self.args.report_to:
+            import trackio
+
+            trackio.log({"completions": trackio.Table(columns=list(samples), data=rows)}, step=self.state.global_step)
