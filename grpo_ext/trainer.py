@@ -170,6 +170,9 @@ class GRPOExtTrainer(_BaseTrainer):
         self.num_generations = args.num_generations
         self.generation_config = build_generation_config(args, processing_class.pad_token_id, self.eos_token_ids)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # Tokens behind each token-mean metric value, so `log` weights them: the logged kl / entropy / clip ratios are
+        # then token means over everything since the last log, whatever the micro-batch and process split.
+        self._metric_tokens = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
         self._buffered_inputs = None
         self._step = 0  # micro-steps taken, to know when to roll out again
@@ -495,24 +498,26 @@ class GRPOExtTrainer(_BaseTrainer):
 
     # --- Metrics, with TRL's names ---
 
-    def _mean_across_processes(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+    def _log_token_mean(self, mode: str, names: list[str], values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append the token mean over all processes, and the token count it is over (`log` weights by it)."""
         totals = torch.stack([(values * mask).sum(), mask.sum()]).float()
-        totals = self.accelerator.reduce(totals, reduction="sum")
-        return (totals[0] / totals[1].clamp(min=1.0)).item()
+        total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+        for name in names:
+            self._metrics[mode][name].append(total / max(count, 1.0))
+            self._metric_tokens[mode][name].append(count)
 
     def _log_objective(self, mode, terms, entropies, completion_mask):
         metrics = self._metrics[mode]
         mask = completion_mask.float()
         if terms.per_token_kl is not None:
-            metrics["kl"].append(self._mean_across_processes(terms.per_token_kl.detach(), mask))
-            metrics["penalty/objective_kl"].append(metrics["kl"][-1])
-        metrics["entropy"].append(self._mean_across_processes(entropies, mask))
+            self._log_token_mean(mode, ["kl", "penalty/objective_kl"], terms.per_token_kl.detach(), mask)
+        self._log_token_mean(mode, ["entropy"], entropies, mask)
         if terms.ratio.size(-1) == 1:  # sequence-level ratio: every token of a sequence shares its clipping
             mask = torch.ones_like(terms.ratio)
         low, high = terms.is_low_clipped.float(), terms.is_high_clipped.float()
-        metrics["clip_ratio/low_mean"].append(self._mean_across_processes(low, mask))
-        metrics["clip_ratio/high_mean"].append(self._mean_across_processes(high, mask))
-        metrics["clip_ratio/region_mean"].append(self._mean_across_processes(torch.maximum(low, high), mask))
+        self._log_token_mean(mode, ["clip_ratio/low_mean"], low, mask)
+        self._log_token_mean(mode, ["clip_ratio/high_mean"], high, mask)
+        self._log_token_mean(mode, ["clip_ratio/region_mean"], torch.maximum(low, high), mask)
         per_sequence = lambda x: (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # noqa: E731
         metrics["clip_ratio/low_min"].append(gather(per_sequence(low)).min().item())
         metrics["clip_ratio/high_max"].append(gather(per_sequence(high)).max().item())
@@ -643,13 +648,21 @@ class GRPOExtTrainer(_BaseTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        metrics = {}
+        for key, values in self._metrics[mode].items():
+            tokens = self._metric_tokens[mode].get(key)
+            if tokens and sum(tokens) > 0:  # a token mean: weight each micro-batch by its tokens
+                metrics[key] = sum(v * n for v, n in zip(values, tokens)) / sum(tokens)
+            elif values:
+                metrics[key] = sum(values) / len(values)
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
+        self._metric_tokens[mode].clear()
         if self.args.log_completions and mode == "train" and self._samples and self.accelerator.is_main_process:
             self._log_completions_table()
+            self._samples = {}  # logged once, not again with the end-of-training summary
 
     def _log_completions_table(self) -> None:
         """Print a few of the last rollout's completions and send the whole table to wandb / trackio if they run."""

@@ -1,0 +1,218 @@
+"""One GRPO optimizer step per case, with injected completions; run by tests/test_distributed.py.
+
+Launched twice with the same global batch: under `torchrun --nproc_per_node 2` (gloo, CPU) and as plain `python`
+(one process, per_device_train_batch_size doubled). Each process writes `<out>/<case>/result_rank<r>.json`: the world
+size it really got, its share of the rollout, its advantages, the logged metrics and the parameter update.
+
+Why the completions are injected: sampling draws from each process's RNG, so two processes (each seeded alike but
+given half the prompts) and one process (all prompts in one `generate` call) would sample different completions
+and nothing could be compared. `GenerationMixin.generate` is replaced by a function of (prompt, position in its
+group): the completion of the k-th copy of a prompt is a fixed token string (random digits and letters, an EOS or
+none, varying lengths) whatever the process and batch it lands in. The position in the group is the row's index in
+the global generation batch modulo num_generations, where rank r holds rows [r * B, (r + 1) * B): the layout
+RepeatSampler + accelerate's BatchSamplerShard give (rank r takes the r-th per-process batch of the sampler's
+stream); the test checks that layout by comparing the prompts each rank saw with the one-process run.
+
+Why the policy is perturbed: at step 0 the policy equals its reference (a frozen copy, or the disabled LoRA adapter
+whose B is 0), so `kl` would be 0 in both runs and prove nothing. Adding the same seeded noise to the trainable
+parameters after the trainer is built (the frozen copy is not touched; LoRA B becomes non-zero) makes the KL term
+and its gradient non-zero from the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+from transformers import TrainerCallback
+
+from grpo_ext import GRPOExtConfig, GRPOExtTrainer
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tokenizer
+
+MAX_COMPLETION_LENGTH = 8
+GLOBAL_BATCH = 8  # completions per optimizer step, over all processes
+
+# name -> settings; every case is one optimizer step with SGD, lr 1.0, no clipping: update == -gradient
+CASES = {
+    "grpo": dict(loss_type="grpo", num_generations=4, save=True),  # 2 prompts x 4: one whole group per rank
+    "dapo": dict(loss_type="dapo", num_generations=4),
+    "grpo_lora": dict(loss_type="grpo", num_generations=4, lora=True, save=True),
+    "grpo_split_group": dict(loss_type="grpo", num_generations=8),  # 1 prompt x 8: its group split 4 / 4 over ranks
+    "dapo_accumulation": dict(loss_type="dapo", num_generations=4, gradient_accumulation_steps=2),
+    "bnpo": dict(loss_type="bnpo", num_generations=4),  # control: a per-process token mean, expected to differ
+    "fsdp": dict(loss_type="grpo", num_generations=4, fsdp=True, save=True),  # grpo, sharded with FSDP2
+}
+
+
+def completion_ids_for(prompt: str, k: int, tokenizer) -> list[int]:
+    """The k-th completion of `prompt`: a fixed function of both (crc32, not hash(): the same in every process)."""
+    rng = random.Random(zlib.crc32(f"{prompt}|{k}".encode()))
+    alphabet = [tokenizer.convert_tokens_to_ids(c) for c in "0123456789" + "abcdefghij"]
+    length = rng.randint(1, MAX_COMPLETION_LENGTH)
+    ids = [rng.choice(alphabet) for _ in range(length)]
+    if length < MAX_COMPLETION_LENGTH or rng.random() < 0.5:  # most end with EOS, full-length ones may be truncated
+        ids[-1] = tokenizer.eos_token_id
+    return ids + [tokenizer.pad_token_id] * (MAX_COMPLETION_LENGTH - length)
+
+
+class InjectedGeneration:
+    """Replaces `GenerationMixin.generate`: prompt ids + the predetermined completion of each row."""
+
+    def __init__(self, tokenizer, num_generations: int):
+        self.tokenizer, self.num_generations = tokenizer, num_generations
+        self.rows = []  # (prompt, completion ids) of this process, in order
+
+    def __call__(self, model, input_ids=None, attention_mask=None, **kwargs):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        completions = []
+        for i, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            prompt = self.tokenizer.decode(ids[mask.bool()])
+            global_row = rank * input_ids.size(0) + i
+            completion = completion_ids_for(prompt, global_row % self.num_generations, self.tokenizer)
+            completions.append(completion)
+            self.rows.append((prompt, completion))
+        return torch.cat([input_ids, torch.tensor(completions, device=input_ids.device)], dim=1)
+
+
+class RecordUpdate(TrainerCallback):
+    """Trainable parameters just before the optimizer step (after DDP's all-reduce) and just after it."""
+
+    def __init__(self):
+        self.before, self.gradients, self.after = {}, {}, {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for name, p in _trainable(model):
+            self.before[name] = _full(p.detach()).clone()
+            self.gradients[name] = _full(p.grad.detach()).clone()
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.after = {name: _full(p.detach()).clone() for name, p in _trainable(model)}
+
+
+def _full(tensor):
+    """The whole tensor: FSDP2 shards parameters and gradients as DTensors (a collective: every rank calls it)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _trainable(model):
+    model = getattr(model, "module", model)
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def run_case(name: str, model_path: str, out: Path, expected_world_size: int) -> None:
+    case = CASES[name]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    assert world_size == expected_world_size, f"WORLD_SIZE={world_size}, expected {expected_world_size}"
+    accumulation = case.get("gradient_accumulation_steps", 1)
+    case_dir = out / name
+    rank = int(os.environ.get("RANK", "0"))
+    extra = {}
+    if case.get("fsdp"):
+        extra = dict(fsdp=True, fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT"})
+    args = GRPOExtConfig(
+        # one output_dir per rank, so the test can see which rank wrote which file
+        output_dir=str(case_dir / f"rank{rank}"),
+        per_device_train_batch_size=GLOBAL_BATCH // world_size // accumulation,
+        gradient_accumulation_steps=accumulation,
+        num_generations=case["num_generations"],
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        loss_type=case["loss_type"],
+        beta=0.04,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,  # no clipping: the update is exactly -lr * gradient
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        log_completions=True,
+        save_strategy="steps" if case.get("save") else "no",
+        save_steps=1,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        **extra,
+    )
+    if case.get("fsdp") and os.environ.get("FORCE_FSDP_ON_CPU"):
+        # accelerate's AcceleratorState turns on FSDP only from MULTI_GPU/NPU/XPU/..., never from MULTI_CPU: on CPU the
+        # fsdp settings are silently dropped and the run is DDP. The arguments above have just (re)built the shared
+        # PartialState (gloo, cpu); calling it MULTI_GPU makes the trainer's Accelerator take the FSDP path.
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        PartialState().distributed_type = DistributedType.MULTI_GPU
+    peft_config = None
+    if case.get("lora"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    tokenizer = make_tokenizer()
+    generation = InjectedGeneration(tokenizer, case["num_generations"])
+    transformers.GenerationMixin.generate = lambda model, *a, **kw: generation(model, *a, **kw)
+    update = RecordUpdate()
+    trainer = GRPOExtTrainer(
+        model_path,
+        digit_fraction_reward,
+        args=args,
+        train_dataset=make_prompt_dataset(8),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[update],
+    )
+    assert trainer.accelerator.num_processes == expected_world_size, trainer.accelerator.num_processes
+    if expected_world_size > 1:
+        assert dist.is_initialized() and dist.get_world_size() == expected_world_size
+        assert dist.get_backend() == "gloo", dist.get_backend()
+
+    generator = torch.Generator().manual_seed(1234)  # the same noise on every rank and in both runs
+    with torch.no_grad():
+        for _, p in _trainable(trainer.model):
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
+    trainer.train()
+    if case.get("save"):
+        trainer.save_model()
+        trainer.save_state()
+
+    assert len(generation.rows) == args.per_device_train_batch_size * accumulation, "generate was bypassed"
+    rollout = [mb for mb in trainer._buffered_inputs]
+    result = {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "num_processes": trainer.accelerator.num_processes,
+        "process_index": trainer.accelerator.process_index,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "rows": generation.rows,
+        "advantages": torch.cat([mb["advantages"] for mb in rollout]).tolist(),
+        "completion_tokens": int(sum(mb["completion_mask"].sum() for mb in rollout)),
+        "log_history": trainer.state.log_history,
+        "gradient": {k: v.flatten().tolist() for k, v in update.gradients.items()},
+        "update": {k: (update.before[k] - update.after[k]).flatten().tolist() for k in update.before},
+    }
+    (case_dir / f"result_rank{rank}.json").write_text(json.dumps(result))
+    print(f"case {name} done on rank {rank}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", required=True, help="comma-separated names of CASES")
+    parser.add_argument("--world-size", type=int, required=True, help="the number of processes this run must have")
+    args = parser.parse_args()
+    for name in args.cases.split(","):
+        run_case(name, args.model, Path(args.out), args.world_size)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Two processes run the same GRPO step as one process with the same global batch (issue "Beyond one GPU").
+
+`tests/distributed_scripts/one_step.py` trains a tiny model for one optimizer step (SGD, lr 1.0, no clipping, constant
+schedule: the update is minus the gradient) in each of several cases, twice:
+
+- under `python -m torch.distributed.run --nproc_per_node 2` (torchrun; gloo on CPU), per_device_train_batch_size 4;
+- under plain `python` (one process), per_device_train_batch_size 8: the same 8 completions per step.
+
+Both runs must roll out the same completions or nothing can be compared, and sampling cannot give that (each process
+draws from its own RNG on its own half of the prompts). The script replaces `GenerationMixin.generate` with a fixed
+function of (prompt, position of the row in its group), and the position is the row's index in the *global*
+generation batch modulo num_generations. That the rows really are where the script assumes (rank r holds the r-th
+contiguous chunk, as TRL's RepeatSampler + accelerate's BatchSamplerShard give) is checked here by comparing each
+rank's prompts with the one-process run. The trainable parameters get the same seeded noise after the trainer is
+built, so the policy differs from its reference and the KL term (beta 0.04) is not trivially 0.
+
+Checked per case: the world size each process really got; identical rollouts and advantages (with a group split
+across the two ranks too, so rewards must be gathered before advantages); equal logged loss and parameter update
+(atol 1e-6) for grpo (per-sequence means over all sequences), dapo (tokens over the global token count, also with
+gradient accumulation) and LoRA; metrics equal to the one-process run and identical on both ranks (reduced, not
+local); only rank 0 writing files and printing logs. bnpo, a per-process token mean by definition, is the control
+that shows the comparison would catch a per-process normaliser.
+
+FSDP: accelerate 1.15 switches to DistributedType.FSDP only from a GPU-like distributed type (AcceleratorState
+checks MULTI_GPU/NPU/XPU/...), so on CPU `fsdp=...` is silently ignored and the run is plain DDP. With
+FORCE_FSDP_ON_CPU set (here), the script's `fsdp` case flips that gate after the arguments are built; FSDP2 then
+shards the tiny model over gloo, the step matches the one-process run and only rank 0 saves. The recipes' accelerate
+configs are also parsed through accelerate's own launcher code down to its FSDP / DeepSpeed plugins.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_ext.testing import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "distributed_scripts" / "one_step.py"
+CASES = ["grpo", "dapo", "grpo_lora", "grpo_split_group", "dapo_accumulation", "bnpo"]
+CASES_TWO_PROCESSES = CASES + ["fsdp"]  # fsdp last: it changes accelerate's shared state for the rest of the process
+MATCHING = ["grpo", "dapo", "grpo_lora", "grpo_split_group", "dapo_accumulation", "fsdp"]
+ONE_PROCESS_TWIN = {"fsdp": "grpo"}  # the fsdp case is the grpo case, sharded
+TIMEOUT = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment() -> dict:
+    launcher_variables = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_variables and not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", FORCE_FSDP_ON_CPU="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both runs, launched side by side; returns their output folders and their stdout."""
+    root = tmp_path_factory.mktemp("distributed")
+    model = save_tiny_model(root / "model")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    common = ["--model", model, "--out"]
+    two = subprocess.Popen(
+        [*torchrun, str(SCRIPT), *common, str(root / "two"), "--cases", ",".join(CASES_TWO_PROCESSES)]
+        + ["--world-size", "2"],
+        env=_environment(),
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        one = subprocess.run(
+            [sys.executable, str(SCRIPT), *common, str(root / "one"), "--cases", ",".join(CASES), "--world-size", "1"],
+            env=_environment(),
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        two_output, _ = two.communicate(timeout=TIMEOUT)
+    finally:
+        if two.poll() is None:
+            two.kill()
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-5000:]
+    assert two.returncode == 0, two_output[-8000:]
+    return {"root": root, "one": one.stdout, "two": two_output}
+
+
+def _result(runs, run: str, case: str, rank: int = 0) -> dict:
+    return json.loads((runs["root"] / run / case / f"result_rank{rank}.json").read_text())
+
+
+def _step_log(result: dict) -> dict:
+    (entry,) = [entry for entry in result["log_history"] if "loss" in entry]
+    return entry
+
+
+def _max_abs(tensors: dict) -> float:
+    return max(torch.tensor(v).abs().max().item() for v in tensors.values())
+
+
+@pytest.mark.parametrize("case", CASES_TWO_PROCESSES)
+def test_each_launch_has_the_processes_it_claims(runs, case):
+    one = _result(runs, "one", ONE_PROCESS_TWIN.get(case, case))
+    assert (one["world_size"], one["num_processes"], one["distributed_type"]) == (1, 1, "DistributedType.NO")
+    expected_type = "DistributedType.FSDP" if case == "fsdp" else "DistributedType.MULTI_CPU"
+    for rank in (0, 1):
+        two = _result(runs, "two", case, rank)
+        assert (two["world_size"], two["num_processes"], two["process_index"]) == (2, 2, rank)
+        assert two["distributed_type"] == expected_type
+
+
+@pytest.mark.parametrize("case", CASES_TWO_PROCESSES)
+def test_ranks_hold_contiguous_halves_of_the_same_rollout(runs, case):
+    one = _result(runs, "one", ONE_PROCESS_TWIN.get(case, case))
+    rank0, rank1 = _result(runs, "two", case, 0), _result(runs, "two", case, 1)
+    assert len(rank0["rows"]) == len(rank1["rows"]) == len(one["rows"]) // 2
+    assert rank0["rows"] + rank1["rows"] == one["rows"]  # same prompts, same order, same completion ids
+    # Group-relative advantages from rewards gathered over both ranks, also when a group straddles them
+    torch.testing.assert_close(
+        torch.tensor(rank0["advantages"] + rank1["advantages"]), torch.tensor(one["advantages"]), atol=1e-6, rtol=0
+    )
+    if case == "grpo_split_group":
+        assert {prompt for prompt, _ in rank0["rows"]} == {prompt for prompt, _ in rank1["rows"]}  # one group, split
+        assert abs(sum(rank0["advantages"])) > 0.1  # so advantages from rank 0's half alone would be wrong
+    # Different token counts per rank: a normaliser over the wrong tokens would change the gradient
+    assert rank0["completion_tokens"] != rank1["completion_tokens"]
+
+
+@pytest.mark.parametrize("case", MATCHING)
+def test_loss_and_update_match_one_process(runs, case):
+    one = _result(runs, "one", ONE_PROCESS_TWIN.get(case, case))
+    rank0, rank1 = _result(runs, "two", case, 0), _result(runs, "two", case, 1)
+    assert _step_log(rank0)["loss"] == pytest.approx(_step_log(one)["loss"], abs=1e-6)
+    assert set(rank0["update"]) == set(one["update"])
+    assert _max_abs(one["update"]) > 1e-2  # the step moved the model
+    for name, update in one["update"].items():
+        # SGD, lr 1, no clipping: the update is the (all-reduced) gradient
+        torch.testing.assert_close(torch.tensor(update), torch.tensor(one["gradient"][name]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(rank0["update"][name]), torch.tensor(update), atol=1e-6, rtol=0)
+        assert rank1["update"][name] == rank0["update"][name], name  # replicas stay identical
+    if case == "grpo_lora":
+        assert all("lora_" in name for name in one["update"])
+
+
+def test_per_process_normaliser_would_be_caught(runs):
+    """bnpo divides by this process's tokens: with unequal token counts per rank the update must differ."""
+    one, two = _result(runs, "one", "bnpo"), _result(runs, "two", "bnpo")
+    difference = max(
+        (torch.tensor(two["update"][name]) - torch.tensor(update)).abs().max().item()
+        for name, update in one["update"].items()
+    )
+    assert difference > 1e-3
+
+
+# Computed once per rollout from gathered values; the token means (kl, entropy, clip_ratio/*) are tested below.
+ROLLOUT_METRICS = ["reward", "reward_std", "rewards/digit_fraction_reward/mean", "frac_reward_zero_std", "num_tokens"]
+ROLLOUT_METRICS += ["completions/mean_length", "completions/min_length", "completions/max_length"]
+ROLLOUT_METRICS += ["completions/clipped_ratio", "completions/mean_terminated_length"]
+
+
+@pytest.mark.parametrize("case", MATCHING)
+def test_metrics_are_reduced_across_processes(runs, case):
+    one = _step_log(_result(runs, "one", ONE_PROCESS_TWIN.get(case, case)))
+    rank0, rank1 = _step_log(_result(runs, "two", case, 0)), _step_log(_result(runs, "two", case, 1))
+    assert rank1 == rank0  # every rank logs the reduced values, not its own
+    assert one["kl"] > 1e-3 and set(one) == set(rank0)
+    keys = ROLLOUT_METRICS if case == "dapo_accumulation" else [k for k in one if not isinstance(one[k], str)]
+    for key in ["reward", "kl", "completions/mean_length", *keys]:
+        assert rank0[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+def test_token_means_do_not_depend_on_the_micro_batch_split(runs):
+    """kl / entropy / clip ratios are token means over the whole logging window (weighted by tokens in log())."""
+    one, two = (
+        _step_log(_result(runs, "one", "dapo_accumulation")),
+        _step_log(_result(runs, "two", "dapo_accumulation")),
+    )
+    for key in ["kl", "entropy", "clip_ratio/region_mean"]:
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()} if folder.exists() else set()
+
+
+@pytest.mark.parametrize("case", ["grpo", "grpo_lora", "fsdp"])
+def test_only_rank_zero_saves(runs, case):
+    """Each rank got its own output_dir, so whatever rank 1 writes shows up in its folder."""
+    one = _files(runs["root"] / "one" / ONE_PROCESS_TWIN.get(case, case) / "rank0")
+    rank0, rank1 = (_files(runs["root"] / "two" / case / f"rank{rank}") for rank in (0, 1))
+    assert "trainer_state.json" in one and "checkpoint-1/trainer_state.json" in one
+    if case == "fsdp":  # FULL_STATE_DICT: the same final model; the checkpoint holds FSDP's own files
+        assert {name for name in one if "/" not in name} == {name for name in rank0 if "/" not in name}
+        assert {"checkpoint-1/model.safetensors", "checkpoint-1/rng_state_0.pth"} <= rank0
+    else:
+        assert rank0 == {name.replace("rng_state.pth", "rng_state_0.pth") for name in one}
+    assert rank1 == {"checkpoint-1/rng_state_1.pth"}  # each process saves its own RNG state, nothing else
+    state = json.loads((runs["root"] / "two" / case / "rank0" / "trainer_state.json").read_text())
+    assert len([entry for entry in state["log_history"] if "loss" in entry]) == 1
+
+
+def test_only_rank_zero_prints_logs(runs):
+    # One printed step log per case; the completion samples as often per case as in the one-process run.
+    assert runs["two"].count("{'loss':") == len(CASES_TWO_PROCESSES)
+    assert runs["one"].count("{'loss':") == len(CASES)
+    samples_per_case = runs["one"].count("completions:") / len(CASES)
+    assert samples_per_case >= 1
+    assert runs["two"].count("completions:") == samples_per_case * len(CASES_TWO_PROCESSES)
+
+
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_recipe_accelerate_configs_load_in_accelerate(name, monkeypatch):
+    """Each config goes through what `accelerate launch --config_file` does, down to the plugin it would build."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = ROOT / "recipes" / "accelerate_configs" / f"{name}.yaml"
+    config = load_config_from_file(str(path))  # rejects unknown top-level keys
+    assert isinstance(config, ClusterConfig) and config.num_processes == 2
+    parser = launch_command_parser()
+    options = vars(parser.parse_args(["train.py"]))
+    for key in [*config.fsdp_config, *config.deepspeed_config]:
+        assert key in options, f"{name}.yaml: {key} is not an `accelerate launch` option (typo?)"
+
+    args, defaults, mixed_precision_from_config = _validate_launch_command(
+        parser.parse_args(["--config_file", str(path), "train.py"])
+    )
+    assert args.num_processes == 2 and args.mixed_precision == "bf16"
+    for key in list(os.environ):  # the plugins read their settings from the environment
+        if key.startswith(("ACCELERATE_", "FSDP_")):
+            monkeypatch.delenv(key)
+    if name == "fsdp":
+        assert config.distributed_type == DistributedType.FSDP and args.use_fsdp
+        for key, value in prepare_multi_gpu_env(args).items():
+            monkeypatch.setenv(key, value)
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+        assert plugin.auto_wrap_policy is not None and plugin.cpu_ram_efficient_loading
+    else:
+        assert config.distributed_type == DistributedType.DEEPSPEED and args.use_deepspeed
+        fields = [*defaults.deepspeed_config] + ["mixed_precision"] * mixed_precision_from_config
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        _, env = prepare_deepspeed_cmd_env(args)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        plugin = DeepSpeedPlugin()
+        stage = 2 if name == "deepspeed_zero2" else 3
+        assert plugin.zero_stage == stage and plugin.deepspeed_config["zero_optimization"]["stage"] == stage
+        assert plugin.zero3_init_flag == (stage == 3)
+        if stage == 3:
+            assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
