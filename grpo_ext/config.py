@@ -107,6 +107,14 @@ class GRPOExtConfig(_BaseConfig):
         None,
         "Extra arguments for `apply_chat_template` on conversational prompts.",
     )
+    prefix_sharing: bool = _field(
+        True,
+        "Encode each prompt once per group instead of G times: rollouts prefill each unique prompt once and share its "
+        "KV cache, and the old / reference / policy log-prob passes run the completions against the prompt's shared "
+        "keys and values. Same greedy completions, log-probs and gradients up to float rounding. Falls back to the "
+        "plain path, with one warning, where it cannot share (see grpo_ext/prefix_sharing.py); off under DeepSpeed "
+        "and FSDP. Largest gain with long prompts. Not in TRL.",
+    )
 
     # --- Objective ---
     beta: float = _field(

@@ -69,18 +69,12 @@ def _score_chunk(lm_head, transform, hidden, labels, temperature):
     return logps, entropy
 
 
-def _scoring_forward(causal_lm, input_ids, attention_mask, position_ids, logits_to_keep, temperature, chunk_size):
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+def score_hidden_states(causal_lm, hidden_states, labels, scored, temperature, chunk_size):
+    """Log-probs and entropies `(B, C)` of `labels` from the hidden states `(B, C, H)` that predict them, through the
+    LM head `chunk_size` scored tokens at a time (shared by the plain and the prefix-shared paths)."""
     lm_head = causal_lm.get_output_embeddings()
-    hidden_states = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # (B, T, H)
-    hidden_states = hidden_states[:, -logits_to_keep - 1 : -1]  # (B, C, H): position t predicts token t + 1
-    labels = input_ids[:, -logits_to_keep:]  # (B, C)
-    scored = attention_mask[:, -logits_to_keep:].bool()  # (B, C)
+    transform = _logit_transform(causal_lm.config)
     hidden_flat, labels_flat = hidden_states[scored], labels[scored]  # (n, H), (n,): padding is never projected
-
-    transform = causal_lm._grpo_ext_logit_transform
     logps_chunks, entropy_chunks = [], []
     for start in range(0, labels_flat.numel(), chunk_size):
         chunk = (lm_head, transform, hidden_flat[start : start + chunk_size], labels_flat[start : start + chunk_size])
@@ -98,6 +92,18 @@ def _scoring_forward(causal_lm, input_ids, attention_mask, position_ids, logits_
         entropies = entropies.masked_scatter(scored, torch.cat(entropy_chunks))
     else:  # nothing to score: keep the result connected to the graph so backward() still works
         logps = logps + 0.0 * hidden_states.sum()
+    return logps, entropies
+
+
+def _scoring_forward(causal_lm, input_ids, attention_mask, position_ids, logits_to_keep, temperature, chunk_size):
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden_states = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    hidden_states = hidden_states[:, -logits_to_keep - 1 : -1]  # (B, C, H): position t predicts token t + 1
+    labels = input_ids[:, -logits_to_keep:]  # (B, C)
+    scored = attention_mask[:, -logits_to_keep:].bool()  # (B, C)
+    logps, entropies = score_hidden_states(causal_lm, hidden_states, labels, scored, temperature, chunk_size)
     return CompletionScores(logps=logps, entropies=entropies)
 
 
@@ -123,7 +129,6 @@ def add_completion_scoring(model: nn.Module) -> None:
         )
 
     causal_lm.forward = types.MethodType(forward, causal_lm)
-    causal_lm._grpo_ext_logit_transform = _logit_transform(causal_lm.config)
     causal_lm._grpo_ext_scoring = True
 
 

@@ -34,6 +34,7 @@ from .logprobs import check_against_full_logits, completion_logps_and_entropies
 from .models import apply_peft, disable_dropout, load_causal_lm, load_tokenizer
 from .objective import aggregate_loss, grpo_per_token_loss
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
+from .prefix_sharing import generate_with_shared_prefix, shared_prefix_logps, unique_prompts
 from .reference import ReferencePolicy
 from .rewards import RewardScorer
 from .sampling import (
@@ -154,6 +155,8 @@ class GRPOExtTrainer(_BaseTrainer):
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
+        # Two backbone passes in one forward are untested under DeepSpeed / FSDP sharding: plain path there
+        self._prefix_sharing = args.prefix_sharing and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
         self._interrupt = SaveOnInterruptCallback()
         self.add_callback(self._interrupt)
         if self.reference.mode == "snapshot_adapter":
@@ -296,6 +299,27 @@ class GRPOExtTrainer(_BaseTrainer):
         generate_every = self.args.steps_per_generation * self.args.num_iterations
         return self.args.gradient_accumulation_steps % generate_every != 0
 
+    def _logps_and_entropies(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropies `(B, C)` of the batch's completions, prompts shared where possible."""
+        if self._prefix_sharing:
+            return shared_prefix_logps(
+                model,
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                batch["completion_ids"],
+                batch["completion_mask"],
+                temperature=self.args.temperature,
+                chunk_size=self.args.logprob_chunk_size,
+            )
+        return completion_logps_and_entropies(
+            model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+            batch["completion_ids"].size(1),
+            temperature=self.args.temperature,
+            chunk_size=self.args.logprob_chunk_size,
+        )
+
     def _completion_logps(self, model, batch: dict) -> torch.Tensor:
         """Log-probs `(B, C)` without gradient (rollout, old and reference passes)."""
         with (
@@ -303,15 +327,7 @@ class GRPOExtTrainer(_BaseTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self.compute_loss_context_manager(),
         ):
-            per_token_logps, _ = completion_logps_and_entropies(
-                model,
-                torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-                torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-                batch["completion_ids"].size(1),
-                temperature=self.args.temperature,
-                chunk_size=self.args.logprob_chunk_size,
-            )
-        return per_token_logps
+            return self._logps_and_entropies(model, batch)[0]
 
     def _generate_and_score(self, rows: list[dict], mode: str) -> dict:
         """Roll out G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
@@ -335,10 +351,16 @@ class GRPOExtTrainer(_BaseTrainer):
             ) as unwrapped_model,
             torch.no_grad(),
         ):
-            prompt_completion_ids = unwrapped_model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config
-            )
-        completion_ids = prompt_completion_ids[:, prompt_ids.size(1) :]  # (B, C)
+            unique = unique_prompts(prompt_ids, prompt_mask, self.num_generations) if self._prefix_sharing else None
+            if unique is not None:  # each prompt prefilled once, its KV cache shared by its G completions
+                completion_ids = generate_with_shared_prefix(
+                    unwrapped_model, *unique, self.num_generations, self.generation_config
+                )  # (B, C)
+            else:
+                prompt_completion_ids = unwrapped_model.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config
+                )
+                completion_ids = prompt_completion_ids[:, prompt_ids.size(1) :]  # (B, C)
         completion_mask, is_truncated = completion_mask_after_eos(completion_ids, self.eos_token_ids)  # (B, C), (B,)
         completion_ids_list = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
         lengths = completion_mask.sum(1)  # (B,) generated tokens, EOS included
@@ -448,14 +470,7 @@ class GRPOExtTrainer(_BaseTrainer):
             raise ValueError("GRPOExtTrainer.compute_loss does not return outputs.")
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]  # (B, C)
-        per_token_logps, entropies = completion_logps_and_entropies(
-            model,
-            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
-            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
-            inputs["completion_ids"].size(1),
-            temperature=self.args.temperature,
-            chunk_size=self.args.logprob_chunk_size,
-        )  # (B, C) each
+        per_token_logps, entropies = self._logps_and_entropies(model, inputs)  # (B, C) each
         old_per_token_logps = inputs.get("old_per_token_logps")
         if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
             old_per_token_logps = per_token_logps.detach()

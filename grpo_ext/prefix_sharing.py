@@ -1,0 +1,418 @@
+"""Prefix sharing: each group's prompt is encoded once and its key/value states are shared by its G completions.
+
+In a GRPO step the batch holds every prompt G times in a row. Plain rollouts prefill each prompt G times, and every
+scoring pass (old, reference, policy) re-encodes it G times. Here the prompt goes through the model once per group:
+
+- **Generation** (`generate_with_shared_prefix`): the unique prompts are prefilled once (all but their last token),
+  the KV cache is repeated G times along the batch (`Cache.batch_repeat_interleave`), and `model.generate` continues
+  from it on the repeated prompts. `generate` only feeds the tokens the cache has not seen, so it starts by decoding
+  the last prompt token; everything after is ordinary decoding (sampling, stopping criteria, logits processors).
+- **Scoring** (`shared_prefix_logps`): two passes through the backbone inside one forward call. The prompt pass
+  encodes the unique prompts and records each layer's keys/values; the completion pass runs the `(N, C)` completion
+  tokens against a read-only cache that hands every completion its group's prompt keys/values in front of its own
+  (attention over `P + C` keys, exactly what the plain pass computes for completion tokens). The first completion
+  token is predicted from the prompt pass's last hidden state. Gradients flow into the prompt pass through the shared
+  keys/values, so log-probs and their gradients equal the plain path's up to float rounding.
+
+Why a cache and not one packed row `[prompt, c1, ..., cG]` with a 4D block mask (Prefix Grouper, arXiv 2506.05433):
+transformers 5 takes a 4D mask as is (`masking_utils._preprocess_mask_arguments`), but sdpa and eager then compute
+every score of the `(P + G*C)^2` matrix. For 8 completions of 256 tokens after a 64-token prompt that is 4.5M scores
+per group and head, against 8 x 256 x 320 = 0.66M for the completion rows of the plain pass; eager also materialises
+the whole matrix for the backward. The cache route costs what the plain pass costs for completion tokens and needs no
+custom mask: the completion pass is an ordinary forward with a cache, as in decoding. Tested with the `sdpa` and
+`eager` attention implementations (Qwen2, Llama); others that read a `Cache` are checked once per model against the
+plain path (`_self_check`) and fall back if they disagree.
+
+Both entry points fall back to the plain path, with one warning per reason, when sharing is unsupported or cannot be
+exact (unexpandable caches, sliding-window / linear-attention layers, prompt-learning adapters, beam search,
+reentrant gradient checkpointing). With dropout active, sharing draws one dropout mask per prompt instead of one per
+copy: the expectation is unchanged, but set `disable_dropout=True` for runs that must match the plain path exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import GenerationConfig
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from .logprobs import CompletionScores, _causal_lm, completion_logps_and_entropies, score_hidden_states
+
+__all__ = [
+    "generate_with_shared_prefix",
+    "shared_prefix_logps",
+    "unique_prompts",
+    "prompt_groups",
+    "prefix_sharing_unsupported_reason",
+]
+
+# Reasons already warned about: each fallback is announced once per process, not once per step.
+_WARNED: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"Prefix sharing is off, using the plain path: {reason}", stacklevel=3)
+
+
+# --- Groups of identical prompts ---
+
+
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of identical consecutive prompt rows: the first row of each run `(U,)` and its length `(U,)`.
+
+    Runs rather than fixed groups of G, so a micro-batch that cuts a group in two still shares within each part.
+    """
+    same_as_previous = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)
+    is_start = torch.cat([same_as_previous.new_ones(1), ~same_as_previous])  # (N,)
+    starts = is_start.nonzero().squeeze(-1)  # (U,)
+    ends = torch.cat([starts[1:], starts.new_tensor([prompt_ids.size(0)])])  # (U,)
+    return starts, ends - starts
+
+
+def unique_prompts(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_generations: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The `(B, P)` unique prompts of a `(B*G, P)` batch, or None when its rows are not whole groups of G.
+
+    Training batches always hold whole groups (`RepeatSampler`); an evaluation batch may cut a group across processes.
+    """
+    if prompt_ids.size(0) % num_generations:
+        return None
+    groups_ids = prompt_ids.view(-1, num_generations, prompt_ids.size(1))  # (B, G, P)
+    groups_mask = prompt_mask.view(-1, num_generations, prompt_mask.size(1))  # (B, G, P)
+    if not ((groups_ids == groups_ids[:, :1]).all() and (groups_mask == groups_mask[:, :1]).all()):
+        return None
+    return groups_ids[:, 0], groups_mask[:, 0]
+
+
+# --- What can share ---
+
+
+def _peft_prompt_learning(model: nn.Module) -> bool:
+    model = getattr(model, "module", model)
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict):
+        return False
+    return any(getattr(config, "is_prompt_learning", False) for config in peft_config.values())
+
+
+def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
+    """Why this model's layers cannot share a prompt's keys/values, or None when they can.
+
+    Sharing needs a decoder whose attention layers read a `Cache` and attend to all of it: full-attention layers only
+    (a sliding window or a recurrent state depends on what came before in a way a shared cache does not reproduce).
+    """
+    causal_lm = _causal_lm(model)
+    config = causal_lm.config.get_text_config(decoder=True)
+    if getattr(causal_lm.config, "is_encoder_decoder", False):
+        return f"{type(causal_lm).__name__} is an encoder-decoder model"
+    if _peft_prompt_learning(model):
+        return "prompt-learning adapters (prefix / prompt tuning) already use the KV cache"
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    if any(layer_type != "full_attention" for layer_type in layer_types):
+        return f"{type(causal_lm).__name__} has non-full-attention layers {sorted(set(layer_types))}"
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        return f"{type(causal_lm).__name__} uses a sliding window"
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
+        return f"{type(causal_lm).__name__}'s backbone takes no `cache` argument"
+    return None
+
+
+# --- Generation ---
+
+
+def _generation_unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
+    defaults = _causal_lm(model).generation_config  # what generate uses for the fields left unset (None)
+
+    def setting(name):
+        value = getattr(generation_config, name, None)
+        return value if value is not None else getattr(defaults, name, None)
+
+    if setting("use_cache") is False:
+        return "generation_config.use_cache is False"
+    if (setting("num_beams") or 1) > 1 or (setting("num_return_sequences") or 1) > 1:
+        return "beam search / num_return_sequences > 1 expand the batch inside generate"
+    if setting("cache_implementation") not in (None, "dynamic"):
+        return (
+            f"cache_implementation={setting('cache_implementation')!r}: only a DynamicCache can be repeated along "
+            "the batch"
+        )
+    return prefix_sharing_unsupported_reason(model)
+
+
+def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_generations: int) -> Cache:
+    """KV cache of all but the last token of each unique prompt, repeated G times along the batch `(B*G, ...)`."""
+    causal_lm = _causal_lm(model)
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P-1), as in generate
+    cache = DynamicCache(config=causal_lm.config)
+    backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+    if any(cache.is_linear):
+        raise NotImplementedError("recurrent (linear-attention) cache layers")
+    cache.batch_repeat_interleave(num_generations)
+    if (
+        cache.get_seq_length() != input_ids.size(1)
+        or cache.layers[0].keys.size(0) != input_ids.size(0) * num_generations
+    ):
+        raise NotImplementedError(f"{type(cache).__name__} did not repeat along the batch")
+    return cache
+
+
+@torch.no_grad()
+def generate_with_shared_prefix(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_generations: int,
+    generation_config: GenerationConfig,
+    **generate_kwargs,
+) -> torch.Tensor:
+    """G completions for each of the `(B, P)` left-padded unique prompts, `(B*G, C)`, rows in groups of G.
+
+    Each prompt is prefilled once instead of G times. Under greedy decoding the completions are token-identical to
+    `model.generate` on the repeated prompts; under sampling they follow the same distribution. Falls back to plain
+    generation (one warning per reason) when the cache cannot be shared.
+    """
+    repeated_ids = input_ids.repeat_interleave(num_generations, dim=0)  # (B*G, P)
+    repeated_mask = attention_mask.repeat_interleave(num_generations, dim=0)  # (B*G, P)
+    cache = None
+    if input_ids.size(1) >= 2 and num_generations > 1:  # a one-token prompt has nothing to share
+        reason = _generation_unsupported_reason(model, generation_config)
+        if reason is None:
+            try:
+                cache = _prefill_shared_cache(model, input_ids[:, :-1], attention_mask[:, :-1], num_generations)
+            except (AttributeError, NotImplementedError, TypeError) as error:
+                reason = f"the KV cache of {type(_causal_lm(model)).__name__} cannot be expanded ({error})"
+        if reason is not None:
+            _warn_once(reason)
+    if cache is not None:
+        generate_kwargs["cache"] = cache  # generate then feeds only the last prompt token first
+    sequences = model.generate(
+        input_ids=repeated_ids, attention_mask=repeated_mask, generation_config=generation_config, **generate_kwargs
+    )  # (B*G, P + C)
+    return sequences[:, input_ids.size(1) :]
+
+
+# --- Scoring ---
+
+
+class _RecordPromptLayer(DynamicLayer):
+    """Prompt pass: keeps the first keys/values it sees and attends over them alone (it looks empty to the mask).
+
+    A replay of the layer under gradient checkpointing sees the same inputs and keeps the first record, which is the
+    one the completion pass holds.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if getattr(self, "recorded", None) is None:
+            self.recorded = (key_states, value_states)  # (U, H, P, D) each
+        return key_states, value_states
+
+
+class _SharedPromptLayer(DynamicLayer):
+    """Completion pass: each completion attends to its group's prompt keys/values, then its own. Never appends, so a
+    replay under gradient checkpointing computes exactly what the forward did."""
+
+    def __init__(self, keys, values, group_sizes):
+        super().__init__()
+        self.keys, self.values = keys, values  # (U, H, P, D)
+        self.group_sizes = group_sizes  # (U,)
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys = self.keys.repeat_interleave(self.group_sizes, dim=0)  # (N, H, P, D), freed after the cat
+        values = self.values.repeat_interleave(self.group_sizes, dim=0)  # (N, H, P, D)
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)  # (N, H, P+C, D)
+
+
+class _CheckpointWithReadOnlyCache:
+    """Let gradient-checkpointed layers keep a cache for the duration of one forward: ours never appends, so the
+    backward replay reads the same keys/values (`GradientCheckpointingLayer._can_checkpoint_with_cache`)."""
+
+    def __init__(self, backbone: nn.Module):
+        self.layers = [m for m in backbone.modules() if getattr(m, "gradient_checkpointing", False)]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer._can_checkpoint_with_cache = True
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer._can_checkpoint_with_cache  # back to the class attribute
+
+
+def _reentrant_checkpointing(causal_lm: nn.Module) -> bool:
+    """Reentrant checkpointing runs layers under no_grad and only differentiates their positional tensor inputs,
+    so gradients through shared prompt keys/values (held by the cache object) would be lost."""
+    for module in causal_lm.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            return getattr(func, "keywords", {}).get("use_reentrant", True) is not False
+    return False
+
+
+@dataclass
+class SharedPrefixScoring:
+    """The completions to score against `input_ids` (the prompts), passed through the model's wrappers as one
+    keyword so no wrapper consumes its fields (`temperature`, `chunk_size` also name the plain path's keywords)."""
+
+    completion_ids: torch.Tensor  # (N, C)
+    completion_mask: torch.Tensor  # (N, C)
+    temperature: float
+    chunk_size: int
+
+
+def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPrefixScoring):
+    """Prompt pass on the unique prompts, completion pass on every completion against the shared prompt cache."""
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    completion_ids, completion_mask = request.completion_ids, request.completion_mask  # (N, C)
+    starts, group_sizes = prompt_groups(prompt_ids, prompt_mask)  # (U,), (U,)
+
+    # Positions as the plain path numbers them over [prompt, completion]
+    full_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P+C)
+    position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P+C)
+    prompt_length = prompt_ids.size(1)
+
+    with _CheckpointWithReadOnlyCache(backbone):
+        recorder = Cache(layer_class_to_replicate=_RecordPromptLayer)
+        prompt_hidden = backbone(
+            input_ids=prompt_ids[starts],
+            attention_mask=prompt_mask[starts],
+            position_ids=position_ids[starts, :prompt_length],
+            cache=recorder,
+            use_cache=False,  # the cache is passed explicitly; use_cache only asks the backbone to create one
+        ).last_hidden_state  # (U, P, H)
+        shared = Cache(layers=[_SharedPromptLayer(*layer.recorded, group_sizes) for layer in recorder.layers])
+        completion_hidden = backbone(
+            input_ids=completion_ids,
+            attention_mask=full_mask,
+            position_ids=position_ids[:, prompt_length:],
+            cache=shared,
+            use_cache=False,
+        ).last_hidden_state  # (N, C, H)
+
+    last_prompt_hidden = prompt_hidden[:, -1:].repeat_interleave(group_sizes, dim=0)  # (N, 1, H): left padding
+    hidden_states = torch.cat([last_prompt_hidden, completion_hidden[:, :-1]], dim=1)  # (N, C, H): t predicts t+1
+    return score_hidden_states(
+        causal_lm, hidden_states, completion_ids, completion_mask.bool(), request.temperature, request.chunk_size
+    )
+
+
+def _add_shared_prefix_scoring(model: nn.Module) -> None:
+    """Teach the causal LM inside `model` the `shared_prefix_scoring` keyword (idempotent), so the scoring call enters
+    through the outermost wrapper (DDP, PEFT, accelerate) like the plain path's `score_completions`."""
+    causal_lm = _causal_lm(model)
+    if getattr(causal_lm, "_grpo_ext_shared_prefix_scoring", False):
+        return
+    original_forward = causal_lm.forward
+
+    def forward(self, *args, shared_prefix_scoring: SharedPrefixScoring | None = None, **kwargs):
+        if shared_prefix_scoring is None:
+            return original_forward(*args, **kwargs)
+        logps, entropies = _shared_prefix_forward(
+            self, kwargs["input_ids"], kwargs["attention_mask"], shared_prefix_scoring
+        )
+        return CompletionScores(logps=logps, entropies=entropies)
+
+    forward = functools.wraps(type(causal_lm).forward)(forward)  # `generate` validates keywords against forward's
+    causal_lm.forward = types.MethodType(forward, causal_lm)
+    causal_lm._grpo_ext_shared_prefix_scoring = True
+
+
+def _shared_scoring_unsupported_reason(model: nn.Module) -> str | None:
+    causal_lm = _causal_lm(model)
+    if torch.is_grad_enabled() and causal_lm.training and _reentrant_checkpointing(causal_lm):
+        return "reentrant gradient checkpointing would drop gradients through the shared prompt keys/values"
+    reason = getattr(causal_lm, "_grpo_ext_prefix_sharing_reason", None)
+    if reason is None:
+        reason = prefix_sharing_unsupported_reason(model) or _self_check(model)
+        causal_lm._grpo_ext_prefix_sharing_reason = reason  # "" when supported
+    return reason or None
+
+
+def _self_check(model: nn.Module, atol: float = 0.05) -> str:
+    """Score a small batch both ways once per model; "" when they agree. Guards against architectures that look
+    supported but treat the cache or positions differently. The tolerance allows bf16 rounding; an architectural
+    mismatch is off by far more."""
+    causal_lm = _causal_lm(model)
+    device = next(causal_lm.parameters()).device
+    vocab = causal_lm.get_output_embeddings().out_features
+    prompt_ids = (torch.arange(12, device=device).view(2, 6) * 7 + 3).remainder(vocab).repeat_interleave(2, 0)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[2:, :2] = 0  # the second prompt is left-padded
+    completion_ids = (torch.arange(16, device=device).view(4, 4) * 5 + 1).remainder(vocab)  # (4, 4)
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[1, -1] = 0  # one completion ended early
+    modes = {module: module.training for module in causal_lm.modules()}
+    causal_lm.eval()  # dropout would make the two passes differ
+    try:
+        with torch.no_grad():
+            plain, _ = completion_logps_and_entropies(
+                causal_lm,
+                torch.cat([prompt_ids, completion_ids], 1),
+                torch.cat([prompt_mask, completion_mask], 1),
+                completion_ids.size(1),
+            )
+            shared, _ = _shared_prefix_forward(
+                causal_lm, prompt_ids, prompt_mask, SharedPrefixScoring(completion_ids, completion_mask, 1.0, 1024)
+            )
+        error = (plain - shared).abs().max().item()
+    except Exception as exception:  # an architecture the two-pass forward does not fit
+        return (
+            f"{type(causal_lm).__name__} failed the prefix-sharing self-check ({type(exception).__name__}: {exception})"
+        )
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if not error <= atol:
+        return f"{type(causal_lm).__name__}: prefix-shared log-probs differ from the plain path by {error:.3g}"
+    return ""
+
+
+def shared_prefix_logps(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies `(N, C)` of the completions, each prompt encoded once per run of identical rows.
+
+    A drop-in for `logprobs.completion_logps_and_entropies(model, cat([prompt_ids, completion_ids]), cat([prompt_mask,
+    completion_mask]), C, temperature, chunk_size)`: same values and gradients (up to float rounding), same zeros where
+    `completion_mask` is 0, entropies without gradient, never the `(N, T, V)` logits. `prompt_ids` `(N, P)` are
+    left-padded and hold each prompt once per completion, groups in consecutive rows (as the trainer's batch does).
+    `model` may be wrapped (DDP, PEFT, accelerate) and may be a PEFT model inside `disable_adapter()` (reference pass).
+    """
+    reason = _shared_scoring_unsupported_reason(model)
+    _, group_sizes = prompt_groups(prompt_ids, prompt_mask)
+    if reason is not None or bool((group_sizes == 1).all()):  # nothing shared: the plain pass is as cheap
+        if reason is not None:
+            _warn_once(reason)
+        return completion_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
+    _add_shared_prefix_scoring(model)
+    scores = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        shared_prefix_scoring=SharedPrefixScoring(completion_ids, completion_mask, temperature, chunk_size),
+    )
+    return scores["logps"], scores["entropies"]
