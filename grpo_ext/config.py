@@ -107,6 +107,15 @@ class GRPOExtConfig(_BaseConfig):
         None,
         "Extra arguments for `apply_chat_template` on conversational prompts.",
     )
+    dynamic_sampling: bool = _field(
+        False,
+        "DAPO's dynamic sampling (arXiv 2503.14476, section 3.2): drop groups whose G rewards are all equal (no "
+        "policy gradient) and roll out more prompts until the batch is full of groups that vary, or "
+        "`max_sampling_rounds` is reached; then the batch is topped up with dropped groups (zero advantage) and "
+        "trained. Logs `sampling/rounds` and `sampling/kept_groups_ratio`. Worth it when `frac_reward_zero_std` is "
+        "high. Groups must not span processes (per_device_train_batch_size x steps_per_generation a multiple of G).",
+    )
+    max_sampling_rounds: int = _field(3, "Most rollouts per batch with `dynamic_sampling` (the first included).")
     prefix_sharing: bool = _field(
         True,
         "Encode each prompt once per group instead of G times: rollouts prefill each unique prompt once and share its "
@@ -323,6 +332,7 @@ class GRPOExtConfig(_BaseConfig):
             f"ref_model_mode={self.ref_model_mode!r} is not one of {REFERENCE_MODES}.",
         )
         require(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1.")
+        require(self.max_sampling_rounds >= 1, f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
         require(
             self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
@@ -351,6 +361,13 @@ class GRPOExtConfig(_BaseConfig):
                     f"per_device_train_batch_size x num_processes = {global_batch}."
                 )
             self.steps_per_generation = self.generation_batch_size // global_batch
+        local_rollout = self.per_device_train_batch_size * self.steps_per_generation
+        if self.dynamic_sampling and local_rollout % self.num_generations != 0:
+            raise ValueError(
+                f"dynamic_sampling drops whole groups, so each process must hold whole groups: "
+                f"per_device_train_batch_size x steps_per_generation = {local_rollout} must be a multiple of "
+                f"num_generations={self.num_generations}."
+            )
         if self.generation_batch_size % self.num_generations != 0:
             raise ValueError(
                 f"The generation batch ({self.generation_batch_size} completions = per_device_train_batch_size "

@@ -11,7 +11,15 @@ import torch
 from transformers import GenerationConfig
 from trl.trainer.utils import RepeatSampler
 
-__all__ = ["RepeatSampler", "is_conversational", "prompt_texts", "build_generation_config", "completion_mask_after_eos"]
+__all__ = [
+    "RepeatSampler",
+    "is_conversational",
+    "prompt_texts",
+    "build_generation_config",
+    "completion_mask_after_eos",
+    "varying_groups",
+    "concat_rollouts",
+]
 
 
 def is_conversational(prompt) -> bool:
@@ -58,3 +66,28 @@ def completion_mask_after_eos(
     positions = torch.arange(completion_ids.size(1), device=completion_ids.device)  # (C,)
     completion_mask = (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (B, C)
     return completion_mask, ~has_eos
+
+
+def varying_groups(group_std: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Per group `(N/G,)`: whether its rewards vary. A group whose G rewards are equal has zero advantages and no
+    policy gradient (DAPO's dynamic sampling, arXiv 2503.14476, drops it)."""
+    std = group_std.view(-1, num_generations)[:, 0]  # (N/G,) the same value for every member
+    return ~(torch.isclose(std, torch.zeros_like(std)) | torch.isnan(std))
+
+
+def concat_rollouts(rollouts: list[dict]) -> dict:
+    """Stack rollouts of different padded lengths: prompts stay left-padded, completions and their per-token
+    tensors right-padded (with 0, masked out), per-completion tensors `(N,)` concatenated."""
+    merged = {}
+    for key in rollouts[0]:
+        tensors = [rollout[key] for rollout in rollouts]
+        if tensors[0].dim() == 1:
+            merged[key] = torch.cat(tensors)
+            continue
+        width = max(t.size(1) for t in tensors)
+        left = key.startswith("prompt")
+        padded = [
+            torch.nn.functional.pad(t, (width - t.size(1), 0) if left else (0, width - t.size(1))) for t in tensors
+        ]
+        merged[key] = torch.cat(padded)
+    return merged

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -41,8 +42,10 @@ from .sampling import (
     RepeatSampler,
     build_generation_config,
     completion_mask_after_eos,
+    concat_rollouts,
     is_conversational,
     prompt_texts,
+    varying_groups,
 )
 
 # Trainer state beyond transformers' own, saved in each checkpoint folder.
@@ -179,6 +182,8 @@ class GRPOExtTrainer(_BaseTrainer):
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
         self._buffered_inputs = None
         self._step = 0  # micro-steps taken, to know when to roll out again
+        # dynamic sampling draws extra prompts from its own generator, different on each process
+        self._refill_rng = random.Random(args.seed + 1000 * self.accelerator.process_index)
 
     @property
     def interrupted(self) -> bool:
@@ -289,7 +294,11 @@ class GRPOExtTrainer(_BaseTrainer):
             return self._generate_and_score(generation_batch, mode="eval")
         generate_every = self.args.steps_per_generation * self.args.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
-            rollout = self._generate_and_score(generation_batch, mode="train")
+            if self.args.dynamic_sampling:
+                rollout = self._roll_out_varying_groups(generation_batch)
+            else:
+                rollout = self._generate_and_score(generation_batch, mode="train")
+            rollout.pop("group_std")
             self._buffered_inputs = self._split_into_micro_batches(rollout)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
@@ -398,6 +407,7 @@ class GRPOExtTrainer(_BaseTrainer):
             self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows)
         )
         batch["advantages"] = advantages[process_slice]  # (B,)
+        batch["group_std"] = std[process_slice]  # (B,) for dynamic sampling
 
         self._log_rollout(mode, rewards_per_func, rewards, std, prompt_mask, lengths, is_truncated)
         if penalty.any():
@@ -412,6 +422,32 @@ class GRPOExtTrainer(_BaseTrainer):
                 "advantage": advantages.tolist(),
             }
         return batch
+
+    def _roll_out_varying_groups(self, rows: list[dict]) -> dict:
+        """DAPO's dynamic sampling: keep groups whose rewards vary, roll out fresh prompts until the batch is full
+        of them or `max_sampling_rounds` is reached, then top up with dropped groups (their advantages are 0)."""
+        G, needed = self.num_generations, len(rows) // self.num_generations
+        kept, dropped, rounds = [], [], 0
+        while True:
+            rounds += 1
+            rollout = self._generate_and_score(rows, mode="train")
+            varying = varying_groups(rollout["group_std"], G).tolist()  # (groups,)
+            for group, keep in enumerate(varying):
+                (kept if keep else dropped).append({k: v[group * G : (group + 1) * G] for k, v in rollout.items()})
+            missing = torch.tensor([max(needed - len(kept), 0)], device=self.accelerator.device)
+            # Every process rolls out the same number of groups each round (rewards are gathered), until all are full
+            most_missing = int(gather(missing).max())
+            if most_missing == 0 or rounds >= self.args.max_sampling_rounds:
+                break
+            indices = self._refill_rng.sample(range(len(self.train_dataset)), most_missing)
+            rows = [self.train_dataset[i] for i in indices for _ in range(G)]
+        groups = kept[:needed] + dropped[: needed - min(len(kept), needed)]
+        kept_ratio = self.accelerator.reduce(
+            torch.tensor(min(len(kept), needed) / needed, device=self.accelerator.device), "mean"
+        )
+        self._metrics["train"]["sampling/rounds"].append(float(rounds))
+        self._metrics["train"]["sampling/kept_groups_ratio"].append(kept_ratio.item())
+        return concat_rollouts(groups)
 
     def _reward_penalties(self, mode, batch, rollout_per_token_logps, lengths, is_truncated) -> torch.Tensor:
         """beta_r * sum_t KL_t + overlong + missing-EOS, per completion of all processes `(B * num_processes,)`."""

@@ -206,3 +206,19 @@ def test_checkpoint_holds_the_adapter_and_training_resumes(tmp_path, tokenizer, 
     )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 2
+
+
+def test_same_seed_same_completions_in_a_rerun(tmp_path, tokenizer, make_args):
+    model_path = save_tiny_model(tmp_path / "model")
+
+    def rollout(seed):
+        trainer = GRPOExtTrainer(
+            model_path, digit_fraction_reward, args=make_args(max_steps=1, seed=seed),
+            train_dataset=make_prompt_dataset(8), processing_class=tokenizer,
+        )  # fmt: skip
+        trainer.train()
+        return trainer._buffered_inputs[0]["completion_ids"]
+
+    first, again, other = rollout(0), rollout(0), rollout(1)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert first.shape != other.shape or not torch.equal(first, other)

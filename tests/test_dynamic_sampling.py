@@ -1,0 +1,78 @@
+"""DAPO's dynamic sampling: only groups whose rewards vary are trained on, within max_sampling_rounds."""
+
+import pytest
+import torch
+
+from grpo_ext import GRPOExtTrainer
+from grpo_ext.sampling import concat_rollouts, varying_groups
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+
+
+def test_varying_groups():
+    std = torch.tensor([0.0, 0.0, 0.5, 0.5, float("nan"), float("nan")])
+    assert varying_groups(std, 2).tolist() == [False, True, False]
+
+
+def test_concat_rollouts_pads_prompts_left_and_completions_right():
+    first = {
+        "prompt_ids": torch.tensor([[7, 8]]),
+        "completion_ids": torch.tensor([[1, 2, 3]]),
+        "advantages": torch.ones(1),
+    }
+    second = {
+        "prompt_ids": torch.tensor([[5, 6, 7]]),
+        "completion_ids": torch.tensor([[4]]),
+        "advantages": torch.zeros(1),
+    }
+    merged = concat_rollouts([first, second])
+    assert merged["prompt_ids"].tolist() == [[0, 7, 8], [5, 6, 7]]
+    assert merged["completion_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert merged["advantages"].tolist() == [1.0, 0.0]
+
+
+def _constant_for_odd_answers(completions, answer, **kwargs):
+    """Rewards vary within a group only for prompts whose answer is even: odd-answer groups carry no signal."""
+    return [digit_fraction_reward([c])[0] if int(a) % 2 == 0 else 0.5 for c, a in zip(completions, answer)]
+
+
+def _trainer(tokenizer, make_args, reward, **overrides):
+    return GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer), reward, args=make_args(dynamic_sampling=True, **overrides),
+        train_dataset=make_prompt_dataset(32), processing_class=tokenizer,
+    )  # fmt: skip
+
+
+def test_only_groups_with_varying_rewards_are_trained_on(tokenizer, make_args):
+    trainer = _trainer(tokenizer, make_args, _constant_for_odd_answers, max_steps=2, max_sampling_rounds=8)
+    trainer.train()
+    batch = trainer._buffered_inputs[0]
+    advantages = batch["advantages"].view(-1, 4)  # (groups, G)
+    assert (advantages.abs().sum(1) > 0).all()  # every trained group has signal
+    logged = trainer.state.log_history[0]
+    assert logged["sampling/kept_groups_ratio"] == 1.0 and logged["sampling/rounds"] >= 1
+
+
+def test_stops_at_max_rounds_and_trains_on_what_it_has(tokenizer, make_args):
+    rounds_seen = []
+    constant = lambda completions, **kwargs: [1.0] * len(completions)  # noqa: E731 - no group ever varies
+    trainer = _trainer(tokenizer, make_args, constant, max_steps=1, max_sampling_rounds=3)
+    original = trainer._generate_and_score
+    trainer._generate_and_score = lambda rows, mode: rounds_seen.append(len(rows)) or original(rows, mode)
+    trainer.train()
+    assert len(rounds_seen) == 3 and rounds_seen[0] == 8  # the batch, then two refills of the missing 2 groups
+    logged = trainer.state.log_history[0]
+    assert logged["sampling/rounds"] == 3 and logged["sampling/kept_groups_ratio"] == 0.0
+    assert trainer._buffered_inputs[0]["completion_ids"].size(0) == 8  # topped up to a full batch
+
+
+def test_dataset_too_small_for_a_rollout_is_a_clear_error(tokenizer, make_args):
+    with pytest.raises(ValueError, match="train_dataset has 1 prompts but one rollout takes 2"):
+        GRPOExtTrainer(
+            make_tiny_model("qwen2", tokenizer), digit_fraction_reward, args=make_args(dynamic_sampling=True),
+            train_dataset=make_prompt_dataset(1), processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_max_sampling_rounds_must_be_positive(make_args):
+    with pytest.raises(ValueError, match="max_sampling_rounds=0 must be >= 1"):
+        make_args(dynamic_sampling=True, max_sampling_rounds=0)
