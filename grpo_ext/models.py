@@ -33,10 +33,6 @@ def load_tokenizer(model: nn.Module):
     return AutoTokenizer.from_pretrained(name, padding_side="left", truncation_side="left")
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
 def four_bit_config(compute_dtype: torch.dtype = torch.bfloat16):
     """QLoRA's quantization (arXiv 2305.14314): NF4 weights, double quantization, matmuls in `compute_dtype`."""
     from transformers import BitsAndBytesConfig

@@ -124,10 +124,3 @@ def aggregate_loss(
     if loss_type == "dr_grpo":
         return masked_loss.sum() / (num_sequences * max_completion_length)
     raise ValueError(f"loss_type must be one of grpo, dapo, dr_grpo, bnpo; got {loss_type!r}.")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the tokens where `mask` is 1; a `(B, 1)` tensor counts once per sequence."""
-    if values.size(-1) == 1 and mask.size(-1) != 1:
-        return values.mean()
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)

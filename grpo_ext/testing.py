@@ -78,6 +78,10 @@ def _tiny_config(architecture: str, tokenizer: PreTrainedTokenizerFast, **overri
         return Qwen2Config(**common)
     if architecture == "llama":
         return LlamaConfig(**common)
+    if architecture == "gemma2":  # not in TINY_ARCHITECTURES: for tests of Gemma's logit soft-capping
+        from transformers import Gemma2Config
+
+        return Gemma2Config(head_dim=8, **common)
     raise ValueError(f"architecture must be one of {TINY_ARCHITECTURES}, got {architecture!r}.")
 
 

@@ -49,21 +49,7 @@ def test_lm_head_never_sees_more_than_a_chunk(tokenizer):
 
 def test_gemma2_softcapping_is_applied(tokenizer):
     """Gemma-2 caps its logits in forward; the chunked path must score the same distribution."""
-    from transformers import AutoModelForCausalLM, Gemma2Config
-
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        final_logit_softcapping=2.0,
-        pad_token_id=0,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model = make_tiny_model("gemma2", tokenizer, final_logit_softcapping=2.0)
     with torch.no_grad():
         model.lm_head.weight.mul_(50)  # large logits, so the cap matters
     input_ids = torch.randint(4, 80, (2, 9))
