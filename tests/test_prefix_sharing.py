@@ -295,7 +295,7 @@ def test_architecture_failing_the_self_check_falls_back(tokenizer, monkeypatch):
     _assert_same(plain, shared)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
 def test_trainer_step_is_the_same_with_and_without_prefix_sharing(tmp_path, make_args, loss_type):
     """Same seed: the same sampled completions, advantages and SGD update whether prompts are shared or not."""
     from grpo_ext import GRPOExtTrainer
