@@ -169,8 +169,13 @@ def check_against_full_logits(model: nn.Module, tokens: int = 8, atol: float = 0
     vocab = causal_lm.get_output_embeddings().out_features
     input_ids = torch.arange(tokens, device=device).remainder(vocab).unsqueeze(0)  # (1, T)
     attention_mask = torch.ones_like(input_ids)
-    logps, _ = completion_logps_and_entropies(causal_lm, input_ids, attention_mask, tokens - 1)
-    logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (1, T-1, V)
+    was_training = causal_lm.training
+    causal_lm.eval()  # dropout (e.g. LoRA's) would make the two passes differ
+    try:
+        logps, _ = completion_logps_and_entropies(causal_lm, input_ids, attention_mask, tokens - 1)
+        logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (1, T-1, V)
+    finally:
+        causal_lm.train(was_training)
     expected = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     error = (logps - expected).abs().max().item()
     if not error <= atol:

@@ -116,3 +116,13 @@ def test_ddp_wrapped_model_synchronises_gradients(tmp_path):
         port = sock.getsockname()[1]
     result = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_self_check_ignores_dropout(tokenizer):
+    """A model handed over in train mode with heavy dropout passes the check (it runs in eval mode) and stays in
+    train mode afterwards."""
+    from grpo_ext.logprobs import check_against_full_logits
+
+    model = make_tiny_model("qwen2", tokenizer, attention_dropout=0.9).train()
+    check_against_full_logits(model)
+    assert model.training
