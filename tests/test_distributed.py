@@ -17,7 +17,7 @@ built, so the policy differs from its reference and the KL term (beta 0.04) is n
 Checked per case: the world size each process really got; identical rollouts and advantages (with a group split
 across the two ranks too, so rewards must be gathered before advantages); equal logged loss and parameter update
 (atol 1e-6) for grpo (per-sequence means over all sequences), dapo (tokens over the global token count, also with
-gradient accumulation) and LoRA; metrics equal to the one-process run and identical on both ranks (reduced, not
+gradient accumulation), LoRA and LoRA on a 4-bit bitsandbytes base (QLoRA + DDP); metrics equal to the one-process run and identical on both ranks (reduced, not
 local); only rank 0 writing files and printing logs. bnpo, a per-process token mean by definition, is the control
 that shows the comparison would catch a per-process normaliser.
 
@@ -42,9 +42,9 @@ from grpo_ext.testing import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_scripts" / "one_step.py"
-CASES = ["grpo", "dapo", "grpo_lora", "grpo_split_group", "dapo_accumulation", "bnpo"]
+CASES = ["grpo", "dapo", "grpo_lora", "grpo_qlora", "grpo_split_group", "dapo_accumulation", "bnpo"]
 CASES_TWO_PROCESSES = CASES + ["fsdp"]  # fsdp last: it changes accelerate's shared state for the rest of the process
-MATCHING = ["grpo", "dapo", "grpo_lora", "grpo_split_group", "dapo_accumulation", "fsdp"]
+MATCHING = ["grpo", "dapo", "grpo_lora", "grpo_qlora", "grpo_split_group", "dapo_accumulation", "fsdp"]
 ONE_PROCESS_TWIN = {"fsdp": "grpo"}  # the fsdp case is the grpo case, sharded
 TIMEOUT = 600
 
@@ -150,7 +150,7 @@ def test_loss_and_update_match_one_process(runs, case):
         torch.testing.assert_close(torch.tensor(update), torch.tensor(one["gradient"][name]), atol=1e-6, rtol=0)
         torch.testing.assert_close(torch.tensor(rank0["update"][name]), torch.tensor(update), atol=1e-6, rtol=0)
         assert rank1["update"][name] == rank0["update"][name], name  # replicas stay identical
-    if case == "grpo_lora":
+    if case in ("grpo_lora", "grpo_qlora"):
         assert all("lora_" in name for name in one["update"])
 
 

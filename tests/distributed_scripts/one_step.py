@@ -34,6 +34,7 @@ import transformers
 from transformers import TrainerCallback
 
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
+from grpo_ext.models import four_bit_config
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tokenizer
 
 MAX_COMPLETION_LENGTH = 8
@@ -44,6 +45,7 @@ CASES = {
     "grpo": dict(loss_type="grpo", num_generations=4, save=True),  # 2 prompts x 4: one whole group per rank
     "dapo": dict(loss_type="dapo", num_generations=4),
     "grpo_lora": dict(loss_type="grpo", num_generations=4, lora=True, save=True),
+    "grpo_qlora": dict(loss_type="grpo", num_generations=4, lora=True, four_bit=True),  # 4-bit base (bitsandbytes)
     "grpo_split_group": dict(loss_type="grpo", num_generations=8),  # 1 prompt x 8: its group split 4 / 4 over ranks
     "dapo_accumulation": dict(loss_type="dapo", num_generations=4, gradient_accumulation_steps=2),
     "bnpo": dict(loss_type="bnpo", num_generations=4),  # control: a per-process token mean, expected to differ
@@ -167,6 +169,7 @@ def run_case(name: str, model_path: str, out: Path, expected_world_size: int) ->
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[update],
+        quantization_config=four_bit_config(torch.float32) if case.get("four_bit") else None,
     )
     assert trainer.accelerator.num_processes == expected_world_size, trainer.accelerator.num_processes
     if expected_world_size > 1:
