@@ -45,6 +45,21 @@ def four_bit_config(compute_dtype: torch.dtype = torch.bfloat16):
     )
 
 
+def keep_4bit_weights_trainable(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout; returns `model`.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) rewrites a `Linear4bit` weight in place, the first time the layer
+    runs in eval mode without grad, into a layout that only its inference kernel reads. A GRPO step alternates such
+    passes (the log-prob self-check, scoring under `no_grad`) with training passes on the same weights, and the
+    repacked path then breaks training: it adds the bias in place on a tensor that needs grad (a RuntimeError) and it
+    fails outright on layers narrower than one quantization block (64). GPUs never take that path; nothing changes there.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def apply_peft(model: PreTrainedModel, peft_config, gradient_checkpointing: bool) -> nn.Module:
     """Wrap the model in a PEFT adapter; with gradient checkpointing the inputs must require grad for LoRA to learn."""
     try:

@@ -32,7 +32,7 @@ from .hub import (
     training_config_dict,
 )
 from .logprobs import check_against_full_logits, completion_logps_and_entropies
-from .models import apply_peft, disable_dropout, load_causal_lm, load_tokenizer
+from .models import apply_peft, disable_dropout, keep_4bit_weights_trainable, load_causal_lm, load_tokenizer
 from .objective import aggregate_loss, grpo_per_token_loss
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
 from .prefix_sharing import generate_with_shared_prefix, shared_prefix_logps, unique_prompts
@@ -110,7 +110,7 @@ class GRPOExtTrainer(_BaseTrainer):
         model_init_kwargs = dict(args.model_init_kwargs or {})
         if quantization_config is not None:
             model_init_kwargs["quantization_config"] = quantization_config
-        model = load_causal_lm(model, model_init_kwargs)
+        model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
         processing_class = processing_class if processing_class is not None else load_tokenizer(model)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token

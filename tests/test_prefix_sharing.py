@@ -72,11 +72,12 @@ def _four_bit(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from grpo_ext.models import four_bit_config
+    from grpo_ext.models import four_bit_config, keep_4bit_weights_trainable
     from grpo_ext.testing import save_tiny_model
 
     path = save_tiny_model(tmp_path / "model")
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=four_bit_config(torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=four_bit_config(torch.float32))
+    return keep_4bit_weights_trainable(model)  # as the trainer does
 
 
 # --- Generation ---

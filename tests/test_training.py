@@ -105,6 +105,34 @@ def test_qlora_4bit_on_cpu_with_gradient_checkpointing(tmp_path, tokenizer, make
     assert changed and all("lora_" in name for name in changed)
 
 
+def test_4bit_weights_keep_their_trainable_layout_after_a_no_grad_pass(tmp_path):
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel after an eval-mode no-grad pass on CPUs with
+    AVX512-BF16; training through the repacked weight then fails. The flag is forced on here, so the check is the same
+    on every CPU: with the guard the weights keep their layout and LoRA below a 4-bit layer still gets gradients."""
+    pytest.importorskip("bitsandbytes")
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from grpo_ext.models import four_bit_config, keep_4bit_weights_trainable
+
+    path = save_tiny_model(tmp_path / "model", hidden_size=64, intermediate_size=128)  # a whole 64-wide block
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=four_bit_config(torch.float32))
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers, "no bitsandbytes Linear4bit layer found"
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True  # as on an AVX512-BF16 CPU
+    model = get_peft_model(keep_4bit_weights_trainable(model), LoraConfig(r=4, target_modules=["q_proj"]))
+    input_ids = torch.randint(4, 80, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids)
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+    model.train()
+    model(input_ids).logits.sum().backward()
+    gradient = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.grad
+    assert gradient is not None and gradient.abs().sum() > 0
+
+
 def test_conversational_prompts_and_weighted_rewards(tokenizer, make_args):
     seen = {}
 
