@@ -37,9 +37,15 @@ class ReferencePolicy:
         self.active_adapter = None  # the trained adapter, in snapshot mode
 
     @classmethod
-    def build(cls, policy: nn.Module, mode: str = "auto", needed: bool = True) -> ReferencePolicy:
+    def build(
+        cls, policy: nn.Module, mode: str = "auto", needed: bool = True, load_copy=None, partitioned: bool = False
+    ) -> ReferencePolicy:
         """The reference for `mode`; `auto` picks the cheapest: none when no KL needs it, disabled adapters for PEFT,
-        else a frozen copy. Raises when the mode cannot serve this policy, saying what to use instead."""
+        else a frozen copy. Raises when the mode cannot serve this policy, saying what to use instead.
+
+        `load_copy`: builds the frozen copy instead of `copy.deepcopy(policy)` (DeepSpeed ZeRO-3 partitions weights at
+        load time, so a deep copy would copy empty shards). `partitioned`: the weights are sharded across processes.
+        """
         if mode not in REFERENCE_MODES:
             raise ValueError(f"ref_model_mode={mode!r} is not one of {REFERENCE_MODES}.")
         is_peft = _is_peft_model(policy)
@@ -55,8 +61,14 @@ class ReferencePolicy:
                 f"ref_model_mode={mode!r} needs a PEFT model (pass peft_config=LoraConfig(...)); for full fine-tuning "
                 "use 'copy' or 'auto'."
             )
+        if mode == "snapshot_adapter" and partitioned:
+            raise ValueError(
+                "ref_model_mode='snapshot_adapter' copies adapter weights in place, which DeepSpeed ZeRO-3 partitions "
+                "across processes: use ref_model_mode='disabled_adapter' (or 'auto'), or ZeRO-2."
+            )
         if mode == "copy":
-            return cls(mode, copy.deepcopy(policy).eval().requires_grad_(False))
+            frozen = load_copy() if load_copy is not None else copy.deepcopy(policy)
+            return cls(mode, frozen.eval().requires_grad_(False))
         reference = cls(mode)
         if mode == "snapshot_adapter":
             reference.active_adapter = policy.active_adapter

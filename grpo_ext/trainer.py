@@ -17,8 +17,9 @@ import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from transformers import set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
-from trl.models.utils import disable_gradient_checkpointing, unwrap_model_for_generation
+from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 
 from .advantages import group_relative_advantages, nanstd
@@ -110,6 +111,7 @@ class GRPOExtTrainer(_BaseTrainer):
         model_init_kwargs = dict(args.model_init_kwargs or {})
         if quantization_config is not None:
             model_init_kwargs["quantization_config"] = quantization_config
+        model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
         processing_class = processing_class if processing_class is not None else load_tokenizer(model)
         if processing_class.pad_token is None:
@@ -138,8 +140,13 @@ class GRPOExtTrainer(_BaseTrainer):
         if eval_dataset is not None:
             self._check_eval_batch(args)
 
+        zero3 = is_deepspeed_zero3_enabled()  # set by args.deepspeed: from_pretrained has partitioned the weights
         self.reference = ReferencePolicy.build(
-            model, args.ref_model_mode, needed=args.beta > 0 or args.reward_kl_coef > 0
+            model,
+            args.ref_model_mode,
+            needed=args.beta > 0 or args.reward_kl_coef > 0,
+            load_copy=(lambda: self._load_reference_copy(model_path, model_init_kwargs)) if zero3 else None,
+            partitioned=zero3,
         )
         self.reward_kl_controller = None
         if args.reward_kl_target is not None:
@@ -168,7 +175,10 @@ class GRPOExtTrainer(_BaseTrainer):
             print(f"[grpo-ext] reference policy: {self.reference.mode} ({self.reference.memory_note(self.model)})")
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded weights cannot be scored here
             check_against_full_logits(self.model)
-        if self.reference.model is not None:
+        if self.reference.model is not None and self.is_deepspeed_enabled:
+            # a DeepSpeed inference engine (ZeRO-3: its weights partitioned like the policy's)
+            self.reference.model = prepare_deepspeed(self.reference.model, self.accelerator)
+        elif self.reference.model is not None:
             self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
         for reward_model in self.rewards.reward_models:
             reward_model.to(self.accelerator.device)
@@ -191,6 +201,16 @@ class GRPOExtTrainer(_BaseTrainer):
         return self._interrupt.interrupted
 
     # --- Set-up checks ---
+
+    @staticmethod
+    def _load_reference_copy(model_path: str, model_init_kwargs: dict):
+        """pi_ref under ZeRO-3: loaded again from where the policy came from (its weights are partitioned already)."""
+        if not model_path:
+            raise ValueError(
+                "Under DeepSpeed ZeRO-3 the frozen reference is loaded again from the policy's path, and this model "
+                "was built in memory: pass the model as an id or path, or use a PEFT adapter (reference = adapters off)."
+            )
+        return load_causal_lm(model_path, model_init_kwargs)
 
     @staticmethod
     def _eos_token_ids(model, tokenizer) -> list[int]:

@@ -7,27 +7,34 @@ schedule: the update is minus the gradient) in each of several cases, twice:
 - under plain `python` (one process), per_device_train_batch_size 8: the same 8 completions per step.
 
 Both runs must roll out the same completions or nothing can be compared, and sampling cannot give that (each process
-draws from its own RNG on its own half of the prompts). The script replaces `GenerationMixin.generate` with a fixed
+draws from its own RNG on its own half of the prompts). Most cases replace `GenerationMixin.generate` with a fixed
 function of (prompt, position of the row in its group), and the position is the row's index in the *global*
 generation batch modulo num_generations. That the rows really are where the script assumes (rank r holds the r-th
 contiguous chunk, as TRL's RepeatSampler + accelerate's BatchSamplerShard give) is checked here by comparing each
-rank's prompts with the one-process run. The trainable parameters get the same seeded noise after the trainer is
-built, so the policy differs from its reference and the KL term (beta 0.04) is not trivially 0.
+rank's prompts with the one-process run. The `*generation` cases sample for real, from a model warmed up to answer
+sums, with top_k=1 (deterministic): the two ranks' generations end at different steps, which sharded engines must
+survive (every rank keeps running forward passes until all are done). The trainable parameters get the same seeded
+noise after the trainer is built, so the policy differs from its reference and the KL term (beta 0.04) is not 0.
 
-Checked per case: the world size each process really got; identical rollouts and advantages (with a group split
-across the two ranks too, so rewards must be gathered before advantages); equal logged loss and parameter update
-(atol 1e-6) for grpo (per-sequence means over all sequences), dapo (tokens over the global token count, also with
-gradient accumulation), LoRA and LoRA on a 4-bit bitsandbytes base (QLoRA + DDP); metrics equal to the one-process run and identical on both ranks (reduced, not
-local); only rank 0 writing files and printing logs. bnpo, a per-process token mean by definition, is the control
-that shows the comparison would catch a per-process normaliser.
+Checked per case: the world size and engine each process really got; identical rollouts and advantages (with a group
+split across the two ranks too, so rewards must be gathered before advantages); equal logged loss and parameter
+update (atol 1e-6) for grpo (per-sequence means over all sequences), dapo (tokens over the global token count, also
+with gradient accumulation), LoRA and LoRA on a 4-bit bitsandbytes base (QLoRA + DDP); metrics equal to the
+one-process run and identical on both ranks (reduced, not local); only rank 0 writing files and printing logs. bnpo, a
+per-process token mean by definition, is the control that shows the comparison would catch a per-process normaliser.
 
-FSDP: accelerate 1.15 switches to DistributedType.FSDP only from a GPU-like distributed type (AcceleratorState
+Sharded engines, each compared with its one-process twin (the same case unsharded): FSDP2 (full model, LoRA, real
+generation) and DeepSpeed ZeRO-2 / ZeRO-3 (full model, LoRA, real generation under ZeRO-3's gathered weights); the
+model FSDP (FULL_STATE_DICT) and ZeRO-3 (gathered 16-bit save) write equals the one-process model.
+FSDP on CPU: accelerate 1.15 switches to DistributedType.FSDP only from a GPU-like distributed type (AcceleratorState
 checks MULTI_GPU/NPU/XPU/...), so on CPU `fsdp=...` is silently ignored and the run is plain DDP. With
-FORCE_FSDP_ON_CPU set (here), the script's `fsdp` case flips that gate after the arguments are built; FSDP2 then
-shards the tiny model over gloo, the step matches the one-process run and only rank 0 saves. The recipes' accelerate
-configs are also parsed through accelerate's own launcher code down to its FSDP / DeepSpeed plugins.
-"""
+FORCE_FSDP_ON_CPU set (here), the script flips that gate after the arguments are built; FSDP2 then shards the tiny
+model over gloo. DeepSpeed on CPU: the script starts DeepSpeed's communication layer over the gloo group itself (on
+GPUs accelerate does it); the DeepSpeed cases need `deepspeed` (in the dev extra) and are left out without it. The
+recipes' accelerate configs are also parsed through accelerate's own launcher code down to its FSDP / DeepSpeed
+plugins."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -38,14 +45,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_ext.testing import save_tiny_model
+from grpo_ext.testing import make_prompt_dataset, make_tiny_model, make_tokenizer, save_tiny_model, supervised_warm_up
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_scripts" / "one_step.py"
-CASES = ["grpo", "dapo", "grpo_lora", "grpo_qlora", "grpo_split_group", "dapo_accumulation", "bnpo"]
-CASES_TWO_PROCESSES = CASES + ["fsdp"]  # fsdp last: it changes accelerate's shared state for the rest of the process
-MATCHING = ["grpo", "dapo", "grpo_lora", "grpo_qlora", "grpo_split_group", "dapo_accumulation", "fsdp"]
-ONE_PROCESS_TWIN = {"fsdp": "grpo"}  # the fsdp case is the grpo case, sharded
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None  # in the dev extra; optional for users
+# run in both launches:
+CASES = ["grpo", "dapo", "grpo_lora", "grpo_qlora", "grpo_split_group", "dapo_accumulation", "bnpo", "generation"]
+# sharded engines, two processes only, each the same step as its one-process twin
+ONE_PROCESS_TWIN = {"fsdp": "grpo", "fsdp_lora": "grpo_lora", "fsdp_generation": "generation"}
+ZERO_CASES = {"zero2": "grpo", "zero2_lora": "grpo_lora", "zero3": "grpo", "zero3_lora": "grpo_lora"}
+ZERO_CASES["zero3_generation"] = "generation"
+if HAS_DEEPSPEED:
+    ONE_PROCESS_TWIN |= ZERO_CASES
+# fsdp after the rest: it changes accelerate's shared state for the rest of the process
+CASES_TWO_PROCESSES = CASES + list(ONE_PROCESS_TWIN)
+MATCHING = [case for case in CASES_TWO_PROCESSES if case != "bnpo"]
+SAVING = ["grpo", "grpo_lora", "fsdp", *(["zero2", "zero3", "zero3_lora"] if HAS_DEEPSPEED else [])]
 TIMEOUT = 600
 
 
@@ -67,9 +83,14 @@ def runs(tmp_path_factory):
     """Both runs, launched side by side; returns their output folders and their stdout."""
     root = tmp_path_factory.mktemp("distributed")
     model = save_tiny_model(root / "model")
+    tokenizer = make_tokenizer()
+    warm = make_tiny_model("qwen2", tokenizer)
+    supervised_warm_up(warm, tokenizer, make_prompt_dataset(100), steps=150)  # answers "1+2=" with "3" + EOS
+    warm.save_pretrained(root / "warm_model")
+    tokenizer.save_pretrained(root / "warm_model")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
     torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    common = ["--model", model, "--out"]
+    common = ["--model", model, "--warm-model", str(root / "warm_model"), "--out"]
     two = subprocess.Popen(
         [*torchrun, str(SCRIPT), *common, str(root / "two"), "--cases", ",".join(CASES_TWO_PROCESSES)]
         + ["--world-size", "2"],
@@ -114,7 +135,8 @@ def _max_abs(tensors: dict) -> float:
 def test_each_launch_has_the_processes_it_claims(runs, case):
     one = _result(runs, "one", ONE_PROCESS_TWIN.get(case, case))
     assert (one["world_size"], one["num_processes"], one["distributed_type"]) == (1, 1, "DistributedType.NO")
-    expected_type = "DistributedType.FSDP" if case == "fsdp" else "DistributedType.MULTI_CPU"
+    engine = "FSDP" if case.startswith("fsdp") else "DEEPSPEED" if case.startswith("zero") else "MULTI_CPU"
+    expected_type = f"DistributedType.{engine}"
     for rank in (0, 1):
         two = _result(runs, "two", case, rank)
         assert (two["world_size"], two["num_processes"], two["process_index"]) == (2, 2, rank)
@@ -134,6 +156,9 @@ def test_ranks_hold_contiguous_halves_of_the_same_rollout(runs, case):
     if case == "grpo_split_group":
         assert {prompt for prompt, _ in rank0["rows"]} == {prompt for prompt, _ in rank1["rows"]}  # one group, split
         assert abs(sum(rank0["advantages"])) > 0.1  # so advantages from rank 0's half alone would be wrong
+    if case.endswith("generation"):  # sampled (greedily), not injected: each rank's generation ends at another step
+        lengths = [{len(completion) for _, completion in rank["rows"]} for rank in (rank0, rank1)]
+        assert len(lengths[0]) == len(lengths[1]) == 1 and lengths[0] != lengths[1], lengths
     # Different token counts per rank: a normaliser over the wrong tokens would change the gradient
     assert rank0["completion_tokens"] != rank1["completion_tokens"]
 
@@ -195,20 +220,38 @@ def _files(folder: Path) -> set[str]:
     return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()} if folder.exists() else set()
 
 
-@pytest.mark.parametrize("case", ["grpo", "grpo_lora", "fsdp"])
+@pytest.mark.parametrize("case", SAVING)
 def test_only_rank_zero_saves(runs, case):
     """Each rank got its own output_dir, so whatever rank 1 writes shows up in its folder."""
     one = _files(runs["root"] / "one" / ONE_PROCESS_TWIN.get(case, case) / "rank0")
     rank0, rank1 = (_files(runs["root"] / "two" / case / f"rank{rank}") for rank in (0, 1))
     assert "trainer_state.json" in one and "checkpoint-1/trainer_state.json" in one
-    if case == "fsdp":  # FULL_STATE_DICT: the same final model; the checkpoint holds FSDP's own files
-        assert {name for name in one if "/" not in name} == {name for name in rank0 if "/" not in name}
-        assert {"checkpoint-1/model.safetensors", "checkpoint-1/rng_state_0.pth"} <= rank0
-    else:
+    deepspeed_shards = {name for name in rank1 if name.startswith("checkpoint-1/global_step1/")}
+    if case in ("grpo", "grpo_lora"):
         assert rank0 == {name.replace("rng_state.pth", "rng_state_0.pth") for name in one}
-    assert rank1 == {"checkpoint-1/rng_state_1.pth"}  # each process saves its own RNG state, nothing else
+    else:  # the same final model; the checkpoint holds the engine's own files besides the model
+        assert {name for name in one if "/" not in name} == {name for name in rank0 if "/" not in name}
+        assert {"checkpoint-1/trainer_state.json", "checkpoint-1/rng_state_0.pth"} <= rank0
+    if case.startswith("zero"):  # DeepSpeed checkpoints: every rank writes its own partition of the states
+        assert deepspeed_shards and all("_rank_1_" in name for name in deepspeed_shards)
+    else:
+        assert not deepspeed_shards
+    assert rank1 - deepspeed_shards == {"checkpoint-1/rng_state_1.pth"}  # and its RNG state, nothing else
     state = json.loads((runs["root"] / "two" / case / "rank0" / "trainer_state.json").read_text())
     assert len([entry for entry in state["log_history"] if "loss" in entry]) == 1
+
+
+@pytest.mark.parametrize("case", [case for case in SAVING if case not in ("grpo", "grpo_lora")])
+def test_sharded_engines_save_the_whole_trained_model(runs, case):
+    """FULL_STATE_DICT (FSDP) and ZeRO-3's gathered 16-bit save write the same weights as the one-process run."""
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if case.endswith("lora") else "model.safetensors"
+    one = load_file(runs["root"] / "one" / ONE_PROCESS_TWIN[case] / "rank0" / name)
+    two = load_file(runs["root"] / "two" / case / "rank0" / name)
+    assert set(two) == set(one)
+    for key, tensor in one.items():
+        torch.testing.assert_close(two[key], tensor, atol=1e-6, rtol=0, msg=key)
 
 
 def test_only_rank_zero_prints_logs(runs):

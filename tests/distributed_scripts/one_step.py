@@ -13,6 +13,10 @@ the global generation batch modulo num_generations, where rank r holds rows [r *
 RepeatSampler + accelerate's BatchSamplerShard give (rank r takes the r-th per-process batch of the sampler's
 stream); the test checks that layout by comparing the prompts each rank saw with the one-process run.
 
+Cases marked `real_generation` keep HF's `generate` and sample with top_k=1 from a model warmed up to answer sums,
+on two prompts whose completions have different lengths: under FSDP and ZeRO-3 every forward pass is a collective,
+so the rank that finishes first must keep stepping until the other is done.
+
 Why the policy is perturbed: at step 0 the policy equals its reference (a frozen copy, or the disabled LoRA adapter
 whose B is 0), so `kl` would be 0 in both runs and prove nothing. Adding the same seeded noise to the trainable
 parameters after the trainer is built (the frozen copy is not touched; LoRA B becomes non-zero) makes the KL term
@@ -26,16 +30,20 @@ import json
 import os
 import random
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import transformers
+from datasets import Dataset
 from transformers import TrainerCallback
 
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.models import four_bit_config
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tokenizer
+
+HF_GENERATE = transformers.GenerationMixin.generate  # restored for the cases that really generate
 
 MAX_COMPLETION_LENGTH = 8
 GLOBAL_BATCH = 8  # completions per optimizer step, over all processes
@@ -49,8 +57,22 @@ CASES = {
     "grpo_split_group": dict(loss_type="grpo", num_generations=8),  # 1 prompt x 8: its group split 4 / 4 over ranks
     "dapo_accumulation": dict(loss_type="dapo", num_generations=4, gradient_accumulation_steps=2),
     "bnpo": dict(loss_type="bnpo", num_generations=4),  # control: a per-process token mean, expected to differ
+    # Real sampling (top_k=1: deterministic) on a model warmed up to answer sums then stop: the two prompts of a step
+    # get answers of different lengths, so the ranks finish generating at different steps and must keep in sync.
+    "generation": dict(loss_type="grpo", num_generations=4, real_generation=True),
+    # sharded engines (only in the two-process run; each is compared with its one-process twin, see the test)
     "fsdp": dict(loss_type="grpo", num_generations=4, fsdp=True, save=True),  # grpo, sharded with FSDP2
+    "fsdp_lora": dict(loss_type="grpo", num_generations=4, fsdp=True, lora=True),
+    "fsdp_generation": dict(loss_type="grpo", num_generations=4, fsdp=True, real_generation=True),
+    "zero2": dict(loss_type="grpo", num_generations=4, zero_stage=2, save=True),
+    "zero2_lora": dict(loss_type="grpo", num_generations=4, zero_stage=2, lora=True),
+    "zero3": dict(loss_type="grpo", num_generations=4, zero_stage=3, save=True),  # reference re-loaded, not copied
+    "zero3_lora": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, save=True),
+    "zero3_generation": dict(loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True),
 }
+DEEPSPEED_AUTO = {key: "auto" for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping")}
+DEEPSPEED_AUTO["gradient_accumulation_steps"] = "auto"
+GENERATION_PROMPTS = ["1+2=", "9+9="]  # answers "3" and "18": completions of 2 and 3 tokens with EOS
 
 
 def completion_ids_for(prompt: str, k: int, tokenizer) -> list[int]:
@@ -84,23 +106,41 @@ class InjectedGeneration:
 
 
 class RecordUpdate(TrainerCallback):
-    """Trainable parameters just before the optimizer step (after DDP's all-reduce) and just after it."""
+    """Trainable parameters before the step's rollout and after its optimizer step, and the gradient the optimizer
+    gets (after DDP's all-reduce). DeepSpeed steps inside `backward` and keeps gradients in its own partitions, so its
+    cases record no gradient; their update is compared with the one-process update (itself checked against the
+    gradient)."""
 
     def __init__(self):
         self.before, self.gradients, self.after = {}, {}, {}
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        for name, p in _trainable(model):
-            self.before[name] = _full(p.detach()).clone()
-            self.gradients[name] = _full(p.grad.detach()).clone()
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {name: _full(p) for name, p in _trainable(model)}
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.after = {name: _full(p.detach()).clone() for name, p in _trainable(model)}
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.gradients = {name: _full(p.grad) for name, p in _trainable(model) if p.grad is not None}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after = {name: _full(p) for name, p in _trainable(model)}
+
+
+def _gathered(parameters, modifier_rank=None):
+    """DeepSpeed ZeRO-3 keeps each parameter partitioned: gather them whole inside this context (a collective)."""
+    if not any(hasattr(p, "ds_id") for p in parameters):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
 
 
 def _full(tensor):
-    """The whole tensor: FSDP2 shards parameters and gradients as DTensors (a collective: every rank calls it)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    """A copy of the whole tensor: FSDP2 shards parameters and gradients as DTensors, ZeRO-3 partitions parameters
+    (both gathers are collectives: every rank calls this)."""
+    tensor = tensor.detach() if not hasattr(tensor, "ds_id") else tensor
+    if hasattr(tensor, "full_tensor"):
+        return tensor.full_tensor().clone()
+    with _gathered([tensor]):
+        return tensor.detach().clone()
 
 
 def _trainable(model):
@@ -108,7 +148,7 @@ def _trainable(model):
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def run_case(name: str, model_path: str, out: Path, expected_world_size: int) -> None:
+def run_case(name: str, model_path: str, warm_model_path: str, out: Path, expected_world_size: int) -> None:
     case = CASES[name]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     assert world_size == expected_world_size, f"WORLD_SIZE={world_size}, expected {expected_world_size}"
@@ -118,6 +158,11 @@ def run_case(name: str, model_path: str, out: Path, expected_world_size: int) ->
     extra = {}
     if case.get("fsdp"):
         extra = dict(fsdp=True, fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT"})
+    if case.get("zero_stage"):
+        zero = {"stage": case["zero_stage"], "stage3_gather_16bit_weights_on_model_save": True}
+        extra = dict(deepspeed={"zero_optimization": zero, "zero_allow_untested_optimizer": True} | DEEPSPEED_AUTO)
+    if case.get("real_generation"):
+        extra["top_k"] = 1  # sampling from the single most likely token: the same completions in every run
     args = GRPOExtConfig(
         # one output_dir per rank, so the test can see which rank wrote which file
         output_dir=str(case_dir / f"rank{rank}"),
@@ -152,6 +197,16 @@ def run_case(name: str, model_path: str, out: Path, expected_world_size: int) ->
         from accelerate.utils import DistributedType
 
         PartialState().distributed_type = DistributedType.MULTI_GPU
+    if case.get("zero_stage"):
+        # On CPU accelerate leaves DeepSpeed's communication layer to `deepspeed.initialize`, but ZeRO-3 partitions the
+        # weights inside `from_pretrained`, before that: start it now, over the gloo group the arguments created.
+        # DeepSpeed's optional shared-memory all-reduce (a C++ op compiled on first use, hardware-specific) is left
+        # out: the engine then reduces through torch.distributed, as on GPUs.
+        import deepspeed.comm.torch
+        from deepspeed import comm
+
+        deepspeed.comm.torch.build_shm_op = lambda: None
+        comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     peft_config = None
     if case.get("lora"):
         from peft import LoraConfig
@@ -160,12 +215,17 @@ def run_case(name: str, model_path: str, out: Path, expected_world_size: int) ->
     tokenizer = make_tokenizer()
     generation = InjectedGeneration(tokenizer, case["num_generations"])
     transformers.GenerationMixin.generate = lambda model, *a, **kw: generation(model, *a, **kw)
+    dataset = make_prompt_dataset(8)
+    if case.get("real_generation"):
+        transformers.GenerationMixin.generate = HF_GENERATE
+        model_path = warm_model_path
+        dataset = Dataset.from_dict({"prompt": GENERATION_PROMPTS})
     update = RecordUpdate()
     trainer = GRPOExtTrainer(
         model_path,
         digit_fraction_reward,
         args=args,
-        train_dataset=make_prompt_dataset(8),
+        train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[update],
@@ -177,8 +237,9 @@ def run_case(name: str, model_path: str, out: Path, expected_world_size: int) ->
         assert dist.get_backend() == "gloo", dist.get_backend()
 
     generator = torch.Generator().manual_seed(1234)  # the same noise on every rank and in both runs
-    with torch.no_grad():
-        for _, p in _trainable(trainer.model):
+    trainable = [p for _, p in _trainable(trainer.model)]
+    with torch.no_grad(), _gathered(trainable, modifier_rank=0):
+        for p in trainable:
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
 
     trainer.train()
@@ -186,14 +247,22 @@ def run_case(name: str, model_path: str, out: Path, expected_world_size: int) ->
         trainer.save_model()
         trainer.save_state()
 
-    assert len(generation.rows) == args.per_device_train_batch_size * accumulation, "generate was bypassed"
+    if not case.get("real_generation"):
+        assert len(generation.rows) == args.per_device_train_batch_size * accumulation, "generate was bypassed"
     rollout = [mb for mb in trainer._buffered_inputs]
+    rows = [
+        (tokenizer.decode(prompt[prompt_mask.bool()]), completion[completion_mask.bool()].tolist())
+        for mb in rollout
+        for prompt, prompt_mask, completion, completion_mask in zip(
+            mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"]
+        )
+    ]
     result = {
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "num_processes": trainer.accelerator.num_processes,
         "process_index": trainer.accelerator.process_index,
         "distributed_type": str(trainer.accelerator.distributed_type),
-        "rows": generation.rows,
+        "rows": rows,  # (prompt, completion ids up to EOS) as the trainer kept them
         "advantages": torch.cat([mb["advantages"] for mb in rollout]).tolist(),
         "completion_tokens": int(sum(mb["completion_mask"].sum() for mb in rollout)),
         "log_history": trainer.state.log_history,
@@ -202,17 +271,22 @@ def run_case(name: str, model_path: str, out: Path, expected_world_size: int) ->
     }
     (case_dir / f"result_rank{rank}.json").write_text(json.dumps(result))
     print(f"case {name} done on rank {rank}", flush=True)
+    if case.get("zero_stage"):  # TrainingArguments(deepspeed=...) set a process-wide flag the next case must not see
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
+    parser.add_argument("--warm-model", required=True, help="a model that answers the sums, for real generation")
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", required=True, help="comma-separated names of CASES")
     parser.add_argument("--world-size", type=int, required=True, help="the number of processes this run must have")
     args = parser.parse_args()
     for name in args.cases.split(","):
-        run_case(name, args.model, Path(args.out), args.world_size)
+        run_case(name, args.model, args.warm_model, Path(args.out), args.world_size)
         if dist.is_initialized():
             dist.barrier()
 
