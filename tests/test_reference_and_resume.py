@@ -101,6 +101,24 @@ def test_impossible_reference_modes(tokenizer, make_args, mode, peft, beta, mess
         )  # fmt: skip
 
 
+def test_reference_under_zero3_is_loaded_not_copied_and_snapshots_are_refused(tokenizer):
+    """ZeRO-3 partitions weights at load: the copy is built by `load_copy`; adapter snapshots (in-place copies of
+    partitioned tensors) are refused. The two-process ZeRO-3 runs are in tests/test_distributed.py."""
+    from peft import get_peft_model
+
+    from grpo_ext.reference import ReferencePolicy
+
+    policy = make_tiny_model("qwen2", tokenizer)
+    loaded = make_tiny_model("qwen2", tokenizer, seed=1)
+    reference = ReferencePolicy.build(policy, "auto", load_copy=lambda: loaded, partitioned=True)
+    assert reference.mode == "copy" and reference.model is loaded
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    with pytest.raises(ValueError, match="snapshot_adapter.*ZeRO-3.*disabled_adapter"):
+        ReferencePolicy.build(get_peft_model(policy, LoraConfig(**LORA)), "snapshot_adapter", partitioned=True)
+    with pytest.raises(ValueError, match="built in memory: pass the model as an id or path"):
+        GRPOExtTrainer._load_reference_copy("", {})
+
+
 TRAIN_SCRIPT = textwrap.dedent(
     """
     import sys
