@@ -24,7 +24,8 @@ one-process run and identical on both ranks (reduced, not local); only rank 0 wr
 per-process token mean by definition, is the control that shows the comparison would catch a per-process normaliser.
 
 Sharded engines, each compared with its one-process twin (the same case unsharded): FSDP2 (full model, LoRA, real
-generation) and DeepSpeed ZeRO-2 / ZeRO-3 (full model, LoRA, real generation under ZeRO-3's gathered weights); the
+generation), DeepSpeed ZeRO-2 (full model, LoRA, LoRA on a 4-bit base) and ZeRO-3 (full model, LoRA, real generation
+under ZeRO-3's gathered weights); the
 model FSDP (FULL_STATE_DICT) and ZeRO-3 (gathered 16-bit save) write equals the one-process model.
 FSDP on CPU: accelerate 1.15 switches to DistributedType.FSDP only from a GPU-like distributed type (AcceleratorState
 checks MULTI_GPU/NPU/XPU/...), so on CPU `fsdp=...` is silently ignored and the run is plain DDP. With
@@ -54,8 +55,8 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None  # in the dev 
 CASES = ["grpo", "dapo", "grpo_lora", "grpo_qlora", "grpo_split_group", "dapo_accumulation", "bnpo", "generation"]
 # sharded engines, two processes only, each the same step as its one-process twin
 ONE_PROCESS_TWIN = {"fsdp": "grpo", "fsdp_lora": "grpo_lora", "fsdp_generation": "generation"}
-ZERO_CASES = {"zero2": "grpo", "zero2_lora": "grpo_lora", "zero3": "grpo", "zero3_lora": "grpo_lora"}
-ZERO_CASES["zero3_generation"] = "generation"
+ZERO_CASES = {"zero2": "grpo", "zero2_lora": "grpo_lora", "zero2_qlora": "grpo_qlora"}
+ZERO_CASES |= {"zero3": "grpo", "zero3_lora": "grpo_lora", "zero3_generation": "generation"}
 if HAS_DEEPSPEED:
     ONE_PROCESS_TWIN |= ZERO_CASES
 # fsdp after the rest: it changes accelerate's shared state for the rest of the process
@@ -175,7 +176,7 @@ def test_loss_and_update_match_one_process(runs, case):
         torch.testing.assert_close(torch.tensor(update), torch.tensor(one["gradient"][name]), atol=1e-6, rtol=0)
         torch.testing.assert_close(torch.tensor(rank0["update"][name]), torch.tensor(update), atol=1e-6, rtol=0)
         assert rank1["update"][name] == rank0["update"][name], name  # replicas stay identical
-    if case in ("grpo_lora", "grpo_qlora"):
+    if "lora" in case:
         assert all("lora_" in name for name in one["update"])
 
 

@@ -66,6 +66,7 @@ CASES = {
     "fsdp_generation": dict(loss_type="grpo", num_generations=4, fsdp=True, real_generation=True),
     "zero2": dict(loss_type="grpo", num_generations=4, zero_stage=2, save=True),
     "zero2_lora": dict(loss_type="grpo", num_generations=4, zero_stage=2, lora=True),
+    "zero2_qlora": dict(loss_type="grpo", num_generations=4, zero_stage=2, lora=True, four_bit=True),
     "zero3": dict(loss_type="grpo", num_generations=4, zero_stage=3, save=True),  # reference re-loaded, not copied
     "zero3_lora": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, save=True),
     "zero3_generation": dict(loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True),
