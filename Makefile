@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install demo test test-all lint format
+.PHONY: install demo test test-all lint format bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ""
+
+# One GRPO step side by side with trl.GRPOTrainer, with and without prefix sharing (~5 minutes; benchmarks/README.md).
+bench: install
+	$(PY) benchmarks/bench_step.py
 
 lint: install
 	$(PY) -m ruff check .

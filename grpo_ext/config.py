@@ -124,6 +124,12 @@ class GRPOExtConfig(_BaseConfig):
         "plain path, with one warning, where it cannot share (see grpo_ext/prefix_sharing.py); off under DeepSpeed "
         "and FSDP. Largest gain with long prompts. Not in TRL.",
     )
+    ds3_gather_for_generation: bool = _field(
+        True,
+        "DeepSpeed ZeRO-3 only (as in TRL): gather the whole policy on each GPU for generation, which is fast but needs "
+        "the unsharded weights in memory for a moment. False generates with the weights left partitioned (each layer "
+        "gathered as it runs): slower, but trains models that do not fit one GPU.",
+    )
 
     # --- Objective ---
     beta: float = _field(

@@ -376,6 +376,7 @@ class GRPOExtTrainer(_BaseTrainer):
             unwrap_model_for_generation(
                 self.model_wrapped,
                 self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as unwrapped_model,
             torch.no_grad(),

@@ -25,7 +25,7 @@ per-process token mean by definition, is the control that shows the comparison w
 
 Sharded engines, each compared with its one-process twin (the same case unsharded): FSDP2 (full model, LoRA, real
 generation), DeepSpeed ZeRO-2 (full model, LoRA, LoRA on a 4-bit base) and ZeRO-3 (full model, LoRA, real generation
-under ZeRO-3's gathered weights); the
+with the weights gathered and, with ds3_gather_for_generation=False, left partitioned); the
 model FSDP (FULL_STATE_DICT) and ZeRO-3 (gathered 16-bit save) write equals the one-process model.
 FSDP on CPU: accelerate 1.15 switches to DistributedType.FSDP only from a GPU-like distributed type (AcceleratorState
 checks MULTI_GPU/NPU/XPU/...), so on CPU `fsdp=...` is silently ignored and the run is plain DDP. With
@@ -57,6 +57,7 @@ CASES = ["grpo", "dapo", "grpo_lora", "grpo_qlora", "grpo_split_group", "dapo_ac
 ONE_PROCESS_TWIN = {"fsdp": "grpo", "fsdp_lora": "grpo_lora", "fsdp_generation": "generation"}
 ZERO_CASES = {"zero2": "grpo", "zero2_lora": "grpo_lora", "zero2_qlora": "grpo_qlora"}
 ZERO_CASES |= {"zero3": "grpo", "zero3_lora": "grpo_lora", "zero3_generation": "generation"}
+ZERO_CASES["zero3_generation_partitioned"] = "generation"  # ds3_gather_for_generation=False
 if HAS_DEEPSPEED:
     ONE_PROCESS_TWIN |= ZERO_CASES
 # fsdp after the rest: it changes accelerate's shared state for the rest of the process

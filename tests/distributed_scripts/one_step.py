@@ -70,10 +70,14 @@ CASES = {
     "zero3": dict(loss_type="grpo", num_generations=4, zero_stage=3, save=True),  # reference re-loaded, not copied
     "zero3_lora": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, save=True),
     "zero3_generation": dict(loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True),
+    # ds3_gather_for_generation=False: generation with the weights left partitioned, each layer gathered as it runs
+    "zero3_generation_partitioned": dict(
+        loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True, ds3_gather_for_generation=False
+    ),
 }
 DEEPSPEED_AUTO = {key: "auto" for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping")}
 DEEPSPEED_AUTO["gradient_accumulation_steps"] = "auto"
-GENERATION_PROMPTS = ["1+2=", "9+9="]  # answers "3" and "18": completions of 2 and 3 tokens with EOS
+GENERATION_PROMPTS = ["1+2=", "9+9="]  # answers of one and two digits: generations that end at different steps
 
 
 def completion_ids_for(prompt: str, k: int, tokenizer) -> list[int]:
@@ -137,9 +141,8 @@ def _gathered(parameters, modifier_rank=None):
 def _full(tensor):
     """A copy of the whole tensor: FSDP2 shards parameters and gradients as DTensors, ZeRO-3 partitions parameters
     (both gathers are collectives: every rank calls this)."""
-    tensor = tensor.detach() if not hasattr(tensor, "ds_id") else tensor
     if hasattr(tensor, "full_tensor"):
-        return tensor.full_tensor().clone()
+        return tensor.detach().full_tensor().clone()
     with _gathered([tensor]):
         return tensor.detach().clone()
 
@@ -162,6 +165,8 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, expect
     if case.get("zero_stage"):
         zero = {"stage": case["zero_stage"], "stage3_gather_16bit_weights_on_model_save": True}
         extra = dict(deepspeed={"zero_optimization": zero, "zero_allow_untested_optimizer": True} | DEEPSPEED_AUTO)
+    if "ds3_gather_for_generation" in case:
+        extra["ds3_gather_for_generation"] = case["ds3_gather_for_generation"]
     if case.get("real_generation"):
         extra["top_k"] = 1  # sampling from the single most likely token: the same completions in every run
     args = GRPOExtConfig(
