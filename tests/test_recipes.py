@@ -97,3 +97,19 @@ def test_recipe_runs_end_to_end_and_evaluate_py_reads_its_adapter(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     summary = json.loads((tmp_path / "eval.json").read_text())
     assert summary["num_problems"] == 8 and 0.0 <= summary["pass@1"] <= 1.0 and "maj@3" in summary
+
+
+def test_quickstart_example_learns(tmp_path):
+    """examples/quickstart.py, as the README quotes it: the mean reward climbs from about 0.1 to above 0.9."""
+    import re
+
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output_dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, last = map(float, re.search(r"first 10 steps ([\d.]+) -> last 10 steps ([\d.]+)", run.stdout).groups())
+    assert first < 0.3 and last > 0.8, (first, last)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
