@@ -26,7 +26,9 @@ per-process token mean by definition, is the control that shows the comparison w
 Sharded engines, each compared with its one-process twin (the same case unsharded): FSDP2 (full model, LoRA, real
 generation), DeepSpeed ZeRO-2 (full model, LoRA, LoRA on a 4-bit base) and ZeRO-3 (full model, LoRA, real generation
 with the weights gathered and, with ds3_gather_for_generation=False, left partitioned); the
-model FSDP (FULL_STATE_DICT) and ZeRO-3 (gathered 16-bit save) write equals the one-process model.
+model FSDP (FULL_STATE_DICT) and ZeRO-3 (gathered 16-bit save) write equals the one-process model. Crash and
+resume under DDP (LoRA), FSDP2, ZeRO-2 and ZeRO-3 (LoRA): a new trainer, from other weights, resumed from the step-1
+checkpoint ends step 2 where two straight steps end (AdamW, so the optimizer moments must come back too).
 FSDP on CPU: accelerate 1.15 switches to DistributedType.FSDP only from a GPU-like distributed type (AcceleratorState
 checks MULTI_GPU/NPU/XPU/...), so on CPU `fsdp=...` is silently ignored and the run is plain DDP. With
 FORCE_FSDP_ON_CPU set (here), the script flips that gate after the arguments are built; FSDP2 then shards the tiny
@@ -58,11 +60,17 @@ ONE_PROCESS_TWIN = {"fsdp": "grpo", "fsdp_lora": "grpo_lora", "fsdp_generation":
 ZERO_CASES = {"zero2": "grpo", "zero2_lora": "grpo_lora", "zero2_qlora": "grpo_qlora"}
 ZERO_CASES |= {"zero3": "grpo", "zero3_lora": "grpo_lora", "zero3_generation": "generation"}
 ZERO_CASES["zero3_generation_partitioned"] = "generation"  # ds3_gather_for_generation=False
+# two processes only: two steps straight against one step + a new trainer resumed from the checkpoint + one step
+RESUME_CASES = ["ddp_lora_resume", "fsdp_resume"]
 if HAS_DEEPSPEED:
     ONE_PROCESS_TWIN |= ZERO_CASES
-# fsdp after the rest: it changes accelerate's shared state for the rest of the process
-CASES_TWO_PROCESSES = CASES + list(ONE_PROCESS_TWIN)
-MATCHING = [case for case in CASES_TWO_PROCESSES if case != "bnpo"]
+    RESUME_CASES += ["zero2_resume", "zero3_lora_resume"]
+COMPARED = CASES + list(ONE_PROCESS_TWIN)  # every case whose step is compared with a one-process step
+# DDP, then FSDP, then DeepSpeed: each engine leaves process-wide settings (accelerate's state, environment variables)
+# that the cases after it would otherwise trip over. sorted() is stable: the order within an engine stays.
+ENGINE_ORDER = {"fsdp": 1, "zero": 2}
+CASES_TWO_PROCESSES = sorted(CASES + list(ONE_PROCESS_TWIN) + RESUME_CASES, key=lambda c: ENGINE_ORDER.get(c[:4], 0))
+MATCHING = [case for case in COMPARED if case != "bnpo"]
 SAVING = ["grpo", "grpo_lora", "fsdp", *(["zero2", "zero3", "zero3_lora"] if HAS_DEEPSPEED else [])]
 TIMEOUT = 600
 
@@ -133,7 +141,7 @@ def _max_abs(tensors: dict) -> float:
     return max(torch.tensor(v).abs().max().item() for v in tensors.values())
 
 
-@pytest.mark.parametrize("case", CASES_TWO_PROCESSES)
+@pytest.mark.parametrize("case", COMPARED)
 def test_each_launch_has_the_processes_it_claims(runs, case):
     one = _result(runs, "one", ONE_PROCESS_TWIN.get(case, case))
     assert (one["world_size"], one["num_processes"], one["distributed_type"]) == (1, 1, "DistributedType.NO")
@@ -145,7 +153,7 @@ def test_each_launch_has_the_processes_it_claims(runs, case):
         assert two["distributed_type"] == expected_type
 
 
-@pytest.mark.parametrize("case", CASES_TWO_PROCESSES)
+@pytest.mark.parametrize("case", COMPARED)
 def test_ranks_hold_contiguous_halves_of_the_same_rollout(runs, case):
     one = _result(runs, "one", ONE_PROCESS_TWIN.get(case, case))
     rank0, rank1 = _result(runs, "two", case, 0), _result(runs, "two", case, 1)
@@ -257,12 +265,28 @@ def test_sharded_engines_save_the_whole_trained_model(runs, case):
 
 
 def test_only_rank_zero_prints_logs(runs):
-    # One printed step log per case; the completion samples as often per case as in the one-process run.
-    assert runs["two"].count("{'loss':") == len(CASES_TWO_PROCESSES)
+    # One printed step log per step; the completion samples as often per step as in the one-process run.
+    steps = len(COMPARED) + 3 * len(RESUME_CASES)  # a resume case: 2 steps straight + 1 step after resuming
+    assert runs["two"].count("{'loss':") == steps
     assert runs["one"].count("{'loss':") == len(CASES)
-    samples_per_case = runs["one"].count("completions:") / len(CASES)
-    assert samples_per_case >= 1
-    assert runs["two"].count("completions:") == samples_per_case * len(CASES_TWO_PROCESSES)
+    samples_per_step = runs["one"].count("completions:") / len(CASES)
+    assert samples_per_step >= 1
+    assert runs["two"].count("completions:") == samples_per_step * steps
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resumed_run_ends_where_the_straight_run_ends(runs, case):
+    """A new trainer, started from other weights, resumes from the straight run's step-1 checkpoint and runs step 2
+    (AdamW, linear schedule): the same weights as two steps straight, so weights, optimizer moments, schedule and
+    data order were all restored, by DDP, FSDP2 and DeepSpeed checkpoints alike."""
+    engine = "FSDP" if case.startswith("fsdp") else "DEEPSPEED" if case.startswith("zero") else "MULTI_CPU"
+    for rank in (0, 1):
+        result = _result(runs, "two", case, rank)
+        assert result["distributed_type"] == f"DistributedType.{engine}"
+        assert result["steps_run_after_resume"] == 1 and result["global_step"] == 2
+        assert result["logged_steps"] == [1, 2]  # the step-1 log came back with the checkpoint
+        assert result["same_names"] and result["step_2_update"] > 1e-3
+        assert result["max_difference"] < 1e-6
 
 
 @pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])

@@ -70,6 +70,11 @@ CASES = {
     "zero3": dict(loss_type="grpo", num_generations=4, zero_stage=3, save=True),  # reference re-loaded, not copied
     "zero3_lora": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, save=True),
     "zero3_generation": dict(loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True),
+    # crash and resume: two steps straight == one step, a new trainer, resume_from_checkpoint, one more step
+    "ddp_lora_resume": dict(loss_type="grpo", num_generations=4, lora=True, resume=True),
+    "fsdp_resume": dict(loss_type="grpo", num_generations=4, fsdp=True, resume=True),
+    "zero2_resume": dict(loss_type="grpo", num_generations=4, zero_stage=2, resume=True),
+    "zero3_lora_resume": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, resume=True),
     # ds3_gather_for_generation=False: generation with the weights left partitioned, each layer gathered as it runs
     "zero3_generation_partitioned": dict(
         loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True, ds3_gather_for_generation=False
@@ -118,8 +123,10 @@ class RecordUpdate(TrainerCallback):
 
     def __init__(self):
         self.before, self.gradients, self.after = {}, {}, {}
+        self.steps = 0
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.steps += 1
         self.before = {name: _full(p) for name, p in _trainable(model)}
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -152,13 +159,12 @@ def _trainable(model):
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def run_case(name: str, model_path: str, warm_model_path: str, out: Path, expected_world_size: int) -> None:
-    case = CASES[name]
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    assert world_size == expected_world_size, f"WORLD_SIZE={world_size}, expected {expected_world_size}"
+def build_trainer(
+    case: dict, model_path: str, warm_model_path: str, output_dir: Path, world_size: int, noise_seed=1234, **overrides
+):
+    """The case's trainer (SGD, lr 1, one step unless `overrides` say otherwise), its injected generation and the
+    callback that records the update."""
     accumulation = case.get("gradient_accumulation_steps", 1)
-    case_dir = out / name
-    rank = int(os.environ.get("RANK", "0"))
     extra = {}
     if case.get("fsdp"):
         extra = dict(fsdp=True, fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT"})
@@ -169,9 +175,8 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, expect
         extra["ds3_gather_for_generation"] = case["ds3_gather_for_generation"]
     if case.get("real_generation"):
         extra["top_k"] = 1  # sampling from the single most likely token: the same completions in every run
-    args = GRPOExtConfig(
-        # one output_dir per rank, so the test can see which rank wrote which file
-        output_dir=str(case_dir / f"rank{rank}"),
+    settings = dict(
+        output_dir=str(output_dir),
         per_device_train_batch_size=GLOBAL_BATCH // world_size // accumulation,
         gradient_accumulation_steps=accumulation,
         num_generations=case["num_generations"],
@@ -195,6 +200,7 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, expect
         disable_tqdm=True,
         **extra,
     )
+    args = GRPOExtConfig(**(settings | overrides))
     if case.get("fsdp") and os.environ.get("FORCE_FSDP_ON_CPU"):
         # accelerate's AcceleratorState turns on FSDP only from MULTI_GPU/NPU/XPU/..., never from MULTI_CPU: on CPU the
         # fsdp settings are silently dropped and the run is DDP. The arguments above have just (re)built the shared
@@ -237,24 +243,35 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, expect
         callbacks=[update],
         quantization_config=four_bit_config(torch.float32) if case.get("four_bit") else None,
     )
-    assert trainer.accelerator.num_processes == expected_world_size, trainer.accelerator.num_processes
-    if expected_world_size > 1:
-        assert dist.is_initialized() and dist.get_world_size() == expected_world_size
+    assert trainer.accelerator.num_processes == world_size, trainer.accelerator.num_processes
+    if world_size > 1:
+        assert dist.is_initialized() and dist.get_world_size() == world_size
         assert dist.get_backend() == "gloo", dist.get_backend()
 
-    generator = torch.Generator().manual_seed(1234)  # the same noise on every rank and in both runs
+    generator = torch.Generator().manual_seed(noise_seed)  # the same noise on every rank and in both runs
     trainable = [p for _, p in _trainable(trainer.model)]
     with torch.no_grad(), _gathered(trainable, modifier_rank=0):
         for p in trainable:
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return trainer, generation, update
 
+
+def run_case(name: str, model_path: str, warm_model_path: str, out: Path, world_size: int) -> None:
+    case = CASES[name]
+    rank = int(os.environ.get("RANK", "0"))
+    # one output_dir per rank, so the test can see which rank wrote which file
+    trainer, generation, update = build_trainer(
+        case, model_path, warm_model_path, out / name / f"rank{rank}", world_size
+    )
+    tokenizer, args = trainer.processing_class, trainer.args
     trainer.train()
     if case.get("save"):
         trainer.save_model()
         trainer.save_state()
 
     if not case.get("real_generation"):
-        assert len(generation.rows) == args.per_device_train_batch_size * accumulation, "generate was bypassed"
+        expected = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        assert len(generation.rows) == expected, "generate was bypassed"
     rollout = [mb for mb in trainer._buffered_inputs]
     rows = [
         (tokenizer.decode(prompt[prompt_mask.bool()]), completion[completion_mask.bool()].tolist())
@@ -275,12 +292,47 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, expect
         "gradient": {k: v.flatten().tolist() for k, v in update.gradients.items()},
         "update": {k: (update.before[k] - update.after[k]).flatten().tolist() for k in update.before},
     }
-    (case_dir / f"result_rank{rank}.json").write_text(json.dumps(result))
-    print(f"case {name} done on rank {rank}", flush=True)
-    if case.get("zero_stage"):  # TrainingArguments(deepspeed=...) set a process-wide flag the next case must not see
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    _write(out / name, rank, result)
 
-        unset_hf_deepspeed_config()
+
+def run_resume_case(name: str, model_path: str, warm_model_path: str, out: Path, world_size: int) -> None:
+    """Two optimizer steps straight, then step 2 again from the straight run's step-1 checkpoint in a new trainer
+    (as after a crash). The new trainer starts from other weights (other noise) and AdamW is used, so a resume that
+    lost the weights, the optimizer moments, the schedule or the data order would end elsewhere."""
+    case = CASES[name]
+    rank = int(os.environ.get("RANK", "0"))
+    # one output_dir for both ranks, as on one machine: each engine's checkpoint is written by all ranks together
+    folder = out / name / "run"
+    adamw = dict(optim="adamw_torch", learning_rate=0.01, lr_scheduler_type="linear", save_strategy="steps")
+    straight, _, _ = build_trainer(case, model_path, warm_model_path, folder, world_size, max_steps=2, **adamw)
+    straight.train()
+    trained = {name: _full(p) for name, p in _trainable(straight.model_wrapped)}
+    del straight
+    resumed, _, update = build_trainer(
+        case, model_path, warm_model_path, folder, world_size, noise_seed=999, max_steps=2, **adamw
+    )
+    resumed.train(resume_from_checkpoint=str(folder / "checkpoint-1"))
+    again = {name: _full(p) for name, p in _trainable(resumed.model_wrapped)}
+    result = {
+        "distributed_type": str(resumed.accelerator.distributed_type),
+        "steps_run_after_resume": update.steps,
+        "logged_steps": [entry["step"] for entry in resumed.state.log_history if "loss" in entry],
+        "global_step": resumed.state.global_step,
+        "max_difference": max((trained[k] - again[k]).abs().max().item() for k in trained),
+        "step_2_update": max((update.before[k] - update.after[k]).abs().max().item() for k in update.before),
+        "same_names": sorted(trained) == sorted(again),
+    }
+    _write(out / name, rank, result)
+
+
+def _write(case_dir: Path, rank: int, result: dict) -> None:
+    case_dir.mkdir(parents=True, exist_ok=True)
+    (case_dir / f"result_rank{rank}.json").write_text(json.dumps(result))
+    print(f"case {case_dir.name} done on rank {rank}", flush=True)
+    # TrainingArguments(deepspeed=...) sets a process-wide flag that the next case must not see
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def main():
@@ -292,7 +344,8 @@ def main():
     parser.add_argument("--world-size", type=int, required=True, help="the number of processes this run must have")
     args = parser.parse_args()
     for name in args.cases.split(","):
-        run_case(name, args.model, args.warm_model, Path(args.out), args.world_size)
+        run = run_resume_case if CASES[name].get("resume") else run_case
+        run(name, args.model, args.warm_model, Path(args.out), args.world_size)
         if dist.is_initialized():
             dist.barrier()
 
