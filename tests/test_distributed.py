@@ -137,6 +137,11 @@ def _step_log(result: dict) -> dict:
     return entry
 
 
+def _distributed_type(case: str) -> str:
+    engine = "FSDP" if case.startswith("fsdp") else "DEEPSPEED" if case.startswith("zero") else "MULTI_CPU"
+    return f"DistributedType.{engine}"
+
+
 def _max_abs(tensors: dict) -> float:
     return max(torch.tensor(v).abs().max().item() for v in tensors.values())
 
@@ -145,8 +150,7 @@ def _max_abs(tensors: dict) -> float:
 def test_each_launch_has_the_processes_it_claims(runs, case):
     one = _result(runs, "one", ONE_PROCESS_TWIN.get(case, case))
     assert (one["world_size"], one["num_processes"], one["distributed_type"]) == (1, 1, "DistributedType.NO")
-    engine = "FSDP" if case.startswith("fsdp") else "DEEPSPEED" if case.startswith("zero") else "MULTI_CPU"
-    expected_type = f"DistributedType.{engine}"
+    expected_type = _distributed_type(case)
     for rank in (0, 1):
         two = _result(runs, "two", case, rank)
         assert (two["world_size"], two["num_processes"], two["process_index"]) == (2, 2, rank)
@@ -279,10 +283,9 @@ def test_resumed_run_ends_where_the_straight_run_ends(runs, case):
     """A new trainer, started from other weights, resumes from the straight run's step-1 checkpoint and runs step 2
     (AdamW, linear schedule): the same weights as two steps straight, so weights, optimizer moments, schedule and
     data order were all restored, by DDP, FSDP2 and DeepSpeed checkpoints alike."""
-    engine = "FSDP" if case.startswith("fsdp") else "DEEPSPEED" if case.startswith("zero") else "MULTI_CPU"
     for rank in (0, 1):
         result = _result(runs, "two", case, rank)
-        assert result["distributed_type"] == f"DistributedType.{engine}"
+        assert result["distributed_type"] == _distributed_type(case)
         assert result["steps_run_after_resume"] == 1 and result["global_step"] == 2
         assert result["logged_steps"] == [1, 2]  # the step-1 log came back with the checkpoint
         assert result["same_names"] and result["step_2_update"] > 1e-3
