@@ -23,8 +23,8 @@ with gradient accumulation), LoRA and LoRA on a 4-bit bitsandbytes base (QLoRA +
 one-process run and identical on both ranks (reduced, not local); only rank 0 writing files and printing logs. bnpo, a
 per-process token mean by definition, is the control that shows the comparison would catch a per-process normaliser.
 
-Sharded engines, each compared with its one-process twin (the same case unsharded): FSDP2 (full model, LoRA, real
-generation), DeepSpeed ZeRO-2 (full model, LoRA, LoRA on a 4-bit base) and ZeRO-3 (full model, LoRA, real generation
+Sharded engines, each compared with its one-process twin (the same case unsharded): FSDP2 (full model, LoRA, QLoRA,
+real generation), DeepSpeed ZeRO-2 (full model, LoRA, QLoRA) and ZeRO-3 (full model, LoRA, QLoRA, real generation
 with the weights gathered and, with ds3_gather_for_generation=False, left partitioned); the
 model FSDP (FULL_STATE_DICT) and ZeRO-3 (gathered 16-bit save) write equals the one-process model. Crash and
 resume under DDP (LoRA), FSDP2, ZeRO-2 and ZeRO-3 (LoRA): a new trainer, from other weights, resumed from the step-1
@@ -56,9 +56,19 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None  # in the dev 
 # run in both launches:
 CASES = ["grpo", "dapo", "grpo_lora", "grpo_qlora", "grpo_split_group", "dapo_accumulation", "bnpo", "generation"]
 # sharded engines, two processes only, each the same step as its one-process twin
-ONE_PROCESS_TWIN = {"fsdp": "grpo", "fsdp_lora": "grpo_lora", "fsdp_generation": "generation"}
+ONE_PROCESS_TWIN = {
+    "fsdp": "grpo",
+    "fsdp_lora": "grpo_lora",
+    "fsdp_qlora": "grpo_qlora",
+    "fsdp_generation": "generation",
+}
 ZERO_CASES = {"zero2": "grpo", "zero2_lora": "grpo_lora", "zero2_qlora": "grpo_qlora"}
-ZERO_CASES |= {"zero3": "grpo", "zero3_lora": "grpo_lora", "zero3_generation": "generation"}
+ZERO_CASES |= {
+    "zero3": "grpo",
+    "zero3_lora": "grpo_lora",
+    "zero3_qlora": "grpo_qlora",
+    "zero3_generation": "generation",
+}
 ZERO_CASES["zero3_generation_partitioned"] = "generation"  # ds3_gather_for_generation=False
 # two processes only: two steps straight against one step + a new trainer resumed from the checkpoint + one step
 RESUME_CASES = ["ddp_lora_resume", "fsdp_resume"]

@@ -63,6 +63,8 @@ CASES = {
     # sharded engines (only in the two-process run; each is compared with its one-process twin, see the test)
     "fsdp": dict(loss_type="grpo", num_generations=4, fsdp=True, save=True),  # grpo, sharded with FSDP2
     "fsdp_lora": dict(loss_type="grpo", num_generations=4, fsdp=True, lora=True),
+    "fsdp_qlora": dict(loss_type="grpo", num_generations=4, fsdp=True, lora=True, four_bit=True),
+    "zero3_qlora": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, four_bit=True),
     "fsdp_generation": dict(loss_type="grpo", num_generations=4, fsdp=True, real_generation=True),
     "zero2": dict(loss_type="grpo", num_generations=4, zero_stage=2, save=True),
     "zero2_lora": dict(loss_type="grpo", num_generations=4, zero_stage=2, lora=True),
