@@ -12,7 +12,7 @@ TORCH_PIP_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(PY) -m pip install -e ".[dev,math,plot,wandb]"
+	$(PY) -m pip install -e ".[dev,math,plot,wandb,trackio]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,5 @@
-"""Tracking: with WANDB_MODE=offline, the run's files hold the logged metrics and the completions table."""
+"""Tracking: with WANDB_MODE=offline, and with trackio's local database, the run holds the logged metrics and the
+completions table."""
 
 import json
 import os
@@ -11,7 +12,6 @@ import pytest
 
 SCRIPT = textwrap.dedent(
     """
-    import wandb
     from grpo_ext import GRPOExtConfig, GRPOExtTrainer
     from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model, make_tokenizer
 
@@ -19,16 +19,17 @@ SCRIPT = textwrap.dedent(
     args = GRPOExtConfig(
         output_dir="{output_dir}", per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
         max_steps=2, logging_steps=1, bf16=False, gradient_checkpointing=False, use_cpu=True, save_strategy="no",
-        report_to=["wandb"], run_name="grpo-ext-test", log_completions=True, disable_tqdm=True,
+        report_to=["{tracker}"], run_name="grpo-ext-test", project="grpo-ext-tests", log_completions=True,
+        disable_tqdm=True,
     )
     trainer = GRPOExtTrainer(
         make_tiny_model("qwen2", tokenizer), digit_fraction_reward, args=args, train_dataset=make_prompt_dataset(8),
         processing_class=tokenizer,
     )
     trainer.train()
-    wandb.finish()
     """
 )
+TABLE_COLUMNS = ["step", "prompt", "completion", "digit_fraction_reward", "reward", "advantage"]
 
 
 def _wandb_history_keys(run_file) -> set[str]:
@@ -60,7 +61,7 @@ def _wandb_history_keys(run_file) -> set[str]:
 def test_wandb_offline_run_holds_metrics_and_completions(tmp_path):
     pytest.importorskip("wandb")
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(output_dir=tmp_path / "out"))
+    script.write_text(SCRIPT.format(output_dir=tmp_path / "out", tracker="wandb") + "import wandb; wandb.finish()\n")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_DISABLED": "false",
            "WANDB_SILENT": "true"}  # fmt: skip
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
@@ -75,5 +76,32 @@ def test_wandb_offline_run_holds_metrics_and_completions(tmp_path):
     tables = sorted((runs[0] / "files" / "media" / "table").glob("completions_*.table.json"))
     assert tables, "no completions table was logged"
     table = json.loads(tables[-1].read_text())
-    assert table["columns"] == ["step", "prompt", "completion", "digit_fraction_reward", "reward", "advantage"]
+    assert table["columns"] == TABLE_COLUMNS
     assert len(table["data"]) == 8 and all(row[1].endswith("=") for row in table["data"])
+
+
+def test_trackio_local_run_holds_metrics_and_completions(tmp_path):
+    pytest.importorskip("trackio")
+    import sqlite3
+
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(output_dir=tmp_path / "out", tracker="trackio"))
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HF_HUB_OFFLINE": "1"}  # local only: no Space
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    with sqlite3.connect(tmp_path / "trackio" / "grpo-ext-tests.db") as database:
+        logs = [json.loads(row[0]) for row in database.execute("SELECT metrics FROM metrics ORDER BY id")]
+    metric_logs = [log for log in logs if "train/reward" in log]
+    assert len(metric_logs) == 2  # one per optimizer step (logging_steps=1)
+    for key in (
+        "train/kl",
+        "train/entropy",
+        "train/completions/mean_length",
+        "train/rewards/digit_fraction_reward/mean",
+    ):
+        assert all(key in log for log in metric_logs), key
+    tables = [log["completions"] for log in logs if "completions" in log]
+    assert len(tables) == 2 and all(table["_type"] == "trackio.table" for table in tables)
+    rows = tables[-1]["_value"]
+    assert len(rows) == 8 and list(rows[0]) == TABLE_COLUMNS and all(row["prompt"].endswith("=") for row in rows)
