@@ -19,7 +19,8 @@ noise after the trainer is built, so the policy differs from its reference and t
 Checked per case: the world size and engine each process really got; identical rollouts and advantages (with a group
 split across the two ranks too, so rewards must be gathered before advantages); equal logged loss and parameter
 update (atol 1e-6) for grpo (per-sequence means over all sequences), dapo (tokens over the global token count, also
-with gradient accumulation), LoRA and LoRA on a 4-bit bitsandbytes base (QLoRA + DDP); metrics equal to the
+with gradient accumulation), LoRA and LoRA on a 4-bit bitsandbytes base with gradient checkpointing (QLoRA + DDP,
+as the recipes run it; the QLoRA cases of the sharded engines too); metrics equal to the
 one-process run and identical on both ranks (reduced, not local); only rank 0 writing files and printing logs. bnpo, a
 per-process token mean by definition, is the control that shows the comparison would catch a per-process normaliser.
 

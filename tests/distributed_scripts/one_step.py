@@ -48,12 +48,15 @@ HF_GENERATE = transformers.GenerationMixin.generate  # restored for the cases th
 MAX_COMPLETION_LENGTH = 8
 GLOBAL_BATCH = 8  # completions per optimizer step, over all processes
 
-# name -> settings; every case is one optimizer step with SGD, lr 1.0, no clipping: update == -gradient
+QLORA = dict(lora=True, four_bit=True, gradient_checkpointing=True)  # 4-bit base + LoRA, as the QLoRA recipes run
+
+# name -> settings; every case is one optimizer step with SGD, lr 1.0, no clipping (update == -gradient), except the
+# resume cases (two steps, AdamW)
 CASES = {
     "grpo": dict(loss_type="grpo", num_generations=4, save=True),  # 2 prompts x 4: one whole group per rank
     "dapo": dict(loss_type="dapo", num_generations=4),
     "grpo_lora": dict(loss_type="grpo", num_generations=4, lora=True, save=True),
-    "grpo_qlora": dict(loss_type="grpo", num_generations=4, lora=True, four_bit=True),  # 4-bit base (bitsandbytes)
+    "grpo_qlora": dict(loss_type="grpo", num_generations=4, **QLORA),
     "grpo_split_group": dict(loss_type="grpo", num_generations=8),  # 1 prompt x 8: its group split 4 / 4 over ranks
     "dapo_accumulation": dict(loss_type="dapo", num_generations=4, gradient_accumulation_steps=2),
     "bnpo": dict(loss_type="bnpo", num_generations=4),  # control: a per-process token mean, expected to differ
@@ -63,24 +66,24 @@ CASES = {
     # sharded engines (only in the two-process run; each is compared with its one-process twin, see the test)
     "fsdp": dict(loss_type="grpo", num_generations=4, fsdp=True, save=True),  # grpo, sharded with FSDP2
     "fsdp_lora": dict(loss_type="grpo", num_generations=4, fsdp=True, lora=True),
-    "fsdp_qlora": dict(loss_type="grpo", num_generations=4, fsdp=True, lora=True, four_bit=True),
-    "zero3_qlora": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, four_bit=True),
+    "fsdp_qlora": dict(loss_type="grpo", num_generations=4, fsdp=True, **QLORA),
     "fsdp_generation": dict(loss_type="grpo", num_generations=4, fsdp=True, real_generation=True),
     "zero2": dict(loss_type="grpo", num_generations=4, zero_stage=2, save=True),
     "zero2_lora": dict(loss_type="grpo", num_generations=4, zero_stage=2, lora=True),
-    "zero2_qlora": dict(loss_type="grpo", num_generations=4, zero_stage=2, lora=True, four_bit=True),
+    "zero2_qlora": dict(loss_type="grpo", num_generations=4, zero_stage=2, **QLORA),
     "zero3": dict(loss_type="grpo", num_generations=4, zero_stage=3, save=True),  # reference re-loaded, not copied
     "zero3_lora": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, save=True),
+    "zero3_qlora": dict(loss_type="grpo", num_generations=4, zero_stage=3, **QLORA),
     "zero3_generation": dict(loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True),
+    # ds3_gather_for_generation=False: generation with the weights left partitioned, each layer gathered as it runs
+    "zero3_generation_partitioned": dict(
+        loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True, ds3_gather_for_generation=False
+    ),
     # crash and resume: two steps straight == one step, a new trainer, resume_from_checkpoint, one more step
     "ddp_lora_resume": dict(loss_type="grpo", num_generations=4, lora=True, resume=True),
     "fsdp_resume": dict(loss_type="grpo", num_generations=4, fsdp=True, resume=True),
     "zero2_resume": dict(loss_type="grpo", num_generations=4, zero_stage=2, resume=True),
     "zero3_lora_resume": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, resume=True),
-    # ds3_gather_for_generation=False: generation with the weights left partitioned, each layer gathered as it runs
-    "zero3_generation_partitioned": dict(
-        loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True, ds3_gather_for_generation=False
-    ),
 }
 DEEPSPEED_AUTO = {key: "auto" for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping")}
 DEEPSPEED_AUTO["gradient_accumulation_steps"] = "auto"
@@ -195,7 +198,7 @@ def build_trainer(
         save_strategy="steps" if case.get("save") else "no",
         save_steps=1,
         bf16=False,
-        gradient_checkpointing=False,
+        gradient_checkpointing=case.get("gradient_checkpointing", False),
         report_to=[],
         use_cpu=True,
         seed=0,
