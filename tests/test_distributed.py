@@ -17,19 +17,20 @@ survive (every rank keeps running forward passes until all are done). The traina
 noise after the trainer is built, so the policy differs from its reference and the KL term (beta 0.04) is not 0.
 
 Checked per case: the world size and engine each process really got; identical rollouts and advantages (with a group
-split across the two ranks too, so rewards must be gathered before advantages); equal logged loss and parameter
-update (atol 1e-6) for grpo (per-sequence means over all sequences), dapo (tokens over the global token count, also
-with gradient accumulation), LoRA and LoRA on a 4-bit bitsandbytes base with gradient checkpointing (QLoRA + DDP,
-as the recipes run it; the QLoRA cases of the sharded engines too); metrics equal to the
-one-process run and identical on both ranks (reduced, not local); only rank 0 writing files and printing logs. bnpo, a
-per-process token mean by definition, is the control that shows the comparison would catch a per-process normaliser.
+split across the two ranks too, so rewards must be gathered before advantages); equal logged loss and parameter update
+(atol 1e-6) for grpo (per-sequence means over all sequences), dapo (tokens over the global token count, also with
+gradient accumulation), LoRA and LoRA on a 4-bit bitsandbytes base with gradient checkpointing (QLoRA + DDP, as the
+recipes run it; the QLoRA cases of the sharded engines too); metrics equal to the one-process run and identical on
+both ranks (reduced, not local); only rank 0 writing files and printing logs. bnpo, a per-process token mean by
+definition, is the control that shows the comparison would catch a per-process normaliser.
 
 Sharded engines, each compared with its one-process twin (the same case unsharded): FSDP2 (full model, LoRA, QLoRA,
-real generation), DeepSpeed ZeRO-2 (full model, LoRA, QLoRA) and ZeRO-3 (full model, LoRA, QLoRA, real generation
-with the weights gathered and, with ds3_gather_for_generation=False, left partitioned); the
-model FSDP (FULL_STATE_DICT) and ZeRO-3 (gathered 16-bit save) write equals the one-process model. Crash and
-resume under DDP (LoRA), FSDP2, ZeRO-2 and ZeRO-3 (LoRA): a new trainer, from other weights, resumed from the step-1
-checkpoint ends step 2 where two straight steps end (AdamW, so the optimizer moments must come back too).
+real generation), DeepSpeed ZeRO-2 (full model, LoRA, QLoRA) and ZeRO-3 (full model, LoRA, QLoRA, real generation with
+the weights gathered and, with ds3_gather_for_generation=False, left partitioned); the model FSDP (FULL_STATE_DICT)
+and ZeRO-3 (gathered 16-bit save) write equals the one-process model. Crash and resume under DDP (LoRA), FSDP2, ZeRO-2
+and ZeRO-3 (LoRA): a new trainer, from other weights, resumed from the step-1 checkpoint ends step 2 where two
+straight steps end (AdamW, so the optimizer moments must come back too).
+
 FSDP on CPU: accelerate 1.15 switches to DistributedType.FSDP only from a GPU-like distributed type (AcceleratorState
 checks MULTI_GPU/NPU/XPU/...), so on CPU `fsdp=...` is silently ignored and the run is plain DDP. With
 FORCE_FSDP_ON_CPU set (here), the script flips that gate after the arguments are built; FSDP2 then shards the tiny
