@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import threading
 
+import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 
@@ -24,6 +26,10 @@ class SaveOnInterruptCallback(TrainerCallback):
 
     A second Ctrl-C aborts at once. `interrupted` tells the caller that training ended early; resume it with
     `trainer.train(resume_from_checkpoint=True)` (the recipe: `--resume_from_checkpoint true`).
+
+    With several processes the signal may reach them at different steps, and a process that stops (or saves, a
+    collective under FSDP / DeepSpeed) while the others go on would hang them all: at each step end the processes
+    agree, and all stop at the first step end where any of them was interrupted.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -48,9 +54,17 @@ class SaveOnInterruptCallback(TrainerCallback):
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.interrupted = self._interrupted_anywhere(args.device)
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True
+
+    def _interrupted_anywhere(self, device) -> bool:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.interrupted
+        flag = torch.tensor([float(self.interrupted)], device=device)  # one number per optimizer step
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def on_train_end(self, args, state, control, **kwargs):
         for signum, handler in self._previous.items():

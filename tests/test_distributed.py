@@ -74,14 +74,19 @@ ZERO_CASES |= {
 ZERO_CASES["zero3_generation_partitioned"] = "generation"  # ds3_gather_for_generation=False
 # two processes only: two steps straight against one step + a new trainer resumed from the checkpoint + one step
 RESUME_CASES = ["ddp_lora_resume", "fsdp_resume"]
+# two processes only: SIGTERM reaches one rank; both must stop at the same step and save one checkpoint
+INTERRUPT_CASES = ["ddp_interrupt", "fsdp_interrupt"]
 if HAS_DEEPSPEED:
     ONE_PROCESS_TWIN |= ZERO_CASES
     RESUME_CASES += ["zero2_resume", "zero3_lora_resume"]
+    INTERRUPT_CASES += ["zero3_interrupt"]
 COMPARED = CASES + list(ONE_PROCESS_TWIN)  # every case whose step is compared with a one-process step
 # DDP, then FSDP, then DeepSpeed: each engine leaves process-wide settings (accelerate's state, environment variables)
 # that the cases after it would otherwise trip over. sorted() is stable: the order within an engine stays.
 ENGINE_ORDER = {"fsdp": 1, "zero": 2}
-CASES_TWO_PROCESSES = sorted(CASES + list(ONE_PROCESS_TWIN) + RESUME_CASES, key=lambda c: ENGINE_ORDER.get(c[:4], 0))
+CASES_TWO_PROCESSES = sorted(
+    CASES + list(ONE_PROCESS_TWIN) + RESUME_CASES + INTERRUPT_CASES, key=lambda c: ENGINE_ORDER.get(c[:4], 0)
+)
 MATCHING = [case for case in COMPARED if case != "bnpo"]
 SAVING = ["grpo", "grpo_lora", "fsdp", *(["zero2", "zero3", "zero3_lora"] if HAS_DEEPSPEED else [])]
 TIMEOUT = 600
@@ -282,7 +287,8 @@ def test_sharded_engines_save_the_whole_trained_model(runs, case):
 
 def test_only_rank_zero_prints_logs(runs):
     # One printed step log per step; the completion samples as often per step as in the one-process run.
-    steps = len(COMPARED) + 3 * len(RESUME_CASES)  # a resume case: 2 steps straight + 1 step after resuming
+    # a resume case: 2 steps straight + 1 step after resuming; an interrupt case: 1 step
+    steps = len(COMPARED) + 3 * len(RESUME_CASES) + len(INTERRUPT_CASES)
     assert runs["two"].count("{'loss':") == steps
     assert runs["one"].count("{'loss':") == len(CASES)
     samples_per_step = runs["one"].count("completions:") / len(CASES)
@@ -302,6 +308,18 @@ def test_resumed_run_ends_where_the_straight_run_ends(runs, case):
         assert result["logged_steps"] == [1, 2]  # the step-1 log came back with the checkpoint
         assert result["same_names"] and result["step_2_update"] > 1e-3
         assert result["max_difference"] < 1e-6
+
+
+@pytest.mark.parametrize("case", INTERRUPT_CASES)
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(runs, case):
+    """SIGTERM reaches rank 1 alone after step 1 of 3: the ranks agree at the step end, both stop after step 1,
+    report `interrupted` and leave checkpoint-1 (a rank that went on to step 2 would wait forever for the other)."""
+    for rank in (0, 1):
+        result = _result(runs, "two", case, rank)
+        assert result["distributed_type"] == _distributed_type(case)
+        assert result["steps_run"] == result["global_step"] == 1
+        assert result["interrupted"] and result["checkpoints"] == ["checkpoint-1"]
+    assert runs["two"].count("[grpo-ext] SIGTERM:") == len(INTERRUPT_CASES)  # only rank 1 was signalled
 
 
 @pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])

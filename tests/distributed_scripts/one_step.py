@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import zlib
 from contextlib import nullcontext
 from pathlib import Path
@@ -84,6 +85,10 @@ CASES = {
     "fsdp_resume": dict(loss_type="grpo", num_generations=4, fsdp=True, resume=True),
     "zero2_resume": dict(loss_type="grpo", num_generations=4, zero_stage=2, resume=True),
     "zero3_lora_resume": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, resume=True),
+    # SIGTERM reaches rank 1 only, after step 1 of 3: both ranks must stop there and save the same checkpoint
+    "ddp_interrupt": dict(loss_type="grpo", num_generations=4, lora=True, interrupt=True),
+    "fsdp_interrupt": dict(loss_type="grpo", num_generations=4, fsdp=True, interrupt=True),
+    "zero3_interrupt": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, interrupt=True),
 }
 DEEPSPEED_AUTO = {key: "auto" for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping")}
 DEEPSPEED_AUTO["gradient_accumulation_steps"] = "auto"
@@ -330,6 +335,33 @@ def run_resume_case(name: str, model_path: str, warm_model_path: str, out: Path,
     _write(out / name, rank, result)
 
 
+class SignalRankOne(TrainerCallback):
+    """Sends SIGTERM to rank 1's own process at the end of step 1 (before the trainer's interrupt callback runs)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1 and int(os.environ.get("RANK", "0")) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_interrupt_case(name: str, model_path: str, warm_model_path: str, out: Path, world_size: int) -> None:
+    """Three steps planned; SIGTERM reaches rank 1 alone after step 1. Every rank must stop after step 1 with a
+    checkpoint saved (a rank that went on would wait forever in the next step's collectives)."""
+    case = CASES[name]
+    rank = int(os.environ.get("RANK", "0"))
+    folder = out / name / "run"  # shared by the ranks, as on one machine
+    trainer, _, update = build_trainer(case, model_path, warm_model_path, folder, world_size, max_steps=3)
+    trainer.callback_handler.callbacks.insert(0, SignalRankOne())
+    trainer.train()
+    result = {
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "steps_run": update.steps,
+        "global_step": trainer.state.global_step,
+        "interrupted": trainer.interrupted,
+        "checkpoints": sorted(path.name for path in folder.glob("checkpoint-*")),
+    }
+    _write(out / name, rank, result)
+
+
 def _write(case_dir: Path, rank: int, result: dict) -> None:
     case_dir.mkdir(parents=True, exist_ok=True)
     (case_dir / f"result_rank{rank}.json").write_text(json.dumps(result))
@@ -349,7 +381,8 @@ def main():
     parser.add_argument("--world-size", type=int, required=True, help="the number of processes this run must have")
     args = parser.parse_args()
     for name in args.cases.split(","):
-        run = run_resume_case if CASES[name].get("resume") else run_case
+        case = CASES[name]
+        run = run_resume_case if case.get("resume") else run_interrupt_case if case.get("interrupt") else run_case
         run(name, args.model, args.warm_model, Path(args.out), args.world_size)
         if dist.is_initialized():
             dist.barrier()
