@@ -141,8 +141,8 @@ def test_repo_id_without_namespace_is_resolved_by_create_repo(run_dir):
     folder, _, _ = run_dir
     api = RecordingHfApi()
     push_adapter_to_hub(folder, "tiny-grpo-lora", api=api)
-    assert api.commits[0]["repo_id"] == "someone/tiny-grpo-lora"
-    assert 'from_pretrained("someone/tiny-grpo-lora")' in api.uploaded()["README.md"].decode()
+    assert api.commits[0]["repo_id"] == REPO_ID
+    assert f'from_pretrained("{REPO_ID}")' in api.uploaded()["README.md"].decode()  # the card says how to load it
 
 
 def test_card_describes_the_run(run_dir):
