@@ -175,11 +175,12 @@ class GRPOExtTrainer(_BaseTrainer):
             print(f"[grpo-ext] reference policy: {self.reference.mode} ({self.reference.memory_note(self.model)})")
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded weights cannot be scored here
             check_against_full_logits(self.model)
-        if self.reference.model is not None and self.is_deepspeed_enabled:
-            # a DeepSpeed inference engine (ZeRO-3: its weights partitioned like the policy's)
-            self.reference.model = prepare_deepspeed(self.reference.model, self.accelerator)
-        elif self.reference.model is not None:
-            self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
+        if self.reference.model is not None:  # under DeepSpeed an inference engine, partitioned like the policy
+            self.reference.model = (
+                prepare_deepspeed(self.reference.model, self.accelerator)
+                if self.is_deepspeed_enabled
+                else self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
+            )
         for reward_model in self.rewards.reward_models:
             reward_model.to(self.accelerator.device)
 

@@ -90,8 +90,9 @@ CASES = {
     "fsdp_interrupt": dict(loss_type="grpo", num_generations=4, fsdp=True, interrupt=True),
     "zero3_interrupt": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, interrupt=True),
 }
-DEEPSPEED_AUTO = {key: "auto" for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping")}
-DEEPSPEED_AUTO["gradient_accumulation_steps"] = "auto"
+DEEPSPEED_AUTO = dict.fromkeys(
+    ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"], "auto"
+)  # filled in from the training arguments
 GENERATION_PROMPTS = ["1+2=", "9+9="]  # answers of one and two digits: generations that end at different steps
 
 
