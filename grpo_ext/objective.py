@@ -1,7 +1,7 @@
 """The GRPO objective: KL estimator, clipped surrogate, GSPO sequence ratio and loss aggregation.
 
 Pure functions of tensors; nothing here knows about models or trainers. Formulas: DeepSeekMath (arXiv 2402.03300)
-eq. 3-4, DAPO (arXiv 2503.14476), Dr. GRPO (arXiv 2503.20783), GSPO (arXiv 2507.18071); see DESIGN.md, step 6.
+eq. 3-4, DAPO (arXiv 2503.14476), Dr. GRPO (arXiv 2503.20783), GSPO (arXiv 2507.18071); see docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Group sampling and rollouts: each prompt G times in a row, then G completions per prompt, masked after EOS.
 
 The sampler is TRL's `RepeatSampler` (reused: it already keeps groups whole across processes and repeats the
-generation batch for `num_iterations x steps_per_generation` steps). Prefix-shared generation and dynamic sampling
-belong here too (issue "Custom group sampling").
+generation batch for `num_iterations x steps_per_generation` steps). Prefix-shared generation lives in
+`prefix_sharing.py`; dynamic sampling's loop in the trainer (`_roll_out_varying_groups`), its group test here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ __all__ = [
     "RepeatSampler",
     "is_conversational",
     "prompt_texts",
+    "eos_token_ids",
     "build_generation_config",
     "completion_mask_after_eos",
     "varying_groups",
@@ -37,6 +38,14 @@ def prompt_texts(prompts: list, tokenizer, chat_template_kwargs: dict | None = N
             for prompt in prompts
         ]
     return list(prompts)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Where a completion stops: the tokenizer's EOS plus every EOS the model's generation config declares (a chat
+    model's end-of-turn token, e.g. `<|im_end|>`, often differs from the tokenizer's EOS)."""
+    declared = model.generation_config.eos_token_id
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *declared]))
 
 
 def build_generation_config(args, pad_token_id: int, eos_token_ids: list[int]) -> GenerationConfig:

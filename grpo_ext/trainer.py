@@ -1,4 +1,4 @@
-"""GRPOExtTrainer: orchestrates one GRPO step (DESIGN.md, "One training step"); holds no formula inline.
+"""GRPOExtTrainer: orchestrates one GRPO step (docs/architecture.md, "One training step"); holds no formula inline.
 
 sample (sampling) -> roll out (sampling) -> score (rewards) -> advantages (advantages) -> log-probs (logprobs,
 reference) -> loss (objective) -> log.
@@ -44,6 +44,7 @@ from .sampling import (
     build_generation_config,
     completion_mask_after_eos,
     concat_rollouts,
+    eos_token_ids,
     is_conversational,
     prompt_texts,
     varying_groups,
@@ -113,12 +114,14 @@ class GRPOExtTrainer(_BaseTrainer):
             model_init_kwargs["quantization_config"] = quantization_config
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
-        processing_class = processing_class if processing_class is not None else load_tokenizer(model)
+        processing_class = (
+            processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
+        )
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         model.config.pad_token_id = processing_class.pad_token_id
         model.generation_config.pad_token_id = processing_class.pad_token_id
-        self.eos_token_ids = self._eos_token_ids(model, processing_class)
+        self.eos_token_ids = eos_token_ids(model, processing_class)
         if peft_config is not None:
             model = apply_peft(model, peft_config, args.gradient_checkpointing)
         elif hasattr(model, "peft_config") and args.gradient_checkpointing:
@@ -212,13 +215,6 @@ class GRPOExtTrainer(_BaseTrainer):
                 "was built in memory: pass the model as an id or path, or use a PEFT adapter (reference = adapters off)."
             )
         return load_causal_lm(model_path, model_init_kwargs)
-
-    @staticmethod
-    def _eos_token_ids(model, tokenizer) -> list[int]:
-        """The tokenizer's EOS plus every EOS the model's generation config declares (e.g. end-of-turn tokens)."""
-        declared = model.generation_config.eos_token_id
-        declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
-        return list(dict.fromkeys([tokenizer.eos_token_id, *declared]))
 
     def _check_dataset(self, dataset, name: str, args: GRPOExtConfig) -> None:
         if dataset is None:

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 from accelerate import PartialState
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.data import DEEPSEEKMATH_INSTRUCTION, R1_SYSTEM_PROMPT, load_split, to_prompt_answer
 from grpo_ext.evaluation import evaluate_accuracy
+from grpo_ext.models import load_tokenizer
 from reward_models import get_reward_funcs
 
 
@@ -52,6 +53,10 @@ class ScriptArguments:
     eval_after_training: bool = field(default=True, metadata={"help": "Evaluate the trained model."})
     eval_max_problems: int | None = field(default=None, metadata={"help": "Evaluate on the first N problems only."})
     eval_num_samples: int = field(default=1, metadata={"help": "1: greedy pass@1; k > 1: sampled pass@1 and maj@k."})
+    eval_reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={"help": "Rewards that score held-out completions (1.0 = correct); the first is the headline metric."},
+    )
 
 
 def main():
@@ -91,7 +96,7 @@ def main():
     }
     if quantization_config is not None and torch.cuda.is_available():
         training_args.model_init_kwargs["device_map"] = {"": PartialState().local_process_index}
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, {"revision": model_args.model_revision})
 
     # Rewards: registry names or dotted import paths
     reward_funcs = get_reward_funcs(
@@ -100,6 +105,10 @@ def main():
         max_len=training_args.max_completion_length,
         max_completion_len=training_args.max_completion_length,
         soft_punish_cache=training_args.max_completion_length // 4,
+    )
+
+    eval_reward_funcs = dict(
+        zip(script_args.eval_reward_funcs, get_reward_funcs(script_args.eval_reward_funcs, warn_unused=False))
     )
 
     # Trainer
@@ -122,6 +131,7 @@ def main():
             max_new_tokens=training_args.max_completion_length,
             temperature=training_args.temperature,
             batch_size=training_args.per_device_eval_batch_size * 8,
+            reward_funcs=eval_reward_funcs,
         )
         if is_main:
             print(f"[{stage}] held-out accuracy on {results['num_problems']} problems: {results}")
@@ -150,8 +160,9 @@ def main():
         with open(os.path.join(training_args.output_dir, "eval_results.json"), "w") as file:
             json.dump(results, file, indent=2)
         if "before" in results and "after" in results:
-            before, after = results["before"]["pass@1"], results["after"]["pass@1"]
-            print(f"held-out pass@1: {before:.1%} before -> {after:.1%} after GRPO ({after - before:+.1%})")
+            for name in script_args.eval_reward_funcs:
+                before, after = results["before"][f"pass@1/{name}"], results["after"][f"pass@1/{name}"]
+                print(f"held-out pass@1 ({name}): {before:.1%} before -> {after:.1%} after GRPO ({after - before:+.1%})")
 
     # Push the adapter and its model card when asked (--push_to_hub --hub_model_id user/name)
     if training_args.push_to_hub:

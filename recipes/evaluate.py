@@ -2,16 +2,20 @@
 
     python recipes/evaluate.py --model Qwen/Qwen2.5-Math-1.5B --adapter outputs/qwen-math-grpo \
         --dataset openai/gsm8k --dataset_config main --split test --num_samples 8 --output results.json
+    python recipes/evaluate.py --model outputs/smollm2/base-model --adapter outputs/smollm2/grpo \
+        --dataset outputs/smollm2/data/test.jsonl --instruction "End your reply with 'Answer: <number>'." \
+        --max_new_tokens 32 --reward_funcs answer_line accuracy
 """
 
 import argparse
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_ext.data import DEEPSEEKMATH_INSTRUCTION, load_split, to_prompt_answer
 from grpo_ext.evaluation import evaluate_accuracy
+from grpo_ext.models import load_causal_lm, load_tokenizer
+from reward_models import get_reward_funcs
 
 
 def main():
@@ -29,6 +33,12 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--reward_funcs",
+        nargs="+",
+        default=["accuracy"],
+        help="Rewards that score a completion 1.0 when correct (registry names or dotted paths); the first is pass@1.",
+    )
     parser.add_argument("--output", default=None, help="Write the summary JSON here too.")
     cli = parser.parse_args()
 
@@ -40,17 +50,24 @@ def main():
     if cli.max_problems:
         dataset = dataset.select(range(min(cli.max_problems, len(dataset))))
     dtype = cli.dtype if cli.dtype == "auto" else getattr(torch, cli.dtype)
-    model = AutoModelForCausalLM.from_pretrained(cli.model, dtype=dtype)
+    model = load_causal_lm(cli.model, {"dtype": dtype})  # a model id, a folder or a .gguf file
     if cli.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cli.adapter)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    tokenizer = AutoTokenizer.from_pretrained(cli.adapter or cli.model)
+    tokenizer = load_tokenizer(cli.adapter or cli.model)  # the trainer saves the tokenizer beside the adapter
 
     results = evaluate_accuracy(
-        model, tokenizer, dataset, cli.num_samples, cli.max_new_tokens, cli.temperature, cli.batch_size
+        model,
+        tokenizer,
+        dataset,
+        cli.num_samples,
+        cli.max_new_tokens,
+        cli.temperature,
+        cli.batch_size,
+        reward_funcs=dict(zip(cli.reward_funcs, get_reward_funcs(cli.reward_funcs, warn_unused=False))),
     )
     summary = {"model": cli.model, "adapter": cli.adapter, "dataset": cli.dataset, "split": cli.split, **results}
     print(json.dumps(summary, indent=2))

@@ -201,3 +201,23 @@ def accuracy_reward(completions, answer=None, solution=None, **kwargs) -> list[f
         correct = answer_is_correct(completion_text(completion), gold)
         rewards.append(None if correct is None else float(correct))
     return rewards
+
+
+_ANSWER_LINE = re.compile(r"^\s*\**Answer:?\**:?\s*(.*?)\s*$", re.IGNORECASE)
+
+
+def answer_line_reward(completions, answer=None, solution=None, **kwargs) -> list[float | None]:
+    """1.0 if the completion's last line reads `Answer: <x>` and x equals the gold answer, else 0.0 (None if the gold
+    answer cannot be parsed).
+
+    The strict metric for prompts that ask "End your reply with 'Answer: <number>'": the right number in the place the
+    prompt asked for it. It never pays for the format alone, so a policy cannot earn it with "Answer: 12" for every
+    question; `accuracy` beside it pays for the right number anywhere.
+    """
+    rewards = []
+    for completion, gold in zip(completions, gold_answers(completions, answer, solution)):
+        lines = [line for line in completion_text(completion).splitlines() if line.strip()]
+        match = _ANSWER_LINE.fullmatch(lines[-1]) if lines else None
+        correct = answer_is_correct(match.group(1), gold) if match and match.group(1) else False
+        rewards.append(None if correct is None or gold is None else float(bool(correct)))
+    return rewards

@@ -1,4 +1,4 @@
-"""Two processes run the same GRPO step as one process with the same global batch (issue "Beyond one GPU").
+"""Two processes run the same GRPO step as one process with the same global batch (DDP, FSDP2, ZeRO-2/3 on CPU).
 
 `tests/distributed_scripts/one_step.py` trains a tiny model for one optimizer step (SGD, lr 1.0, no clipping, constant
 schedule: the update is minus the gradient) in each of several cases, twice:

@@ -1,4 +1,4 @@
-"""The objective on hand-made tensors against closed-form values (DESIGN.md, step 6)."""
+"""The objective on hand-made tensors against closed-form values (docs/architecture.md, "One training step")."""
 
 import math
 

@@ -76,7 +76,7 @@ def test_recipe_runs_end_to_end_and_evaluate_py_reads_its_adapter(tmp_path):
         "--disable_tqdm", "true",
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "held-out pass@1:" in trained.stdout
+    assert "held-out pass@1 (accuracy):" in trained.stdout
     for name in ("adapter_model.safetensors", "adapter_config.json", "resolved_config.yaml", "eval_results.json"):
         assert (output_dir / name).exists(), name
     assert not (output_dir / "model.safetensors").exists()  # only the adapter, never base weights

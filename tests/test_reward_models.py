@@ -198,7 +198,7 @@ def test_soft_overlong_reward_values():
 
 
 def test_registry_names():
-    assert set(REWARD_FUNCS) == {"accuracy", "format", "tag_count", "cosine", "soft_overlong"}
+    assert set(REWARD_FUNCS) == {"accuracy", "answer_line", "format", "tag_count", "cosine", "soft_overlong"}
     funcs = get_reward_funcs(
         ["accuracy", "format", "tag_count", "cosine", "soft_overlong"],
         max_len=50,
