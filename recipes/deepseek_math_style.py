@@ -162,7 +162,9 @@ def main():
         if "before" in results and "after" in results:
             for name in script_args.eval_reward_funcs:
                 before, after = results["before"][f"pass@1/{name}"], results["after"][f"pass@1/{name}"]
-                print(f"held-out pass@1 ({name}): {before:.1%} before -> {after:.1%} after GRPO ({after - before:+.1%})")
+                print(
+                    f"held-out pass@1 ({name}): {before:.1%} before -> {after:.1%} after GRPO ({after - before:+.1%})"
+                )
 
     # Push the adapter and its model card when asked (--push_to_hub --hub_model_id user/name)
     if training_args.push_to_hub:
