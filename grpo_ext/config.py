@@ -15,6 +15,7 @@ from trl.trainer.base_config import _BaseConfig
 
 from .objective import KL_ESTIMATORS
 from .reference import REFERENCE_MODES
+from .rewards import NONFINITE_REWARD_POLICIES
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -172,6 +173,14 @@ class GRPOExtConfig(_BaseConfig):
     reward_weights: list[float] | None = _field(
         None,
         "Weight of each reward function in the summed reward, in the order given; defaults to 1.0 each.",
+    )
+    nonfinite_rewards: str = _field(
+        "error",
+        "What to do when a reward function returns NaN or +/-inf (not None) for a completion. `error` (the default): "
+        "stop at that step with an error naming the function, the row and the count, since one such value turns the "
+        "advantages and then every weight into NaN. `drop`: leave the value out of that function's reward, as if the "
+        "function had returned None (the weighted sum skips it), and log the count as `rewards/<name>/nonfinite`. "
+        "Not in TRL.",
     )
     mask_truncated_completions: bool = _field(
         False,
@@ -340,6 +349,11 @@ class GRPOExtConfig(_BaseConfig):
         require(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1.")
         require(self.max_sampling_rounds >= 1, f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
+        require(
+            self.nonfinite_rewards in NONFINITE_REWARD_POLICIES,
+            f"nonfinite_rewards={self.nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}: `error` stops "
+            "at a NaN / infinite reward, `drop` leaves it out of that function's reward.",
+        )
         require(
             self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
             f"reward_weights={self.reward_weights} must be a list of numbers.",

@@ -136,6 +136,7 @@ class GRPOExtTrainer(_BaseTrainer):
             reward_processing_classes=reward_processing_classes,
             model_init_kwargs=args.model_init_kwargs,
             chat_template_kwargs=args.chat_template_kwargs,
+            nonfinite_rewards=args.nonfinite_rewards,
         )
         self._check_dataset(train_dataset, "train_dataset", args)
         for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
@@ -196,6 +197,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
         self._buffered_inputs = None
         self._step = 0  # micro-steps taken, to know when to roll out again
+        self._last_finite_step = 0  # last optimizer step after which every trainable weight was finite
         # dynamic sampling draws extra prompts from its own generator, different on each process
         self._refill_rng = random.Random(args.seed + 1000 * self.accelerator.process_index)
 
@@ -304,7 +306,49 @@ class GRPOExtTrainer(_BaseTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step += 1
+        self._check_loss_is_finite(loss)
         return loss
+
+    # --- Never a NaN update, never a NaN checkpoint ---
+
+    def _check_loss_is_finite(self, loss: torch.Tensor) -> None:
+        """Stop before the optimizer steps on a NaN / infinite loss (on any process: all stop together)."""
+        nonfinite = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "max")
+        if bool(nonfinite.item()):
+            step = self.state.global_step + 1
+            raise FloatingPointError(
+                f"The loss of step {step} is {loss.item()} (on this or another process); stopped before the optimizer "
+                "step, so the weights are still those of the previous step. Rewards are checked for NaN / inf already "
+                "(nonfinite_rewards), so look at the learning rate (lower it), bf16 / fp16 overflow, or max_grad_norm."
+            )
+
+    def _nonfinite_trainable_weights(self) -> list[str]:
+        """Names of trainable parameters holding a NaN / inf on this process (empty when all are finite)."""
+        return [
+            name
+            for name, parameter in self.model.named_parameters()
+            if parameter.requires_grad and parameter.numel() and not bool(torch.isfinite(parameter.detach()).all())
+        ]
+
+    def _check_weights_are_finite(self, action: str) -> None:
+        """Raise if any process holds a non-finite trainable weight, naming the step that made it so."""
+        bad = self._nonfinite_trainable_weights()
+        anywhere = self.accelerator.reduce(torch.tensor([float(bool(bad))], device=self.accelerator.device), "max")
+        if not bool(anywhere.item()):
+            self._last_finite_step = self.state.global_step
+            return
+        listed = f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else " on another process"
+        raise FloatingPointError(
+            f"Refusing to {action}: trainable weights are NaN / infinite{listed} after step {self.state.global_step}; "
+            f"they were finite after step {self._last_finite_step}, so step {self._last_finite_step + 1} went wrong. "
+            "Resume from an earlier checkpoint with a lower learning rate (or max_grad_norm), and check the reward "
+            "functions (nonfinite_rewards='error' names NaN / inf rewards)."
+        )
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # Once per optimizer step, before any checkpoint of that step is written
+        self._check_weights_are_finite(f"go on after step {self.state.global_step}")
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _prepare_inputs(self, generation_batch: list[dict]) -> dict:
         if not self.model.training:
@@ -416,6 +460,10 @@ class GRPOExtTrainer(_BaseTrainer):
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         columns["trainer_state"] = self.state
         local_rewards_per_func = self.rewards.score(prompts, completions, completion_ids_list, columns)  # (B, K)
+        if self.args.nonfinite_rewards == "drop":
+            dropped = self.accelerator.reduce(torch.tensor(self.rewards.nonfinite_counts, device=device), "sum")
+            for name, count in zip(self.rewards.names, dropped.tolist()):
+                self._metrics[mode][f"rewards/{name}/nonfinite"].append(float(count))
         rewards_per_func = gather(local_rewards_per_func.to(device))  # (B * num_processes, K)
         rewards = self.rewards.weighted_sum(rewards_per_func)  # (B * num_processes,)
         penalty = self._reward_penalties(mode, batch, rollout_per_token_logps, lengths, is_truncated)
@@ -620,6 +668,7 @@ class GRPOExtTrainer(_BaseTrainer):
     # --- State beyond transformers': saved with each checkpoint, restored on resume ---
 
     def _save_checkpoint(self, model, trial):
+        self._check_weights_are_finite(f"save checkpoint-{self.state.global_step}")
         super()._save_checkpoint(model, trial)
         if self.reward_kl_controller is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

@@ -58,3 +58,11 @@ def test_generation_batch_is_resolved_like_trl():
     assert args.steps_per_generation == 4
     with pytest.raises(ValueError, match="mutually exclusive"):
         GRPOExtConfig(output_dir="x", use_cpu=True, generation_batch_size=16, steps_per_generation=2)
+
+
+def test_nonfinite_rewards_policy_is_documented_and_checked():
+    assert GRPOExtConfig(output_dir="x", use_cpu=True).nonfinite_rewards == "error"
+    assert "    nonfinite_rewards (*optional*, defaults to `'error'`):" in GRPOExtConfig.__doc__
+    assert "rewards/<name>/nonfinite" in GRPOExtConfig.__dataclass_fields__["nonfinite_rewards"].metadata["help"]
+    with pytest.raises(ValueError, match=r"nonfinite_rewards='skip' is not one of \('error', 'drop'\)"):
+        GRPOExtConfig(output_dir="x", use_cpu=True, nonfinite_rewards="skip")

@@ -79,13 +79,17 @@ def test_reward_function_returning_a_non_number(tokenizer, make_args):
         _trainer(tokenizer, make_args(), reward_funcs=stringly).train()
 
 
-def test_reward_function_that_raises_names_itself_and_the_row(tokenizer, make_args):
+def test_reward_function_that_raises_names_itself_and_is_not_called_again(tokenizer, make_args):
+    calls = []
+
     def fragile(prompts, completions, **kwargs):
+        calls.append(len(prompts))
         return [1.0 / (0 if prompt == prompts[-1] else 1) for prompt in prompts]  # fails on the last group's prompt
 
-    with pytest.raises(RewardFunctionError, match=r"'fragile' raised ZeroDivisionError.*on row 0 .*prompt") as caught:
+    with pytest.raises(RewardFunctionError, match=r"'fragile' raised ZeroDivisionError.*batch of 8") as caught:
         _trainer(tokenizer, make_args(), reward_funcs=fragile).train()
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
+    assert calls == [8]  # once for the batch, never once per row
 
 
 def test_not_a_reward_function(tokenizer, make_args):
