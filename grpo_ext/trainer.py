@@ -24,6 +24,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 
 from .advantages import group_relative_advantages, nanstd
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
+from .checkpoints import check_resume_settings, explain_full_disk, last_complete_checkpoint
 from .config import GRPOExtConfig
 from .hub import (
     DEEPSEEKMATH_BIBTEX,
@@ -113,6 +114,7 @@ class GRPOExtTrainer(_BaseTrainer):
         if quantization_config is not None:
             model_init_kwargs["quantization_config"] = quantization_config
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        self._model_path = str(model_path or "")  # recorded in checkpoints, compared on resume
         model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
         processing_class = (
             processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
@@ -665,15 +667,74 @@ class GRPOExtTrainer(_BaseTrainer):
         metrics["completions/min_terminated_length"].append(terminated.min().item())
         metrics["completions/max_terminated_length"].append(terminated.max().item())
 
-    # --- State beyond transformers': saved with each checkpoint, restored on resume ---
+    # --- Training, checkpoints and resume ---
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, plus: `resume_from_checkpoint=True` (or the string "true" a command line gives) resumes
+        from the newest *complete* checkpoint of `output_dir`, skipping with a warning folders a killed process left
+        half-written; a checkpoint made with another `num_generations` or `loss_type` is refused, one made from
+        another model path warned about; and the SIGTERM / Ctrl-C handlers installed for training are put back when
+        `train()` returns or raises.
+        """
+        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        if checkpoint is not None:
+            check_resume_settings(self._saved_run_settings(checkpoint), self._run_settings(), checkpoint)
+        try:
+            return super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+        finally:
+            self._interrupt.restore_handlers()
+
+    def _resolve_checkpoint(self, resume_from_checkpoint) -> str | None:
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "false"):
+            if not os.path.isdir(resume_from_checkpoint):
+                resume_from_checkpoint = resume_from_checkpoint.lower() == "true"
+        if resume_from_checkpoint is True:
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-N folder. "
+                    "Train from the start (resume_from_checkpoint=False), or pass a checkpoint folder."
+                )
+            return checkpoint
+        return os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
+
+    def _run_settings(self) -> dict:
+        """Settings a checkpoint is tied to (checkpoints.RESUME_MUST_MATCH / RESUME_SHOULD_MATCH)."""
+        return {
+            "num_generations": self.args.num_generations,
+            "loss_type": self.args.loss_type,
+            "model": self._model_path,
+        }
+
+    @staticmethod
+    def _saved_run_settings(checkpoint: str) -> dict:
+        """The settings recorded in a checkpoint's STATE_FILE; empty for checkpoints written before they were."""
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as file:
+            return json.load(file).get("run", {})
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        with explain_full_disk(output_dir or self.args.output_dir):
+            return super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial):
+        """grpo-ext's state first, then transformers' checkpoint, whose trainer_state.json, written last, marks the
+        folder complete (checkpoints.incomplete_reason)."""
         self._check_weights_are_finite(f"save checkpoint-{self.state.global_step}")
-        super()._save_checkpoint(model, trial)
-        if self.reward_kl_controller is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            with open(os.path.join(folder, STATE_FILE), "w") as file:
-                json.dump({"reward_kl_controller": self.reward_kl_controller.state_dict()}, file, indent=2)
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with explain_full_disk(folder):
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+                state = {"run": self._run_settings()}
+                if self.reward_kl_controller is not None:
+                    state["reward_kl_controller"] = self.reward_kl_controller.state_dict()
+                with open(os.path.join(folder, STATE_FILE), "w") as file:
+                    json.dump(state, file, indent=2)
+            super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called on resume by every backend (DDP, DeepSpeed, FSDP), after the TrainerState is restored.
@@ -686,7 +747,9 @@ class GRPOExtTrainer(_BaseTrainer):
         path = os.path.join(checkpoint, STATE_FILE)
         if self.reward_kl_controller is not None and os.path.isfile(path):
             with open(path) as file:
-                self.reward_kl_controller.load_state_dict(json.load(file)["reward_kl_controller"])
+                state = json.load(file)
+            if "reward_kl_controller" in state:
+                self.reward_kl_controller.load_state_dict(state["reward_kl_controller"])
 
     # --- Hub: adapters only, with grpo-ext's model card (hub.py); full models go through transformers ---
 

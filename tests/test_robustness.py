@@ -1,7 +1,10 @@
 """Faults a user meets: NaN / infinite rewards, NaN weights, interrupted saves, a full disk, a resume with other
 settings, signal handlers left behind, uploads that fail, tokens written to disk."""
 
+import errno
 import math
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,8 +12,9 @@ import torch
 from transformers import TrainerCallback
 
 from grpo_ext import GRPOExtTrainer
+from grpo_ext.checkpoints import NoSpaceLeftError
 from grpo_ext.rewards import RewardFunctionError
-from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model, save_tiny_model
 
 
 def _trainer(tokenizer, args, reward_funcs=digit_fraction_reward, dataset=None, **kwargs):
@@ -114,3 +118,107 @@ def test_the_completions_table_shows_what_was_generated_whatever_a_reward_functi
     trainer.train()
     out = capsys.readouterr().out
     assert "step 1 completions:" in out and "+" in out and "VANDALISED" not in out
+
+
+# --- 3 and 6. Resume: complete checkpoints only, same settings; a full disk named ---
+
+
+def _checkpointed_run(tokenizer, make_args, steps=2, **overrides):
+    """A finished run with checkpoint-1 .. checkpoint-<steps> in its output folder."""
+    args = make_args(max_steps=steps, save_strategy="steps", save_steps=1, **overrides)
+    _trainer(tokenizer, args).train()
+    return Path(args.output_dir)
+
+
+def test_resume_skips_checkpoints_a_killed_save_left_incomplete(tokenizer, make_args):
+    out = _checkpointed_run(tokenizer, make_args)
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    (out / "checkpoint-3" / "trainer_state.json").unlink()  # killed before the trainer state was written
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-10")
+    state = out / "checkpoint-10" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # killed while writing it
+    (out / "checkpoint-11").mkdir()  # killed right after creating the folder
+
+    trainer = _trainer(tokenizer, make_args(max_steps=3, save_strategy="steps", save_steps=1))
+    with pytest.warns(UserWarning) as caught:
+        trainer.train(resume_from_checkpoint=True)
+    skipped = [str(w.message) for w in caught if "Skipping" in str(w.message)]
+    assert [s.split(" on resume")[0] for s in skipped] == [
+        f"Skipping {out / name}" for name in ("checkpoint-11", "checkpoint-10", "checkpoint-3")
+    ]
+    assert "no trainer_state.json" in skipped[2] and "unreadable" in skipped[1] and "incomplete" in skipped[0]
+    assert trainer.state.global_step == 3  # resumed at step 2, trained one more step
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
+
+
+def test_resume_with_no_complete_checkpoint_says_so(tokenizer, make_args):
+    args = make_args()
+    (Path(args.output_dir) / "checkpoint-5").mkdir(parents=True)
+    with pytest.warns(UserWarning, match="Skipping"), pytest.raises(ValueError, match="no complete checkpoint-N"):
+        _trainer(tokenizer, args).train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_generations=2), r"num_generations=4 there, 2 here"),
+        (dict(loss_type="dapo"), r"loss_type='grpo' there, 'dapo' here"),
+    ],
+)
+def test_resume_with_other_group_size_or_loss_type_is_refused(tokenizer, make_args, change, message):
+    out = _checkpointed_run(tokenizer, make_args, steps=1)
+    trainer = _trainer(tokenizer, make_args(max_steps=2, **change))
+    with pytest.raises(ValueError, match=rf"Cannot resume from {out / 'checkpoint-1'}: .*{message}"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_resume_from_another_model_path_is_warned_about(tokenizer, make_args, tmp_path):
+    first, second = save_tiny_model(tmp_path / "first"), save_tiny_model(tmp_path / "second")
+    args = make_args(max_steps=1, save_strategy="steps", save_steps=1)
+    GRPOExtTrainer(first, digit_fraction_reward, args=args, train_dataset=make_prompt_dataset(8)).train()
+    trainer = GRPOExtTrainer(
+        second, digit_fraction_reward, args=make_args(max_steps=2), train_dataset=make_prompt_dataset(8)
+    )
+    with pytest.warns(UserWarning, match=rf"trained from model='{first}', with model='{second}'"):
+        trainer.train(resume_from_checkpoint="true")  # as the recipe's --resume_from_checkpoint true gives it
+    assert trainer.state.global_step == 2
+
+
+def test_a_full_disk_while_saving_names_the_folder(tokenizer, make_args, monkeypatch):
+    args = make_args(max_steps=1, save_strategy="steps", save_steps=1)
+    trainer = _trainer(tokenizer, args)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", disk_full)
+    folder = Path(args.output_dir) / "checkpoint-1"
+    with pytest.raises(NoSpaceLeftError, match=rf"no space left on device while saving {folder}") as caught:
+        trainer.train()
+    assert caught.value.errno == errno.ENOSPC and "save_total_limit" in str(caught.value)
+
+    monkeypatch.setattr(trainer, "_save", disk_full)
+    with pytest.raises(NoSpaceLeftError, match=rf"no space left on device while saving {args.output_dir}/final"):
+        trainer.save_model(f"{args.output_dir}/final")
+
+
+# --- 4. Signal handlers ---
+
+
+def test_signal_handlers_are_restored_when_train_raises(tokenizer, make_args):
+    def fails(completions, **kwargs):
+        raise RuntimeError("boom")
+
+    def mine(signum, frame):
+        pass
+
+    previous = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(RewardFunctionError, match="boom"):
+            _trainer(tokenizer, make_args(), reward_funcs=fails).train()
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+        _trainer(tokenizer, make_args(max_steps=1)).train()
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
