@@ -7,6 +7,7 @@ text is written once, in `metadata["help"]`; the class docstring is built from t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,6 +272,31 @@ class GRPOExtConfig(_BaseConfig):
         "chat_template_kwargs",
     ]
 
+    def __getstate__(self) -> dict:
+        """What pickling writes, e.g. `training_args.bin`, which transformers saves with `torch.save(args)` in the
+        output folder, in every checkpoint and before each full-model upload: every field but credentials.
+        `hub_token` is written as None and `token`-named keys of dict fields (`model_init_kwargs`, ...) are left
+        out, so no file the trainer writes holds a token. A resumed run takes the token from its own config or the
+        environment (`HF_TOKEN`, `hf auth login`), as a fresh run does: nothing reads it back from a checkpoint.
+        """
+        state = dict(self.__dict__)
+        state["hub_token"] = None
+        for name, value in state.items():
+            if isinstance(value, dict):
+                state[name] = {k: v for k, v in value.items() if "token" not in str(k).lower()}
+        return state
+
+    def __copy__(self):  # copies keep the token: only pickles (files) leave it out
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo):
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
     def __post_init__(self):
         self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
             self.scale_rewards, self.scale_rewards
@@ -421,6 +447,10 @@ def _document(cls):
         "Derives from TRL's `_BaseConfig` (itself `transformers.TrainingArguments`); every TrainingArguments field "
         "works as usual. Defaults that differ from `trl.GRPOConfig`: `beta` (0.04, TRL 0.0) and `loss_type` "
         "(`grpo`, TRL `dapo`).",
+        "",
+        "Pickled (as in `training_args.bin`, in the output folder and every checkpoint), the config holds no "
+        "token: `hub_token` is saved as None and `token` keys of dict fields are left out. A resumed run takes the "
+        "token again from its config or the environment (`HF_TOKEN`, `hf auth login`).",
         "",
         "Parameters:",
     ]

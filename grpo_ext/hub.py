@@ -368,8 +368,9 @@ def _check_is_adapter(output_dir: str) -> None:
         raise ValueError(
             f"{output_dir} holds full model weights, not a LoRA adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}): "
             "push_adapter_to_hub uploads adapters only, so it never publishes base weights by accident. To push a "
-            "full (or merged) model, use `model.push_to_hub(repo_id)` and `tokenizer.push_to_hub(repo_id)`, or "
-            "`HfApi().upload_folder(repo_id=repo_id, folder_path=output_dir)`."
+            "full (or merged) model, use `model.push_to_hub(repo_id)` and `tokenizer.push_to_hub(repo_id)`. Do not "
+            "upload the whole output folder: it also holds checkpoints, optimizer states and run files that are not "
+            "part of the model."
         )
     missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not present(name)]
     raise ValueError(

@@ -2,19 +2,35 @@
 settings, signal handlers left behind, uploads that fail, tokens written to disk."""
 
 import errno
+import json
 import math
+import os
 import shutil
 import signal
+import subprocess
+import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
+import transformers.trainer
+import yaml
+from huggingface_hub import RepoUrl
+from peft import LoraConfig
 from transformers import TrainerCallback
 
+import grpo_ext.hub as hub
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.checkpoints import NoSpaceLeftError
 from grpo_ext.rewards import RewardFunctionError
-from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model, save_tiny_model
+from grpo_ext.testing import (
+    digit_fraction_reward,
+    make_arithmetic_splits,
+    make_prompt_dataset,
+    make_tiny_model,
+    save_tiny_model,
+)
 
 
 def _trainer(tokenizer, args, reward_funcs=digit_fraction_reward, dataset=None, **kwargs):
@@ -222,3 +238,97 @@ def test_signal_handlers_are_restored_when_train_raises(tokenizer, make_args):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# --- 2. No token in any file the trainer writes ---
+
+FAKE_TOKEN = "hf_FAKEtoken1234567890"
+FAKE_ENV_TOKEN = "hf_FAKEenvToken0987654321"
+
+
+class OfflineHub:
+    """Stands in for the Hub: records what would be uploaded (file bytes), creates repositories without a network."""
+
+    def __init__(self):
+        self.uploaded = {}  # path -> bytes
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            data = op.path_or_fileobj
+            self.uploaded[f"{repo_id}:{op.path_in_repo}"] = data if isinstance(data, bytes) else Path(data).read_bytes()
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        for path in Path(folder_path).rglob("*"):
+            if path.is_file():
+                self.uploaded[f"{repo_id}:{path.relative_to(folder_path)}"] = path.read_bytes()
+        future = Future()
+        future.set_result(None)
+        return future
+
+
+def _files_holding(folder: Path, tokens: list[str]) -> list[str]:
+    """Every file under `folder` (binary ones too, read as bytes) that contains one of `tokens`."""
+    return [
+        str(path.relative_to(folder))
+        for path in folder.rglob("*")
+        if path.is_file() and any(token.encode() in path.read_bytes() for token in tokens)
+    ]
+
+
+@pytest.mark.parametrize("adapter", [True, False], ids=["lora", "full"])
+def test_no_token_in_any_file_log_card_or_upload(tmp_path, make_args, monkeypatch, capfd, caplog, adapter):
+    hub_api = OfflineHub()
+    monkeypatch.setattr(hub, "HfApi", lambda *a, **k: hub_api)
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub_api)
+    monkeypatch.setenv("HF_TOKEN", FAKE_ENV_TOKEN)
+    args = make_args(
+        max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True, hub_model_id="someone/tiny",
+        hub_token=FAKE_TOKEN, model_init_kwargs={"token": FAKE_TOKEN}, logging_steps=1, log_completions=True,
+    )  # fmt: skip
+    trainer = GRPOExtTrainer(
+        save_tiny_model(tmp_path / "base"), digit_fraction_reward, args=args, train_dataset=make_prompt_dataset(8),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if adapter else None,
+    )  # fmt: skip
+    with caplog.at_level("DEBUG"):
+        trainer.train()
+        trainer.save_model()
+        trainer.save_state()
+        trainer.push_to_hub(dataset_name="synthetic/sums")
+    out = Path(args.output_dir)
+    assert (out / "checkpoint-2" / "training_args.bin").is_file() and (out / "training_args.bin").is_file()
+    assert _files_holding(out, [FAKE_TOKEN, FAKE_ENV_TOKEN]) == []
+    assert hub_api.uploaded and not [p for p, data in hub_api.uploaded.items() if FAKE_TOKEN.encode() in data]
+    logs = capfd.readouterr()
+    assert FAKE_TOKEN not in logs.out + logs.err + caplog.text and FAKE_ENV_TOKEN not in logs.out + logs.err
+    saved = torch.load(out / "training_args.bin", weights_only=False)
+    assert saved.hub_token is None and saved.model_init_kwargs == {} and saved.num_generations == 4
+    assert trainer.args.hub_token == FAKE_TOKEN  # the live config keeps it for the pushes
+
+
+def test_no_token_in_any_file_the_recipe_writes(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in make_arithmetic_splits(num_test=10)[0].select(range(8))))
+    config = {
+        "model_name_or_path": save_tiny_model(tmp_path / "base"), "dtype": "float32", "use_peft": True, "lora_r": 4,
+        "lora_target_modules": ["q_proj", "v_proj"], "dataset_name": str(data), "dataset_config": None,
+        "dataset_test_split": None, "instruction": "", "conversational": False, "reward_funcs": ["accuracy"],
+        "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8, "num_generations": 4,
+        "max_completion_length": 4, "max_steps": 2, "save_strategy": "steps", "save_steps": 1, "logging_steps": 1,
+        "bf16": False, "gradient_checkpointing": False, "use_cpu": True, "report_to": "none", "disable_tqdm": True,
+        "hub_token": FAKE_TOKEN,
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_TOKEN": FAKE_ENV_TOKEN, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    run = subprocess.run(
+        [sys.executable, str(root / "recipes" / "deepseek_math_style.py"), "--config", str(tmp_path / "config.yaml")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=root,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "checkpoint-2" / "training_args.bin").is_file() and (out / "resolved_config.yaml").is_file()
+    assert _files_holding(out, [FAKE_TOKEN, FAKE_ENV_TOKEN]) == []
+    assert FAKE_TOKEN not in run.stdout + run.stderr and FAKE_ENV_TOKEN not in run.stdout + run.stderr
