@@ -6,8 +6,10 @@ reference) -> loss (objective) -> log.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import logging
 import os
 import random
 from collections import defaultdict
@@ -28,6 +30,8 @@ from .checkpoints import check_resume_settings, explain_full_disk, last_complete
 from .config import GRPOExtConfig
 from .hub import (
     DEEPSEEKMATH_BIBTEX,
+    CheckpointUploads,
+    HubPushError,
     model_card_for_output_dir,
     push_adapter_to_hub,
     save_training_config,
@@ -50,6 +54,8 @@ from .sampling import (
     prompt_texts,
     varying_groups,
 )
+
+logger = logging.getLogger(__name__)
 
 # Trainer state beyond transformers' own, saved in each checkpoint folder.
 STATE_FILE = "grpo_ext_state.json"
@@ -173,6 +179,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self.model_accepts_loss_kwargs = False
         # Two backbone passes in one forward are untested under DeepSpeed / FSDP sharding: plain path there
         self._prefix_sharing = args.prefix_sharing and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
         self._interrupt = SaveOnInterruptCallback()
         self.add_callback(self._interrupt)
         if self.reference.mode == "snapshot_adapter":
@@ -718,8 +725,15 @@ class GRPOExtTrainer(_BaseTrainer):
             return json.load(file).get("run", {})
 
     def save_model(self, output_dir=None, _internal_call=False):
+        """`Trainer.save_model`; a full disk is named (`NoSpaceLeftError`), and with `push_to_hub` a failed upload
+        is a warning here (the model is saved): `push_to_hub()` itself raises."""
         with explain_full_disk(output_dir or self.args.output_dir):
-            return super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call=True)
+        if self.args.push_to_hub and not _internal_call:
+            try:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            except HubPushError as error:
+                logger.warning("%s", error)
 
     def _save_checkpoint(self, model, trial):
         """grpo-ext's state first, then transformers' checkpoint, whose trainer_state.json, written last, marks the
@@ -789,14 +803,49 @@ class GRPOExtTrainer(_BaseTrainer):
         except (ImportError, ValueError) as error:  # no matplotlib, or nothing logged yet: push without curves
             print(f"no training curves: {error}")
 
+    def init_hf_repo(self, token=None):
+        # Called at start-up with push_to_hub: an unreachable Hub must not stop a run that can push later
+        try:
+            super().init_hf_repo(token)
+        except Exception as error:
+            self.hub_model_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+            self.push_in_progress = None
+            logger.warning(
+                "Could not create or reach the Hub repository %s (%s: %s). Training goes on: checkpoint uploads are "
+                "tried in the background, and the final push_to_hub() says whether it worked.",
+                self.hub_model_id,
+                type(error).__name__,
+                error,
+            )
+
     def push_to_hub(
         self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs
     ):
+        """Upload the result (adapter: `hub.push_adapter_to_hub`'s allow-list; full model: transformers' push).
+
+        A failed upload raises `HubPushError`, which says that the local result in `output_dir` is intact (it is
+        saved before the upload starts) and how to push it again.
+        """
+        repo_id = self._hub_repo_id(kwargs.get("model_name"))
+        try:
+            return self._push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        except HubPushError:
+            raise
+        except Exception as error:
+            raise HubPushError(
+                f"Pushing {self.args.output_dir} to the Hub repository {repo_id} failed ({type(error).__name__}: "
+                f"{error}). The trained model is saved and intact in {self.args.output_dir}; push it again with "
+                "trainer.push_to_hub() once the Hub is reachable (an adapter also with "
+                f"grpo_ext.hub.push_adapter_to_hub({str(self.args.output_dir)!r}, {repo_id!r}))."
+            ) from error
+
+    def _push_to_hub(self, commit_message, blocking, token, revision, private, **kwargs):
         if not self._is_adapter():
             return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
+        self._uploads.finish()  # a checkpoint upload still running would race this one
         self.save_state()
         self._save_card_assets(self.args.output_dir)
         self.create_model_card(model_name=kwargs.get("model_name"), dataset_name=kwargs.get("dataset_name"))
@@ -810,14 +859,18 @@ class GRPOExtTrainer(_BaseTrainer):
         )
 
     def _push_from_checkpoint(self, checkpoint_folder):
-        # transformers would upload training_args.bin, a pickle holding hub_token in clear: push the adapter only
+        # transformers would upload training_args.bin and every file of the output folder: push the adapter only,
+        # in the background (CheckpointUploads), so a slow or failing upload neither blocks nor stops training.
         if not self._is_adapter():
             return super()._push_from_checkpoint(checkpoint_folder)
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
             return
+        if self._uploads.busy() and not self.args.hub_always_push:  # as transformers: skip while one runs
+            return
         self._save_card_assets(checkpoint_folder)
         repo_id = self._hub_repo_id()
-        push_adapter_to_hub(
+        upload = functools.partial(
+            push_adapter_to_hub,
             checkpoint_folder,
             repo_id,
             token=self.args.hub_token,
@@ -826,6 +879,13 @@ class GRPOExtTrainer(_BaseTrainer):
             revision=self.args.hub_revision,
             model_card=self._model_card(checkpoint_folder, repo_id),
         )
+        self._uploads.submit(checkpoint_folder, upload)
+
+    def _finish_current_push(self):
+        # End of training (and transformers' push_to_hub): wait for checkpoint uploads, retry a failed one once
+        super()._finish_current_push()
+        if hasattr(self, "_uploads"):
+            self._uploads.finish()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

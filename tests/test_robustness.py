@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from transformers import TrainerCallback
 import grpo_ext.hub as hub
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.checkpoints import NoSpaceLeftError
+from grpo_ext.hub import HubPushError
 from grpo_ext.rewards import RewardFunctionError
 from grpo_ext.testing import (
     digit_fraction_reward,
@@ -332,3 +334,43 @@ def test_no_token_in_any_file_the_recipe_writes(tmp_path):
     assert (out / "checkpoint-2" / "training_args.bin").is_file() and (out / "resolved_config.yaml").is_file()
     assert _files_holding(out, [FAKE_TOKEN, FAKE_ENV_TOKEN]) == []
     assert FAKE_TOKEN not in run.stdout + run.stderr and FAKE_ENV_TOKEN not in run.stdout + run.stderr
+
+
+# --- 5. Uploads during training ---
+
+
+def test_failing_checkpoint_uploads_neither_block_nor_stop_training(tokenizer, make_args, monkeypatch, caplog):
+    import grpo_ext.trainer as trainer_module
+
+    attempts = []
+
+    def unreachable_hub(folder, repo_id, **kwargs):
+        attempts.append((Path(folder).name, threading.current_thread() is threading.main_thread()))
+        raise ConnectionError("Hub unreachable")
+
+    class NoNetwork:
+        def create_repo(self, *args, **kwargs):
+            raise ConnectionError("Hub unreachable")
+
+    monkeypatch.setattr(trainer_module, "push_adapter_to_hub", unreachable_hub)
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: NoNetwork())
+    args = make_args(
+        max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True, hub_model_id="someone/tiny",
+        hub_always_push=True,
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        trainer = _trainer(tokenizer, args, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        trainer.train()
+    assert trainer.state.global_step == 2
+    # each checkpoint uploaded off the training thread, the newest retried once at the end of training
+    assert attempts == [("checkpoint-1", False), ("checkpoint-2", False), ("checkpoint-2", True)]
+    assert "Could not create or reach the Hub repository someone/tiny" in caplog.text
+    assert f"Uploading {Path(args.output_dir) / 'checkpoint-1'} to the Hub failed (ConnectionError" in caplog.text
+    assert "Retrying the upload of" in caplog.text and "intact on disk" in caplog.text
+
+    with pytest.raises(HubPushError, match=r"someone/tiny failed \(ConnectionError: Hub unreachable\).*intact in"):
+        trainer.push_to_hub()
+    out = Path(args.output_dir)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
