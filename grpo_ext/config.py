@@ -66,6 +66,13 @@ class GRPOExtConfig(_BaseConfig):
         512,
         "Maximum number of tokens generated per completion. Same default as TRL.",
     )
+    max_prompt_length: int | None = _field(
+        None,
+        "Maximum prompt length in tokens. None (the default): every prompt is checked at start, and one longer than "
+        "the model's max_position_embeddings minus max_completion_length is an error naming its row. An int: longer "
+        "prompts are cut from the left to this many tokens at rollout (as TRL's former `max_prompt_length`; reward "
+        "functions still get the whole prompt), and it must fit with max_completion_length in the model's positions.",
+    )
     shuffle_dataset: bool = _field(
         True,
         "Whether to shuffle the training prompts.",
@@ -320,6 +327,10 @@ class GRPOExtConfig(_BaseConfig):
         require(
             self.max_completion_length >= 1,
             f"max_completion_length={self.max_completion_length} must be >= 1.",
+        )
+        require(
+            self.max_prompt_length is None or self.max_prompt_length >= 1,
+            f"max_prompt_length={self.max_prompt_length} must be >= 1, or None to check prompts without cutting them.",
         )
         require(self.beta >= 0, f"beta={self.beta} must be >= 0 (0 turns the KL term off; DeepSeekMath uses 0.04).")
         require(

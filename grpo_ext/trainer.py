@@ -28,6 +28,7 @@ from .advantages import group_relative_advantages, nanstd
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, last_complete_checkpoint
 from .config import GRPOExtConfig
+from .data import check_prompt_lengths, check_prompts, dataset_prompts
 from .hub import (
     DEEPSEEKMATH_BIBTEX,
     CheckpointUploads,
@@ -146,9 +147,11 @@ class GRPOExtTrainer(_BaseTrainer):
             chat_template_kwargs=args.chat_template_kwargs,
             nonfinite_rewards=args.nonfinite_rewards,
         )
-        self._check_dataset(train_dataset, "train_dataset", args)
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        self._check_dataset(train_dataset, "train_dataset", args, processing_class, max_positions)
         for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
-            self._check_dataset(dataset, f"eval_dataset[{split!r}]" if split else "eval_dataset", args)
+            name = f"eval_dataset[{split!r}]" if split else "eval_dataset"
+            self._check_dataset(dataset, name, args, processing_class, max_positions)
         if eval_dataset is not None:
             self._check_eval_batch(args)
 
@@ -227,7 +230,8 @@ class GRPOExtTrainer(_BaseTrainer):
             )
         return load_causal_lm(model_path, model_init_kwargs)
 
-    def _check_dataset(self, dataset, name: str, args: GRPOExtConfig) -> None:
+    def _check_dataset(self, dataset, name: str, args: GRPOExtConfig, tokenizer=None, max_positions=None) -> None:
+        """Columns, size and reward-function arguments, then every prompt: type, emptiness, chat roles, length."""
         if dataset is None:
             return
         if isinstance(dataset, IterableDataset):
@@ -252,6 +256,18 @@ class GRPOExtTrainer(_BaseTrainer):
                     f"Reward function '{func_name}' takes {missing} but {name} has no such column (columns: "
                     f"{columns}). Add the column to the dataset or give the argument a default value."
                 )
+        prompts = dataset_prompts(dataset)
+        check_prompts(prompts, name)
+        if tokenizer is not None:
+            check_prompt_lengths(
+                prompts,
+                name,
+                tokenizer,
+                max_positions,
+                args.max_completion_length,
+                args.max_prompt_length,
+                args.chat_template_kwargs,
+            )
 
     @staticmethod
     def _check_eval_batch(args: GRPOExtConfig) -> None:
@@ -421,6 +437,9 @@ class GRPOExtTrainer(_BaseTrainer):
             add_special_tokens=False,
         )
         prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)  # (B, P)
+        if self.args.max_prompt_length is not None:  # left-padded: the last columns hold each prompt's last tokens
+            prompt_ids = prompt_ids[:, -self.args.max_prompt_length :]
+            prompt_mask = prompt_mask[:, -self.args.max_prompt_length :]
 
         with (
             unwrap_model_for_generation(
