@@ -1,6 +1,6 @@
 """Loading the policy: a model id or path, a GGUF file, optionally 4-bit through bitsandbytes; LoRA / QLoRA set-up.
 
-    python -m grpo_ext.models MODEL.gguf OUTPUT_DIR   # a GGUF checkpoint, dequantised once into a safetensors folder
+python -m grpo_ext.models MODEL.gguf OUTPUT_DIR   # a GGUF checkpoint, dequantised once into a safetensors folder
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def make_arithmetic_splits(num_test: int = 100, seed: int = 0) -> tuple[Dataset,
 
 
 def make_multiplication_splits(num_test: int = 64, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """"What is a times b?" for a in 2..20 and b in 2..12 (209 products), shuffled: `num_test` held out, the rest for
+    """ "What is a times b?" for a in 2..20 and b in 2..12 (209 products), shuffled: `num_test` held out, the rest for
     training. Columns `question` and `answer`. The real-model demo's task: SmolLM2-135M-Instruct knows most of these
     products but rarely states them in the form a prompt asks for."""
     problems = [(a, b) for a in range(2, 21) for b in range(2, 13)]
