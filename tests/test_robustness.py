@@ -22,7 +22,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 import grpo_ext.hub as hub
-from grpo_ext import GRPOExtTrainer
+from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.checkpoints import NoSpaceLeftError
 from grpo_ext.hub import HubPushError
 from grpo_ext.rewards import RewardFunctionError
@@ -374,3 +374,39 @@ def test_failing_checkpoint_uploads_neither_block_nor_stop_training(tokenizer, m
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
         assert (out / name).is_file(), name
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+# --- 8. Recipe YAML value types ---
+
+
+def _recipe_script_arguments():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "deepseek_math_style.py"
+    spec = importlib.util.spec_from_file_location("deepseek_math_style", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ScriptArguments
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml")))
+def test_every_recipe_config_has_values_of_the_right_types(config):
+    from trl import ModelConfig
+
+    from grpo_ext.config import check_config_file_types
+
+    check_config_file_types(["--config", str(config)], (_recipe_script_arguments(), GRPOExtConfig, ModelConfig))
+
+
+def test_recipe_refuses_a_wrongly_typed_yaml_before_loading_the_model(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "recipes" / "configs" / "tiny-cpu.yaml").read_text())
+    config.update(max_steps=1.5, model_name_or_path=str(tmp_path / "no-such-model"), output_dir=str(tmp_path / "out"))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [sys.executable, str(root / "recipes" / "deepseek_math_style.py"), "--config", str(tmp_path / "config.yaml")],
+        capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "TypeError" in run.stderr and "max_steps is 1.5 (float), but max_steps takes int" in run.stderr
+    assert "no-such-model" not in run.stderr  # stopped before the model was looked for
