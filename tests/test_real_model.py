@@ -77,7 +77,9 @@ def test_the_cached_folder_is_a_dense_model_that_saves(model, model_dir, tmp_pat
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
     model.save_pretrained(tmp_path / "copy")
     reloaded = load_causal_lm(str(tmp_path / "copy"), {"dtype": torch.float32})
-    torch.testing.assert_close(reloaded.model.layers[3].mlp.down_proj.weight, model.model.layers[3].mlp.down_proj.weight)
+    torch.testing.assert_close(
+        reloaded.model.layers[3].mlp.down_proj.weight, model.model.layers[3].mlp.down_proj.weight
+    )
 
 
 def test_a_gguf_file_with_a_4bit_config_is_refused_with_the_fix():
@@ -188,7 +190,10 @@ def test_math_verify_accuracy_on_real_outputs(model, tokenizer):
 def test_chunked_log_probs_equal_the_full_logits(model, tokenizer):
     prompt_ids, prompt_mask = _encode(tokenizer, [_messages(7, 8), _messages(12, 11)])
     completion_ids = _greedy(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens=10)
-    input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1)
+    input_ids, attention_mask = (
+        torch.cat([prompt_ids, completion_ids], 1),
+        torch.cat([prompt_mask, torch.ones_like(completion_ids)], 1),
+    )
     with torch.no_grad():
         logps, entropies = completion_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), chunk_size=7
