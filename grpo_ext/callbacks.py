@@ -67,6 +67,11 @@ class SaveOnInterruptCallback(TrainerCallback):
         return bool(flag.item())
 
     def on_train_end(self, args, state, control, **kwargs):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        self.restore_handlers()
+
+    def restore_handlers(self) -> None:
+        """Put back the handlers that were installed before training (also called when `train()` raises)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
         self._previous = {}

@@ -7,7 +7,12 @@ text is written once, in `metadata["help"]`; the class docstring is built from t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import enum
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +20,7 @@ from trl.trainer.base_config import _BaseConfig
 
 from .objective import KL_ESTIMATORS
 from .reference import REFERENCE_MODES
+from .rewards import NONFINITE_REWARD_POLICIES
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -63,6 +69,13 @@ class GRPOExtConfig(_BaseConfig):
     max_completion_length: int = _field(
         512,
         "Maximum number of tokens generated per completion. Same default as TRL.",
+    )
+    max_prompt_length: int | None = _field(
+        None,
+        "Maximum prompt length in tokens. None (the default): every prompt is checked at start, and one longer than "
+        "the model's max_position_embeddings minus max_completion_length is an error naming its row. An int: longer "
+        "prompts are cut from the left to this many tokens at rollout (as TRL's former `max_prompt_length`; reward "
+        "functions still get the whole prompt), and it must fit with max_completion_length in the model's positions.",
     )
     shuffle_dataset: bool = _field(
         True,
@@ -173,6 +186,14 @@ class GRPOExtConfig(_BaseConfig):
         None,
         "Weight of each reward function in the summed reward, in the order given; defaults to 1.0 each.",
     )
+    nonfinite_rewards: str = _field(
+        "error",
+        "What to do when a reward function returns NaN or +/-inf (not None) for a completion. `error` (the default): "
+        "stop at that step with an error naming the function, the row and the count, since one such value turns the "
+        "advantages and then every weight into NaN. `drop`: leave the value out of that function's reward, as if the "
+        "function had returned None (the weighted sum skips it), and log the count as `rewards/<name>/nonfinite`. "
+        "Not in TRL.",
+    )
     mask_truncated_completions: bool = _field(
         False,
         "Exclude completions cut at max_completion_length (no EOS) from the loss. DAPO recommends it.",
@@ -262,6 +283,31 @@ class GRPOExtConfig(_BaseConfig):
         "chat_template_kwargs",
     ]
 
+    def __getstate__(self) -> dict:
+        """What pickling writes, e.g. `training_args.bin`, which transformers saves with `torch.save(args)` in the
+        output folder, in every checkpoint and before each full-model upload: every field but credentials.
+        `hub_token` is written as None and `token`-named keys of dict fields (`model_init_kwargs`, ...) are left
+        out, so no file the trainer writes holds a token. A resumed run takes the token from its own config or the
+        environment (`HF_TOKEN`, `hf auth login`), as a fresh run does: nothing reads it back from a checkpoint.
+        """
+        state = dict(self.__dict__)
+        state["hub_token"] = None
+        for name, value in state.items():
+            if isinstance(value, dict):
+                state[name] = {k: v for k, v in value.items() if "token" not in str(k).lower()}
+        return state
+
+    def __copy__(self):  # copies keep the token: only pickles (files) leave it out
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo):
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
     def __post_init__(self):
         self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
             self.scale_rewards, self.scale_rewards
@@ -285,6 +331,10 @@ class GRPOExtConfig(_BaseConfig):
         require(
             self.max_completion_length >= 1,
             f"max_completion_length={self.max_completion_length} must be >= 1.",
+        )
+        require(
+            self.max_prompt_length is None or self.max_prompt_length >= 1,
+            f"max_prompt_length={self.max_prompt_length} must be >= 1, or None to check prompts without cutting them.",
         )
         require(self.beta >= 0, f"beta={self.beta} must be >= 0 (0 turns the KL term off; DeepSeekMath uses 0.04).")
         require(
@@ -340,6 +390,11 @@ class GRPOExtConfig(_BaseConfig):
         require(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1.")
         require(self.max_sampling_rounds >= 1, f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
+        require(
+            self.nonfinite_rewards in NONFINITE_REWARD_POLICIES,
+            f"nonfinite_rewards={self.nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}: `error` stops "
+            "at a NaN / infinite reward, `drop` leaves it out of that function's reward.",
+        )
         require(
             self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
             f"reward_weights={self.reward_weights} must be a list of numbers.",
@@ -408,6 +463,10 @@ def _document(cls):
         "works as usual. Defaults that differ from `trl.GRPOConfig`: `beta` (0.04, TRL 0.0) and `loss_type` "
         "(`grpo`, TRL `dapo`).",
         "",
+        "Pickled (as in `training_args.bin`, in the output folder and every checkpoint), the config holds no "
+        "token: `hub_token` is saved as None and `token` keys of dict fields are left out. A resumed run takes the "
+        "token again from its config or the environment (`HF_TOKEN`, `hf auth login`).",
+        "",
         "Parameters:",
     ]
     for f in own:
@@ -421,3 +480,107 @@ def _document(cls):
 
 
 _document(GRPOExtConfig)
+
+
+# --- Value types of a config file (a recipe YAML), checked before anything is loaded ---
+
+# `HfArgumentParser` converts command-line strings, but values from a YAML file reach the dataclasses as YAML typed
+# them: `max_steps: 1.5` or `lora_target_modules: 5` pass the parser and fail much later. These accept more than their
+# annotation says because their consumers do: `Trainer.train(resume_from_checkpoint=True)`.
+EXTRA_ACCEPTED_TYPES = {"resume_from_checkpoint": (bool,)}
+_BOOL_STRINGS = {"true", "false", "yes", "no", "1", "0", "y", "n", "t", "f"}
+
+
+def _parses(convert, text: str) -> bool:
+    try:
+        convert(text)
+    except ValueError:
+        return False
+    return True
+
+
+def value_matches_type(value, hint) -> bool:
+    """Whether `value` (as a YAML file gives it) is acceptable for a dataclass field annotated `hint`.
+
+    Strings that the parser converts are accepted for numbers and booleans (`learning_rate: 1e-5` is a YAML string);
+    a bare string for `list[str]` too (`lora_target_modules: all-linear`). Annotations not understood are accepted.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(value_matches_type(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, set) or hint in (list, tuple, set):
+        item = args[0] if args else Any
+        if isinstance(value, str):
+            return item is str
+        return isinstance(value, (list, tuple)) and all(value_matches_type(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_STRINGS)
+    if hint is int:
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and _parses(int, value)
+        )
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, str) and _parses(float, value)
+        )
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in [member.value for member in hint]
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def type_name(hint) -> str:
+    """A reader's name for an annotation: `int`, `a list of str`, `float or null`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(type_name(arg) for arg in args))
+    if origin in (list, tuple, set):
+        return f"a list of {type_name(args[0])}" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return f"one of {[member.value for member in hint]}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_config_types(values: dict, dataclass_types, source: str = "the config file") -> None:
+    """Check each `name: value` of a config mapping against the annotation of the field of that name in
+    `dataclass_types` (names no dataclass has are left to the parser). Raises `TypeError` naming the field, the value
+    and the expected type, before any model or data is loaded."""
+    hints = {}
+    for cls in reversed(list(dataclass_types)):
+        module = sys.modules.get(cls.__module__)
+        hints.update(typing.get_type_hints(cls, vars(module) if module else None))
+    for name, value in values.items():
+        if name not in hints or value_matches_type(value, hints[name]):
+            continue
+        if isinstance(value, EXTRA_ACCEPTED_TYPES.get(name, ())):
+            continue
+        raise TypeError(
+            f"{source}: {name} is {value!r} ({type(value).__name__}), but {name} takes {type_name(hints[name])}. "
+            "Write a value of that type (in YAML, quote strings and give lists as [a, b])."
+        )
+
+
+def check_config_file_types(argv: list[str], dataclass_types) -> None:
+    """`check_config_types` on the YAML file named by `--config` in `argv` (TrlParser's flag); nothing without one."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return
+    import yaml
+
+    path = argv[argv.index("--config") + 1]
+    with open(path) as file:
+        values = yaml.safe_load(file) or {}
+    if isinstance(values, dict):
+        check_config_types({k: v for k, v in values.items() if k != "env"}, dataclass_types, source=path)

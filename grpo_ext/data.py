@@ -1,15 +1,22 @@
-"""Loading prompt datasets and shaping them into GRPO's `prompt` (+ `answer`) columns.
+"""Loading prompt datasets, shaping them into GRPO's `prompt` (+ `answer`) columns, and checking the prompts.
 
 GSM8K (`openai/gsm8k`, config `main`: `question`, `answer` ending in `#### n`) and MATH-style sets (`problem`,
 `solution` with a `\\boxed{}` answer) map to the same two columns; local json / jsonl / parquet / csv files load
 through `datasets` the same way.
+
+`check_prompts` and `check_prompt_lengths` run at trainer start, so a bad row is named before any model time is
+spent: every row of a map-style dataset, the first `ITERABLE_ROWS_CHECKED` of an iterable one.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterable
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, IterableDataset, load_dataset
+
+from .sampling import prompt_texts
 
 # DeepSeekMath's chain-of-thought instruction (arXiv 2402.03300, section 2.3 and appendix).
 DEEPSEEKMATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -23,6 +30,8 @@ R1_SYSTEM_PROMPT = (
 QUESTION_COLUMNS = ("question", "problem", "prompt", "query", "input")
 ANSWER_COLUMNS = ("answer", "solution", "final_answer", "target", "output")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+ITERABLE_ROWS_CHECKED = 1000  # rows of an IterableDataset checked at start (reading it all would consume it)
 
 
 def load_split(name_or_path: str, config: str | None = None, split: str = "train") -> Dataset:
@@ -68,3 +77,106 @@ def to_prompt_answer(
         return {"prompt": messages + [{"role": "user", "content": text}], "answer": str(row[answer])}
 
     return dataset.map(shape, remove_columns=[c for c in columns if c not in ("prompt", "answer")])
+
+
+# --- Checking prompts ---
+
+
+def dataset_prompts(dataset, limit: int = ITERABLE_ROWS_CHECKED) -> list:
+    """The `prompt` of every row of a map-style dataset, or of the first `limit` rows of an iterable one."""
+    if isinstance(dataset, IterableDataset):
+        return [row["prompt"] for row in itertools.islice(iter(dataset), limit)]
+    return list(dataset["prompt"])
+
+
+def _kind(prompt) -> str:
+    return "chat" if isinstance(prompt, list) else "text"
+
+
+def _prompt_problem(prompt) -> str | None:
+    """What is wrong with one prompt (None when nothing is): its type, emptiness or a chat role."""
+    if isinstance(prompt, str):
+        return "it is empty" if not prompt.strip() else None
+    if not isinstance(prompt, list):
+        return f"it is {prompt!r} ({type(prompt).__name__}), not a string or a list of chat messages"
+    if not prompt:
+        return "it is an empty list of messages"
+    for i, message in enumerate(prompt):
+        if not (isinstance(message, dict) and "role" in message and "content" in message):
+            return (
+                f"message {i} is {message!r} ({type(message).__name__}); a chat prompt is a list of "
+                '{"role": ..., "content": ...} dicts, e.g. [{"role": "user", "content": "What is 2+2?"}]'
+            )
+        if message["role"] not in CHAT_ROLES:
+            return f"message {i} has role {message['role']!r}, not one of {CHAT_ROLES}"
+        if not isinstance(message["content"], (str, list)) and message["content"] is not None:
+            return f"message {i} has content {message['content']!r} ({type(message['content']).__name__})"
+    if not any(
+        isinstance(m["content"], str) and m["content"].strip() or isinstance(m["content"], list) for m in prompt
+    ):
+        return "every message is empty"
+    return None
+
+
+def check_prompts(prompts: Iterable, name: str) -> None:
+    """Each prompt is a non-empty string, or a non-empty list of {"role", "content"} messages with known roles, and
+    all rows are of one kind (text or chat). Raises `ValueError` naming the dataset, the row and the fix."""
+    first_kind = None
+    for row, prompt in enumerate(prompts):
+        problem = _prompt_problem(prompt)
+        if problem is not None:
+            raise ValueError(
+                f"{name} row {row}: the prompt is unusable: {problem}. A prompt is a non-empty string, or a list of "
+                f"{{'role', 'content'}} messages with roles in {CHAT_ROLES}. Fix the row or drop it, e.g. "
+                f"{name} = {name}.filter(lambda row, i: i != {row}, with_indices=True)."
+            )
+        kind = _kind(prompt)
+        first_kind = first_kind or kind
+        if kind != first_kind:
+            raise ValueError(
+                f"{name} row {row}: the prompt is {kind} but row 0 is {first_kind}; prompts of one dataset must all "
+                "be plain text or all chat messages (a batch is rendered one way). Convert the rows to one kind."
+            )
+
+
+def check_prompt_lengths(
+    prompts: list,
+    name: str,
+    tokenizer,
+    max_positions: int | None,
+    max_completion_length: int,
+    max_prompt_length: int | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> None:
+    """Prompt plus completion must fit the model's `max_positions`: with `max_prompt_length` None every prompt is
+    counted (its text as the trainer tokenizes it) and a longer one raises naming its row; with `max_prompt_length`
+    set, prompts are cut to it at rollout, so only that it fits is checked. Cheap: a text of at most `limit - 1` UTF-8
+    bytes cannot exceed `limit` tokens, so only longer ones are tokenized."""
+    if not max_positions:
+        return
+    limit = max_positions - max_completion_length
+    if limit < 1:
+        raise ValueError(
+            f"max_completion_length={max_completion_length} leaves no room for a prompt in the model's "
+            f"{max_positions} positions (max_position_embeddings). Lower max_completion_length."
+        )
+    if max_prompt_length is not None:
+        if max_prompt_length > limit:
+            raise ValueError(
+                f"max_prompt_length={max_prompt_length} + max_completion_length={max_completion_length} exceeds the "
+                f"model's {max_positions} positions (max_position_embeddings). Set max_prompt_length <= {limit}."
+            )
+        return
+    texts = prompt_texts(prompts, tokenizer, chat_template_kwargs) if prompts else []
+    long_rows = [row for row, text in enumerate(texts) if len(text.encode("utf-8")) + 1 > limit]
+    if not long_rows:
+        return
+    lengths = [len(ids) for ids in tokenizer([texts[row] for row in long_rows], add_special_tokens=False)["input_ids"]]
+    for row, length in zip(long_rows, lengths):
+        if length > limit:
+            raise ValueError(
+                f"{name} row {row}: the prompt is {length} tokens, but the model's {max_positions} positions "
+                f"(max_position_embeddings) minus max_completion_length={max_completion_length} leave {limit}. Shorten "
+                f"or drop the row, lower max_completion_length, or set max_prompt_length={limit} to cut long prompts "
+                "from the left (as TRL's max_prompt_length did)."
+            )

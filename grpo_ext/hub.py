@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
 
@@ -368,8 +370,9 @@ def _check_is_adapter(output_dir: str) -> None:
         raise ValueError(
             f"{output_dir} holds full model weights, not a LoRA adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}): "
             "push_adapter_to_hub uploads adapters only, so it never publishes base weights by accident. To push a "
-            "full (or merged) model, use `model.push_to_hub(repo_id)` and `tokenizer.push_to_hub(repo_id)`, or "
-            "`HfApi().upload_folder(repo_id=repo_id, folder_path=output_dir)`."
+            "full (or merged) model, use `model.push_to_hub(repo_id)` and `tokenizer.push_to_hub(repo_id)`. Do not "
+            "upload the whole output folder: it also holds checkpoints, optimizer states and run files that are not "
+            "part of the model."
         )
     missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not present(name)]
     raise ValueError(
@@ -475,3 +478,74 @@ def push_adapter_to_hub(
     return api.create_commit(
         repo_id, operations=operations, commit_message=commit_message, token=token, revision=revision
     )
+
+
+# --- Uploads during training ---
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the message says what stays on disk and how to push it again."""
+
+
+class CheckpointUploads:
+    """Checkpoint uploads in a background thread, so a slow or unreachable Hub neither blocks nor stops training.
+
+    One upload at a time, in save order. A failure is logged as a warning and training goes on; `finish()` (at the
+    end of training) waits for the uploads still running and retries the newest checkpoint once if its upload failed
+    (each checkpoint push replaces the previous one in the repository, so the newest is the one that matters).
+    """
+
+    def __init__(self):
+        self._executor: ThreadPoolExecutor | None = None
+        self._futures: list[Future] = []
+        self._last_failed: tuple[str, Callable] | None = None  # (folder, upload) when the newest upload failed
+
+    def busy(self) -> bool:
+        return any(not future.done() for future in self._futures)
+
+    def submit(self, folder: str, upload: Callable[[], object]) -> None:
+        """Run `upload()` (which pushes `folder`) in the background."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-ext-upload")
+        self._futures = [future for future in self._futures if not future.done()]
+        self._futures.append(self._executor.submit(self._run, folder, upload))
+
+    def _run(self, folder: str, upload: Callable[[], object]) -> None:
+        try:
+            upload()
+            self._last_failed = None
+        except Exception as error:
+            self._last_failed = (folder, upload)
+            logger.warning(
+                "Uploading %s to the Hub failed (%s: %s). Training goes on; the upload is retried once at the end of "
+                "training.",
+                folder,
+                type(error).__name__,
+                error,
+            )
+
+    def finish(self) -> bool:
+        """Wait for the uploads left, retry the newest once if it failed; True when nothing is left failed."""
+        for future in self._futures:
+            future.result()
+        self._futures = []
+        if self._last_failed is None:
+            return True
+        folder, upload = self._last_failed
+        self._last_failed = None
+        if not os.path.isdir(folder):
+            logger.warning("Not retrying the upload of %s: the folder was deleted (save_total_limit).", folder)
+            return False
+        try:
+            upload()
+        except Exception as error:
+            logger.warning(
+                "Retrying the upload of %s failed too (%s: %s). The checkpoint is intact on disk; push the result "
+                "later with trainer.push_to_hub(), or push_adapter_to_hub(folder, repo_id).",
+                folder,
+                type(error).__name__,
+                error,
+            )
+            return False
+        logger.info("Retried upload of %s succeeded.", folder)
+        return True

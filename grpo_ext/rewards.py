@@ -4,12 +4,19 @@ A reward function is `f(prompts, completions, completion_ids, **columns) -> list
 `columns` are the dataset's other columns (one value per completion) plus `trainer_state`. `None` means "this
 function does not score this completion" and becomes NaN, which the advantages skip. A string is a path or id of a
 sequence-classification reward model, scored with its own tokenizer.
+
+A NaN or +/-inf returned by a function (not None) is caught where it appears: an error naming the function, the row
+and the count (`nonfinite_rewards="error"`, the default), or dropped like None and counted (`"drop"`). Each function
+gets its own deep copy of the prompts, completions and columns, so none can change what the others (or the logged
+completions table) see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
+import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -17,6 +24,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+# What to do with a NaN / +-inf reward: stop with an error naming it, or leave it out like None (and count it).
+NONFINITE_REWARD_POLICIES = ("error", "drop")
+# Arguments passed to every function as they are, not copied: the trainer's live state.
+SHARED_ARGUMENTS = ("trainer_state",)
 
 
 class RewardFunctionError(ValueError):
@@ -48,7 +62,11 @@ class RewardScorer:
         reward_processing_classes=None,
         model_init_kwargs: dict | None = None,
         chat_template_kwargs: dict | None = None,
+        nonfinite_rewards: str = "error",
     ):
+        if nonfinite_rewards not in NONFINITE_REWARD_POLICIES:
+            raise ValueError(f"nonfinite_rewards={nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}.")
+        self.nonfinite_rewards = nonfinite_rewards
         if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
             raise ValueError("reward_funcs is empty: pass at least one reward function, model path or model.")
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
@@ -94,6 +112,8 @@ class RewardScorer:
             )
         self.weights = torch.tensor(reward_weights, dtype=torch.float32)  # (K,)
         self.chat_template_kwargs = chat_template_kwargs or {}
+        # Non-finite rewards each function returned in the last `score` call (dropped when the policy is "drop")
+        self.nonfinite_counts = [0] * len(self.funcs)
 
     @property
     def reward_models(self) -> list[nn.Module]:
@@ -106,56 +126,57 @@ class RewardScorer:
         return rewards
 
     def score(self, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict) -> torch.Tensor:
-        """Rewards `(B, K)` for B completions from K functions (NaN where a function returned None)."""
+        """Rewards `(B, K)` for B completions from K functions (NaN where a function returned None).
+
+        A NaN / +-inf a function returns raises `RewardFunctionError` (`nonfinite_rewards="error"`) or becomes NaN
+        (`"drop"`); `nonfinite_counts` then says how many each function returned. Rows no function scored are
+        reported with a warning, as TRL does.
+        """
         rewards = torch.full((len(prompts), len(self.funcs)), torch.nan, dtype=torch.float32)
+        self.nonfinite_counts = [0] * len(self.funcs)
         kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         async_calls = []
         for k, func in enumerate(self.funcs):
             if isinstance(func, nn.Module):
-                rewards[:, k] = self._score_with_model(func, self.processing_classes[k], prompts, completions)
+                scores = self._score_with_model(func, self.processing_classes[k], prompts, completions)
+                rewards[:, k] = self._drop_nonfinite(k, scores.tolist(), prompts)
             elif _is_async(func):
                 async_calls.append(k)
             else:
-                rewards[:, k] = self._check(k, self._call(k, func, kwargs), prompts)
+                rewards[:, k] = self._check(k, self._call(k, func, self._own_copy(kwargs)), prompts)
         if async_calls:
-            outputs = self._run_async([self._call_async(k, self.funcs[k], kwargs) for k in async_calls])
+            outputs = self._run_async([self._call_async(k, self.funcs[k], self._own_copy(kwargs)) for k in async_calls])
             for k, output in zip(async_calls, outputs):
                 rewards[:, k] = self._check(k, output, prompts)
+        self._warn_unscored_rows(rewards, kwargs)
         return rewards
 
     # --- calling and checking ---
+
+    @staticmethod
+    def _own_copy(kwargs: dict) -> dict:
+        """A deep copy of the inputs for one function, so what it changes in place no other function sees."""
+        return {key: value if key in SHARED_ARGUMENTS else copy.deepcopy(value) for key, value in kwargs.items()}
 
     def _call(self, k: int, func: Callable, kwargs: dict):
         try:
             return func(**kwargs)
         except Exception as error:
-            raise self._locate_failure(k, func, kwargs, error) from error
+            raise self._failure(k, kwargs, error) from error
 
     async def _call_async(self, k: int, func: Callable, kwargs: dict):
         try:
             return await func(**kwargs)
         except Exception as error:
-            raise self._locate_failure(k, func, kwargs, error) from error
+            raise self._failure(k, kwargs, error) from error
 
-    def _locate_failure(self, k: int, func: Callable, kwargs: dict, error: Exception) -> RewardFunctionError:
-        """Re-run a failed function one row at a time (sync functions only) to name the row that breaks it."""
-        row = None
-        if not _is_async(func):
-            for i in range(len(kwargs["prompts"])):
-                single = {key: value[i : i + 1] if isinstance(value, list) else value for key, value in kwargs.items()}
-                try:
-                    func(**single)
-                except Exception:
-                    row = i
-                    break
-        where = (
-            f"on row {row} of the batch (prompt {_text(kwargs['prompts'][row])[:200]!r})"
-            if row is not None
-            else "on this batch"
-        )
+    def _failure(self, k: int, kwargs: dict, error: Exception) -> RewardFunctionError:
+        """The function's name and its exception. The function is not called again row by row to find the row: a
+        call may be slow, costly or have side effects (an API, a sandbox); the traceback points into the function."""
         return RewardFunctionError(
-            f"Reward function '{self.names[k]}' raised {type(error).__name__}: {error} {where}. Fix the function, or "
-            "return None for completions it cannot score (they are then left out of that function's reward)."
+            f"Reward function '{self.names[k]}' raised {type(error).__name__}: {error} (on a batch of "
+            f"{len(kwargs['prompts'])} completions; see the traceback above for where). Fix the function, or return "
+            "None for completions it cannot score (they are then left out of that function's reward)."
         )
 
     def _check(self, k: int, output, prompts: list) -> torch.Tensor:
@@ -175,7 +196,7 @@ class RewardScorer:
         values = []
         for row, value in enumerate(output):
             if value is None:
-                values.append(math.nan)
+                values.append(None)
             elif isinstance(value, numbers.Real) and not isinstance(value, bool):
                 values.append(float(value))
             else:
@@ -183,7 +204,38 @@ class RewardScorer:
                     f"Reward function '{name}' returned {value!r} ({type(value).__name__}) on row {row} of the batch "
                     f"(prompt {_text(prompts[row])[:200]!r}); rewards must be int, float or None."
                 )
-        return torch.tensor(values, dtype=torch.float32)
+        return self._drop_nonfinite(k, values, prompts)
+
+    def _drop_nonfinite(self, k: int, values: list, prompts: list) -> torch.Tensor:
+        """`(B,)` rewards with None as NaN; a NaN / +-inf the function returned itself raises or is dropped (NaN)."""
+        nonfinite = [row for row, value in enumerate(values) if value is not None and not math.isfinite(value)]
+        if nonfinite and self.nonfinite_rewards == "error":
+            row = nonfinite[0]
+            raise RewardFunctionError(
+                f"Reward function '{self.names[k]}' returned {values[row]} on row {row} of the batch (prompt "
+                f"{_text(prompts[row])[:200]!r}), {len(nonfinite)} non-finite reward(s) of {len(values)} in all. A NaN "
+                "or infinite reward would turn the advantages, and then every weight, into NaN. Return a finite "
+                "float, or None for completions the function cannot score; or set nonfinite_rewards='drop' to leave "
+                "such values out of this function's reward (counted in rewards/<name>/nonfinite)."
+            )
+        self.nonfinite_counts[k] = len(nonfinite)
+        return torch.tensor(
+            [math.nan if value is None or not math.isfinite(value) else value for value in values], dtype=torch.float32
+        )
+
+    def _warn_unscored_rows(self, rewards: torch.Tensor, kwargs: dict) -> None:
+        """Warn, with TRL's wording, about completions no function scored: their advantage is 0, they do not train."""
+        unscored = torch.isnan(rewards).all(dim=1).nonzero(as_tuple=True)[0].tolist()  # rows
+        if not unscored:
+            return
+        row = unscored[0]
+        row_kwargs = {key: value[row] for key, value in kwargs.items() if key not in SHARED_ARGUMENTS}
+        logger.warning(
+            f"All reward functions returned None for the following kwargs:\n{row_kwargs}\n"
+            "Please ensure that at least one reward function returns a valid reward. "
+            f"({len(unscored)} of {rewards.size(0)} completions in this batch were scored by no function; they get "
+            "advantage 0 and do not train.)"
+        )
 
     def _run_async(self, coroutines: list) -> list:
         """Await the async functions concurrently, on a private loop so this works inside Jupyter's running loop."""

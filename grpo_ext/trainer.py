@@ -6,8 +6,10 @@ reference) -> loss (objective) -> log.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import logging
 import os
 import random
 from collections import defaultdict
@@ -24,9 +26,13 @@ from trl.trainer.base_trainer import _BaseTrainer
 
 from .advantages import group_relative_advantages, nanstd
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
+from .checkpoints import check_resume_settings, explain_full_disk, last_complete_checkpoint
 from .config import GRPOExtConfig
+from .data import check_prompt_lengths, check_prompts, dataset_prompts
 from .hub import (
     DEEPSEEKMATH_BIBTEX,
+    CheckpointUploads,
+    HubPushError,
     model_card_for_output_dir,
     push_adapter_to_hub,
     save_training_config,
@@ -49,6 +55,8 @@ from .sampling import (
     prompt_texts,
     varying_groups,
 )
+
+logger = logging.getLogger(__name__)
 
 # Trainer state beyond transformers' own, saved in each checkpoint folder.
 STATE_FILE = "grpo_ext_state.json"
@@ -113,6 +121,7 @@ class GRPOExtTrainer(_BaseTrainer):
         if quantization_config is not None:
             model_init_kwargs["quantization_config"] = quantization_config
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        self._model_path = str(model_path or "")  # recorded in checkpoints, compared on resume
         model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
         processing_class = (
             processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
@@ -136,10 +145,13 @@ class GRPOExtTrainer(_BaseTrainer):
             reward_processing_classes=reward_processing_classes,
             model_init_kwargs=args.model_init_kwargs,
             chat_template_kwargs=args.chat_template_kwargs,
+            nonfinite_rewards=args.nonfinite_rewards,
         )
-        self._check_dataset(train_dataset, "train_dataset", args)
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        self._check_dataset(train_dataset, "train_dataset", args, processing_class, max_positions)
         for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
-            self._check_dataset(dataset, f"eval_dataset[{split!r}]" if split else "eval_dataset", args)
+            name = f"eval_dataset[{split!r}]" if split else "eval_dataset"
+            self._check_dataset(dataset, name, args, processing_class, max_positions)
         if eval_dataset is not None:
             self._check_eval_batch(args)
 
@@ -170,6 +182,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self.model_accepts_loss_kwargs = False
         # Two backbone passes in one forward are untested under DeepSpeed / FSDP sharding: plain path there
         self._prefix_sharing = args.prefix_sharing and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
         self._interrupt = SaveOnInterruptCallback()
         self.add_callback(self._interrupt)
         if self.reference.mode == "snapshot_adapter":
@@ -196,6 +209,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
         self._buffered_inputs = None
         self._step = 0  # micro-steps taken, to know when to roll out again
+        self._last_finite_step = 0  # last optimizer step after which every trainable weight was finite
         # dynamic sampling draws extra prompts from its own generator, different on each process
         self._refill_rng = random.Random(args.seed + 1000 * self.accelerator.process_index)
 
@@ -216,7 +230,8 @@ class GRPOExtTrainer(_BaseTrainer):
             )
         return load_causal_lm(model_path, model_init_kwargs)
 
-    def _check_dataset(self, dataset, name: str, args: GRPOExtConfig) -> None:
+    def _check_dataset(self, dataset, name: str, args: GRPOExtConfig, tokenizer=None, max_positions=None) -> None:
+        """Columns, size and reward-function arguments, then every prompt: type, emptiness, chat roles, length."""
         if dataset is None:
             return
         if isinstance(dataset, IterableDataset):
@@ -241,6 +256,18 @@ class GRPOExtTrainer(_BaseTrainer):
                     f"Reward function '{func_name}' takes {missing} but {name} has no such column (columns: "
                     f"{columns}). Add the column to the dataset or give the argument a default value."
                 )
+        prompts = dataset_prompts(dataset)
+        check_prompts(prompts, name)
+        if tokenizer is not None:
+            check_prompt_lengths(
+                prompts,
+                name,
+                tokenizer,
+                max_positions,
+                args.max_completion_length,
+                args.max_prompt_length,
+                args.chat_template_kwargs,
+            )
 
     @staticmethod
     def _check_eval_batch(args: GRPOExtConfig) -> None:
@@ -304,7 +331,49 @@ class GRPOExtTrainer(_BaseTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step += 1
+        self._check_loss_is_finite(loss)
         return loss
+
+    # --- Never a NaN update, never a NaN checkpoint ---
+
+    def _check_loss_is_finite(self, loss: torch.Tensor) -> None:
+        """Stop before the optimizer steps on a NaN / infinite loss (on any process: all stop together)."""
+        nonfinite = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "max")
+        if bool(nonfinite.item()):
+            step = self.state.global_step + 1
+            raise FloatingPointError(
+                f"The loss of step {step} is {loss.item()} (on this or another process); stopped before the optimizer "
+                "step, so the weights are still those of the previous step. Rewards are checked for NaN / inf already "
+                "(nonfinite_rewards), so look at the learning rate (lower it), bf16 / fp16 overflow, or max_grad_norm."
+            )
+
+    def _nonfinite_trainable_weights(self) -> list[str]:
+        """Names of trainable parameters holding a NaN / inf on this process (empty when all are finite)."""
+        return [
+            name
+            for name, parameter in self.model.named_parameters()
+            if parameter.requires_grad and parameter.numel() and not bool(torch.isfinite(parameter.detach()).all())
+        ]
+
+    def _check_weights_are_finite(self, action: str) -> None:
+        """Raise if any process holds a non-finite trainable weight, naming the step that made it so."""
+        bad = self._nonfinite_trainable_weights()
+        anywhere = self.accelerator.reduce(torch.tensor([float(bool(bad))], device=self.accelerator.device), "max")
+        if not bool(anywhere.item()):
+            self._last_finite_step = self.state.global_step
+            return
+        listed = f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else " on another process"
+        raise FloatingPointError(
+            f"Refusing to {action}: trainable weights are NaN / infinite{listed} after step {self.state.global_step}; "
+            f"they were finite after step {self._last_finite_step}, so step {self._last_finite_step + 1} went wrong. "
+            "Resume from an earlier checkpoint with a lower learning rate (or max_grad_norm), and check the reward "
+            "functions (nonfinite_rewards='error' names NaN / inf rewards)."
+        )
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # Once per optimizer step, before any checkpoint of that step is written
+        self._check_weights_are_finite(f"go on after step {self.state.global_step}")
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _prepare_inputs(self, generation_batch: list[dict]) -> dict:
         if not self.model.training:
@@ -368,6 +437,9 @@ class GRPOExtTrainer(_BaseTrainer):
             add_special_tokens=False,
         )
         prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)  # (B, P)
+        if self.args.max_prompt_length is not None:  # left-padded: the last columns hold each prompt's last tokens
+            prompt_ids = prompt_ids[:, -self.args.max_prompt_length :]
+            prompt_mask = prompt_mask[:, -self.args.max_prompt_length :]
 
         with (
             unwrap_model_for_generation(
@@ -416,6 +488,10 @@ class GRPOExtTrainer(_BaseTrainer):
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         columns["trainer_state"] = self.state
         local_rewards_per_func = self.rewards.score(prompts, completions, completion_ids_list, columns)  # (B, K)
+        if self.args.nonfinite_rewards == "drop":
+            dropped = self.accelerator.reduce(torch.tensor(self.rewards.nonfinite_counts, device=device), "sum")
+            for name, count in zip(self.rewards.names, dropped.tolist()):
+                self._metrics[mode][f"rewards/{name}/nonfinite"].append(float(count))
         rewards_per_func = gather(local_rewards_per_func.to(device))  # (B * num_processes, K)
         rewards = self.rewards.weighted_sum(rewards_per_func)  # (B * num_processes,)
         penalty = self._reward_penalties(mode, batch, rollout_per_token_logps, lengths, is_truncated)
@@ -617,14 +693,81 @@ class GRPOExtTrainer(_BaseTrainer):
         metrics["completions/min_terminated_length"].append(terminated.min().item())
         metrics["completions/max_terminated_length"].append(terminated.max().item())
 
-    # --- State beyond transformers': saved with each checkpoint, restored on resume ---
+    # --- Training, checkpoints and resume ---
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, plus: `resume_from_checkpoint=True` (or the string "true" a command line gives) resumes
+        from the newest *complete* checkpoint of `output_dir`, skipping with a warning folders a killed process left
+        half-written; a checkpoint made with another `num_generations` or `loss_type` is refused, one made from
+        another model path warned about; and the SIGTERM / Ctrl-C handlers installed for training are put back when
+        `train()` returns or raises.
+        """
+        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        if checkpoint is not None:
+            check_resume_settings(self._saved_run_settings(checkpoint), self._run_settings(), checkpoint)
+        try:
+            return super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+        finally:
+            self._interrupt.restore_handlers()
+
+    def _resolve_checkpoint(self, resume_from_checkpoint) -> str | None:
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "false"):
+            if not os.path.isdir(resume_from_checkpoint):
+                resume_from_checkpoint = resume_from_checkpoint.lower() == "true"
+        if resume_from_checkpoint is True:
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-N folder. "
+                    "Train from the start (resume_from_checkpoint=False), or pass a checkpoint folder."
+                )
+            return checkpoint
+        return os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
+
+    def _run_settings(self) -> dict:
+        """Settings a checkpoint is tied to (checkpoints.RESUME_MUST_MATCH / RESUME_SHOULD_MATCH)."""
+        return {
+            "num_generations": self.args.num_generations,
+            "loss_type": self.args.loss_type,
+            "model": self._model_path,
+        }
+
+    @staticmethod
+    def _saved_run_settings(checkpoint: str) -> dict:
+        """The settings recorded in a checkpoint's STATE_FILE; empty for checkpoints written before they were."""
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as file:
+            return json.load(file).get("run", {})
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """`Trainer.save_model`; a full disk is named (`NoSpaceLeftError`), and with `push_to_hub` a failed upload
+        is a warning here (the model is saved): `push_to_hub()` itself raises."""
+        with explain_full_disk(output_dir or self.args.output_dir):
+            super().save_model(output_dir, _internal_call=True)
+        if self.args.push_to_hub and not _internal_call:
+            try:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            except HubPushError as error:
+                logger.warning("%s", error)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.reward_kl_controller is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            with open(os.path.join(folder, STATE_FILE), "w") as file:
-                json.dump({"reward_kl_controller": self.reward_kl_controller.state_dict()}, file, indent=2)
+        """grpo-ext's state first, then transformers' checkpoint, whose trainer_state.json, written last, marks the
+        folder complete (checkpoints.incomplete_reason)."""
+        self._check_weights_are_finite(f"save checkpoint-{self.state.global_step}")
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with explain_full_disk(folder):
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+                state = {"run": self._run_settings()}
+                if self.reward_kl_controller is not None:
+                    state["reward_kl_controller"] = self.reward_kl_controller.state_dict()
+                with open(os.path.join(folder, STATE_FILE), "w") as file:
+                    json.dump(state, file, indent=2)
+            super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called on resume by every backend (DDP, DeepSpeed, FSDP), after the TrainerState is restored.
@@ -637,7 +780,9 @@ class GRPOExtTrainer(_BaseTrainer):
         path = os.path.join(checkpoint, STATE_FILE)
         if self.reward_kl_controller is not None and os.path.isfile(path):
             with open(path) as file:
-                self.reward_kl_controller.load_state_dict(json.load(file)["reward_kl_controller"])
+                state = json.load(file)
+            if "reward_kl_controller" in state:
+                self.reward_kl_controller.load_state_dict(state["reward_kl_controller"])
 
     # --- Hub: adapters only, with grpo-ext's model card (hub.py); full models go through transformers ---
 
@@ -677,14 +822,49 @@ class GRPOExtTrainer(_BaseTrainer):
         except (ImportError, ValueError) as error:  # no matplotlib, or nothing logged yet: push without curves
             print(f"no training curves: {error}")
 
+    def init_hf_repo(self, token=None):
+        # Called at start-up with push_to_hub: an unreachable Hub must not stop a run that can push later
+        try:
+            super().init_hf_repo(token)
+        except Exception as error:
+            self.hub_model_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+            self.push_in_progress = None
+            logger.warning(
+                "Could not create or reach the Hub repository %s (%s: %s). Training goes on: checkpoint uploads are "
+                "tried in the background, and the final push_to_hub() says whether it worked.",
+                self.hub_model_id,
+                type(error).__name__,
+                error,
+            )
+
     def push_to_hub(
         self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs
     ):
+        """Upload the result (adapter: `hub.push_adapter_to_hub`'s allow-list; full model: transformers' push).
+
+        A failed upload raises `HubPushError`, which says that the local result in `output_dir` is intact (it is
+        saved before the upload starts) and how to push it again.
+        """
+        repo_id = self._hub_repo_id(kwargs.get("model_name"))
+        try:
+            return self._push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        except HubPushError:
+            raise
+        except Exception as error:
+            raise HubPushError(
+                f"Pushing {self.args.output_dir} to the Hub repository {repo_id} failed ({type(error).__name__}: "
+                f"{error}). The trained model is saved and intact in {self.args.output_dir}; push it again with "
+                "trainer.push_to_hub() once the Hub is reachable (an adapter also with "
+                f"grpo_ext.hub.push_adapter_to_hub({str(self.args.output_dir)!r}, {repo_id!r}))."
+            ) from error
+
+    def _push_to_hub(self, commit_message, blocking, token, revision, private, **kwargs):
         if not self._is_adapter():
             return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
+        self._uploads.finish()  # a checkpoint upload still running would race this one
         self.save_state()
         self._save_card_assets(self.args.output_dir)
         self.create_model_card(model_name=kwargs.get("model_name"), dataset_name=kwargs.get("dataset_name"))
@@ -698,14 +878,18 @@ class GRPOExtTrainer(_BaseTrainer):
         )
 
     def _push_from_checkpoint(self, checkpoint_folder):
-        # transformers would upload training_args.bin, a pickle holding hub_token in clear: push the adapter only
+        # transformers would upload training_args.bin and every file of the output folder: push the adapter only,
+        # in the background (CheckpointUploads), so a slow or failing upload neither blocks nor stops training.
         if not self._is_adapter():
             return super()._push_from_checkpoint(checkpoint_folder)
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
             return
+        if self._uploads.busy() and not self.args.hub_always_push:  # as transformers: skip while one runs
+            return
         self._save_card_assets(checkpoint_folder)
         repo_id = self._hub_repo_id()
-        push_adapter_to_hub(
+        upload = functools.partial(
+            push_adapter_to_hub,
             checkpoint_folder,
             repo_id,
             token=self.args.hub_token,
@@ -714,6 +898,13 @@ class GRPOExtTrainer(_BaseTrainer):
             revision=self.args.hub_revision,
             model_card=self._model_card(checkpoint_folder, repo_id),
         )
+        self._uploads.submit(checkpoint_folder, upload)
+
+    def _finish_current_push(self):
+        # End of training (and transformers' push_to_hub): wait for checkpoint uploads, retry a failed one once
+        super()._finish_current_push()
+        if hasattr(self, "_uploads"):
+            self._uploads.finish()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

@@ -10,6 +10,7 @@ bottom: parse, data, model, rewards, trainer, evaluate, train, save, evaluate, p
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from transformers import set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
+from grpo_ext.config import check_config_file_types
 from grpo_ext.data import DEEPSEEKMATH_INSTRUCTION, R1_SYSTEM_PROMPT, load_split, to_prompt_answer
 from grpo_ext.evaluation import evaluate_accuracy
 from grpo_ext.models import load_tokenizer
@@ -60,7 +62,8 @@ class ScriptArguments:
 
 
 def main():
-    # Parse: the YAML given with --config, then command-line overrides
+    # Parse: the YAML given with --config (its value types checked first), then command-line overrides
+    check_config_file_types(sys.argv[1:], (ScriptArguments, GRPOExtConfig, ModelConfig))
     parser = TrlParser((ScriptArguments, GRPOExtConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config()
     set_seed(training_args.seed)

@@ -1,8 +1,10 @@
 """Bad input fails before or at the first step, naming the argument, column, reward function or row, and the fix."""
 
 import pytest
+from datasets import Dataset, IterableDataset
 
 from grpo_ext import GRPOExtTrainer
+from grpo_ext.data import check_prompts, dataset_prompts
 from grpo_ext.rewards import RewardFunctionError
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
 
@@ -79,13 +81,17 @@ def test_reward_function_returning_a_non_number(tokenizer, make_args):
         _trainer(tokenizer, make_args(), reward_funcs=stringly).train()
 
 
-def test_reward_function_that_raises_names_itself_and_the_row(tokenizer, make_args):
+def test_reward_function_that_raises_names_itself_and_is_not_called_again(tokenizer, make_args):
+    calls = []
+
     def fragile(prompts, completions, **kwargs):
+        calls.append(len(prompts))
         return [1.0 / (0 if prompt == prompts[-1] else 1) for prompt in prompts]  # fails on the last group's prompt
 
-    with pytest.raises(RewardFunctionError, match=r"'fragile' raised ZeroDivisionError.*on row 0 .*prompt") as caught:
+    with pytest.raises(RewardFunctionError, match=r"'fragile' raised ZeroDivisionError.*batch of 8") as caught:
         _trainer(tokenizer, make_args(), reward_funcs=fragile).train()
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
+    assert calls == [8]  # once for the batch, never once per row
 
 
 def test_not_a_reward_function(tokenizer, make_args):
@@ -115,3 +121,86 @@ def test_eval_batch_not_divisible_by_group_size(tokenizer, make_args):
             eval_dataset=make_prompt_dataset(8),
             processing_class=tokenizer,
         )
+
+
+# --- Prompt contents, checked at start ---
+
+
+def _with_prompt(row, prompt, conversational=False):
+    """make_prompt_dataset(8) with the prompt of `row` replaced."""
+    rows = make_prompt_dataset(8, conversational=conversational).to_list()
+    rows[row]["prompt"] = prompt
+    return Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        (lambda: _with_prompt(5, None), r"train_dataset row 5: .*it is None \(NoneType\)"),
+        (lambda: _with_prompt(5, ""), r"train_dataset row 5: .*it is empty.*filter"),
+        (lambda: _with_prompt(5, "   \n"), r"train_dataset row 5: .*it is empty"),
+        (lambda: Dataset.from_dict({"prompt": [""] * 8}), r"train_dataset row 0: .*it is empty"),
+        (lambda: Dataset.from_dict({"prompt": list(range(8))}), r"train_dataset row 0: .*it is 0 \(int\)"),
+        (lambda: Dataset.from_dict({"prompt": [["1+1=", "2+2="]] * 8}), r"row 0: .*message 0 is '1\+1=' \(str\)"),
+        (
+            lambda: _with_prompt(3, [{"role": "robot", "content": "1+1="}], conversational=True),
+            r"train_dataset row 3: .*message 0 has role 'robot', not one of \('system', 'user', 'assistant', 'tool'\)",
+        ),
+        (
+            lambda: _with_prompt(2, [{"role": "user", "content": ""}], conversational=True),
+            r"train_dataset row 2: .*every message is empty",
+        ),
+    ],
+    ids=["none", "empty", "blank", "all-empty", "int", "list-of-str", "unknown-role", "empty-chat"],
+)
+def test_unusable_prompts_are_named_at_start(tokenizer, make_args, dataset, message):
+    with pytest.raises(ValueError, match=message):
+        _trainer(tokenizer, make_args(), dataset=dataset())
+
+
+def test_prompts_of_two_kinds_are_refused():
+    with pytest.raises(ValueError, match=r"train_dataset row 1: the prompt is chat but row 0 is text"):
+        check_prompts(["1+1=", [{"role": "user", "content": "2+2="}]], "train_dataset")
+
+
+def test_bad_eval_prompts_name_the_eval_dataset(tokenizer, make_args):
+    with pytest.raises(ValueError, match=r"eval_dataset row 2: .*it is empty"):
+        GRPOExtTrainer(
+            make_tiny_model("qwen2", tokenizer), digit_fraction_reward, args=make_args(per_device_eval_batch_size=4),
+            train_dataset=make_prompt_dataset(8), eval_dataset=_with_prompt(2, ""), processing_class=tokenizer,
+        )  # fmt: skip
+
+
+def test_a_prompt_longer_than_the_model_allows_is_named_with_the_limit(tokenizer, make_args):
+    # the tiny model has 512 positions; max_completion_length=6 leaves 506 for the prompt
+    with pytest.raises(
+        ValueError, match=r"train_dataset row 3: the prompt is 600 tokens.*leave 506.*max_prompt_length=506"
+    ):
+        _trainer(tokenizer, make_args(), dataset=_with_prompt(3, "1" * 600))
+    with pytest.raises(ValueError, match=r"row 4: the prompt is 5\d\d tokens"):  # the chat template counts too
+        _trainer(tokenizer, make_args(), dataset=_with_prompt(4, [{"role": "user", "content": "1" * 500}], True))
+    with pytest.raises(ValueError, match=r"max_prompt_length=510 \+ max_completion_length=6 exceeds .* <= 506"):
+        _trainer(tokenizer, make_args(max_prompt_length=510), dataset=_with_prompt(3, "1" * 600))
+
+
+def test_max_prompt_length_cuts_long_prompts_from_the_left(tokenizer, make_args):
+    long_prompts = Dataset.from_dict({"prompt": [f"{i}" + "9" * 600 + f"{i}+1=" for i in range(8)]})
+    trainer = _trainer(tokenizer, make_args(max_prompt_length=10, max_steps=1), dataset=long_prompts)
+    trainer.train()
+    prompt_ids = trainer._buffered_inputs[0]["prompt_ids"]
+    assert prompt_ids.size(1) == 10
+    assert tokenizer.decode(prompt_ids[0]).endswith("+1=")  # the end of the prompt is kept, its start cut
+    with pytest.raises(ValueError, match=r"max_prompt_length=0 must be >= 1"):
+        make_args(max_prompt_length=0)
+
+
+def test_an_iterable_dataset_is_checked_on_its_first_rows():
+    def rows():
+        yield {"prompt": "1+1="}
+        yield {"prompt": None}
+        raise AssertionError("read past the rows checked")
+
+    prompts = dataset_prompts(IterableDataset.from_generator(rows), limit=2)
+    assert prompts == ["1+1=", None]
+    with pytest.raises(ValueError, match=r"train_dataset row 1: .*it is None"):
+        check_prompts(prompts, "train_dataset")

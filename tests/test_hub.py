@@ -252,6 +252,7 @@ def test_full_model_is_refused_with_instructions(tmp_path):
     with pytest.raises(ValueError, match="holds full model weights, not a LoRA adapter") as error:
         push_adapter_to_hub(full, REPO_ID, api=api)
     assert "model.push_to_hub(repo_id)" in str(error.value)
+    assert "upload_folder" not in str(error.value)  # never advise uploading a folder holding run files
     assert api.repos == [] and api.commits == []  # refused before anything reaches the Hub
 
     (tmp_path / "empty").mkdir()

@@ -1,10 +1,11 @@
 import asyncio
+import logging
 import math
 
 import pytest
 import torch
 
-from grpo_ext.rewards import RewardScorer
+from grpo_ext.rewards import RewardFunctionError, RewardScorer
 from grpo_ext.sampling import completion_mask_after_eos
 
 
@@ -56,3 +57,76 @@ def test_completion_mask_stops_after_the_first_eos():
     mask, truncated = completion_mask_after_eos(completion_ids, eos_token_ids=[3])
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert truncated.tolist() == [False, True, False]
+
+
+def test_nonfinite_reward_is_an_error_naming_the_function_the_row_and_the_count():
+    def broken(completions, **kwargs):
+        return [1.0, math.inf, None, math.nan]
+
+    with pytest.raises(RewardFunctionError, match=r"'broken' returned inf on row 1 .*2 non-finite reward\(s\) of 4"):
+        RewardScorer(broken).score(["a", "b", "c", "d"], ["1", "2", "3", "4"], [[1]] * 4, {})
+
+    def as_tensor(completions, **kwargs):
+        return torch.tensor([-math.inf])
+
+    with pytest.raises(RewardFunctionError, match=r"'as_tensor' returned -inf on row 0"):
+        RewardScorer(as_tensor).score(["a"], ["1"], [[1]], {})
+
+
+def test_nonfinite_rewards_dropped_are_left_out_and_counted():
+    def broken(completions, **kwargs):
+        return [1.0, math.inf, None, -math.inf]
+
+    def constant(completions, **kwargs):
+        return [0.5] * len(completions)
+
+    scorer = RewardScorer([broken, constant], nonfinite_rewards="drop")
+    rewards = scorer.score(["a"] * 4, ["1"] * 4, [[1]] * 4, {})
+    assert rewards[0].tolist() == [1.0, 0.5] and torch.isnan(rewards[1:, 0]).all()
+    assert scorer.nonfinite_counts == [2, 0]  # None is not counted: it means "not scored"
+    torch.testing.assert_close(scorer.weighted_sum(rewards), torch.tensor([1.5, 0.5, 0.5, 0.5]))
+
+
+def test_each_function_gets_its_own_copy_of_the_inputs():
+    seen = {}
+
+    def vandal(prompts, completions, completion_ids, answer, **kwargs):
+        prompts[0][0]["content"] = "changed"
+        completions[0][0]["content"] = "changed"
+        completion_ids[0].append(99)
+        answer[0] = "changed"
+        completions.append("extra")
+        return [0.0] * len(prompts)
+
+    def reader(prompts, completions, completion_ids, answer, **kwargs):
+        seen.update(prompts=prompts, completions=completions, completion_ids=completion_ids, answer=answer)
+        return [1.0] * len(prompts)
+
+    prompts = [[{"role": "user", "content": "1+1="}]]
+    completions = [[{"role": "assistant", "content": "2"}]]
+    RewardScorer([vandal, reader]).score(prompts, completions, [[5]], {"answer": ["2"]})
+    assert seen == {"prompts": prompts, "completions": completions, "completion_ids": [[5]], "answer": ["2"]}
+    assert prompts[0][0]["content"] == "1+1=" and completions == [[{"role": "assistant", "content": "2"}]]
+
+
+def test_a_raising_function_is_called_once_not_again_row_by_row():
+    calls = []
+
+    def fragile(prompts, **kwargs):
+        calls.append(len(prompts))
+        raise ZeroDivisionError("division by zero")
+
+    with pytest.raises(RewardFunctionError, match=r"'fragile' raised ZeroDivisionError: division by zero") as caught:
+        RewardScorer(fragile).score(["a", "b", "c"], ["1", "2", "3"], [[1]] * 3, {})
+    assert calls == [3]
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+
+
+def test_rows_no_function_scored_are_warned_about_as_trl_does(caplog):
+    def only_first(completions, **kwargs):
+        return [1.0] + [None] * (len(completions) - 1)
+
+    with caplog.at_level(logging.WARNING, logger="grpo_ext.rewards"):
+        RewardScorer(only_first).score(["p0", "p1", "p2"], ["c0", "c1", "c2"], [[1]] * 3, {"answer": ["0", "1", "2"]})
+    assert "All reward functions returned None for the following kwargs" in caplog.text
+    assert "'p1'" in caplog.text and "2 of 3 completions" in caplog.text

@@ -1,0 +1,142 @@
+"""Checkpoints a run can trust: which folders are complete, whether a resume matches them, and a full disk named.
+
+transformers' `get_last_checkpoint` picks the `checkpoint-N` folder with the largest N, complete or not: a process
+killed while writing it leaves a folder `resume_from_checkpoint=True` then fails on. Here a folder counts only when
+its files say it was finished: `trainer_state.json` (written last by `Trainer._save_checkpoint`) parses, and model or
+adapter weights are there.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+TRAINER_STATE = "trainer_state.json"
+# Any one of these means the weights were written: an adapter, a full model (single file or sharded index), or the
+# engine-specific layouts of DeepSpeed (`global_stepN/`) and FSDP's sharded state dict (`pytorch_model_fsdp_0/`).
+WEIGHT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+WEIGHT_FOLDER_PATTERN = re.compile(r"^(global_step\d+|pytorch_model_fsdp_\d+)$")
+CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+# Settings a checkpoint is tied to (saved in grpo-ext's state file, compared on resume): a different value is an
+# error for those that change what the saved optimizer state and data position mean, a warning for the model path.
+RESUME_MUST_MATCH = ("num_generations", "loss_type")
+RESUME_SHOULD_MATCH = ("model",)
+
+
+def incomplete_reason(folder: str | os.PathLike) -> str | None:
+    """Why `folder` is not a complete checkpoint (None when it is): a missing or unreadable trainer state, or no
+    weights."""
+    folder = os.fspath(folder)
+    state = os.path.join(folder, TRAINER_STATE)
+    if not os.path.isfile(state):
+        return f"no {TRAINER_STATE}"
+    try:
+        with open(state, encoding="utf-8") as file:
+            json.load(file)
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE} is unreadable ({type(error).__name__}), cut off while being written"
+    names = os.listdir(folder)
+    has_weights = any(name in WEIGHT_FILES for name in names) or any(
+        WEIGHT_FOLDER_PATTERN.match(name) and os.path.isdir(os.path.join(folder, name)) for name in names
+    )
+    if not has_weights:
+        return f"no model or adapter weights (none of {', '.join(WEIGHT_FILES[:3])}, ...)"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The `checkpoint-N` folder of `output_dir` with the largest N whose files are complete, warning about each
+    newer one skipped; None when there is none."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    steps = {
+        int(match.group(1)): name
+        for name in os.listdir(output_dir)
+        if (match := CHECKPOINT_PATTERN.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    }
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, steps[step])
+        reason = incomplete_reason(folder)
+        if reason is None:
+            return folder
+        warnings.warn(
+            f"Skipping {folder} on resume: it is incomplete ({reason}), most likely because the process was killed "
+            "while saving it. Resuming from the newest complete checkpoint instead; delete the folder once you no "
+            "longer need it.",
+            stacklevel=3,
+        )
+    return None
+
+
+def check_resume_settings(saved: dict, current: dict, folder: str) -> None:
+    """Compare the settings a checkpoint was made with (`saved`) with this run's (`current`): raise for those in
+    `RESUME_MUST_MATCH`, warn for those in `RESUME_SHOULD_MATCH`. Settings the checkpoint did not record are skipped."""
+    differ = lambda name: name in saved and saved[name] != current.get(name)  # noqa: E731
+    errors = [name for name in RESUME_MUST_MATCH if differ(name)]
+    if errors:
+        listed = ", ".join(f"{name}={saved[name]!r} there, {current.get(name)!r} here" for name in errors)
+        raise ValueError(
+            f"Cannot resume from {folder}: it was made with other settings ({listed}). The saved optimizer state, "
+            "data position and loss normalisation belong to those settings. Resume with the checkpoint's values, or "
+            "start a new run in another output_dir."
+        )
+    for name in RESUME_SHOULD_MATCH:
+        if differ(name):
+            warnings.warn(
+                f"Resuming from {folder}, which was trained from {name}={saved[name]!r}, with {name}="
+                f"{current.get(name)!r}. Fine if it is the same model moved elsewhere; otherwise the checkpoint's "
+                "weights do not belong to this model.",
+                stacklevel=3,
+            )
+
+
+class NoSpaceLeftError(OSError):
+    """Saving stopped because the disk is full; the message names the folder left incomplete."""
+
+
+def _is_disk_full(error: BaseException, folder: str) -> bool:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    if "No space left on device" in str(error):  # C++ writers (torch.save, safetensors) wrap the errno in text
+        return True
+    if isinstance(error, RuntimeError) and "write failed" in str(error):  # torch.save's zip writer
+        existing = folder
+        while existing and not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        return bool(existing) and shutil.disk_usage(existing).free < 64 * 2**20
+    return False
+
+
+@contextmanager
+def explain_full_disk(folder: str | os.PathLike):
+    """Turn a full-disk failure while writing `folder` into a `NoSpaceLeftError` that names it and says what to do."""
+    folder = os.fspath(folder)
+    try:
+        yield
+    except NoSpaceLeftError:
+        raise
+    except Exception as error:
+        if not _is_disk_full(error, folder):
+            raise
+        raise NoSpaceLeftError(
+            errno.ENOSPC,
+            f"no space left on device while saving {folder}; it is incomplete (resume_from_checkpoint=True skips "
+            "it). Free disk space (delete old checkpoints, or set save_total_limit; save_only_model=True drops the "
+            "optimizer state), then resume from the last complete checkpoint.",
+        ) from error
