@@ -44,3 +44,18 @@ def tiny_args(tmp_path, **overrides):
     )
     settings.update(overrides)
     return GRPOExtConfig(**settings)
+
+
+def tiny_trainer(tokenizer, args, reward_funcs=None, dataset=None, **kwargs):
+    """A GRPOExtTrainer on a tiny Qwen2 model, 8 short prompts and the digit-fraction reward unless told otherwise."""
+    from grpo_ext import GRPOExtTrainer
+    from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+
+    return GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        reward_funcs if reward_funcs is not None else digit_fraction_reward,
+        args=args,
+        train_dataset=dataset if dataset is not None else make_prompt_dataset(8),
+        processing_class=tokenizer,
+        **kwargs,
+    )

@@ -1,22 +1,13 @@
 """Bad input fails before or at the first step, naming the argument, column, reward function or row, and the fix."""
 
 import pytest
+from conftest import tiny_trainer as _trainer
 from datasets import Dataset, IterableDataset
 
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.data import check_prompts, dataset_prompts
 from grpo_ext.rewards import RewardFunctionError
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
-
-
-def _trainer(tokenizer, args, reward_funcs=digit_fraction_reward, dataset=None):
-    return GRPOExtTrainer(
-        make_tiny_model("qwen2", tokenizer),
-        reward_funcs,
-        args=args,
-        train_dataset=dataset if dataset is not None else make_prompt_dataset(8),
-        processing_class=tokenizer,
-    )
 
 
 def test_missing_prompt_column(tokenizer, make_args):

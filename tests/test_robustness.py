@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers.trainer
 import yaml
+from conftest import tiny_trainer as _trainer
 from huggingface_hub import RepoUrl
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -30,20 +31,8 @@ from grpo_ext.testing import (
     digit_fraction_reward,
     make_arithmetic_splits,
     make_prompt_dataset,
-    make_tiny_model,
     save_tiny_model,
 )
-
-
-def _trainer(tokenizer, args, reward_funcs=digit_fraction_reward, dataset=None, **kwargs):
-    return GRPOExtTrainer(
-        make_tiny_model("qwen2", tokenizer),
-        reward_funcs,
-        args=args,
-        train_dataset=dataset if dataset is not None else make_prompt_dataset(8),
-        processing_class=tokenizer,
-        **kwargs,
-    )
 
 
 def _weights(trainer) -> dict[str, torch.Tensor]:
