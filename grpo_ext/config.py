@@ -18,11 +18,10 @@ from typing import Any
 
 from trl.trainer.base_config import _BaseConfig
 
-from .objective import KL_ESTIMATORS
+from .objective import KL_ESTIMATORS, LOSS_TYPES
 from .reference import REFERENCE_MODES
 from .rewards import NONFINITE_REWARD_POLICIES
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -343,7 +342,7 @@ class GRPOExtConfig(_BaseConfig):
         )
         require(self.epsilon < 1, f"epsilon={self.epsilon} must be < 1, or the lower clip bound 1 - epsilon is <= 0.")
         require(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1.")
-        require(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is not one of {LOSS_TYPES}.")
+        require(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is not one of {tuple(LOSS_TYPES)}.")
         require(
             self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
             f"importance_sampling_level={self.importance_sampling_level!r} is not one of {IMPORTANCE_SAMPLING_LEVELS}.",

@@ -6,6 +6,7 @@ eq. 3-4, DAPO (arXiv 2503.14476), Dr. GRPO (arXiv 2503.20783), GSPO (arXiv 2507.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,48 @@ def grpo_per_token_loss(
     )
 
 
+@dataclass(frozen=True)
+class Normalisers:
+    """What a loss type may divide by: counts over the window of micro-batches one optimizer step accumulates."""
+
+    num_sequences: float  # completions in the window, this process
+    num_tokens: float  # completion tokens in the window, this process
+    num_global_tokens: float  # completion tokens in the window on all processes / number of processes (DDP averages)
+    max_completion_length: int
+
+
+def _grpo(masked_loss: torch.Tensor, completion_mask: torch.Tensor, n: Normalisers) -> torch.Tensor:
+    sequence_means = masked_loss.sum(-1) / completion_mask.sum(-1).clamp(min=1.0)  # (B,)
+    return sequence_means.sum() / n.num_sequences
+
+
+def _dapo(masked_loss: torch.Tensor, completion_mask: torch.Tensor, n: Normalisers) -> torch.Tensor:
+    return masked_loss.sum() / max(n.num_global_tokens, 1.0)
+
+
+def _bnpo(masked_loss: torch.Tensor, completion_mask: torch.Tensor, n: Normalisers) -> torch.Tensor:
+    return masked_loss.sum() / max(n.num_tokens, 1.0)
+
+
+def _dr_grpo(masked_loss: torch.Tensor, completion_mask: torch.Tensor, n: Normalisers) -> torch.Tensor:
+    return masked_loss.sum() / (n.num_sequences * n.max_completion_length)
+
+
+# Every loss type: its name (config's `loss_type`) -> this micro-batch's share of the window's loss, from the masked
+# token losses `(B, C)`. Summed over the window's micro-batches:
+#   grpo:    1/N sum_i 1/|o_i| sum_t L_it     (DeepSeekMath: mean over tokens, then over completions)
+#   dapo:    sum_it L_it / sum_i |o_i|        (DAPO: token mean over the global batch)
+#   dr_grpo: sum_it L_it / (N * max_completion_length)   (Dr. GRPO: no length bias)
+#   bnpo:    sum_it L_it / sum_i |o_i|        (token mean over this process's batch)
+# Adding a loss type: a function here, its entry and line above, and a closed-form case in tests/test_objective.py.
+LOSS_TYPES: dict[str, Callable[[torch.Tensor, torch.Tensor, Normalisers], torch.Tensor]] = {
+    "grpo": _grpo,
+    "dapo": _dapo,
+    "dr_grpo": _dr_grpo,
+    "bnpo": _bnpo,
+}
+
+
 def aggregate_loss(
     per_token_loss: torch.Tensor,
     completion_mask: torch.Tensor,
@@ -103,24 +146,17 @@ def aggregate_loss(
     num_sequences: float,
     num_tokens: float,
     max_completion_length: int,
+    num_global_tokens: float | None = None,
 ) -> torch.Tensor:
-    """Reduce token losses to this micro-batch's share of the loss of its optimisation window.
-
-    `num_sequences` and `num_tokens` count the completions and completion tokens of the whole window the gradient
-    is accumulated over (for `dapo`, the window on all processes divided by the number of processes, since DDP
-    averages gradients). Summing this value over the window's micro-batches gives:
-
-    - grpo:    1/N sum_i 1/|o_i| sum_t L_it       (DeepSeekMath: mean over tokens, then over completions)
-    - dapo:    sum_it L_it / sum_i |o_i|          (token mean over the global batch)
-    - bnpo:    sum_it L_it / sum_i |o_i|          (token mean over this process's batch)
-    - dr_grpo: sum_it L_it / (N * max_completion_length)
-    """
-    masked_loss = per_token_loss * completion_mask  # (B, C)
-    if loss_type == "grpo":
-        sequence_means = masked_loss.sum(-1) / completion_mask.sum(-1).clamp(min=1.0)  # (B,)
-        return sequence_means.sum() / num_sequences
-    if loss_type in ("dapo", "bnpo"):
-        return masked_loss.sum() / max(num_tokens, 1.0)
-    if loss_type == "dr_grpo":
-        return masked_loss.sum() / (num_sequences * max_completion_length)
-    raise ValueError(f"loss_type must be one of grpo, dapo, dr_grpo, bnpo; got {loss_type!r}.")
+    """Reduce token losses `(B, C)` to this micro-batch's share of the loss of its optimisation window, by
+    `LOSS_TYPES[loss_type]`. The counts are those of the whole window the gradient is accumulated over;
+    `num_global_tokens` (for `dapo`) defaults to `num_tokens`, right for one process."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}.")
+    normalisers = Normalisers(
+        num_sequences=num_sequences,
+        num_tokens=num_tokens,
+        num_global_tokens=num_tokens if num_global_tokens is None else num_global_tokens,
+        max_completion_length=max_completion_length,
+    )
+    return LOSS_TYPES[loss_type](per_token_loss * completion_mask, completion_mask, normalisers)

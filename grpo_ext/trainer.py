@@ -621,16 +621,19 @@ class GRPOExtTrainer(_BaseTrainer):
             accumulation = self.args.gradient_accumulation_steps
             window = getattr(self, "current_gradient_accumulation_steps", accumulation) / accumulation
             num_sequences = inputs["num_sequences"] * window
-            num_tokens = inputs["num_tokens_per_process" if self.args.loss_type == "dapo" else "num_tokens"] * window
+            num_tokens = inputs["num_tokens"] * window
+            num_global_tokens = inputs["num_tokens_per_process"] * window
         else:  # evaluation: each batch on its own
             num_sequences, num_tokens = completion_mask.size(0), float(completion_mask.sum())
-        loss = aggregate_loss(
+            num_global_tokens = num_tokens
+        loss = aggregate_loss(  # the loss type picks its normaliser (objective.LOSS_TYPES)
             terms.per_token_loss,
             completion_mask,
             self.args.loss_type,
             num_sequences=num_sequences,
             num_tokens=num_tokens,
             max_completion_length=self.args.max_completion_length,
+            num_global_tokens=num_global_tokens,
         )
         self._log_objective(mode, terms, entropies, completion_mask)
         return loss
