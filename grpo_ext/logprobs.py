@@ -107,6 +107,12 @@ def _scoring_forward(causal_lm, input_ids, attention_mask, position_ids, logits_
     return CompletionScores(logps=logps, entropies=entropies)
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids `(B, T)` that follow the attention mask, as `generate` numbers a left-padded row: the first real
+    token is 0 (padding gets 0 too; it is masked out)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def add_completion_scoring(model: nn.Module) -> None:
     """Teach the causal LM inside `model` the `score_completions` keyword (idempotent; generation is unchanged)."""
     causal_lm = _causal_lm(model)
@@ -147,7 +153,7 @@ def completion_logps_and_entropies(
     the attention mask, as in `generate`, so left-padded prompts score as they were sampled.
     """
     add_completion_scoring(model)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    position_ids = position_ids_from_mask(attention_mask)  # (B, T)
     scores = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -42,7 +42,13 @@ import torch.nn as nn
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .logprobs import CompletionScores, _causal_lm, completion_logps_and_entropies, score_hidden_states
+from .logprobs import (
+    CompletionScores,
+    _causal_lm,
+    completion_logps_and_entropies,
+    position_ids_from_mask,
+    score_hidden_states,
+)
 
 __all__ = [
     "generate_with_shared_prefix",
@@ -153,7 +159,7 @@ def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_gener
     """KV cache of all but the last token of each unique prompt, repeated G times along the batch `(B*G, ...)`."""
     causal_lm = _causal_lm(model)
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P-1), as in generate
+    position_ids = position_ids_from_mask(attention_mask)  # (B, P-1)
     cache = DynamicCache(config=causal_lm.config)
     backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
     if any(cache.is_linear):
@@ -280,7 +286,7 @@ def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPr
 
     # Positions as the plain path numbers them over [prompt, completion]
     full_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P+C)
-    position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P+C)
+    position_ids = position_ids_from_mask(full_mask)  # (N, P+C)
     prompt_length = prompt_ids.size(1)
 
     with _CheckpointWithReadOnlyCache(backbone):

@@ -1,7 +1,7 @@
 """Group sampling and rollouts: each prompt G times in a row, then G completions per prompt, masked after EOS.
 
-The sampler is TRL's `RepeatSampler` (reused: it already keeps groups whole across processes and repeats the
-generation batch for `num_iterations x steps_per_generation` steps). Prefix-shared generation lives in
+The sampler is TRL's `RepeatSampler`, which the trainer uses as it is (it already keeps groups whole across processes
+and repeats the generation batch for `num_iterations x steps_per_generation` steps). Prefix-shared generation lives in
 `prefix_sharing.py`; dynamic sampling's loop in the trainer (`_roll_out_varying_groups`), its group test here.
 """
 
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 from transformers import GenerationConfig
-from trl.trainer.utils import RepeatSampler
 
 __all__ = [
-    "RepeatSampler",
     "is_conversational",
     "prompt_texts",
     "eos_token_ids",

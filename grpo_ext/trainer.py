@@ -23,6 +23,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
+from trl.trainer.utils import RepeatSampler
 
 from .advantages import group_relative_advantages, nanstd
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
@@ -30,7 +31,6 @@ from .checkpoints import check_resume_settings, explain_full_disk, last_complete
 from .config import GRPOExtConfig
 from .data import check_prompt_lengths, check_prompts, dataset_prompts
 from .hub import (
-    DEEPSEEKMATH_BIBTEX,
     CheckpointUploads,
     HubPushError,
     model_card_for_output_dir,
@@ -46,7 +46,6 @@ from .prefix_sharing import generate_with_shared_prefix, shared_prefix_logps, un
 from .reference import ReferencePolicy
 from .rewards import RewardScorer
 from .sampling import (
-    RepeatSampler,
     build_generation_config,
     completion_mask_after_eos,
     concat_rollouts,
@@ -82,13 +81,8 @@ class GRPOExtTrainer(_BaseTrainer):
         quantization_config: a `BitsAndBytesConfig` used when `model` is a string (QLoRA with `peft_config`).
     """
 
+    # Tags on the model, as TRL's trainers add them (transformers' own pushes carry them); the model card is grpo-ext's
     _tag_names = ["trl", "grpo", "grpo-ext"]
-    _name = "GRPO"
-    _paper = {
-        "title": "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
-        "id": "2402.03300",
-        "citation": DEEPSEEKMATH_BIBTEX,
-    }
     # compute_loss divides by the window's normalisers itself (objective.aggregate_loss)
     loss_is_scaled_for_ga = True
 
@@ -180,6 +174,8 @@ class GRPOExtTrainer(_BaseTrainer):
             optimizers=optimizers,
         )
         self.model_accepts_loss_kwargs = False
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
         # Two backbone passes in one forward are untested under DeepSpeed / FSDP sharding: plain path there
         self._prefix_sharing = args.prefix_sharing and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
         self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
