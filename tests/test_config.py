@@ -110,3 +110,18 @@ def test_config_values_the_parser_accepts_pass():
         },
         (GRPOExtConfig, ModelConfig),
     )
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_about(monkeypatch, tmp_path, fast_bf16):
+    import warnings
+
+    import grpo_ext.config as config_module
+
+    monkeypatch.setattr(config_module, "cpu_has_fast_bf16", lambda: fast_bf16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[])
+        GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[])
+    slow = [w for w in caught if "without native bf16 support" in str(w.message)]
+    assert len(slow) == (0 if fast_bf16 else 1)  # only bf16=True on a CPU without the kernels
