@@ -76,16 +76,19 @@ def evaluate_accuracy(
     completions = generate_completions(
         model, tokenizer, dataset["prompt"], num_samples, max_new_tokens, temperature, batch_size
     )
+    # The majority vote does not depend on the metric: per problem, the first sample that gives the winning answer
+    voted = []
+    for samples in completions:
+        keys = [answer_key(text) for text in samples]
+        voted.append(keys.index(Counter(keys).most_common(1)[0][0]))
+    n = max(len(completions), 1)
     results = {}
     for name, reward_func in reward_funcs.items():
         pass_scores, majority_scores = [], []
-        for samples, gold in zip(completions, dataset["answer"]):
+        for samples, gold, winner in zip(completions, dataset["answer"], voted):
             scores = [score or 0.0 for score in reward_func(samples, answer=[gold] * len(samples))]
             pass_scores.append(sum(scores) / len(scores))
-            votes = Counter(answer_key(text) for text in samples)
-            winner = votes.most_common(1)[0][0]
-            majority_scores.append(next(score for text, score in zip(samples, scores) if answer_key(text) == winner))
-        n = max(len(pass_scores), 1)
+            majority_scores.append(scores[winner])
         if not results:
             results = {"pass@1": sum(pass_scores) / n, f"maj@{num_samples}": sum(majority_scores) / n}
         results[f"pass@1/{name}"] = sum(pass_scores) / n
