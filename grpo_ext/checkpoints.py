@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 TRAINER_STATE = "trainer_state.json"
+# grpo-ext's state beyond transformers' own, saved in each checkpoint folder: the run's settings, the adaptive KL.
+STATE_FILE = "grpo_ext_state.json"
 # Any one of these means the weights were written: an adapter, a full model (single file or sharded index), or the
 # engine-specific layouts of DeepSpeed (`global_stepN/`) and FSDP's sharded state dict (`pytorch_model_fsdp_0/`).
 WEIGHT_FILES = (
@@ -140,3 +142,34 @@ def explain_full_disk(folder: str | os.PathLike):
             "it). Free disk space (delete old checkpoints, or set save_total_limit; save_only_model=True drops the "
             "optimizer state), then resume from the last complete checkpoint.",
         ) from error
+
+
+def resolve_checkpoint(resume_from_checkpoint, output_dir: str | os.PathLike) -> str | None:
+    """The folder to resume from: `True` (or the string "true" a command line gives) means the newest complete
+    checkpoint of `output_dir`; a path is used as it is; `False` / None means none."""
+    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "false"):
+        if not os.path.isdir(resume_from_checkpoint):
+            resume_from_checkpoint = resume_from_checkpoint.lower() == "true"
+    if resume_from_checkpoint is True:
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True but {output_dir} holds no complete checkpoint-N folder. "
+                "Train from the start (resume_from_checkpoint=False), or pass a checkpoint folder."
+            )
+        return checkpoint
+    return os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
+
+
+def read_state(checkpoint: str | os.PathLike) -> dict:
+    """grpo-ext's state saved in a checkpoint; empty for checkpoints written before there was one."""
+    path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as file:
+        return json.load(file)
+
+
+def write_state(folder: str | os.PathLike, state: dict) -> None:
+    with open(os.path.join(folder, STATE_FILE), "w") as file:
+        json.dump(state, file, indent=2)

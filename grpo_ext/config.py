@@ -21,7 +21,7 @@ from trl.trainer.base_config import _BaseConfig
 
 from .objective import KL_ESTIMATORS, LOSS_TYPES
 from .reference import REFERENCE_MODES
-from .rewards import NONFINITE_REWARD_POLICIES
+from .reward_scoring import NONFINITE_REWARD_POLICIES
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")

@@ -4,8 +4,9 @@ GSM8K (`openai/gsm8k`, config `main`: `question`, `answer` ending in `#### n`) a
 `solution` with a `\\boxed{}` answer) map to the same two columns; local json / jsonl / parquet / csv files load
 through `datasets` the same way.
 
-`check_prompts` and `check_prompt_lengths` run at trainer start, so a bad row is named before any model time is
-spent: every row of a map-style dataset, the first `ITERABLE_ROWS_CHECKED` of an iterable one.
+`check_dataset` (columns, size, reward-function arguments, then `check_prompts` and `check_prompt_lengths`) runs at
+trainer start, so a bad row is named before any model time is spent: every row of a map-style dataset, the first
+`ITERABLE_ROWS_CHECKED` of an iterable one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterable
 
 from datasets import Dataset, IterableDataset, load_dataset
 
-from .sampling import prompt_texts
+from .rollout import prompt_texts
 
 # DeepSeekMath's chain-of-thought instruction (arXiv 2402.03300, section 2.3 and appendix).
 DEEPSEEKMATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -180,3 +181,46 @@ def check_prompt_lengths(
                 f"or drop the row, lower max_completion_length, or set max_prompt_length={limit} to cut long prompts "
                 "from the left (as TRL's max_prompt_length did)."
             )
+
+
+def check_dataset(
+    dataset, name: str, args, required_columns: dict[str, list[str]], tokenizer=None, max_positions=None
+) -> None:
+    """Columns, size and reward-function arguments (`required_columns`: function name -> the columns it takes), then
+    every prompt: type, emptiness, chat roles, length."""
+    if dataset is None:
+        return
+    if isinstance(dataset, IterableDataset):
+        raise NotImplementedError(f"{name} is an IterableDataset; GRPOExtTrainer needs a map-style Dataset.")
+    columns = list(dataset.column_names)
+    if "prompt" not in columns:
+        raise ValueError(
+            f"{name} has no 'prompt' column (columns: {columns}). Rename the column that holds the prompts, e.g. "
+            "dataset = dataset.rename_column('question', 'prompt')."
+        )
+    prompts_per_rollout = args.generation_batch_size // args.num_generations
+    if name == "train_dataset" and len(dataset) < prompts_per_rollout:
+        raise ValueError(
+            f"train_dataset has {len(dataset)} prompts but one rollout takes {prompts_per_rollout} "
+            f"(generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}). "
+            "Add prompts or lower per_device_train_batch_size / steps_per_generation."
+        )
+    for func_name, needed in required_columns.items():
+        missing = [column for column in needed if column not in columns]
+        if missing:
+            raise ValueError(
+                f"Reward function '{func_name}' takes {missing} but {name} has no such column (columns: "
+                f"{columns}). Add the column to the dataset or give the argument a default value."
+            )
+    prompts = dataset_prompts(dataset)
+    check_prompts(prompts, name)
+    if tokenizer is not None:
+        check_prompt_lengths(
+            prompts,
+            name,
+            tokenizer,
+            max_positions,
+            args.max_completion_length,
+            args.max_prompt_length,
+            args.chat_template_kwargs,
+        )

@@ -11,7 +11,7 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from .sampling import completion_mask_after_eos, eos_token_ids, prompt_texts
+from .rollout import completion_mask_after_eos, eos_token_ids, prompt_texts
 
 
 @torch.no_grad()

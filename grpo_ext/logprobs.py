@@ -1,14 +1,18 @@
 """Per-token log-probs and entropies of completion tokens, without materialising the (B, T, V) logits.
 
-The causal LM's `forward` gets one extra keyword, `score_completions=C`: the backbone runs once, and the LM head is
-applied to at most `chunk_size` completion tokens at a time under activation checkpointing, so the forward and the
-backward both hold at most `chunk_size x V` logits. The call still enters through the outermost wrapper (DDP,
-accelerate's autocast, PEFT), so gradients are synchronised and mixed precision applies as for a normal forward.
+This module holds the one patch grpo-ext makes to a model: its causal LM's `forward` learns one extra keyword,
+`score_completions=ScoringRequest(...)`. Why a patch rather than calling the backbone directly:
+- the call must enter through the outermost wrapper (DDP, FSDP, accelerate's autocast, PEFT), so gradients are
+  synchronised, mixed precision applies and a disabled-adapter context holds, exactly as for a normal forward;
+- the LM head is applied to at most `chunk_size` completion tokens at a time under activation checkpointing, so the
+  forward and the backward hold at most `chunk_size x V` logits, never `(B, T, V)`.
+The request says how to run the backbone: `ScoringRequest` (plain: prompt and completion as one sequence) or its
+subclass `prefix_sharing.SharedPrefixScoring` (each prompt encoded once per group). The forward is patched once per
+model, lazily, the first time it is scored (policy or frozen reference copy); generation is unchanged.
 
 Why our own and not TRL's `add_fused_lm_head`: that one multiplies the head's *weight* directly, which skips a LoRA
 adapter on `lm_head`, and must be installed before PEFT wraps the model. Here the LM head *module* is called, so a
-LoRA `lm_head`, a quantized head and PEFT's disabled-adapter context all work, and the patch is added lazily to any
-model (policy, frozen reference copy) the first time it is scored.
+LoRA `lm_head`, a quantized head and PEFT's disabled-adapter context all work.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
+from .models import unwrap_causal_lm
+
 
 @dataclass
 class CompletionScores(ModelOutput):
@@ -29,14 +35,6 @@ class CompletionScores(ModelOutput):
 
     logps: torch.Tensor | None = None
     entropies: torch.Tensor | None = None
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers CausalLM inside DDP / accelerate / PEFT wrappers (LoRA layers stay injected in it)."""
-    model = getattr(model, "module", model)  # DDP
-    if hasattr(model, "get_base_model"):  # PEFT
-        model = model.get_base_model()
-    return model
 
 
 def _logit_transform(config):
@@ -95,47 +93,74 @@ def score_hidden_states(causal_lm, hidden_states, labels, scored, temperature, c
     return logps, entropies
 
 
-def _scoring_forward(causal_lm, input_ids, attention_mask, position_ids, logits_to_keep, temperature, chunk_size):
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden_states = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # (B, T, H)
-    hidden_states = hidden_states[:, -logits_to_keep - 1 : -1]  # (B, C, H): position t predicts token t + 1
-    labels = input_ids[:, -logits_to_keep:]  # (B, C)
-    scored = attention_mask[:, -logits_to_keep:].bool()  # (B, C)
-    logps, entropies = score_hidden_states(causal_lm, hidden_states, labels, scored, temperature, chunk_size)
-    return CompletionScores(logps=logps, entropies=entropies)
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids `(B, T)` that follow the attention mask, as `generate` numbers a left-padded row: the first real
     token is 0 (padding gets 0 too; it is masked out)."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def add_completion_scoring(model: nn.Module) -> None:
-    """Teach the causal LM inside `model` the `score_completions` keyword (idempotent; generation is unchanged)."""
-    causal_lm = _causal_lm(model)
+@dataclass
+class ScoringRequest:
+    """Score these completions after the prompts given as the forward's `input_ids` / `attention_mask` `(N, P)`.
+
+    Passed through the model's wrappers as one keyword, so no wrapper consumes its fields. This class runs the plain
+    path: prompt and completion as one sequence through the backbone. `prefix_sharing.SharedPrefixScoring` overrides
+    `run` to encode each prompt once per group.
+    """
+
+    completion_ids: torch.Tensor  # (N, C)
+    completion_mask: torch.Tensor  # (N, C)
+    temperature: float = 1.0
+    chunk_size: int = 1024
+
+    def run(self, causal_lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> CompletionScores:
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        input_ids = torch.cat([prompt_ids, self.completion_ids], dim=1)  # (N, P+C)
+        attention_mask = torch.cat([prompt_mask, self.completion_mask], dim=1)  # (N, P+C)
+        hidden_states = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # (N, P+C, H)
+        completion_length = self.completion_ids.size(1)
+        hidden_states = hidden_states[:, -completion_length - 1 : -1]  # (N, C, H): position t predicts token t + 1
+        logps, entropies = score_hidden_states(
+            causal_lm,
+            hidden_states,
+            self.completion_ids,
+            self.completion_mask.bool(),
+            self.temperature,
+            self.chunk_size,
+        )
+        return CompletionScores(logps=logps, entropies=entropies)
+
+
+def _add_scoring(model: nn.Module) -> None:
+    """Teach the causal LM inside `model` the `score_completions` keyword (idempotent)."""
+    causal_lm = unwrap_causal_lm(model)
     if getattr(causal_lm, "_grpo_ext_scoring", False):
         return
     original_forward = causal_lm.forward
 
     @functools.wraps(type(causal_lm).forward)  # keep the signature: `generate` validates kwargs against it
-    def forward(self, *args, score_completions=None, temperature=1.0, chunk_size=1024, **kwargs):
+    def forward(self, *args, score_completions: ScoringRequest | None = None, **kwargs):
         if score_completions is None:
             return original_forward(*args, **kwargs)
-        return _scoring_forward(
-            self,
-            kwargs["input_ids"],
-            kwargs["attention_mask"],
-            kwargs["position_ids"],
-            score_completions,
-            temperature,
-            chunk_size,
-        )
+        return score_completions.run(self, kwargs["input_ids"], kwargs["attention_mask"])
 
     causal_lm.forward = types.MethodType(forward, causal_lm)
     causal_lm._grpo_ext_scoring = True
+
+
+def score_completions(
+    model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, request: ScoringRequest
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies `(N, C)` of `request`'s completions after the left-padded prompts `(N, P)`, through
+    `model`'s own forward (which may be wrapped: DDP, PEFT, accelerate, or a PEFT model in `disable_adapter()`)."""
+    _add_scoring(model)
+    scores = model(input_ids=prompt_ids, attention_mask=prompt_mask, score_completions=request)
+    return scores["logps"], scores["entropies"]
 
 
 def completion_logps_and_entropies(
@@ -148,21 +173,13 @@ def completion_logps_and_entropies(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of each of the last `logits_to_keep` tokens of `input_ids`, each `(B, C)`.
 
-    `model` may be wrapped (DDP, PEFT, accelerate); the call goes through its forward. Positions where
-    `attention_mask` is 0 get 0. Entropies carry no gradient (they are logged, not optimised). Position ids follow
-    the attention mask, as in `generate`, so left-padded prompts score as they were sampled.
+    Positions where `attention_mask` is 0 get 0. Entropies carry no gradient (they are logged, not optimised).
+    Position ids follow the attention mask, as in `generate`, so left-padded prompts score as they were sampled.
     """
-    add_completion_scoring(model)
-    position_ids = position_ids_from_mask(attention_mask)  # (B, T)
-    scores = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        score_completions=logits_to_keep,
-        temperature=temperature,
-        chunk_size=chunk_size,
-    )
-    return scores["logps"], scores["entropies"]
+    prompt_ids, completion_ids = input_ids[:, :-logits_to_keep], input_ids[:, -logits_to_keep:]
+    prompt_mask, completion_mask = attention_mask[:, :-logits_to_keep], attention_mask[:, -logits_to_keep:]
+    request = ScoringRequest(completion_ids, completion_mask, temperature, chunk_size)
+    return score_completions(model, prompt_ids, prompt_mask, request)
 
 
 @torch.no_grad()
@@ -170,7 +187,7 @@ def check_against_full_logits(model: nn.Module, tokens: int = 8, atol: float = 0
     """Score a few tokens both ways and fail loudly if the chunked path disagrees with the model's own logits
     (an architecture that post-processes its logits in a way `_logit_transform` does not know). The tolerance
     allows bf16 rounding; an unknown logit transform is off by far more."""
-    causal_lm = _causal_lm(model)
+    causal_lm = unwrap_causal_lm(model)
     device = next(causal_lm.parameters()).device
     vocab = causal_lm.get_output_embeddings().out_features
     input_ids = torch.arange(tokens, device=device).remainder(vocab).unsqueeze(0)  # (1, T)

@@ -35,6 +35,19 @@ def gguf_source(model: str, model_init_kwargs: dict | None = None) -> tuple[str,
     return (model, gguf_file) if gguf_file else None
 
 
+def unwrap_distributed(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (a `PeftModel` stays a `PeftModel`). The one place wrappers are unwrapped."""
+    return getattr(model, "module", model)
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside DDP / accelerate / PEFT wrappers (LoRA layers stay injected in it)."""
+    model = unwrap_distributed(model)
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model
+
+
 def load_causal_lm(model: str | nn.Module, model_init_kwargs: dict | None = None) -> nn.Module:
     """The policy: `model` itself when it is already a module, else `AutoModelForCausalLM.from_pretrained(model)`.
 

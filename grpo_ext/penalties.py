@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from trl.rewards import get_soft_overlong_punishment
 
 from .objective import per_token_kl
 
@@ -25,10 +26,13 @@ def sequence_kl(
 def overlong_penalty(lengths: torch.Tensor, max_completion_length: int, buffer_len: int, factor: float) -> torch.Tensor:
     """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13) as a non-negative penalty `(B,)`.
 
-    0 up to L_max - L_cache tokens, then rising linearly to `factor` at L_max (and staying there beyond it).
+    0 up to L_max - L_cache tokens, then rising linearly to `factor` at L_max (and staying there beyond it):
+    `-factor * R_length`, with R_length from TRL's `get_soft_overlong_punishment`, the formula's one implementation
+    here (the `soft_overlong` reward function uses it too).
     """
-    excess = (lengths.float() - (max_completion_length - buffer_len)) / buffer_len  # (B,)
-    return factor * excess.clamp(min=0.0, max=1.0)
+    r_length = get_soft_overlong_punishment(max_completion_length, buffer_len)
+    lengths_as_ids = [range(n) for n in lengths.tolist()]  # it reads only len() of each completion
+    return -factor * torch.tensor(r_length(lengths_as_ids), dtype=torch.float32, device=lengths.device)
 
 
 def missing_eos_penalty(is_truncated: torch.Tensor, penalty: float) -> torch.Tensor:

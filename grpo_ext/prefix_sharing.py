@@ -3,11 +3,12 @@
 In a GRPO step the batch holds every prompt G times in a row. Plain rollouts prefill each prompt G times, and every
 scoring pass (old, reference, policy) re-encodes it G times. Here the prompt goes through the model once per group:
 
-- **Generation** (`generate_with_shared_prefix`): the unique prompts are prefilled once (all but their last token),
+- **Generation** (`generate_from_shared_cache`): the unique prompts are prefilled once (all but their last token),
   the KV cache is repeated G times along the batch (`Cache.batch_repeat_interleave`), and `model.generate` continues
   from it on the repeated prompts. `generate` only feeds the tokens the cache has not seen, so it starts by decoding
   the last prompt token; everything after is ordinary decoding (sampling, stopping criteria, logits processors).
-- **Scoring** (`shared_prefix_logps`): two passes through the backbone inside one forward call. The prompt pass
+- **Scoring** (`SharedPrefixScoring`, a `logprobs.ScoringRequest`): two passes through the backbone inside one forward
+  call. The prompt pass
   encodes the unique prompts and records each layer's keys/values; the completion pass runs the `(N, C)` completion
   tokens against a read-only cache that hands every completion its group's prompt keys/values in front of its own
   (attention over `P + C` keys, exactly what the plain pass computes for completion tokens). The first completion
@@ -23,17 +24,17 @@ custom mask: the completion pass is an ordinary forward with a cache, as in deco
 `eager` attention implementations (Qwen2, Llama); others that read a `Cache` are checked once per model against the
 plain path (`_self_check`) and fall back if they disagree.
 
-Both entry points fall back to the plain path, with one warning per reason, when sharing is unsupported or cannot be
-exact (unexpandable caches, sliding-window / linear-attention layers, prompt-learning adapters, beam search,
-reentrant gradient checkpointing). With dropout active, sharing draws one dropout mask per prompt instead of one per
+Whether a rollout can share is asked once, by `unsupported_reason` (unexpandable caches, sliding-window /
+linear-attention layers, prompt-learning adapters, beam search, reentrant gradient checkpointing, a failed
+self-check); the rollout module then uses the answer for generation and every scoring pass. The standalone entry
+points `generate_with_shared_prefix` and `shared_prefix_logps` ask it themselves and fall back to the plain path,
+with one warning per reason. With dropout active, sharing draws one dropout mask per prompt instead of one per
 copy: the expectation is unchanged, but set `disable_dropout=True` for runs that must match the plain path exactly.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import types
 import warnings
 from dataclasses import dataclass
 
@@ -44,14 +45,19 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .logprobs import (
     CompletionScores,
-    _causal_lm,
+    ScoringRequest,
     completion_logps_and_entropies,
     position_ids_from_mask,
+    score_completions,
     score_hidden_states,
 )
+from .models import unwrap_causal_lm, unwrap_distributed
 
 __all__ = [
+    "unsupported_reason",
+    "generate_from_shared_cache",
     "generate_with_shared_prefix",
+    "SharedPrefixScoring",
     "shared_prefix_logps",
     "unique_prompts",
     "prompt_groups",
@@ -62,7 +68,7 @@ __all__ = [
 _WARNED: set[str] = set()
 
 
-def _warn_once(reason: str) -> None:
+def warn_plain_path(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"Prefix sharing is off, using the plain path: {reason}", stacklevel=3)
@@ -103,7 +109,7 @@ def unique_prompts(
 
 
 def _peft_prompt_learning(model: nn.Module) -> bool:
-    model = getattr(model, "module", model)
+    model = unwrap_distributed(model)
     peft_config = getattr(model, "peft_config", None)
     if not isinstance(peft_config, dict):
         return False
@@ -116,7 +122,7 @@ def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
     Sharing needs a decoder whose attention layers read a `Cache` and attend to all of it: full-attention layers only
     (a sliding window or a recurrent state depends on what came before in a way a shared cache does not reproduce).
     """
-    causal_lm = _causal_lm(model)
+    causal_lm = unwrap_causal_lm(model)
     config = causal_lm.config.get_text_config(decoder=True)
     if getattr(causal_lm.config, "is_encoder_decoder", False):
         return f"{type(causal_lm).__name__} is an encoder-decoder model"
@@ -137,7 +143,7 @@ def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
 
 
 def _generation_unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
-    defaults = _causal_lm(model).generation_config  # what generate uses for the fields left unset (None)
+    defaults = unwrap_causal_lm(model).generation_config  # what generate uses for the fields left unset (None)
 
     def setting(name):
         value = getattr(generation_config, name, None)
@@ -157,7 +163,7 @@ def _generation_unsupported_reason(model: nn.Module, generation_config: Generati
 
 def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_generations: int) -> Cache:
     """KV cache of all but the last token of each unique prompt, repeated G times along the batch `(B*G, ...)`."""
-    causal_lm = _causal_lm(model)
+    causal_lm = unwrap_causal_lm(model)
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     position_ids = position_ids_from_mask(attention_mask)  # (B, P-1)
     cache = DynamicCache(config=causal_lm.config)
@@ -174,6 +180,29 @@ def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_gener
 
 
 @torch.no_grad()
+def generate_from_shared_cache(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_generations: int,
+    generation_config: GenerationConfig,
+    **generate_kwargs,
+) -> torch.Tensor:
+    """G completions for each of the `(B, P)` left-padded unique prompts, `(B*G, C)`, rows in groups of G, each
+    prompt prefilled once. For a model and config that `unsupported_reason` accepts (it is not checked again here)."""
+    repeated_ids = input_ids.repeat_interleave(num_generations, dim=0)  # (B*G, P)
+    repeated_mask = attention_mask.repeat_interleave(num_generations, dim=0)  # (B*G, P)
+    if input_ids.size(1) >= 2 and num_generations > 1:  # a one-token prompt has nothing to share
+        # generate then feeds only the last prompt token first
+        generate_kwargs["cache"] = _prefill_shared_cache(
+            model, input_ids[:, :-1], attention_mask[:, :-1], num_generations
+        )
+    sequences = model.generate(
+        input_ids=repeated_ids, attention_mask=repeated_mask, generation_config=generation_config, **generate_kwargs
+    )  # (B*G, P + C)
+    return sequences[:, input_ids.size(1) :]
+
+
 def generate_with_shared_prefix(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -182,28 +211,26 @@ def generate_with_shared_prefix(
     generation_config: GenerationConfig,
     **generate_kwargs,
 ) -> torch.Tensor:
-    """G completions for each of the `(B, P)` left-padded unique prompts, `(B*G, C)`, rows in groups of G.
+    """`generate_from_shared_cache` for any model: plain generation on the repeated prompts (one warning per
+    reason) when the cache cannot be shared.
 
-    Each prompt is prefilled once instead of G times. Under greedy decoding the completions are token-identical to
-    `model.generate` on the repeated prompts; under sampling they follow the same distribution. Falls back to plain
-    generation (one warning per reason) when the cache cannot be shared.
+    Under greedy decoding the completions are token-identical to `model.generate` on the repeated prompts; under
+    sampling they follow the same distribution.
     """
-    repeated_ids = input_ids.repeat_interleave(num_generations, dim=0)  # (B*G, P)
-    repeated_mask = attention_mask.repeat_interleave(num_generations, dim=0)  # (B*G, P)
-    cache = None
-    if input_ids.size(1) >= 2 and num_generations > 1:  # a one-token prompt has nothing to share
-        reason = _generation_unsupported_reason(model, generation_config)
-        if reason is None:
-            try:
-                cache = _prefill_shared_cache(model, input_ids[:, :-1], attention_mask[:, :-1], num_generations)
-            except (AttributeError, NotImplementedError, TypeError) as error:
-                reason = f"the KV cache of {type(_causal_lm(model)).__name__} cannot be expanded ({error})"
-        if reason is not None:
-            _warn_once(reason)
-    if cache is not None:
-        generate_kwargs["cache"] = cache  # generate then feeds only the last prompt token first
+    reason = _generation_unsupported_reason(model, generation_config)
+    if reason is None:
+        try:
+            return generate_from_shared_cache(
+                model, input_ids, attention_mask, num_generations, generation_config, **generate_kwargs
+            )
+        except (AttributeError, NotImplementedError, TypeError) as error:
+            reason = f"the KV cache of {type(unwrap_causal_lm(model)).__name__} cannot be expanded ({error})"
+    warn_plain_path(reason)
     sequences = model.generate(
-        input_ids=repeated_ids, attention_mask=repeated_mask, generation_config=generation_config, **generate_kwargs
+        input_ids=input_ids.repeat_interleave(num_generations, dim=0),
+        attention_mask=attention_mask.repeat_interleave(num_generations, dim=0),
+        generation_config=generation_config,
+        **generate_kwargs,
     )  # (B*G, P + C)
     return sequences[:, input_ids.size(1) :]
 
@@ -268,14 +295,15 @@ def _reentrant_checkpointing(causal_lm: nn.Module) -> bool:
 
 
 @dataclass
-class SharedPrefixScoring:
-    """The completions to score against `input_ids` (the prompts), passed through the model's wrappers as one
-    keyword so no wrapper consumes its fields (`temperature`, `chunk_size` also name the plain path's keywords)."""
+class SharedPrefixScoring(ScoringRequest):
+    """A `ScoringRequest` run with each prompt encoded once per run of identical rows (the module docstring)."""
 
-    completion_ids: torch.Tensor  # (N, C)
-    completion_mask: torch.Tensor  # (N, C)
-    temperature: float
-    chunk_size: int
+    def run(self, causal_lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> CompletionScores:
+        _, group_sizes = prompt_groups(prompt_ids, prompt_mask)  # (U,)
+        if bool((group_sizes == 1).all()):  # nothing shared in this micro-batch: the plain pass is as cheap
+            return super().run(causal_lm, prompt_ids, prompt_mask)
+        logps, entropies = _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, self)
+        return CompletionScores(logps=logps, entropies=entropies)
 
 
 def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPrefixScoring):
@@ -314,31 +342,20 @@ def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPr
     )
 
 
-def _add_shared_prefix_scoring(model: nn.Module) -> None:
-    """Teach the causal LM inside `model` the `shared_prefix_scoring` keyword (idempotent), so the scoring call enters
-    through the outermost wrapper (DDP, PEFT, accelerate) like the plain path's `score_completions`."""
-    causal_lm = _causal_lm(model)
-    if getattr(causal_lm, "_grpo_ext_shared_prefix_scoring", False):
-        return
-    original_forward = causal_lm.forward
-
-    def forward(self, *args, shared_prefix_scoring: SharedPrefixScoring | None = None, **kwargs):
-        if shared_prefix_scoring is None:
-            return original_forward(*args, **kwargs)
-        logps, entropies = _shared_prefix_forward(
-            self, kwargs["input_ids"], kwargs["attention_mask"], shared_prefix_scoring
-        )
-        return CompletionScores(logps=logps, entropies=entropies)
-
-    forward = functools.wraps(type(causal_lm).forward)(forward)  # `generate` validates keywords against forward's
-    causal_lm.forward = types.MethodType(forward, causal_lm)
-    causal_lm._grpo_ext_shared_prefix_scoring = True
+def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
+    """Why a rollout of `model` sampled with `generation_config` cannot share its prompts, in generation and in every
+    scoring pass of its completions (old, reference, policy), or None when it can. Asked once per rollout."""
+    if _reentrant_checkpointing(unwrap_causal_lm(model)):
+        return _REENTRANT
+    return _generation_unsupported_reason(model, generation_config) or _checked_model_reason(model)
 
 
-def _shared_scoring_unsupported_reason(model: nn.Module) -> str | None:
-    causal_lm = _causal_lm(model)
-    if torch.is_grad_enabled() and causal_lm.training and _reentrant_checkpointing(causal_lm):
-        return "reentrant gradient checkpointing would drop gradients through the shared prompt keys/values"
+_REENTRANT = "reentrant gradient checkpointing would drop gradients through the shared prompt keys/values"
+
+
+def _checked_model_reason(model: nn.Module) -> str | None:
+    """`prefix_sharing_unsupported_reason`, then the self-check, once per model (the answer is kept on it)."""
+    causal_lm = unwrap_causal_lm(model)
     reason = getattr(causal_lm, "_grpo_ext_prefix_sharing_reason", None)
     if reason is None:
         reason = prefix_sharing_unsupported_reason(model) or _self_check(model)
@@ -346,11 +363,18 @@ def _shared_scoring_unsupported_reason(model: nn.Module) -> str | None:
     return reason or None
 
 
+def _shared_scoring_unsupported_reason(model: nn.Module) -> str | None:
+    causal_lm = unwrap_causal_lm(model)
+    if torch.is_grad_enabled() and causal_lm.training and _reentrant_checkpointing(causal_lm):
+        return _REENTRANT
+    return _checked_model_reason(model)
+
+
 def _self_check(model: nn.Module, atol: float = 0.05) -> str:
     """Score a small batch both ways once per model; "" when they agree. Guards against architectures that look
     supported but treat the cache or positions differently. The tolerance allows bf16 rounding; an architectural
     mismatch is off by far more."""
-    causal_lm = _causal_lm(model)
+    causal_lm = unwrap_causal_lm(model)
     device = next(causal_lm.parameters()).device
     vocab = causal_lm.get_output_embeddings().out_features
     prompt_ids = (torch.arange(12, device=device).view(2, 6) * 7 + 3).remainder(vocab).repeat_interleave(2, 0)
@@ -372,6 +396,7 @@ def _self_check(model: nn.Module, atol: float = 0.05) -> str:
             shared, _ = _shared_prefix_forward(
                 causal_lm, prompt_ids, prompt_mask, SharedPrefixScoring(completion_ids, completion_mask, 1.0, 1024)
             )
+            _prefill_shared_cache(causal_lm, prompt_ids[::2, :-1], prompt_mask[::2, :-1], 2)  # generation's cache
         error = (plain - shared).abs().max().item()
     except Exception as exception:  # an architecture the two-pass forward does not fit
         return (
@@ -403,10 +428,8 @@ def shared_prefix_logps(
     `model` may be wrapped (DDP, PEFT, accelerate) and may be a PEFT model inside `disable_adapter()` (reference pass).
     """
     reason = _shared_scoring_unsupported_reason(model)
-    _, group_sizes = prompt_groups(prompt_ids, prompt_mask)
-    if reason is not None or bool((group_sizes == 1).all()):  # nothing shared: the plain pass is as cheap
-        if reason is not None:
-            _warn_once(reason)
+    if reason is not None:
+        warn_plain_path(reason)
         return completion_logps_and_entropies(
             model,
             torch.cat([prompt_ids, completion_ids], dim=1),
@@ -415,10 +438,5 @@ def shared_prefix_logps(
             temperature=temperature,
             chunk_size=chunk_size,
         )
-    _add_shared_prefix_scoring(model)
-    scores = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        shared_prefix_scoring=SharedPrefixScoring(completion_ids, completion_mask, temperature, chunk_size),
-    )
-    return scores["logps"], scores["entropies"]
+    request = SharedPrefixScoring(completion_ids, completion_mask, temperature, chunk_size)
+    return score_completions(model, prompt_ids, prompt_mask, request)

@@ -16,6 +16,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from .models import load_causal_lm, unwrap_distributed
+
 REFERENCE_MODES = ("auto", "disabled_adapter", "snapshot_adapter", "copy", "none")
 SNAPSHOT_ADAPTER = "reference"  # name of the frozen adapter in snapshot mode (saved in checkpoints as a subfolder)
 
@@ -28,6 +30,16 @@ def _adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Paramete
     """LoRA-style parameters of one adapter, keyed by their name with the adapter name removed."""
     marker = f".{adapter}."
     return {name.replace(marker, "."): p for name, p in model.named_parameters() if marker in name}
+
+
+def load_reference_copy(model_path: str, model_init_kwargs: dict) -> nn.Module:
+    """pi_ref under ZeRO-3: loaded again from where the policy came from (its weights are partitioned already)."""
+    if not model_path:
+        raise ValueError(
+            "Under DeepSpeed ZeRO-3 the frozen reference is loaded again from the policy's path, and this model "
+            "was built in memory: pass the model as an id or path, or use a PEFT adapter (reference = adapters off)."
+        )
+    return load_causal_lm(model_path, model_init_kwargs)
 
 
 class ReferencePolicy:
@@ -91,7 +103,7 @@ class ReferencePolicy:
         """Snapshot mode: pi_ref <- pi_theta, by copying the trained adapter into the frozen one."""
         if self.mode != "snapshot_adapter":
             return
-        policy = getattr(policy, "module", policy)
+        policy = unwrap_distributed(policy)
         snapshot = _adapter_parameters(policy, SNAPSHOT_ADAPTER)
         for name, parameter in _adapter_parameters(policy, self.active_adapter).items():
             snapshot[name].copy_(parameter)
@@ -104,7 +116,7 @@ class ReferencePolicy:
         if self.mode == "copy":
             yield self.model
             return
-        unwrapped = getattr(policy, "module", policy)
+        unwrapped = unwrap_distributed(policy)
         if self.mode == "snapshot_adapter":
             unwrapped.set_adapter(SNAPSHOT_ADAPTER)
             try:

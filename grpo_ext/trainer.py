@@ -1,14 +1,12 @@
 """GRPOExtTrainer: orchestrates one GRPO step (docs/architecture.md, "One training step"); holds no formula inline.
 
-sample (sampling) -> roll out (sampling) -> score (rewards) -> advantages (advantages) -> log-probs (logprobs,
-reference) -> loss (objective) -> log.
+sample (TRL's RepeatSampler) -> roll out (rollout, prefix_sharing) -> score (rewards) -> advantages (advantages) ->
+log-probs (rollout, logprobs, reference) -> loss (objective) -> log.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-import json
 import logging
 import os
 import random
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather, gather_object
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
@@ -27,9 +25,9 @@ from trl.trainer.utils import RepeatSampler
 
 from .advantages import group_relative_advantages, nanstd
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
-from .checkpoints import check_resume_settings, explain_full_disk, last_complete_checkpoint
+from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
 from .config import GRPOExtConfig
-from .data import check_prompt_lengths, check_prompts, dataset_prompts
+from .data import check_dataset
 from .hub import (
     CheckpointUploads,
     HubPushError,
@@ -38,30 +36,26 @@ from .hub import (
     save_training_config,
     training_config_dict,
 )
-from .logprobs import check_against_full_logits, completion_logps_and_entropies
+from .logprobs import check_against_full_logits
 from .models import apply_peft, disable_dropout, keep_4bit_weights_trainable, load_causal_lm, load_tokenizer
-from .objective import aggregate_loss, grpo_per_token_loss
+from .objective import Normalisers, aggregate_loss, grpo_per_token_loss
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
-from .prefix_sharing import generate_with_shared_prefix, shared_prefix_logps, unique_prompts
-from .reference import ReferencePolicy
-from .rewards import RewardScorer
-from .sampling import (
+from .reference import ReferencePolicy, load_reference_copy
+from .reward_scoring import RewardScorer
+from .rollout import (
+    Rollout,
     build_generation_config,
-    completion_mask_after_eos,
-    concat_rollouts,
+    choose_prefix_sharing,
+    completion_logps_and_entropies,
+    decode_completions,
+    encode_prompts,
     eos_token_ids,
+    generate_completions,
     is_conversational,
-    prompt_texts,
     varying_groups,
 )
 
 logger = logging.getLogger(__name__)
-
-# Trainer state beyond transformers' own, saved in each checkpoint folder.
-STATE_FILE = "grpo_ext_state.json"
-
-# Arguments every reward function receives besides the dataset columns.
-REWARD_FUNCTION_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
 
 
 class GRPOExtTrainer(_BaseTrainer):
@@ -142,10 +136,11 @@ class GRPOExtTrainer(_BaseTrainer):
             nonfinite_rewards=args.nonfinite_rewards,
         )
         max_positions = getattr(model.config, "max_position_embeddings", None)
-        self._check_dataset(train_dataset, "train_dataset", args, processing_class, max_positions)
+        required_columns = self.rewards.required_columns()
+        check_dataset(train_dataset, "train_dataset", args, required_columns, processing_class, max_positions)
         for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
             name = f"eval_dataset[{split!r}]" if split else "eval_dataset"
-            self._check_dataset(dataset, name, args, processing_class, max_positions)
+            check_dataset(dataset, name, args, required_columns, processing_class, max_positions)
         if eval_dataset is not None:
             self._check_eval_batch(args)
 
@@ -154,7 +149,7 @@ class GRPOExtTrainer(_BaseTrainer):
             model,
             args.ref_model_mode,
             needed=args.beta > 0 or args.reward_kl_coef > 0,
-            load_copy=(lambda: self._load_reference_copy(model_path, model_init_kwargs)) if zero3 else None,
+            load_copy=functools.partial(load_reference_copy, model_path, model_init_kwargs) if zero3 else None,
             partitioned=zero3,
         )
         self.reward_kl_controller = None
@@ -217,55 +212,6 @@ class GRPOExtTrainer(_BaseTrainer):
     # --- Set-up checks ---
 
     @staticmethod
-    def _load_reference_copy(model_path: str, model_init_kwargs: dict):
-        """pi_ref under ZeRO-3: loaded again from where the policy came from (its weights are partitioned already)."""
-        if not model_path:
-            raise ValueError(
-                "Under DeepSpeed ZeRO-3 the frozen reference is loaded again from the policy's path, and this model "
-                "was built in memory: pass the model as an id or path, or use a PEFT adapter (reference = adapters off)."
-            )
-        return load_causal_lm(model_path, model_init_kwargs)
-
-    def _check_dataset(self, dataset, name: str, args: GRPOExtConfig, tokenizer=None, max_positions=None) -> None:
-        """Columns, size and reward-function arguments, then every prompt: type, emptiness, chat roles, length."""
-        if dataset is None:
-            return
-        if isinstance(dataset, IterableDataset):
-            raise NotImplementedError(f"{name} is an IterableDataset; GRPOExtTrainer needs a map-style Dataset.")
-        columns = list(dataset.column_names)
-        if "prompt" not in columns:
-            raise ValueError(
-                f"{name} has no 'prompt' column (columns: {columns}). Rename the column that holds the prompts, e.g. "
-                "dataset = dataset.rename_column('question', 'prompt')."
-            )
-        prompts_per_rollout = args.generation_batch_size // args.num_generations
-        if name == "train_dataset" and len(dataset) < prompts_per_rollout:
-            raise ValueError(
-                f"train_dataset has {len(dataset)} prompts but one rollout takes {prompts_per_rollout} "
-                f"(generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}). "
-                "Add prompts or lower per_device_train_batch_size / steps_per_generation."
-            )
-        for func, func_name in zip(self.rewards.funcs, self.rewards.names):
-            missing = [column for column in self._required_columns(func) if column not in columns]
-            if missing:
-                raise ValueError(
-                    f"Reward function '{func_name}' takes {missing} but {name} has no such column (columns: "
-                    f"{columns}). Add the column to the dataset or give the argument a default value."
-                )
-        prompts = dataset_prompts(dataset)
-        check_prompts(prompts, name)
-        if tokenizer is not None:
-            check_prompt_lengths(
-                prompts,
-                name,
-                tokenizer,
-                max_positions,
-                args.max_completion_length,
-                args.max_prompt_length,
-                args.chat_template_kwargs,
-            )
-
-    @staticmethod
     def _check_eval_batch(args: GRPOExtConfig) -> None:
         if (args.per_device_eval_batch_size * args.world_size) % args.num_generations:
             raise ValueError(
@@ -273,23 +219,6 @@ class GRPOExtTrainer(_BaseTrainer):
                 f"divisible by num_generations={args.num_generations}, so evaluation groups would be split. Set "
                 f"per_device_eval_batch_size to a multiple of {args.num_generations}."
             )
-
-    @staticmethod
-    def _required_columns(func) -> list[str]:
-        """Keyword arguments a reward function needs with no default: they must come from dataset columns."""
-        if isinstance(func, torch.nn.Module):
-            return []
-        try:
-            parameters = inspect.signature(func).parameters.values()
-        except (TypeError, ValueError):
-            return []
-        return [
-            p.name
-            for p in parameters
-            if p.default is inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.name not in REWARD_FUNCTION_ARGUMENTS
-        ]
 
     # --- Data: each prompt G times in a row, one generation batch per rollout ---
 
@@ -371,7 +300,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self._check_weights_are_finite(f"go on after step {self.state.global_step}")
         return super()._maybe_log_save_evaluate(*args, **kwargs)
 
-    def _prepare_inputs(self, generation_batch: list[dict]) -> dict:
+    def _prepare_inputs(self, generation_batch: list[dict]) -> Rollout:
         if not self.model.training:
             return self._generate_and_score(generation_batch, mode="eval")
         generate_every = self.args.steps_per_generation * self.args.num_iterations
@@ -380,7 +309,6 @@ class GRPOExtTrainer(_BaseTrainer):
                 rollout = self._roll_out_varying_groups(generation_batch)
             else:
                 rollout = self._generate_and_score(generation_batch, mode="train")
-            rollout.pop("group_std")
             self._buffered_inputs = self._split_into_micro_batches(rollout)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
@@ -390,95 +318,56 @@ class GRPOExtTrainer(_BaseTrainer):
         generate_every = self.args.steps_per_generation * self.args.num_iterations
         return self.args.gradient_accumulation_steps % generate_every != 0
 
-    def _logps_and_entropies(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs and entropies `(B, C)` of the batch's completions, prompts shared where possible."""
-        if self._prefix_sharing:
-            return shared_prefix_logps(
-                model,
-                batch["prompt_ids"],
-                batch["prompt_mask"],
-                batch["completion_ids"],
-                batch["completion_mask"],
-                temperature=self.args.temperature,
-                chunk_size=self.args.logprob_chunk_size,
-            )
-        return completion_logps_and_entropies(
-            model,
-            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-            batch["completion_ids"].size(1),
-            temperature=self.args.temperature,
-            chunk_size=self.args.logprob_chunk_size,
-        )
-
-    def _completion_logps(self, model, batch: dict) -> torch.Tensor:
+    def _completion_logps(self, model, rollout: Rollout | dict) -> torch.Tensor:
         """Log-probs `(B, C)` without gradient (rollout, old and reference passes)."""
+        if isinstance(rollout, dict):
+            rollout = Rollout.from_dict(rollout, self.args.max_completion_length)
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self.compute_loss_context_manager(),
         ):
-            return self._logps_and_entropies(model, batch)[0]
+            return completion_logps_and_entropies(model, rollout, self.args.temperature, self.args.logprob_chunk_size)[
+                0
+            ]
 
-    def _generate_and_score(self, rows: list[dict], mode: str) -> dict:
+    def _generate_and_score(self, rows: list[dict], mode: str) -> Rollout:
         """Roll out G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
         device = self.accelerator.device
-        tokenizer = self.processing_class
         prompts = [row["prompt"] for row in rows]
-        encoded = tokenizer(
-            prompt_texts(prompts, tokenizer, self.args.chat_template_kwargs),
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,
+        prompt_ids, prompt_mask = encode_prompts(
+            self.processing_class, prompts, self.args.chat_template_kwargs, self.args.max_prompt_length, device
+        )  # (B, P)
+        shared_prefix = self._prefix_sharing and choose_prefix_sharing(self.model, self.generation_config)
+        with unwrap_model_for_generation(
+            self.model_wrapped,
+            self.accelerator,
+            gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as unwrapped_model:
+            completion_ids = generate_completions(
+                unwrapped_model, prompt_ids, prompt_mask, self.num_generations, self.generation_config, shared_prefix
+            )  # (B, C)
+        rollout = Rollout.of_completions(
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            self.eos_token_ids,
+            self.args.mask_truncated_completions,
+            shared_prefix,
         )
-        prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)  # (B, P)
-        if self.args.max_prompt_length is not None:  # left-padded: the last columns hold each prompt's last tokens
-            prompt_ids = prompt_ids[:, -self.args.max_prompt_length :]
-            prompt_mask = prompt_mask[:, -self.args.max_prompt_length :]
-
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as unwrapped_model,
-            torch.no_grad(),
-        ):
-            unique = unique_prompts(prompt_ids, prompt_mask, self.num_generations) if self._prefix_sharing else None
-            if unique is not None:  # each prompt prefilled once, its KV cache shared by its G completions
-                completion_ids = generate_with_shared_prefix(
-                    unwrapped_model, *unique, self.num_generations, self.generation_config
-                )  # (B, C)
-            else:
-                prompt_completion_ids = unwrapped_model.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config
-                )
-                completion_ids = prompt_completion_ids[:, prompt_ids.size(1) :]  # (B, C)
-        completion_mask, is_truncated = completion_mask_after_eos(completion_ids, self.eos_token_ids)  # (B, C), (B,)
-        completion_ids_list = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
-        lengths = completion_mask.sum(1)  # (B,) generated tokens, EOS included
-        if self.args.mask_truncated_completions:
-            completion_mask = completion_mask * (~is_truncated).unsqueeze(1)
-        texts = tokenizer.batch_decode(completion_ids_list, skip_special_tokens=True)
+        completion_ids_list, texts = decode_completions(rollout, self.processing_class)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) else texts
 
-        batch = {
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
-        }
         old_needed = mode == "train" and self._policy_moves_during_rollout
         rollout_per_token_logps = None
         if old_needed or self.args.reward_kl_coef > 0:  # log-probs of the policy that sampled the rollout
-            rollout_per_token_logps = self._completion_logps(self.model, batch)  # (B, C)
+            rollout_per_token_logps = self._completion_logps(self.model, rollout)  # (B, C)
         if old_needed:
-            batch["old_per_token_logps"] = rollout_per_token_logps
+            rollout.old_per_token_logps = rollout_per_token_logps
         if self.reference.mode != "none":  # one reference pass serves both penalties
             with self.reference.activate(self.model) as reference_model:
-                batch["ref_per_token_logps"] = self._completion_logps(reference_model, batch)  # (B, C)
+                rollout.ref_per_token_logps = self._completion_logps(reference_model, rollout)  # (B, C)
 
         # Rewards of the whole group are needed for its advantages: gather them from every process.
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
@@ -490,16 +379,16 @@ class GRPOExtTrainer(_BaseTrainer):
                 self._metrics[mode][f"rewards/{name}/nonfinite"].append(float(count))
         rewards_per_func = gather(local_rewards_per_func.to(device))  # (B * num_processes, K)
         rewards = self.rewards.weighted_sum(rewards_per_func)  # (B * num_processes,)
-        penalty = self._reward_penalties(mode, batch, rollout_per_token_logps, lengths, is_truncated)
+        penalty = self._reward_penalties(mode, rollout, rollout_per_token_logps)
         shaped_rewards = rewards - penalty  # (B * num_processes,)
         advantages, std = group_relative_advantages(shaped_rewards, self.num_generations, self.args.scale_rewards)
         process_slice = slice(
             self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows)
         )
-        batch["advantages"] = advantages[process_slice]  # (B,)
-        batch["group_std"] = std[process_slice]  # (B,) for dynamic sampling
+        rollout.advantages = advantages[process_slice]  # (B,)
+        rollout.group_std = std[process_slice]  # (B,) for dynamic sampling
 
-        self._log_rollout(mode, rewards_per_func, rewards, std, prompt_mask, lengths, is_truncated)
+        self._log_rollout(mode, rewards_per_func, rewards, std, rollout)
         if penalty.any():
             self._metrics[mode]["reward_shaped"].append(torch.nanmean(shaped_rewards).item())
         if self.args.log_completions and mode == "train":
@@ -511,9 +400,9 @@ class GRPOExtTrainer(_BaseTrainer):
                 "reward": rewards.tolist(),
                 "advantage": advantages.tolist(),
             }
-        return batch
+        return rollout
 
-    def _roll_out_varying_groups(self, rows: list[dict]) -> dict:
+    def _roll_out_varying_groups(self, rows: list[dict]) -> Rollout:
         """DAPO's dynamic sampling: keep groups whose rewards vary, roll out fresh prompts until the batch is full
         of them or `max_sampling_rounds` is reached, then top up with dropped groups (their advantages are 0)."""
         G, needed = self.num_generations, len(rows) // self.num_generations
@@ -521,9 +410,9 @@ class GRPOExtTrainer(_BaseTrainer):
         while True:
             rounds += 1
             rollout = self._generate_and_score(rows, mode="train")
-            varying = varying_groups(rollout["group_std"], G).tolist()  # (groups,)
+            varying = varying_groups(rollout.group_std, G).tolist()  # (groups,)
             for group, keep in enumerate(varying):
-                (kept if keep else dropped).append({k: v[group * G : (group + 1) * G] for k, v in rollout.items()})
+                (kept if keep else dropped).append(rollout.rows(group * G, (group + 1) * G))
             missing = torch.tensor([max(needed - len(kept), 0)], device=self.accelerator.device)
             # Every process rolls out the same number of groups each round (rewards are gathered), until all are full
             most_missing = int(gather(missing).max())
@@ -537,18 +426,19 @@ class GRPOExtTrainer(_BaseTrainer):
         )
         self._metrics["train"]["sampling/rounds"].append(float(rounds))
         self._metrics["train"]["sampling/kept_groups_ratio"].append(kept_ratio.item())
-        return concat_rollouts(groups)
+        return Rollout.concat(groups)
 
-    def _reward_penalties(self, mode, batch, rollout_per_token_logps, lengths, is_truncated) -> torch.Tensor:
+    def _reward_penalties(self, mode, rollout: Rollout, rollout_per_token_logps) -> torch.Tensor:
         """beta_r * sum_t KL_t + overlong + missing-EOS, per completion of all processes `(B * num_processes,)`."""
         args, metrics = self.args, self._metrics[mode]
+        lengths, is_truncated = rollout.lengths, rollout.is_truncated  # (B,) each
         penalty = torch.zeros(lengths.size(0), device=lengths.device)  # (B,)
         if args.reward_kl_coef > 0:
             coef = self.reward_kl_controller.value if self.reward_kl_controller else args.reward_kl_coef
             kl = sequence_kl(
                 rollout_per_token_logps,
-                batch["ref_per_token_logps"],
-                batch["completion_mask"],
+                rollout.ref_per_token_logps,
+                rollout.completion_mask,
                 args.reward_kl_estimator,
             )  # (B,)
             penalty = penalty + coef * kl
@@ -569,7 +459,7 @@ class GRPOExtTrainer(_BaseTrainer):
             metrics["penalty/missing_eos"].append(gather(missing_eos).mean().item())
         return gather(penalty)
 
-    def _split_into_micro_batches(self, rollout: dict) -> list[dict]:
+    def _split_into_micro_batches(self, rollout: Rollout) -> list[Rollout]:
         """Slice a rollout into steps_per_generation micro-batches and attach the normalisers of their window.
 
         The window is the gradient_accumulation_steps micro-batches summed into one optimizer step. When the rollout
@@ -577,35 +467,41 @@ class GRPOExtTrainer(_BaseTrainer):
         exact; otherwise they are the rollout's counts scaled to one window, as TRL does.
         """
         steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
-        size = rollout["completion_ids"].size(0) // steps
-        micro_batches = [{k: v[i * size : (i + 1) * size] for k, v in rollout.items()} for i in range(steps)]
-        tokens = torch.stack([mb["completion_mask"].sum() for mb in micro_batches]).float()  # (steps,)
+        micro_batches = rollout.split(steps)
+        tokens = torch.stack([mb.completion_mask.sum() for mb in micro_batches]).float()  # (steps,)
         if steps % accumulation == 0:
             window_tokens = tokens.view(-1, accumulation).sum(1).repeat_interleave(accumulation)  # (steps,)
         else:
             window_tokens = tokens.sum().expand(steps) * accumulation / steps
         global_window_tokens = self.accelerator.reduce(window_tokens.clone(), reduction="sum")  # (steps,)
         for i, micro_batch in enumerate(micro_batches):
-            micro_batch["num_sequences"] = float(size * accumulation)
-            micro_batch["num_tokens"] = float(window_tokens[i])
-            micro_batch["num_tokens_per_process"] = float(global_window_tokens[i]) / self.accelerator.num_processes
+            micro_batch.normalisers = Normalisers(
+                num_sequences=float(len(micro_batch) * accumulation),
+                num_tokens=float(window_tokens[i]),
+                num_global_tokens=float(global_window_tokens[i]) / self.accelerator.num_processes,
+                max_completion_length=self.args.max_completion_length,
+            )
         return micro_batches
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs: Rollout | dict, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("GRPOExtTrainer.compute_loss does not return outputs.")
+        if isinstance(inputs, dict):  # a batch built as for trl.GRPOTrainer
+            inputs = Rollout.from_dict(inputs, self.args.max_completion_length)
         mode = "train" if self.model.training else "eval"
-        completion_mask = inputs["completion_mask"]  # (B, C)
-        per_token_logps, entropies = self._logps_and_entropies(model, inputs)  # (B, C) each
-        old_per_token_logps = inputs.get("old_per_token_logps")
+        completion_mask = inputs.completion_mask  # (B, C)
+        per_token_logps, entropies = completion_logps_and_entropies(
+            model, inputs, self.args.temperature, self.args.logprob_chunk_size
+        )  # (B, C) each
+        old_per_token_logps = inputs.old_per_token_logps
         if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
             old_per_token_logps = per_token_logps.detach()
         terms = grpo_per_token_loss(
             per_token_logps,
             old_per_token_logps,
-            inputs["advantages"],
+            inputs.advantages,
             completion_mask,
-            ref_per_token_logps=inputs.get("ref_per_token_logps"),
+            ref_per_token_logps=inputs.ref_per_token_logps,
             beta=self.args.beta,
             epsilon_low=self.args.epsilon,
             epsilon_high=self.args.epsilon_high,
@@ -616,9 +512,9 @@ class GRPOExtTrainer(_BaseTrainer):
             # A window cut short at the end of an epoch holds current_gradient_accumulation_steps micro-batches
             accumulation = self.args.gradient_accumulation_steps
             window = getattr(self, "current_gradient_accumulation_steps", accumulation) / accumulation
-            num_sequences = inputs["num_sequences"] * window
-            num_tokens = inputs["num_tokens"] * window
-            num_global_tokens = inputs["num_tokens_per_process"] * window
+            n = inputs.normalisers
+            num_sequences, num_tokens = n.num_sequences * window, n.num_tokens * window
+            num_global_tokens = n.num_global_tokens * window
         else:  # evaluation: each batch on its own
             num_sequences, num_tokens = completion_mask.size(0), float(completion_mask.sum())
             num_global_tokens = num_tokens
@@ -666,8 +562,9 @@ class GRPOExtTrainer(_BaseTrainer):
         metrics["clip_ratio/low_min"].append(gather(per_sequence(low)).min().item())
         metrics["clip_ratio/high_max"].append(gather(per_sequence(high)).max().item())
 
-    def _log_rollout(self, mode, rewards_per_func, rewards, std, prompt_mask, lengths, is_truncated):
+    def _log_rollout(self, mode, rewards_per_func, rewards, std, rollout: Rollout):
         metrics = self._metrics[mode]
+        prompt_mask, lengths, is_truncated = rollout.prompt_mask, rollout.lengths, rollout.is_truncated
         for k, name in enumerate(self.rewards.names):
             metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, k]).item())
             metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, k]).item())
@@ -701,29 +598,15 @@ class GRPOExtTrainer(_BaseTrainer):
         another model path warned about; and the SIGTERM / Ctrl-C handlers installed for training are put back when
         `train()` returns or raises.
         """
-        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
-            check_resume_settings(self._saved_run_settings(checkpoint), self._run_settings(), checkpoint)
+            check_resume_settings(read_state(checkpoint).get("run", {}), self._run_settings(), checkpoint)
         try:
             return super().train(
                 resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
             )
         finally:
             self._interrupt.restore_handlers()
-
-    def _resolve_checkpoint(self, resume_from_checkpoint) -> str | None:
-        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "false"):
-            if not os.path.isdir(resume_from_checkpoint):
-                resume_from_checkpoint = resume_from_checkpoint.lower() == "true"
-        if resume_from_checkpoint is True:
-            checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if checkpoint is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-N folder. "
-                    "Train from the start (resume_from_checkpoint=False), or pass a checkpoint folder."
-                )
-            return checkpoint
-        return os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
 
     def _run_settings(self) -> dict:
         """Settings a checkpoint is tied to (checkpoints.RESUME_MUST_MATCH / RESUME_SHOULD_MATCH)."""
@@ -732,15 +615,6 @@ class GRPOExtTrainer(_BaseTrainer):
             "loss_type": self.args.loss_type,
             "model": self._model_path,
         }
-
-    @staticmethod
-    def _saved_run_settings(checkpoint: str) -> dict:
-        """The settings recorded in a checkpoint's STATE_FILE; empty for checkpoints written before they were."""
-        path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.isfile(path):
-            return {}
-        with open(path) as file:
-            return json.load(file).get("run", {})
 
     def save_model(self, output_dir=None, _internal_call=False):
         """`Trainer.save_model`; a full disk is named (`NoSpaceLeftError`), and with `push_to_hub` a failed upload
@@ -764,8 +638,7 @@ class GRPOExtTrainer(_BaseTrainer):
                 state = {"run": self._run_settings()}
                 if self.reward_kl_controller is not None:
                     state["reward_kl_controller"] = self.reward_kl_controller.state_dict()
-                with open(os.path.join(folder, STATE_FILE), "w") as file:
-                    json.dump(state, file, indent=2)
+                write_state(folder, state)
             super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -776,12 +649,9 @@ class GRPOExtTrainer(_BaseTrainer):
         # Continue the rollout schedule where it stopped (the next micro-step rolls out anew: no buffer is saved).
         self._step = self.state.global_step * self.args.gradient_accumulation_steps
         self._buffered_inputs = None
-        path = os.path.join(checkpoint, STATE_FILE)
-        if self.reward_kl_controller is not None and os.path.isfile(path):
-            with open(path) as file:
-                state = json.load(file)
-            if "reward_kl_controller" in state:
-                self.reward_kl_controller.load_state_dict(state["reward_kl_controller"])
+        state = read_state(checkpoint)
+        if self.reward_kl_controller is not None and "reward_kl_controller" in state:
+            self.reward_kl_controller.load_state_dict(state["reward_kl_controller"])
 
     # --- Hub: adapters only, with grpo-ext's model card (hub.py); full models go through transformers ---
 

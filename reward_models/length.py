@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from trl.rewards import get_soft_overlong_punishment
+
 from ._text import completion_texts
 from .accuracy import answer_is_correct, gold_answers
 
@@ -63,16 +65,6 @@ def get_cosine_scaled_reward(
     return cosine_scaled_reward
 
 
-def soft_overlong_punishment(length: int, max_completion_len: int, soft_punish_cache: int) -> float:
-    """DAPO's R_length (arXiv 2503.14476, eq. 13): 0 up to `max - cache`, then linear down to -1 at `max`, -1 beyond."""
-    expected_len = max_completion_len - soft_punish_cache
-    if length <= expected_len:
-        return 0.0
-    if length <= max_completion_len:
-        return (expected_len - length) / soft_punish_cache
-    return -1.0
-
-
 def get_soft_overlong_reward(max_completion_len: int, soft_punish_cache: int):
     """DAPO's soft overlong punishment (arXiv 2503.14476, sec. 3.4) as a reward function over `completion_ids`.
 
@@ -87,11 +79,13 @@ def get_soft_overlong_reward(max_completion_len: int, soft_punish_cache: int):
             f"soft_punish_cache must be between 0 and max_completion_len ({max_completion_len}), got {soft_punish_cache}."
         )
 
+    r_length = get_soft_overlong_punishment(max_completion_len, soft_punish_cache)  # TRL's: the same formula
+
     def soft_overlong_reward(completions, completion_ids=None, **kwargs) -> list[float]:
         if completion_ids is None:
             raise ValueError(
                 "soft_overlong_reward measures length in tokens and needs `completion_ids` (GRPO trainers pass them)."
             )
-        return [soft_overlong_punishment(len(ids), max_completion_len, soft_punish_cache) for ids in completion_ids]
+        return r_length(completion_ids)
 
     return soft_overlong_reward

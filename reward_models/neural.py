@@ -30,6 +30,8 @@ class NeuralRewardModel:
         batch_size: completions scored per forward pass.
         device: where to run; by default the model's device (a model loaded here stays on the CPU unless given one).
         max_length: truncate inputs to this many tokens, keeping the end (the completion) of long inputs.
+        chat_template_kwargs: passed to the tokenizer's chat template for conversational prompts.
+        name: the name metrics use (`rewards/<name>/mean`); by default `reward_model_<model folder name>`.
         **model_kwargs: passed to `from_pretrained` when loading from a path (e.g. `dtype=torch.bfloat16`).
 
     Conversational prompts (lists of messages) are joined with their completion and rendered with the tokenizer's chat
@@ -45,6 +47,8 @@ class NeuralRewardModel:
         batch_size: int = 8,
         device: str | torch.device | None = None,
         max_length: int | None = None,
+        chat_template_kwargs: dict | None = None,
+        name: str | None = None,
         **model_kwargs,
     ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -79,7 +83,8 @@ class NeuralRewardModel:
         self.adapter_path = adapter_path
         self.batch_size = batch_size
         self.max_length = max_length
-        self.__name__ = f"reward_model_{_basename(path)}"
+        self.chat_template_kwargs = chat_template_kwargs or {}
+        self.__name__ = name or f"reward_model_{_basename(path)}"
 
     @property
     def device(self) -> torch.device:
@@ -91,7 +96,9 @@ class NeuralRewardModel:
         for prompt, completion in zip(prompts, completions):
             if isinstance(prompt, list):
                 reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-                texts.append(self.tokenizer.apply_chat_template(prompt + reply, tokenize=False))
+                texts.append(
+                    self.tokenizer.apply_chat_template(prompt + reply, tokenize=False, **self.chat_template_kwargs)
+                )
             else:
                 texts.append(prompt + completion_text(completion))
         return texts

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from grpo_ext import GRPOExtTrainer
-from grpo_ext.sampling import concat_rollouts, varying_groups
+from grpo_ext.rollout import Rollout, varying_groups
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
 
 
@@ -13,21 +13,30 @@ def test_varying_groups():
     assert varying_groups(std, 2).tolist() == [False, True, False]
 
 
+def _rollout(prompt_ids, completion_ids, advantage):
+    prompt_ids, completion_ids = torch.tensor(prompt_ids), torch.tensor(completion_ids)
+    return Rollout(
+        prompt_ids, torch.ones_like(prompt_ids), completion_ids, torch.ones_like(completion_ids),
+        advantages=torch.tensor([advantage]),
+    )  # fmt: skip
+
+
 def test_concat_rollouts_pads_prompts_left_and_completions_right():
-    first = {
-        "prompt_ids": torch.tensor([[7, 8]]),
-        "completion_ids": torch.tensor([[1, 2, 3]]),
-        "advantages": torch.ones(1),
-    }
-    second = {
-        "prompt_ids": torch.tensor([[5, 6, 7]]),
-        "completion_ids": torch.tensor([[4]]),
-        "advantages": torch.zeros(1),
-    }
-    merged = concat_rollouts([first, second])
-    assert merged["prompt_ids"].tolist() == [[0, 7, 8], [5, 6, 7]]
-    assert merged["completion_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
-    assert merged["advantages"].tolist() == [1.0, 0.0]
+    merged = Rollout.concat([_rollout([[7, 8]], [[1, 2, 3]], 1.0), _rollout([[5, 6, 7]], [[4]], 0.0)])
+    assert merged.prompt_ids.tolist() == [[0, 7, 8], [5, 6, 7]]
+    assert merged.prompt_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert merged.completion_ids.tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert merged.completion_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert merged.advantages.tolist() == [1.0, 0.0]
+    assert merged.ref_per_token_logps is None  # fields a rollout does not have stay absent
+
+
+def test_rollout_rows_and_split_slice_every_tensor():
+    rollout = Rollout.concat([_rollout([[i]], [[i, i]], float(i)) for i in range(4)])
+    halves = rollout.split(2)
+    assert [h.advantages.tolist() for h in halves] == [[0.0, 1.0], [2.0, 3.0]]
+    assert halves[1].completion_ids.tolist() == [[2, 2], [3, 3]] and halves[1].prompt_ids.tolist() == [[2], [3]]
+    assert len(rollout.rows(1, 3)) == 2 and rollout.rows(1, 3).prompt_mask.tolist() == [[1], [1]]
 
 
 def _constant_for_odd_answers(completions, answer, **kwargs):
@@ -46,7 +55,7 @@ def test_only_groups_with_varying_rewards_are_trained_on(tokenizer, make_args):
     trainer = _trainer(tokenizer, make_args, _constant_for_odd_answers, max_steps=2, max_sampling_rounds=8)
     trainer.train()
     batch = trainer._buffered_inputs[0]
-    advantages = batch["advantages"].view(-1, 4)  # (groups, G)
+    advantages = batch.advantages.view(-1, 4)  # (groups, G)
     assert (advantages.abs().sum(1) > 0).all()  # every trained group has signal
     logged = trainer.state.log_history[0]
     assert logged["sampling/kept_groups_ratio"] == 1.0 and logged["sampling/rounds"] >= 1
@@ -62,7 +71,7 @@ def test_stops_at_max_rounds_and_trains_on_what_it_has(tokenizer, make_args):
     assert len(rounds_seen) == 3 and rounds_seen[0] == 8  # the batch, then two refills of the missing 2 groups
     logged = trainer.state.log_history[0]
     assert logged["sampling/rounds"] == 3 and logged["sampling/kept_groups_ratio"] == 0.0
-    assert trainer._buffered_inputs[0]["completion_ids"].size(0) == 8  # topped up to a full batch
+    assert trainer._buffered_inputs[0].completion_ids.size(0) == 8  # topped up to a full batch
 
 
 def test_dataset_too_small_for_a_rollout_is_a_clear_error(tokenizer, make_args):

@@ -6,7 +6,7 @@ from datasets import Dataset, IterableDataset
 
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.data import check_prompts, dataset_prompts
-from grpo_ext.rewards import RewardFunctionError
+from grpo_ext.reward_scoring import RewardFunctionError
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
 
 
@@ -178,7 +178,7 @@ def test_max_prompt_length_cuts_long_prompts_from_the_left(tokenizer, make_args)
     long_prompts = Dataset.from_dict({"prompt": [f"{i}" + "9" * 600 + f"{i}+1=" for i in range(8)]})
     trainer = _trainer(tokenizer, make_args(max_prompt_length=10, max_steps=1), dataset=long_prompts)
     trainer.train()
-    prompt_ids = trainer._buffered_inputs[0]["prompt_ids"]
+    prompt_ids = trainer._buffered_inputs[0].prompt_ids
     assert prompt_ids.size(1) == 10
     assert tokenizer.decode(prompt_ids[0]).endswith("+1=")  # the end of the prompt is kept, its start cut
     with pytest.raises(ValueError, match=r"max_prompt_length=0 must be >= 1"):

@@ -123,12 +123,12 @@ def test_rollout_shaping_and_metrics(tokenizer, make_args):
     rows = [row for row in make_prompt_dataset(2) for _ in range(4)]
     batch = trainer._generate_and_score(rows, mode="train")
     logps = trainer._completion_logps(trainer.model, batch)
-    kl = sequence_kl(logps, batch["ref_per_token_logps"], batch["completion_mask"], "k1")
-    lengths = batch["completion_mask"].sum(1)
-    assert batch["advantages"].abs().max() > 0  # constant raw reward, yet signal from the penalties
+    kl = sequence_kl(logps, batch.ref_per_token_logps, batch.completion_mask, "k1")
+    lengths = batch.completion_mask.sum(1)
+    assert batch.advantages.abs().max() > 0  # constant raw reward, yet signal from the penalties
     penalties = 0.5 * kl + overlong_penalty(lengths, 6, 3, 1.0) + 0.2 * (lengths == 6).float()
     expected, _ = group_relative_advantages(1.0 - penalties, 4)
-    torch.testing.assert_close(batch["advantages"], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batch.advantages, expected, atol=1e-5, rtol=1e-4)
     metrics = trainer._metrics["train"]
     assert metrics["reward"][-1] == 1.0 and metrics["reward_shaped"][-1] < 1.0
     assert metrics["penalty/reward_kl"][-1] == pytest.approx(kl.mean().item(), rel=1e-5)
@@ -143,12 +143,12 @@ def _measured_kl(trainer, initial_model, tokenizer):
     trainer.model.eval()
     with torch.no_grad():
         batch = trainer._generate_and_score(rows, mode="eval")
-        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-        keep = batch["completion_ids"].size(1)
+        ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+        mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
+        keep = batch.completion_ids.size(1)
         final, _ = completion_logps_and_entropies(trainer.model, ids, mask, keep)
         initial, _ = completion_logps_and_entropies(initial_model, ids, mask, keep)
-    return sequence_kl(final, initial, batch["completion_mask"], "k1").mean().item()
+    return sequence_kl(final, initial, batch.completion_mask, "k1").mean().item()
 
 
 def _train(tokenizer, make_args, **overrides):

@@ -321,8 +321,8 @@ def test_trainer_step_is_the_same_with_and_without_prefix_sharing(tmp_path, make
 
     shared_batch, shared_update, shared_log = one_step(True)
     plain_batch, plain_update, plain_log = one_step(False)
-    torch.testing.assert_close(shared_batch["completion_ids"], plain_batch["completion_ids"], rtol=0, atol=0)
-    torch.testing.assert_close(shared_batch["advantages"], plain_batch["advantages"])
+    torch.testing.assert_close(shared_batch.completion_ids, plain_batch.completion_ids, rtol=0, atol=0)
+    torch.testing.assert_close(shared_batch.advantages, plain_batch.advantages)
     assert max(u.abs().max().item() for u in plain_update.values()) > 1e-4
     for name in plain_update:
         torch.testing.assert_close(shared_update[name], plain_update[name], atol=2e-6, rtol=1e-4, msg=name)

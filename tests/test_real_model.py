@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel
 from grpo_ext.logprobs import completion_logps_and_entropies
 from grpo_ext.models import apply_peft, four_bit_config, keep_4bit_weights_trainable, load_causal_lm, load_tokenizer
 from grpo_ext.prefix_sharing import generate_with_shared_prefix, shared_prefix_logps
-from grpo_ext.sampling import completion_mask_after_eos, eos_token_ids, prompt_texts
+from grpo_ext.rollout import completion_mask_after_eos, eos_token_ids, prompt_texts
 from grpo_ext.testing import real_model_dir, real_model_gguf
 
 END_OF_TURN = "<|im_end|>"
@@ -156,7 +156,7 @@ def test_rollout_masks_after_the_end_of_turn_and_rewards_see_clean_text(model_di
     rollout = trainer._generate_and_score(rows, mode="train")
 
     eos = trainer.processing_class.eos_token_id
-    ids, mask = rollout["completion_ids"], rollout["completion_mask"]  # (8, C)
+    ids, mask = rollout.completion_ids, rollout.completion_mask  # (8, C)
     ended = (ids == eos).any(1)
     assert ended.any(), "no completion ended: the test needs one that does"
     for row, (row_ids, row_mask) in enumerate(zip(ids, mask)):

@@ -45,10 +45,10 @@ def test_disabled_adapter_reference_is_the_base_model(tokenizer, make_args):
     trainer.train()
     batch = trainer._buffered_inputs[0]
     base = make_tiny_model("qwen2", tokenizer)  # the same weights the adapter was put on
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+    mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
     with torch.no_grad():
-        expected, _ = completion_logps_and_entropies(base, ids, mask, batch["completion_ids"].size(1))
+        expected, _ = completion_logps_and_entropies(base, ids, mask, batch.completion_ids.size(1))
     torch.testing.assert_close(_reference_logps(trainer, batch), expected, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(_policy_logps(trainer, batch), expected)  # the policy itself did move
 
@@ -81,7 +81,7 @@ def test_no_reference_pass_without_kl(tokenizer, make_args, monkeypatch):
         type(trainer.reference), "activate", lambda *a: pytest.fail("a reference pass ran although no KL is on")
     )
     trainer.train()
-    assert "ref_per_token_logps" not in trainer._buffered_inputs[0]
+    assert trainer._buffered_inputs[0].ref_per_token_logps is None
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_reference_under_zero3_is_loaded_not_copied_and_snapshots_are_refused(to
     partitioned tensors) are refused. The two-process ZeRO-3 runs are in tests/test_distributed.py."""
     from peft import get_peft_model
 
-    from grpo_ext.reference import ReferencePolicy
+    from grpo_ext.reference import ReferencePolicy, load_reference_copy
 
     policy = make_tiny_model("qwen2", tokenizer)
     loaded = make_tiny_model("qwen2", tokenizer, seed=1)
@@ -116,7 +116,7 @@ def test_reference_under_zero3_is_loaded_not_copied_and_snapshots_are_refused(to
     with pytest.raises(ValueError, match="snapshot_adapter.*ZeRO-3.*disabled_adapter"):
         ReferencePolicy.build(get_peft_model(policy, LoraConfig(**LORA)), "snapshot_adapter", partitioned=True)
     with pytest.raises(ValueError, match="built in memory: pass the model as an id or path"):
-        GRPOExtTrainer._load_reference_copy("", {})
+        load_reference_copy("", {})
 
 
 TRAIN_SCRIPT = textwrap.dedent(

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from grpo_ext.rewards import RewardFunctionError, RewardScorer
-from grpo_ext.sampling import completion_mask_after_eos
+from grpo_ext.reward_scoring import RewardFunctionError, RewardScorer
+from grpo_ext.rollout import completion_mask_after_eos
 
 
 def test_columns_none_and_weights():
@@ -126,7 +126,7 @@ def test_rows_no_function_scored_are_warned_about_as_trl_does(caplog):
     def only_first(completions, **kwargs):
         return [1.0] + [None] * (len(completions) - 1)
 
-    with caplog.at_level(logging.WARNING, logger="grpo_ext.rewards"):
+    with caplog.at_level(logging.WARNING, logger="grpo_ext.reward_scoring"):
         RewardScorer(only_first).score(["p0", "p1", "p2"], ["c0", "c1", "c2"], [[1]] * 3, {"answer": ["0", "1", "2"]})
     assert "All reward functions returned None for the following kwargs" in caplog.text
     assert "'p1'" in caplog.text and "2 of 3 completions" in caplog.text

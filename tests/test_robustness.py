@@ -26,7 +26,7 @@ import grpo_ext.hub as hub
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.checkpoints import NoSpaceLeftError
 from grpo_ext.hub import HubPushError
-from grpo_ext.rewards import RewardFunctionError
+from grpo_ext.reward_scoring import RewardFunctionError
 from grpo_ext.testing import (
     digit_fraction_reward,
     make_arithmetic_splits,

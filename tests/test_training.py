@@ -74,13 +74,13 @@ def test_lora_on_lm_head_is_scored_through_the_adapter(tokenizer, make_args):
     trainer.train()
     assert any("lm_head.lora_B" in name for name in _changed(before, trainer.model))
     batch = trainer._buffered_inputs[0]
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
     logits = trainer.model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)
-    ).logits[:, -input_ids.size(1) + batch["prompt_ids"].size(1) - 1 : -1]
-    expected = torch.log_softmax(logits.float(), -1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
-    expected = expected * batch["completion_mask"]
+    ).logits[:, -input_ids.size(1) + batch.prompt_ids.size(1) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+    expected = expected * batch.completion_mask
     torch.testing.assert_close(trainer._completion_logps(trainer.model, batch), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -211,10 +211,10 @@ def test_old_log_probs_when_the_policy_moves_during_a_rollout(tokenizer, make_ar
     assert trainer.reference.mode == "none"
     trainer.train()
     batch = trainer._buffered_inputs[0]
-    assert "old_per_token_logps" in batch and "ref_per_token_logps" not in batch
+    assert batch.old_per_token_logps is not None and batch.ref_per_token_logps is None
     # The second pass saw a moved policy: its ratios differ from 1 somewhere
     now = trainer._completion_logps(trainer.model, batch)
-    assert (now - batch["old_per_token_logps"]).abs().max() > 0
+    assert (now - batch.old_per_token_logps).abs().max() > 0
 
 
 def test_evaluation_logs_eval_metrics(tokenizer, make_args):
@@ -270,7 +270,7 @@ def test_same_seed_same_completions_in_a_rerun(tmp_path, tokenizer, make_args):
             train_dataset=make_prompt_dataset(8), processing_class=tokenizer,
         )  # fmt: skip
         trainer.train()
-        return trainer._buffered_inputs[0]["completion_ids"]
+        return trainer._buffered_inputs[0].completion_ids
 
     first, again, other = rollout(0), rollout(0), rollout(1)
     torch.testing.assert_close(first, again, rtol=0, atol=0)

@@ -288,7 +288,7 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, world_
         (tokenizer.decode(prompt[prompt_mask.bool()]), completion[completion_mask.bool()].tolist())
         for mb in rollout
         for prompt, prompt_mask, completion, completion_mask in zip(
-            mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"]
+            mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask
         )
     ]
     result = {
@@ -297,8 +297,8 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, world_
         "process_index": trainer.accelerator.process_index,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "rows": rows,  # (prompt, completion ids up to EOS) as the trainer kept them
-        "advantages": torch.cat([mb["advantages"] for mb in rollout]).tolist(),
-        "completion_tokens": int(sum(mb["completion_mask"].sum() for mb in rollout)),
+        "advantages": torch.cat([mb.advantages for mb in rollout]).tolist(),
+        "completion_tokens": int(sum(mb.completion_mask.sum() for mb in rollout)),
         "log_history": trainer.state.log_history,
         "gradient": {k: v.flatten().tolist() for k, v in update.gradients.items()},
         "update": {k: (update.before[k] - update.after[k]).flatten().tolist() for k in update.before},

@@ -2,8 +2,9 @@
 
 A reward function is `f(prompts, completions, completion_ids, **columns) -> list[float | None]`, sync or async;
 `columns` are the dataset's other columns (one value per completion) plus `trainer_state`. `None` means "this
-function does not score this completion" and becomes NaN, which the advantages skip. A string is a path or id of a
-sequence-classification reward model, scored with its own tokenizer.
+function does not score this completion" and becomes NaN, which the advantages skip. A sequence-classification
+reward model, or a string naming one (path or id), is wrapped in `reward_models.NeuralRewardModel`, the one
+reward-model scorer, and called like any other function.
 
 A NaN or +/-inf returned by a function (not None) is caught where it appears: an error naming the function, the row
 and the count (`nonfinite_rewards="error"`, the default), or dropped like None and counted (`"drop"`). Each function
@@ -23,7 +24,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
+
+from reward_models.neural import NeuralRewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ logger = logging.getLogger(__name__)
 NONFINITE_REWARD_POLICIES = ("error", "drop")
 # Arguments passed to every function as they are, not copied: the trainer's live state.
 SHARED_ARGUMENTS = ("trainer_state",)
+# Arguments every reward function receives besides the dataset columns.
+REWARD_FUNCTION_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
 
 
 class RewardFunctionError(ValueError):
@@ -38,6 +43,8 @@ class RewardFunctionError(ValueError):
 
 
 def _name_of(reward_func) -> str:
+    if isinstance(reward_func, str):
+        return reward_func.rstrip("/").split("/")[-1]
     if isinstance(reward_func, PreTrainedModel):
         return str(getattr(reward_func.config, "_name_or_path", "") or type(reward_func).__name__).split("/")[-1]
     return getattr(reward_func, "__name__", None) or type(reward_func).__name__
@@ -50,6 +57,20 @@ def _is_async(func) -> bool:
 
 def _text(message_or_text) -> str:
     return message_or_text if isinstance(message_or_text, str) else str(message_or_text)
+
+
+def _required_arguments(func) -> list[str]:
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in REWARD_FUNCTION_ARGUMENTS
+    ]
 
 
 class RewardScorer:
@@ -79,28 +100,22 @@ class RewardScorer:
                 f"reward_processing_classes has {len(reward_processing_classes)} entries but there are "
                 f"{len(reward_funcs)} reward functions; give one per reward function (None for plain functions)."
             )
-        self.funcs, self.processing_classes = [], []
+        self.funcs = []
         for index, (func, processing_class) in enumerate(zip(reward_funcs, reward_processing_classes)):
-            if isinstance(func, str):
-                path = func
-                func = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=1, **(model_init_kwargs or {})
+            if isinstance(func, (str, nn.Module)):
+                func = NeuralRewardModel(
+                    func,
+                    tokenizer=processing_class,
+                    chat_template_kwargs=chat_template_kwargs,
+                    name=_name_of(func),
+                    **(model_init_kwargs or {}) if isinstance(func, str) else {},
                 )
-                processing_class = processing_class or AutoTokenizer.from_pretrained(path)
-            if isinstance(func, nn.Module):
-                if processing_class is None:
-                    processing_class = AutoTokenizer.from_pretrained(func.config._name_or_path)
-                if processing_class.pad_token is None:
-                    processing_class.pad_token = processing_class.eos_token
-                func.config.pad_token_id = processing_class.pad_token_id
-                func.eval().requires_grad_(False)
             elif not callable(func):
                 raise TypeError(
                     f"reward_funcs[{index}] is a {type(func).__name__}, not a reward function: pass a callable "
                     "f(prompts, completions, completion_ids, **columns) -> list[float], a reward model, or its path."
                 )
             self.funcs.append(func)
-            self.processing_classes.append(processing_class)
         self.names = [_name_of(func) for func in self.funcs]
 
         if reward_weights is None:
@@ -111,13 +126,16 @@ class RewardScorer:
                 f"({', '.join(self.names)}); give one weight per function, in the same order."
             )
         self.weights = torch.tensor(reward_weights, dtype=torch.float32)  # (K,)
-        self.chat_template_kwargs = chat_template_kwargs or {}
         # Non-finite rewards each function returned in the last `score` call (dropped when the policy is "drop")
         self.nonfinite_counts = [0] * len(self.funcs)
 
+    def required_columns(self) -> dict[str, list[str]]:
+        """Per function name: the keyword arguments it needs with no default, which must come from dataset columns."""
+        return {name: _required_arguments(func) for func, name in zip(self.funcs, self.names)}
+
     @property
     def reward_models(self) -> list[nn.Module]:
-        return [func for func in self.funcs if isinstance(func, nn.Module)]
+        return [func.model for func in self.funcs if isinstance(func, NeuralRewardModel)]
 
     def weighted_sum(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         """r_i = sum_k w_k r_ik over the functions that scored completion i; NaN where none did. `(B,)`"""
@@ -137,10 +155,7 @@ class RewardScorer:
         kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         async_calls = []
         for k, func in enumerate(self.funcs):
-            if isinstance(func, nn.Module):
-                scores = self._score_with_model(func, self.processing_classes[k], prompts, completions)
-                rewards[:, k] = self._drop_nonfinite(k, scores.tolist(), prompts)
-            elif _is_async(func):
+            if _is_async(func):
                 async_calls.append(k)
             else:
                 rewards[:, k] = self._check(k, self._call(k, func, self._own_copy(kwargs)), prompts)
@@ -251,17 +266,3 @@ class RewardScorer:
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             return pool.submit(asyncio.run, gather()).result()
-
-    @torch.no_grad()
-    def _score_with_model(self, model: nn.Module, tokenizer, prompts: list, completions: list) -> torch.Tensor:
-        if isinstance(prompts[0], list):  # conversational
-            texts = [
-                tokenizer.apply_chat_template(p + c, tokenize=False, **self.chat_template_kwargs)
-                for p, c in zip(prompts, completions)
-            ]
-        else:
-            texts = [p + c for p, c in zip(prompts, completions)]
-        device = next(model.parameters()).device
-        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-        logits = model(**{key: value.to(device) for key, value in batch.items()}).logits  # (B, 1)
-        return logits[:, 0].float().cpu()

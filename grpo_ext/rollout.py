@@ -1,0 +1,272 @@
+"""One rollout: G completions per prompt sampled from the policy, as the tensors the loss needs (`Rollout`).
+
+prompts -> token ids (chat template, left padding, `max_prompt_length`) -> completions (`generate`, or each prompt
+prefilled once: prefix_sharing.py) -> mask after the first stop token -> text for the reward functions. The trainer
+then adds the old / reference log-probs (`completion_logps`) and the advantages, concatenates rollouts for dynamic
+sampling and splits one into micro-batches.
+
+Whether prompts are shared is decided here once per rollout (`choose_prefix_sharing`) and travels with it
+(`Rollout.shared_prefix`): generation and every scoring pass of its completions take the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from . import prefix_sharing
+from .logprobs import ScoringRequest, score_completions
+from .objective import Normalisers
+
+__all__ = [
+    "Rollout",
+    "is_conversational",
+    "prompt_texts",
+    "encode_prompts",
+    "eos_token_ids",
+    "build_generation_config",
+    "choose_prefix_sharing",
+    "generate_completions",
+    "completion_mask_after_eos",
+    "decode_completions",
+    "completion_logps_and_entropies",
+    "varying_groups",
+]
+
+
+# Fields `(B, C)` aligned with the completion tokens (the others are `(B, P)` or `(B,)`)
+_PER_TOKEN = ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps")
+
+
+@dataclass
+class Rollout:
+    """A batch of completions, rows in groups of G (each prompt repeated once per completion)."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, C) anything after the first stop token is padding
+    completion_mask: torch.Tensor  # (B, C) 1 up to and including the first stop token
+    lengths: torch.Tensor | None = None  # (B,) generated tokens, stop token included
+    is_truncated: torch.Tensor | None = None  # (B,) no stop token within max_completion_length
+    shared_prefix: bool = False  # prompts encoded once per group, in generation and in scoring
+    old_per_token_logps: torch.Tensor | None = None  # (B, C) pi_old, when the policy moves before this is trained on
+    ref_per_token_logps: torch.Tensor | None = None  # (B, C) pi_ref, when a KL term needs it
+    advantages: torch.Tensor | None = None  # (B,)
+    group_std: torch.Tensor | None = None  # (B,) std of each completion's group rewards (dynamic sampling)
+    normalisers: Normalisers | None = None  # what the loss divides by, set on micro-batches for training
+
+    @classmethod
+    def of_completions(
+        cls,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        eos_token_ids: list[int],
+        mask_truncated_completions: bool = False,
+        shared_prefix: bool = False,
+    ) -> Rollout:
+        """The rollout of freshly generated `(B, C)` completions: masked after their first stop token, and entirely
+        when truncated with `mask_truncated_completions` (DAPO: no gradient from a completion cut off mid-way)."""
+        completion_mask, is_truncated = completion_mask_after_eos(completion_ids, eos_token_ids)  # (B, C), (B,)
+        lengths = completion_mask.sum(1)  # (B,)
+        if mask_truncated_completions:
+            completion_mask = completion_mask * (~is_truncated).unsqueeze(1)
+        return cls(prompt_ids, prompt_mask, completion_ids, completion_mask, lengths, is_truncated, shared_prefix)
+
+    @classmethod
+    def from_dict(cls, inputs: dict, max_completion_length: int) -> Rollout:
+        """A batch given as TRL's trainers pass one to `compute_loss`: a dict of tensors under the field names, plus
+        the window's counts `num_sequences`, `num_tokens` and `num_tokens_per_process` when it is trained on."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        rollout = cls(**{key: value for key, value in inputs.items() if key in fields})
+        if "num_sequences" in inputs:
+            rollout.normalisers = Normalisers(
+                num_sequences=inputs["num_sequences"],
+                num_tokens=inputs["num_tokens"],
+                num_global_tokens=inputs.get("num_tokens_per_process", inputs["num_tokens"]),
+                max_completion_length=max_completion_length,
+            )
+        return rollout
+
+    def __len__(self) -> int:
+        return self.completion_ids.size(0)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if torch.is_tensor(getattr(self, f.name))
+        }
+
+    def rows(self, start: int, stop: int) -> Rollout:
+        """Rows `start:stop` of every tensor (a group, a micro-batch)."""
+        return dataclasses.replace(self, **{name: t[start:stop] for name, t in self._tensors().items()})
+
+    def split(self, parts: int) -> list[Rollout]:
+        """`parts` equal consecutive slices (micro-batches), each trimmed to its own longest completion."""
+        size = len(self) // parts
+        return [self.rows(i * size, (i + 1) * size).trimmed() for i in range(parts)]
+
+    def trimmed(self) -> Rollout:
+        """The same rollout without the completion columns that are padding in every row: a micro-batch of short
+        completions then costs its own length in the scoring passes, not the rollout's longest. Exact: a causal model
+        never lets a token see the padding after it, and the loss only reads masked-in positions."""
+        in_use = self.completion_mask.any(0).nonzero()  # columns with at least one scored token
+        width = int(in_use[-1]) + 1 if in_use.numel() else 1
+        if width == self.completion_ids.size(1):
+            return self
+        per_token = {name: t[:, :width] for name, t in self._tensors().items() if name in _PER_TOKEN}
+        return dataclasses.replace(self, **per_token)
+
+    @classmethod
+    def concat(cls, rollouts: list[Rollout]) -> Rollout:
+        """Stack rollouts of different padded lengths: prompts stay left-padded, completions and their per-token
+        tensors right-padded (with 0, masked out), per-completion tensors `(B,)` concatenated."""
+
+        def stack(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+            if tensors[0].dim() == 1:
+                return torch.cat(tensors)
+            width = max(t.size(1) for t in tensors)
+            left = name.startswith("prompt")
+            pad = [(width - t.size(1), 0) if left else (0, width - t.size(1)) for t in tensors]
+            return torch.cat([torch.nn.functional.pad(t, p) for t, p in zip(tensors, pad)])
+
+        first = rollouts[0]
+        merged = {name: stack(name, [getattr(r, name) for r in rollouts]) for name in first._tensors()}
+        return dataclasses.replace(first, **merged)
+
+
+# --- Prompts ---
+
+
+def is_conversational(prompt) -> bool:
+    """A conversational prompt is a list of {"role", "content"} messages, as in TRL."""
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def prompt_texts(prompts: list, tokenizer, chat_template_kwargs: dict | None = None) -> list[str]:
+    """Prompt strings to tokenize: the chat template with the generation prompt for conversations, else as is."""
+    if is_conversational(prompts[0]):
+        return [
+            tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+            )
+            for prompt in prompts
+        ]
+    return list(prompts)
+
+
+def encode_prompts(
+    tokenizer, prompts: list, chat_template_kwargs: dict | None, max_prompt_length: int | None, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask `(B, P)` of the prompts, left-padded (generation appends on the right), keeping
+    each prompt's last `max_prompt_length` tokens."""
+    encoded = tokenizer(
+        prompt_texts(prompts, tokenizer, chat_template_kwargs),
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        add_special_tokens=False,
+    )
+    prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)  # (B, P)
+    if max_prompt_length is not None:  # left-padded: the last columns hold each prompt's last tokens
+        prompt_ids, prompt_mask = prompt_ids[:, -max_prompt_length:], prompt_mask[:, -max_prompt_length:]
+    return prompt_ids, prompt_mask
+
+
+# --- Generation ---
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Where a completion stops: the tokenizer's EOS plus every EOS the model's generation config declares (a chat
+    model's end-of-turn token, e.g. `<|im_end|>`, often differs from the tokenizer's EOS)."""
+    declared = model.generation_config.eos_token_id
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *declared]))
+
+
+def build_generation_config(args, pad_token_id: int, eos_token_ids: list[int]) -> GenerationConfig:
+    """Sampling settings from the config; `generation_kwargs` override the named fields."""
+    settings = dict(
+        max_new_tokens=args.max_completion_length,
+        do_sample=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_ids,
+    )
+    settings.update(args.generation_kwargs or {})
+    return GenerationConfig(**settings)
+
+
+def choose_prefix_sharing(model: nn.Module, generation_config: GenerationConfig) -> bool:
+    """Whether this rollout shares prompts (the policy `model`, before it is unwrapped for generation). A reason not
+    to is warned about once per process."""
+    reason = prefix_sharing.unsupported_reason(model, generation_config)
+    if reason is not None:
+        prefix_sharing.warn_plain_path(reason)
+    return reason is None
+
+
+@torch.no_grad()
+def generate_completions(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    num_generations: int,
+    generation_config: GenerationConfig,
+    shared_prefix: bool,
+) -> torch.Tensor:
+    """Completion ids `(B, C)` for the `(B, P)` prompts, each prompt repeated G times in a row."""
+    # An evaluation batch may cut a group across processes: then there is no whole group to prefill once
+    unique = prefix_sharing.unique_prompts(prompt_ids, prompt_mask, num_generations) if shared_prefix else None
+    if unique is not None:  # each prompt prefilled once, its KV cache shared by its G completions
+        return prefix_sharing.generate_from_shared_cache(model, *unique, num_generations, generation_config)
+    sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+    return sequences[:, prompt_ids.size(1) :]  # (B, C)
+
+
+def completion_mask_after_eos(
+    completion_ids: torch.Tensor, eos_token_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 up to and including the first EOS, 0 after it `(B, C)`; and whether each completion was truncated `(B,)`."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (B, C)
+    has_eos = is_eos.any(dim=1)  # (B,)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), completion_ids.size(1))  # (B,)
+    positions = torch.arange(completion_ids.size(1), device=completion_ids.device)  # (C,)
+    completion_mask = (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (B, C)
+    return completion_mask, ~has_eos
+
+
+def decode_completions(rollout: Rollout, tokenizer) -> tuple[list[list[int]], list[str]]:
+    """Each completion's token ids up to its stop token, and its text without special tokens."""
+    completion_ids = [ids[: int(n)].tolist() for ids, n in zip(rollout.completion_ids, rollout.lengths)]
+    return completion_ids, tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+
+
+# --- Scoring ---
+
+
+def completion_logps_and_entropies(
+    model: nn.Module, rollout: Rollout, temperature: float, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies `(B, C)` of the rollout's completions under `model` (policy, or the
+    reference), by the path the rollout was generated with."""
+    request_type = prefix_sharing.SharedPrefixScoring if rollout.shared_prefix else ScoringRequest
+    request = request_type(rollout.completion_ids, rollout.completion_mask, temperature, chunk_size)
+    return score_completions(model, rollout.prompt_ids, rollout.prompt_mask, request)
+
+
+# --- Dynamic sampling ---
+
+
+def varying_groups(group_std: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Per group `(N/G,)`: whether its rewards vary. A group whose G rewards are equal has zero advantages and no
+    policy gradient (DAPO's dynamic sampling, arXiv 2503.14476, drops it)."""
+    std = group_std.view(-1, num_generations)[:, 0]  # (N/G,) the same value for every member
+    return ~(torch.isclose(std, torch.zeros_like(std)) | torch.isnan(std))

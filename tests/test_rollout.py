@@ -1,0 +1,77 @@
+"""rollout.py: the Rollout's slicing and trimming, scoring by the path the rollout chose, and the one-time choice."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from grpo_ext import prefix_sharing
+from grpo_ext.rollout import (
+    Rollout,
+    choose_prefix_sharing,
+    completion_logps_and_entropies,
+    generate_completions,
+)
+from grpo_ext.testing import make_tiny_model
+
+G = 2
+
+
+def _rollout(tokenizer, shared_prefix=False):
+    """Two prompts x G completions; the longest completion has 4 tokens, the columns after it are padding."""
+    prompts = tokenizer(["1+2=", "33+4="], return_tensors="pt", padding=True, padding_side="left")
+    prompt_ids = prompts["input_ids"].repeat_interleave(G, 0)  # (4, P)
+    prompt_mask = prompts["attention_mask"].repeat_interleave(G, 0)
+    completion_ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 0, 0, 0, 0, 0], [9, 10, 11, 12, 0, 0], [13, 14, 0, 0, 0, 0]])
+    completion_mask = (completion_ids != 0).long()
+    old = torch.randn(4, 6) * completion_mask
+    return Rollout(
+        prompt_ids, prompt_mask, completion_ids, completion_mask, lengths=completion_mask.sum(1),
+        is_truncated=torch.zeros(4, dtype=torch.bool), shared_prefix=shared_prefix, old_per_token_logps=old,
+        advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+    )  # fmt: skip
+
+
+def test_trimmed_drops_only_columns_that_are_padding_in_every_row(tokenizer):
+    rollout = _rollout(tokenizer)
+    trimmed = rollout.trimmed()
+    assert trimmed.completion_ids.shape == (4, 4) and trimmed.old_per_token_logps.shape == (4, 4)
+    assert torch.equal(trimmed.completion_ids, rollout.completion_ids[:, :4])
+    assert torch.equal(trimmed.old_per_token_logps, rollout.old_per_token_logps[:, :4])
+    assert torch.equal(trimmed.prompt_ids, rollout.prompt_ids) and torch.equal(trimmed.advantages, rollout.advantages)
+    assert trimmed.trimmed() is trimmed  # nothing left to trim
+    halves = rollout.split(2)  # each micro-batch to its own longest completion
+    assert [h.completion_ids.size(1) for h in halves] == [3, 4]
+    assert halves[0].advantages.tolist() == [1.0, -1.0] and halves[1].lengths.tolist() == [4, 2]
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_a_trimmed_rollout_scores_as_the_padded_one(tokenizer, shared_prefix):
+    model = make_tiny_model("qwen2", tokenizer)
+    rollout = _rollout(tokenizer, shared_prefix)
+    with torch.no_grad():
+        padded, _ = completion_logps_and_entropies(model, rollout, temperature=0.7, chunk_size=3)
+        trimmed, _ = completion_logps_and_entropies(model, rollout.trimmed(), temperature=0.7, chunk_size=3)
+    assert padded[:, 4:].abs().max() == 0  # padding columns score 0
+    torch.testing.assert_close(trimmed, padded[:, :4], atol=1e-5, rtol=1e-5)
+    assert (trimmed * rollout.completion_mask[:, :4]).abs().sum() > 0  # real log-probs were compared
+
+
+def test_the_sharing_choice_is_made_once_and_generation_follows_it(tokenizer, monkeypatch):
+    monkeypatch.setattr(prefix_sharing, "_WARNED", set())
+    model = make_tiny_model("llama", tokenizer)
+    prompts = tokenizer(["1+2=", "33+4="], return_tensors="pt", padding=True, padding_side="left")
+    prompt_ids = prompts["input_ids"].repeat_interleave(G, 0)
+    prompt_mask = prompts["attention_mask"].repeat_interleave(G, 0)
+    greedy = dict(do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
+    assert choose_prefix_sharing(model, GenerationConfig(**greedy))
+    static = GenerationConfig(**greedy, cache_implementation="static")
+    with pytest.warns(UserWarning, match="cache_implementation='static'"):
+        assert not choose_prefix_sharing(model, static)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        assert not choose_prefix_sharing(model, static)
+    shared = generate_completions(model, prompt_ids, prompt_mask, G, GenerationConfig(**greedy), shared_prefix=True)
+    plain = generate_completions(model, prompt_ids, prompt_mask, G, GenerationConfig(**greedy), shared_prefix=False)
+    assert torch.equal(shared, plain) and shared.shape == (4, 5)
