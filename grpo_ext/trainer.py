@@ -33,7 +33,7 @@ from .hub import (
     HubPushError,
     model_card_for_output_dir,
     push_adapter_to_hub,
-    save_training_config,
+    save_card_assets,
     training_config_dict,
 )
 from .logprobs import check_against_full_logits
@@ -655,119 +655,83 @@ class GRPOExtTrainer(_BaseTrainer):
 
     # --- Hub: adapters only, with grpo-ext's model card (hub.py); full models go through transformers ---
 
-    def _is_adapter(self) -> bool:
-        return hasattr(self.accelerator.unwrap_model(self.model), "peft_config")
-
     def _hub_repo_id(self, model_name=None) -> str:
         return self.hub_model_id or self.args.hub_model_id or model_name or Path(self.args.output_dir).absolute().name
 
-    def _model_card(self, folder, repo_id, dataset_name=None) -> str:
-        base_model = getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", None) or None
-        return model_card_for_output_dir(
-            folder,
-            repo_id,
-            base_model=base_model,
-            datasets=dataset_name,
-            reward_funcs=self.rewards.names,
-            training_config=training_config_dict(self.args),
-            log_history=self.state.log_history,
-        )
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, folder=None, **kwargs):
+        """grpo-ext's card (hub.py) as `folder`/README.md (default: `output_dir`), from what the trainer knows live."""
+        if self.is_world_process_zero():
+            folder = folder or self.args.output_dir
+            card = model_card_for_output_dir(
+                folder,
+                self._hub_repo_id(model_name),
+                base_model=getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", None) or None,
+                datasets=dataset_name,
+                reward_funcs=self.rewards.names,
+                training_config=training_config_dict(self.args),
+                log_history=self.state.log_history,
+            )
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            Path(folder, "README.md").write_text(card, encoding="utf-8")
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
-        if not self.is_world_process_zero():
-            return
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        card = self._model_card(self.args.output_dir, self._hub_repo_id(model_name), dataset_name)
-        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as file:
-            file.write(card)
-
-    def _save_card_assets(self, folder) -> None:
-        """The training config (tokens removed) and the curves PNG, next to the adapter."""
-        save_training_config(self.args, folder)
-        try:
-            from .plot import plot_training_curves
-
-            plot_training_curves(folder)
-        except (ImportError, ValueError) as error:  # no matplotlib, or nothing logged yet: push without curves
-            print(f"no training curves: {error}")
-
-    def init_hf_repo(self, token=None):
+    def init_hf_repo(self, token=None, private=None):
         # Called at start-up with push_to_hub: an unreachable Hub must not stop a run that can push later
         try:
-            super().init_hf_repo(token)
+            super().init_hf_repo(token, private)
         except Exception as error:
-            self.hub_model_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-            self.push_in_progress = None
+            self.hub_model_id, self.push_in_progress = self._hub_repo_id(), None
             logger.warning(
-                "Could not create or reach the Hub repository %s (%s: %s). Training goes on: checkpoint uploads are "
-                "tried in the background, and the final push_to_hub() says whether it worked.",
-                self.hub_model_id,
-                type(error).__name__,
-                error,
+                f"Could not create or reach the Hub repository {self.hub_model_id} ({type(error).__name__}: {error}). "
+                "Training goes on: checkpoint uploads are tried in the background, and the final push_to_hub() says "
+                "whether it worked."
             )
 
-    def push_to_hub(
-        self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs
-    ):
-        """Upload the result (adapter: `hub.push_adapter_to_hub`'s allow-list; full model: transformers' push).
-
-        A failed upload raises `HubPushError`, which says that the local result in `output_dir` is intact (it is
-        saved before the upload starts) and how to push it again.
-        """
-        repo_id = self._hub_repo_id(kwargs.get("model_name"))
-        try:
-            return self._push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
-        except HubPushError:
-            raise
-        except Exception as error:
-            raise HubPushError(
-                f"Pushing {self.args.output_dir} to the Hub repository {repo_id} failed ({type(error).__name__}: "
-                f"{error}). The trained model is saved and intact in {self.args.output_dir}; push it again with "
-                "trainer.push_to_hub() once the Hub is reachable (an adapter also with "
-                f"grpo_ext.hub.push_adapter_to_hub({str(self.args.output_dir)!r}, {repo_id!r}))."
-            ) from error
-
-    def _push_to_hub(self, commit_message, blocking, token, revision, private, **kwargs):
-        if not self._is_adapter():
-            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
-        self.save_model(_internal_call=True)
-        if not self.is_world_process_zero():
-            return None
-        self._uploads.finish()  # a checkpoint upload still running would race this one
-        self.save_state()
-        self._save_card_assets(self.args.output_dir)
-        self.create_model_card(model_name=kwargs.get("model_name"), dataset_name=kwargs.get("dataset_name"))
-        return push_adapter_to_hub(
-            self.args.output_dir,
-            self._hub_repo_id(kwargs.get("model_name")),
+    def _adapter_upload(self, folder, commit_message, token=None, private=None, revision=None, **card_args):
+        """Config, curves and card written into `folder` now; its upload (`hub.push_adapter_to_hub`) to run later."""
+        save_card_assets(self.args, folder)
+        self.create_model_card(card_args.get("model_name"), card_args.get("dataset_name"), folder=folder)
+        return functools.partial(
+            push_adapter_to_hub,
+            folder,
+            self._hub_repo_id(card_args.get("model_name")),
             token=token if token is not None else self.args.hub_token,
             private=private if private is not None else self.args.hub_private_repo,
             commit_message=commit_message,
             revision=revision or self.args.hub_revision,
         )
 
+    def push_to_hub(
+        self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs
+    ):
+        """Upload the result (adapter: `hub.push_adapter_to_hub`'s allow-list; full model: transformers' push). A
+        failed upload raises `HubPushError`: the result, saved first, is intact in `output_dir`; it says how to retry."""
+        folder, repo_id = str(self.args.output_dir), self._hub_repo_id(kwargs.get("model_name"))
+        try:
+            if not hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
+                return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+            self.save_model(_internal_call=True)
+            if self.is_world_process_zero():
+                self._uploads.finish()  # a checkpoint upload still running would race this one
+                self.save_state()
+                return self._adapter_upload(self.args.output_dir, commit_message, token, private, revision, **kwargs)()
+        except Exception as error:
+            raise HubPushError(
+                f"Pushing {folder} to the Hub repository {repo_id} failed ({type(error).__name__}: {error}). The "
+                f"trained model is saved and intact in {folder}; push it again with trainer.push_to_hub() once the "
+                f"Hub is reachable (an adapter also with grpo_ext.hub.push_adapter_to_hub({folder!r}, {repo_id!r}))."
+            ) from error
+
     def _push_from_checkpoint(self, checkpoint_folder):
         # transformers would upload training_args.bin and every file of the output folder: push the adapter only,
         # in the background (CheckpointUploads), so a slow or failing upload neither blocks nor stops training.
-        if not self._is_adapter():
+        if not hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
             return super()._push_from_checkpoint(checkpoint_folder)
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
             return
         if self._uploads.busy() and not self.args.hub_always_push:  # as transformers: skip while one runs
             return
-        self._save_card_assets(checkpoint_folder)
-        repo_id = self._hub_repo_id()
-        upload = functools.partial(
-            push_adapter_to_hub,
-            checkpoint_folder,
-            repo_id,
-            token=self.args.hub_token,
-            private=self.args.hub_private_repo,
-            commit_message=f"Training in progress, step {self.state.global_step}",
-            revision=self.args.hub_revision,
-            model_card=self._model_card(checkpoint_folder, repo_id),
-        )
-        self._uploads.submit(checkpoint_folder, upload)
+        message = f"Training in progress, step {self.state.global_step}"
+        self._uploads.submit(checkpoint_folder, self._adapter_upload(checkpoint_folder, message))
 
     def _finish_current_push(self):
         # End of training (and transformers' push_to_hub): wait for checkpoint uploads, retry a failed one once
