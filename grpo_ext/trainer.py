@@ -28,6 +28,7 @@ from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
 from .config import GRPOExtConfig
 from .data import check_dataset
+from .guards import FiniteGuard
 from .hub import (
     CheckpointUploads,
     HubPushError,
@@ -200,7 +201,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
         self._buffered_inputs = None
         self._step = 0  # micro-steps taken, to know when to roll out again
-        self._last_finite_step = 0  # last optimizer step after which every trainable weight was finite
+        self._finite = FiniteGuard()  # no NaN update, no NaN checkpoint
         # dynamic sampling draws extra prompts from its own generator, different on each process
         self._refill_rng = random.Random(args.seed + 1000 * self.accelerator.process_index)
 
@@ -256,44 +257,11 @@ class GRPOExtTrainer(_BaseTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step += 1
-        self._check_loss_is_finite(loss)
+        self._finite.check_loss(loss, self.accelerator, self.state.global_step + 1)  # before the optimizer step
         return loss
 
-    # --- Never a NaN update, never a NaN checkpoint ---
-
-    def _check_loss_is_finite(self, loss: torch.Tensor) -> None:
-        """Stop before the optimizer steps on a NaN / infinite loss (on any process: all stop together)."""
-        nonfinite = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "max")
-        if bool(nonfinite.item()):
-            step = self.state.global_step + 1
-            raise FloatingPointError(
-                f"The loss of step {step} is {loss.item()} (on this or another process); stopped before the optimizer "
-                "step, so the weights are still those of the previous step. Rewards are checked for NaN / inf already "
-                "(nonfinite_rewards), so look at the learning rate (lower it), bf16 / fp16 overflow, or max_grad_norm."
-            )
-
-    def _nonfinite_trainable_weights(self) -> list[str]:
-        """Names of trainable parameters holding a NaN / inf on this process (empty when all are finite)."""
-        return [
-            name
-            for name, parameter in self.model.named_parameters()
-            if parameter.requires_grad and parameter.numel() and not bool(torch.isfinite(parameter.detach()).all())
-        ]
-
     def _check_weights_are_finite(self, action: str) -> None:
-        """Raise if any process holds a non-finite trainable weight, naming the step that made it so."""
-        bad = self._nonfinite_trainable_weights()
-        anywhere = self.accelerator.reduce(torch.tensor([float(bool(bad))], device=self.accelerator.device), "max")
-        if not bool(anywhere.item()):
-            self._last_finite_step = self.state.global_step
-            return
-        listed = f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else " on another process"
-        raise FloatingPointError(
-            f"Refusing to {action}: trainable weights are NaN / infinite{listed} after step {self.state.global_step}; "
-            f"they were finite after step {self._last_finite_step}, so step {self._last_finite_step + 1} went wrong. "
-            "Resume from an earlier checkpoint with a lower learning rate (or max_grad_norm), and check the reward "
-            "functions (nonfinite_rewards='error' names NaN / inf rewards)."
-        )
+        self._finite.check_weights(self.model, self.accelerator, self.state.global_step, action)
 
     def _maybe_log_save_evaluate(self, *args, **kwargs):
         # Once per optimizer step, before any checkpoint of that step is written
@@ -589,6 +557,46 @@ class GRPOExtTrainer(_BaseTrainer):
         metrics["completions/min_terminated_length"].append(terminated.min().item())
         metrics["completions/max_terminated_length"].append(terminated.max().item())
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {}
+        for key, values in self._metrics[mode].items():
+            tokens = self._metric_tokens[mode].get(key)
+            if tokens and sum(tokens) > 0:  # a token mean: weight each micro-batch by its tokens
+                metrics[key] = sum(v * n for v, n in zip(values, tokens)) / sum(tokens)
+            elif values:
+                metrics[key] = sum(values) / len(values)
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+        self._metric_tokens[mode].clear()
+        if self.args.log_completions and mode == "train" and self._samples and self.accelerator.is_main_process:
+            self._log_completions_table()
+            self._samples = {}  # logged once, not again with the end-of-training summary
+
+    def _log_completions_table(self) -> None:
+        """Print a few of the last rollout's completions and send the whole table to wandb / trackio if they run."""
+        samples, shown = self._samples, self.args.num_completions_to_print
+        rows = list(zip(*samples.values()))
+        lines = [f"step {self.state.global_step} completions:"]
+        lines += [
+            f"  reward {reward:+.3f} advantage {advantage:+.2f} | {prompt!r} -> {completion!r}"
+            for prompt, completion, reward, advantage in zip(
+                samples["prompt"][:shown], samples["completion"][:shown], samples["reward"], samples["advantage"]
+            )
+        ]
+        print("\n".join(lines))
+        if "wandb" in self.args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"completions": wandb.Table(columns=list(samples), data=rows)}, step=self.state.global_step)
+        if "trackio" in self.args.report_to:
+            import trackio
+
+            trackio.log({"completions": trackio.Table(columns=list(samples), data=rows)}, step=self.state.global_step)
+
     # --- Training, checkpoints and resume ---
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -738,43 +746,3 @@ class GRPOExtTrainer(_BaseTrainer):
         super()._finish_current_push()
         if hasattr(self, "_uploads"):
             self._uploads.finish()
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = {}
-        for key, values in self._metrics[mode].items():
-            tokens = self._metric_tokens[mode].get(key)
-            if tokens and sum(tokens) > 0:  # a token mean: weight each micro-batch by its tokens
-                metrics[key] = sum(v * n for v, n in zip(values, tokens)) / sum(tokens)
-            elif values:
-                metrics[key] = sum(values) / len(values)
-        if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
-        super().log({**logs, **metrics}, start_time)
-        self._metrics[mode].clear()
-        self._metric_tokens[mode].clear()
-        if self.args.log_completions and mode == "train" and self._samples and self.accelerator.is_main_process:
-            self._log_completions_table()
-            self._samples = {}  # logged once, not again with the end-of-training summary
-
-    def _log_completions_table(self) -> None:
-        """Print a few of the last rollout's completions and send the whole table to wandb / trackio if they run."""
-        samples, shown = self._samples, self.args.num_completions_to_print
-        rows = list(zip(*samples.values()))
-        lines = [f"step {self.state.global_step} completions:"]
-        lines += [
-            f"  reward {reward:+.3f} advantage {advantage:+.2f} | {prompt!r} -> {completion!r}"
-            for prompt, completion, reward, advantage in zip(
-                samples["prompt"][:shown], samples["completion"][:shown], samples["reward"], samples["advantage"]
-            )
-        ]
-        print("\n".join(lines))
-        if "wandb" in self.args.report_to:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.log({"completions": wandb.Table(columns=list(samples), data=rows)}, step=self.state.global_step)
-        if "trackio" in self.args.report_to:
-            import trackio
-
-            trackio.log({"completions": trackio.Table(columns=list(samples), data=rows)}, step=self.state.global_step)

@@ -1,0 +1,152 @@
+"""Sampling that drops finished rows: a completion leaves the decoding batch, and its rows leave the KV cache, as soon
+as it emits a stop token.
+
+`model.generate` decodes every row of the batch until the longest one stops: with uneven completion lengths (real RL:
+a few tokens to `max_completion_length` within one group) most decode steps then run on rows whose output is thrown
+away. This loop runs the same model calls on the rows still going only.
+
+Same distribution as `generate`: the logits processors and warpers (temperature, top-k / top-p / min-p, repetition
+penalty, min-new-tokens, ...) are the ones `generate` builds from the same `GenerationConfig` (its own
+`_get_logits_processor`, merged with the model's generation defaults), applied to the same float32 logits; the token is
+drawn with `torch.multinomial` from their softmax (the argmax without sampling); a row stops at its first stop token
+and is padded after it. Greedy completions are token-identical to `generate`'s; sampled ones follow the same
+distribution (not the same draws: the random stream is consumed by fewer rows). Everything these processors see is
+per row, so removing a row changes nothing for the others.
+
+Settings that need `generate`'s own loop (beam search, several sequences per prompt, stop strings, static or other
+non-dynamic caches, no cache, assisted decoding, or a transformers version whose private helpers moved) are reported
+by `unsupported_reason`; the caller then uses `generate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.cache_utils import Cache, DynamicCache
+
+from .logprobs import position_ids_from_mask
+from .models import unwrap_causal_lm
+
+# GenerationConfig fields whose non-default value this loop does not reproduce, with the default that it does.
+_NEEDS_GENERATE = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "stop_strings": None,
+    "max_time": None,
+    "assistant_model": None,
+    "prompt_lookup_num_tokens": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "output_scores": False,
+    "output_logits": False,
+    "return_dict_in_generate": False,
+}
+
+
+def _merged_config(model: nn.Module, generation_config: GenerationConfig) -> GenerationConfig:
+    """The config `generate` would run with: the fields left unset taken from the model's generation defaults."""
+    merged, _ = unwrap_causal_lm(model)._prepare_generation_config(generation_config)
+    return merged
+
+
+def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
+    """Why `generate_dropping_finished` cannot reproduce `model.generate` with this config, or None when it can."""
+    causal_lm = unwrap_causal_lm(model)
+    for helper in ("_prepare_generation_config", "_get_logits_processor"):
+        if not hasattr(causal_lm, helper):
+            return f"this transformers version has no GenerationMixin.{helper}"
+    config = _merged_config(model, generation_config)
+    for name, default in _NEEDS_GENERATE.items():
+        value = getattr(config, name, default)
+        if value is not None and value != default and not (name == "guidance_scale" and value == 1):
+            return f"generation_config.{name}={value!r} needs generate's own loop"
+    if config.use_cache is False:
+        return "generation_config.use_cache is False"
+    if config.cache_implementation not in (None, "dynamic"):
+        return f"cache_implementation={config.cache_implementation!r}: only a DynamicCache drops rows"
+    if not config.max_new_tokens:
+        return "generation_config.max_new_tokens is not set"
+    if getattr(causal_lm.config, "is_encoder_decoder", False):
+        return f"{type(causal_lm).__name__} is an encoder-decoder model"
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
+        return "prompt-learning adapters (prefix / prompt tuning) manage the KV cache themselves"
+    return None
+
+
+def _stop_token_ids(config: GenerationConfig, device) -> torch.Tensor:
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return torch.tensor(eos, device=device, dtype=torch.long)
+
+
+@torch.no_grad()
+def generate_dropping_finished(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generation_config: GenerationConfig,
+    cache: Cache | None = None,
+) -> torch.Tensor:
+    """Completion ids `(B, C)` of the left-padded prompts `(B, P)`, padded after each row's stop token, `C` the longest
+    completion (at most `max_new_tokens`), as `generate(...)[:, P:]` returns them.
+
+    `cache`: a KV cache that already holds all but the last token of every prompt (prefix sharing prefills it once per
+    group); without one the prompts are prefilled here.
+    """
+    config = _merged_config(model, generation_config)
+    processors = unwrap_causal_lm(model)._get_logits_processor(
+        generation_config=config,
+        input_ids_seq_length=input_ids.size(1),
+        encoder_input_ids=input_ids,
+        prefix_allowed_tokens_fn=None,
+        logits_processor=LogitsProcessorList(),
+        device=input_ids.device,
+        model_kwargs={},
+    )
+    stop_ids = _stop_token_ids(config, input_ids.device)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else int(stop_ids[0])
+    forward_parameters = inspect.signature(unwrap_causal_lm(model).forward).parameters
+    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}  # no (B, P, V) prefill logits
+
+    completions = input_ids.new_full((input_ids.size(0), config.max_new_tokens), pad_id)  # (B, max_new_tokens)
+    rows = torch.arange(input_ids.size(0), device=input_ids.device)  # (b,) batch index of each row still going
+    sequences, mask = input_ids, attention_mask  # (b, P + t): what the processors see, and the attention mask
+    if cache is None:
+        cache = DynamicCache(config=unwrap_causal_lm(model).config)
+        step_ids, step_positions = input_ids, position_ids_from_mask(attention_mask)  # prefill: (B, P) each
+    else:  # the cache holds all but the last prompt token
+        step_ids, step_positions = input_ids[:, -1:], attention_mask.sum(-1, keepdim=True) - 1  # (B, 1) each
+    for t in range(config.max_new_tokens):
+        logits = (
+            model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_positions,
+                cache=cache,
+                use_cache=True,
+                **keep_one,
+            )
+            .logits[:, -1]
+            .float()
+        )  # (b, V)
+        scores = processors(sequences, logits)  # (b, V)
+        if config.do_sample:
+            next_ids = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (b,)
+        else:
+            next_ids = scores.argmax(-1)  # (b,)
+        completions[rows, t] = next_ids
+        finished = torch.isin(next_ids, stop_ids)  # (b,)
+        if bool(finished.all()):
+            return completions[:, : t + 1]
+        if bool(finished.any()):  # drop the finished rows from the batch and from every cache layer
+            going = (~finished).nonzero().squeeze(1)  # (b',)
+            rows, next_ids, sequences, mask = rows[going], next_ids[going], sequences[going], mask[going]
+            cache.batch_select_indices(going)
+        sequences = torch.cat([sequences, next_ids[:, None]], dim=1)  # (b, P + t + 1)
+        mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)  # (b, P + t + 1)
+        step_ids, step_positions = next_ids[:, None], mask.sum(-1, keepdim=True) - 1  # (b, 1) each
+    return completions
