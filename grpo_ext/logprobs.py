@@ -57,6 +57,16 @@ def _logit_transform(config):
     return transform
 
 
+_ENTROPY_GRADIENTS = "_grpo_ext_entropy_gradients"
+
+
+def enable_entropy_gradients(model: nn.Module) -> None:
+    """Make the entropies scored through `model`'s LM head carry gradients (an entropy bonus in the loss needs them).
+    Off by default: the gradient holds one more `chunk_size x V` tensor during the LM head's backward. A flag on the
+    head module, so the checkpointed recomputation sees the same setting as the forward."""
+    setattr(_causal_lm(model).get_output_embeddings(), _ENTROPY_GRADIENTS, True)
+
+
 def _score_chunk(lm_head, transform, hidden, labels, temperature):
     logits = lm_head(hidden).float()  # (n, V): only this chunk's logits exist at a time
     if transform is not None:
@@ -64,7 +74,7 @@ def _score_chunk(lm_head, transform, hidden, labels, temperature):
     logits = logits / temperature
     log_normalizer = torch.logsumexp(logits, dim=-1)  # (n,)
     logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_normalizer  # (n,)
-    with torch.no_grad():
+    with torch.set_grad_enabled(torch.is_grad_enabled() and getattr(lm_head, _ENTROPY_GRADIENTS, False)):
         entropy = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (n,)
     return logps, entropy
 
@@ -149,7 +159,7 @@ def completion_logps_and_entropies(
     """Log-prob and entropy of each of the last `logits_to_keep` tokens of `input_ids`, each `(B, C)`.
 
     `model` may be wrapped (DDP, PEFT, accelerate); the call goes through its forward. Positions where
-    `attention_mask` is 0 get 0. Entropies carry no gradient (they are logged, not optimised). Position ids follow
+    `attention_mask` is 0 get 0. Entropies carry no gradient unless `enable_entropy_gradients(model)` was called. Position ids follow
     the attention mask, as in `generate`, so left-padded prompts score as they were sampled.
     """
     add_completion_scoring(model)

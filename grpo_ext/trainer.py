@@ -38,9 +38,9 @@ from .hub import (
     save_training_config,
     training_config_dict,
 )
-from .logprobs import check_against_full_logits, completion_logps_and_entropies
+from .logprobs import check_against_full_logits, completion_logps_and_entropies, enable_entropy_gradients
 from .models import apply_peft, disable_dropout, keep_4bit_weights_trainable, load_causal_lm, load_tokenizer
-from .objective import aggregate_loss, grpo_per_token_loss
+from .objective import EntropyController, aggregate_loss, grpo_per_token_loss, high_entropy_mask, mean_entropy
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
 from .prefix_sharing import generate_with_shared_prefix, shared_prefix_logps, unique_prompts
 from .reference import ReferencePolicy
@@ -157,6 +157,17 @@ class GRPOExtTrainer(_BaseTrainer):
             load_copy=(lambda: self._load_reference_copy(model_path, model_init_kwargs)) if zero3 else None,
             partitioned=zero3,
         )
+        self.entropy_control = EntropyController(
+            args.entropy_coef,
+            adaptive=args.use_adaptive_entropy,
+            coef_min=args.entropy_coef_min,
+            coef_max=args.entropy_coef_max,
+            step=args.entropy_coef_delta,
+            target=args.entropy_target,
+        )
+        if self.entropy_control.enabled:
+            enable_entropy_gradients(model)
+        self._entropy_window = None  # entropy sum and token count of the current accumulation window (adaptive)
         self.reward_kl_controller = None
         if args.reward_kl_target is not None:
             self.reward_kl_controller = AdaptiveKLController(
@@ -600,6 +611,10 @@ class GRPOExtTrainer(_BaseTrainer):
         old_per_token_logps = inputs.get("old_per_token_logps")
         if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
             old_per_token_logps = per_token_logps.detach()
+        entropy_mask = None  # Beyond the 80/20 rule: the policy term on the top_entropy_quantile of tokens only
+        if self.args.top_entropy_quantile < 1.0:
+            quantile = 1.0 - self.args.top_entropy_quantile
+            entropy_mask = high_entropy_mask(entropies, completion_mask, quantile, self._gather_1d)
         terms = grpo_per_token_loss(
             per_token_logps,
             old_per_token_logps,
@@ -607,10 +622,13 @@ class GRPOExtTrainer(_BaseTrainer):
             completion_mask,
             ref_per_token_logps=inputs.get("ref_per_token_logps"),
             beta=self.args.beta,
-            epsilon_low=self.args.epsilon,
-            epsilon_high=self.args.epsilon_high,
             importance_sampling_level=self.args.importance_sampling_level,
             kl_estimator=self.args.kl_estimator,
+            loss_type=self.args.loss_type,
+            params=self.args.surrogate_params(),
+            bias_correction_kl=self.args.use_bias_correction_kl,
+            off_policy_mask_threshold=self.args.off_policy_mask_threshold,
+            token_mask=entropy_mask,
         )
         if mode == "train":
             # A window cut short at the end of an epoch holds current_gradient_accumulation_steps micro-batches
@@ -631,7 +649,38 @@ class GRPOExtTrainer(_BaseTrainer):
             max_completion_length=self.args.max_completion_length,
             num_global_tokens=num_global_tokens,
         )
-        self._log_objective(mode, terms, entropies, completion_mask)
+        if self.entropy_control.enabled:
+            bonus_mask = completion_mask if entropy_mask is None else completion_mask * entropy_mask
+            loss = self._add_entropy_bonus(mode, loss, entropies, bonus_mask)
+        self._log_objective(mode, terms, entropies.detach(), completion_mask)
+        return loss
+
+    def _gather_1d(self, values: torch.Tensor) -> torch.Tensor:
+        """The 1-D `values` of every process, concatenated (lengths may differ across processes)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        pad = -1e9  # below every entropy: marks padding
+        padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=pad)
+        gathered = self.accelerator.gather(padded)
+        return gathered[gathered != pad]
+
+    def _add_entropy_bonus(self, mode, loss, entropies, mask):
+        """loss - coef x mean entropy over `mask` (one micro-batch's share of the window), and the adaptive
+        coefficient's update at the end of each optimizer step, from the window's entropy on all processes."""
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
+        self._metrics[mode]["policy_loss"].append(gather(loss.detach().reshape(1) * micro_batches).nanmean().item())
+        loss = loss - self.entropy_control.applied_coef() * mean_entropy(entropies, mask) / micro_batches
+        if mode != "train":
+            return loss
+        if self.entropy_control.adaptive:
+            window = torch.stack([(entropies.detach() * mask).sum(), mask.sum()]).float()
+            self._entropy_window = window if self._entropy_window is None else self._entropy_window + window
+            if self.accelerator.sync_gradients:
+                total, count = self.accelerator.reduce(self._entropy_window, reduction="sum").tolist()
+                self.entropy_control.update(total / max(count, 1.0))
+                self._entropy_window = None
+        if self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_control.coef)
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -656,6 +705,11 @@ class GRPOExtTrainer(_BaseTrainer):
         if terms.per_token_kl is not None:
             self._log_token_mean(mode, ["kl", "penalty/objective_kl"], terms.per_token_kl.detach(), mask)
         self._log_token_mean(mode, ["entropy"], entropies, mask)
+        for name, values in terms.metrics.items():  # the loss type's own (cispo_clip_ratio, vespo/phi_seq_mean)
+            values = values.detach().float()
+            self._log_token_mean(mode, [name], values, mask if values.size(-1) > 1 else torch.ones_like(values))
+        if terms.is_low_clipped is None:  # a loss type without PPO's clip: no clip_ratio/*
+            return
         if terms.ratio.size(-1) == 1:  # sequence-level ratio: every token of a sequence shares its clipping
             mask = torch.ones_like(terms.ratio)
         low, high = terms.is_low_clipped.float(), terms.is_high_clipped.float()
@@ -764,6 +818,8 @@ class GRPOExtTrainer(_BaseTrainer):
                 state = {"run": self._run_settings()}
                 if self.reward_kl_controller is not None:
                     state["reward_kl_controller"] = self.reward_kl_controller.state_dict()
+                if self.entropy_control.adaptive:
+                    state["entropy_control"] = self.entropy_control.state_dict()
                 with open(os.path.join(folder, STATE_FILE), "w") as file:
                     json.dump(state, file, indent=2)
             super()._save_checkpoint(model, trial)
@@ -777,11 +833,13 @@ class GRPOExtTrainer(_BaseTrainer):
         self._step = self.state.global_step * self.args.gradient_accumulation_steps
         self._buffered_inputs = None
         path = os.path.join(checkpoint, STATE_FILE)
-        if self.reward_kl_controller is not None and os.path.isfile(path):
+        if os.path.isfile(path):
             with open(path) as file:
                 state = json.load(file)
-            if "reward_kl_controller" in state:
+            if self.reward_kl_controller is not None and "reward_kl_controller" in state:
                 self.reward_kl_controller.load_state_dict(state["reward_kl_controller"])
+            if self.entropy_control.adaptive and "entropy_control" in state:
+                self.entropy_control.load_state_dict(state["entropy_control"])
 
     # --- Hub: adapters only, with grpo-ext's model card (hub.py); full models go through transformers ---
 
