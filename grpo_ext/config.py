@@ -106,6 +106,13 @@ REFUSED_TRL_FIELDS: dict[str, str] = {
     "log_completions_hub_repo": "Uploading completions to a Hub dataset is not implemented: with "
     "`log_completions=True` they are printed and logged as a table to wandb / trackio (`report_to`).",
 }
+# `trl.GRPOConfig` fields grpo-ext implements with another default, and why (README, "Drop-in for TRL").
+DEFAULTS_DIFFERING_FROM_TRL: dict[str, str] = {
+    "beta": "0.04, DeepSeekMath's KL coefficient (TRL 0.0: no KL term)",
+    "loss_type": "`grpo`, DeepSeekMath's objective (TRL `dapo`)",
+    "use_bias_correction_kl": "False, DeepSeekMath's plain k3 term (TRL True)",
+    "num_completions_to_print": "4 (TRL None: all)",
+}
 # Values accepted besides TRL's default: the same behaviour under another spelling.
 _REFUSED_FIELDS_ALSO_ACCEPT = {"pad_to_multiple_of": (None, "none", "null")}
 
@@ -501,8 +508,8 @@ class GRPOExtConfig(_RefusedTRLFields):
         self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
             self.scale_rewards, self.scale_rewards
         )
+        self._refuse_unsupported_trl_fields()  # first: the reason, before any check of TrainingArguments
         super().__post_init__()
-        self._refuse_unsupported_trl_fields()
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         if self.trust_remote_code:  # every loader of grpo-ext reads model_init_kwargs
