@@ -19,7 +19,7 @@ from typing import Any
 
 from trl.trainer.base_config import _BaseConfig
 
-from .objective import KL_ESTIMATORS, LOSS_TYPES
+from .objective import KL_ESTIMATORS, LOSS_TYPES, TOKEN_SUMMED_LOSS_TYPES, SurrogateParams
 from .reference import REFERENCE_MODES
 from .reward_scoring import NONFINITE_REWARD_POLICIES
 
@@ -44,8 +44,112 @@ def _field(default: Any, help: str, **kwargs):
     return field(default=default, metadata=metadata, **kwargs)
 
 
+# Every `trl.GRPOConfig` field grpo-ext does not implement: field -> why, and what to use instead. GRPOExtConfig has
+# each of them with TRL's type and default, so a TRL config that leaves them alone loads; any other value is an error
+# naming the field (`_refuse_unsupported_trl_fields`). tests/test_trl_contract.py checks that every TRL field is either
+# implemented with TRL's meaning or listed here.
+_VLLM = (
+    "vLLM is not supported: grpo-ext generates with transformers' `generate` on the (4-bit) policy itself, each "
+    "prompt prefilled once per group (`prefix_sharing`). Leave the vLLM fields at their defaults; pass generation "
+    "options through `generation_kwargs`."
+)
+_CONTINUOUS_BATCHING = (
+    "transformers' continuous batching is not supported: rollouts use `generate` with each prompt's KV cache shared "
+    "by its group (`prefix_sharing`)."
+)
+REFUSED_TRL_FIELDS: dict[str, str] = {
+    "use_vllm": _VLLM,
+    "vllm_mode": _VLLM,
+    "vllm_model_impl": _VLLM,
+    "vllm_enable_sleep_mode": _VLLM,
+    "vllm_structured_outputs_regex": _VLLM,
+    "vllm_server_base_url": _VLLM,
+    "vllm_server_host": _VLLM,
+    "vllm_server_port": _VLLM,
+    "vllm_server_timeout": _VLLM,
+    "vllm_group_port": _VLLM,
+    "vllm_gpu_memory_utilization": _VLLM,
+    "vllm_max_model_length": _VLLM,
+    "vllm_tensor_parallel_size": _VLLM,
+    "vllm_importance_sampling_correction": _VLLM + " Without vLLM there is no sampler mismatch to correct.",
+    "vllm_importance_sampling_mode": _VLLM + " Without vLLM there is no sampler mismatch to correct.",
+    "vllm_importance_sampling_clip_max": _VLLM + " Without vLLM there is no sampler mismatch to correct.",
+    "vllm_importance_sampling_clip_min": _VLLM + " Without vLLM there is no sampler mismatch to correct.",
+    "vllm_importance_sampling_cap": _VLLM + " (Deprecated in TRL too.)",
+    "use_liger_kernel": "Liger kernels are not supported: grpo-ext never materialises the (B, T, V) logits anyway "
+    "(log-probs are computed `logprob_chunk_size` tokens at a time); lower `logprob_chunk_size` to save memory.",
+    "use_transformers_continuous_batching": _CONTINUOUS_BATCHING,
+    "transformers_continuous_batching_config": _CONTINUOUS_BATCHING,
+    "use_transformers_paged": _CONTINUOUS_BATCHING + " (Deprecated in TRL too.)",
+    "cache_implementation": "Not wired into grpo-ext's rollout yet: pass it as "
+    "`generation_kwargs={'cache_implementation': ...}` (with `prefix_sharing=False`, since the shared prefix builds "
+    "its own cache).",
+    "num_generations_eval": "Not implemented yet: evaluation rollouts use `num_generations` (the eval batch must hold "
+    "whole groups of it). Lower `num_generations` or `per_device_eval_batch_size` to make evaluation cheaper.",
+    "pad_to_multiple_of": "Padding prompts and completions to a multiple (for Neuron's fixed shapes) is not "
+    "implemented; `auto` (TRL's default) and None both mean no padding on CUDA and CPU, which is what grpo-ext does.",
+    "multi_objective_aggregation": "Only `sum_then_normalize` (TRL's default) is implemented: advantages come from "
+    "the weighted sum of the rewards (`reward_weights`). GDPO's `normalize_then_sum` is not implemented yet.",
+    "sync_ref_model": "TR-DPO's reference mixing is not implemented: use `ref_model_mode='snapshot_adapter'`, which "
+    "resets the reference adapter to the policy's every `ref_model_sync_steps` steps (DeepSeekMath's iterative "
+    "reference reset, i.e. ref_model_mixup_alpha=1).",
+    "ref_model_mixup_alpha": "Only used with `sync_ref_model`, which is not implemented: use "
+    "`ref_model_mode='snapshot_adapter'` with `ref_model_sync_steps` (a full reset, alpha = 1).",
+    "max_tool_calling_iterations": "Tool calling (`tools=`, environments) is not supported by GRPOExtTrainer.",
+    "router_aux_loss_coef": "The Mixture-of-Experts load-balancing loss is not added: the chunked log-prob pass does "
+    "not request router logits. Leave it None (grpo-ext then adds no auxiliary loss, also for MoE models).",
+    "cast_lm_head_to_fp32": "Not implemented: the LM head keeps the model's dtype; grpo-ext's log-prob pass upcasts "
+    "each chunk's logits to float32 before the log-softmax and entropy. For float32 logits throughout, load the "
+    "model in float32 (`model_init_kwargs={'dtype': 'float32'}`).",
+    "log_unique_prompts": "Not implemented: the completions table (`log_completions`) lists every completion with "
+    "its prompt.",
+    "log_completions_hub_repo": "Uploading completions to a Hub dataset is not implemented: with "
+    "`log_completions=True` they are printed and logged as a table to wandb / trackio (`report_to`).",
+}
+# `trl.GRPOConfig` fields grpo-ext implements with another default, and why (README, "Drop-in for TRL").
+DEFAULTS_DIFFERING_FROM_TRL: dict[str, str] = {
+    "beta": "0.04, DeepSeekMath's KL coefficient (TRL 0.0: no KL term)",
+    "loss_type": "`grpo`, DeepSeekMath's objective (TRL `dapo`)",
+    "use_bias_correction_kl": "False, DeepSeekMath's plain k3 term (TRL True)",
+    "num_completions_to_print": "4 (TRL None: all)",
+}
+# Values accepted besides TRL's default: the same behaviour under another spelling.
+_REFUSED_FIELDS_ALSO_ACCEPT = {"pad_to_multiple_of": (None, "none", "null")}
+
+
+def _trl_field_defaults() -> dict[str, Any]:
+    from trl.trainer.grpo_config import GRPOConfig
+
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(GRPOConfig)
+    }
+
+
+def _refused_fields_base():
+    """A `_BaseConfig` subclass holding the refused TRL fields that `_BaseConfig` lacks, each with TRL's type and
+    default and its reason as help (the class `GRPOExtConfig` derives from)."""
+    from trl.trainer.grpo_config import GRPOConfig
+
+    trl_fields, trl_defaults = {f.name: f for f in dataclasses.fields(GRPOConfig)}, _trl_field_defaults()
+    inherited = {f.name for f in dataclasses.fields(_BaseConfig)}
+    specs = []
+    for name, reason in REFUSED_TRL_FIELDS.items():
+        if name in inherited or name not in trl_fields:  # a name TRL dropped: the contract test reports it
+            continue
+        trl_field = trl_fields[name]
+        help_text = f"TRL field, not supported: only its default is accepted. {reason}"
+        specs.append((name, trl_field.type, _field(trl_defaults[name], help_text)))
+    cls = dataclasses.make_dataclass("_RefusedTRLFields", specs, bases=(_BaseConfig,))
+    cls.__module__ = __name__
+    return cls
+
+
+_RefusedTRLFields = _refused_fields_base()
+
+
 @dataclass
-class GRPOExtConfig(_BaseConfig):
+class GRPOExtConfig(_RefusedTRLFields):
     # --- Defaults overridden from TrainingArguments / _BaseConfig ---
     learning_rate: float = _field(
         1e-6,
@@ -63,6 +167,11 @@ class GRPOExtConfig(_BaseConfig):
         None,
         "Keyword arguments for `AutoModelForCausalLM.from_pretrained`, used when `model` is given as a string (e.g. "
         '`{"dtype": "bfloat16"}`).',
+    )
+    trust_remote_code: bool = _field(
+        False,
+        "Allow loading models and tokenizers that ship their own Python code from the Hub (policy, tokenizer, reward "
+        "models, reference copy): added to `model_init_kwargs` as `trust_remote_code=True`. Same as TRL.",
     )
     disable_dropout: bool = _field(
         False,
@@ -173,6 +282,29 @@ class GRPOExtConfig(_BaseConfig):
         "Upper clipping range: the ratio is clipped at 1 + epsilon_high. Defaults to `epsilon`. DAPO "
         "(arXiv 2503.14476) recommends 0.28 ('clip-higher').",
     )
+    delta: float | None = _field(
+        None,
+        "Two-sided clipping (INTELLECT-2, arXiv 2505.07291): the ratio of the unclipped term is also capped at delta, "
+        "so a token with a negative advantage and a huge ratio cannot blow up the loss. None (the default) keeps "
+        "PPO's one-sided clip. Must be > 1 + epsilon_high when set; clipped loss types only (`grpo`, `dapo`, "
+        "`dr_grpo`, `bnpo`, `luspo`).",
+    )
+    sapo_temperature_neg: float = _field(
+        1.05, "tau for tokens with a non-positive advantage in the `sapo` gate (arXiv 2511.20347); > 0."
+    )
+    sapo_temperature_pos: float = _field(
+        1.0, "tau for tokens with a positive advantage in the `sapo` gate (arXiv 2511.20347); > 0."
+    )
+    vespo_k_pos: float = _field(
+        2.0,
+        "k of VESPO's weight phi(w) = exp(lambda + k log w - lambda w) for A >= 0 (arXiv 2602.10693): how strongly "
+        "sequences with w < 1 are down-weighted.",
+    )
+    vespo_lambda_pos: float = _field(
+        3.0, "lambda of VESPO's weight for A >= 0: how strongly sequences with w > 1 are down-weighted."
+    )
+    vespo_k_neg: float = _field(3.0, "k of VESPO's weight for A < 0.")
+    vespo_lambda_neg: float = _field(2.0, "lambda of VESPO's weight for A < 0.")
     importance_sampling_level: str = _field(
         "token",
         "`token`: one ratio per token (GRPO). `sequence`: GSPO's length-normalised sequence ratio "
@@ -185,7 +317,13 @@ class GRPOExtConfig(_BaseConfig):
         "(arXiv 2503.14476). `dr_grpo`: sum / (num completions x max_completion_length), no length bias "
         "(arXiv 2503.20783). `bnpo`: token mean over this process's batch; TRL takes it per micro-batch, this "
         "project over the whole accumulation window so gradient accumulation does not change it (equal when "
-        "gradient_accumulation_steps=1).",
+        "gradient_accumulation_steps=1). `luspo`: 1/N sum_i sum_t, GSPO's sequence loss scaled by the sequence's "
+        "length (arXiv 2602.05261; use it with importance_sampling_level='sequence'). Three replace the clipped "
+        "surrogate: `cispo` (MiniMax-M1, arXiv 2506.13585): -sg(min(rho, epsilon_high)) A log pi, the weight capped "
+        "at `epsilon_high` (ScaleRL recommends 5.0) and detached, averaged as `dapo`; `sapo` (arXiv 2511.20347): a "
+        "smooth gate -4/tau sigmoid(tau (rho - 1)) A with `sapo_temperature_pos` / `sapo_temperature_neg`, averaged "
+        "as `grpo`; `vespo` (arXiv 2602.10693): -sg(phi(w)) A log pi, phi a Gamma-shaped weight of the sequence ratio "
+        "w (`vespo_*`), averaged as `dapo`.",
     )
     scale_rewards: str = _field(
         "group",
@@ -213,6 +351,49 @@ class GRPOExtConfig(_BaseConfig):
         "k3",
         "Estimator of KL(pi_theta || pi_ref) in the loss term weighted by `beta`: `k3` (DeepSeekMath eq. 4, unbiased, "
         ">= 0; recommended), `k1` (log-ratio) or `k2` (squared log-ratio / 2). See http://joschu.net/blog/kl-approx.html.",
+    )
+
+    use_bias_correction_kl: bool = _field(
+        False,
+        "Multiply the per-token KL of the loss by the importance ratio rho (DeepSeek-V3.2, arXiv 2512.02556), so its "
+        "gradient is the unbiased reverse-KL gradient when the data is off-policy. It changes the KL gradient even "
+        "on-policy (rho = 1 but differentiable). False (the default) keeps DeepSeekMath's plain k3 term; TRL's "
+        "default is True.",
+    )
+    off_policy_mask_threshold: float | None = _field(
+        None,
+        "DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9): a completion with a negative advantage "
+        "whose mean token KL(pi_old || pi_theta) exceeds this threshold is left out of the policy term (not of the "
+        "KL term). None turns it off; the paper's scale is around 0.5. Only acts when the policy moved since the "
+        "rollout (num_iterations > 1 or steps_per_generation > gradient_accumulation_steps).",
+    )
+    top_entropy_quantile: float = _field(
+        1.0,
+        "rho of 'Beyond the 80/20 rule' (arXiv 2506.01939): keep in the policy term only the tokens whose entropy is "
+        "in the top rho quantile of the batch's completion tokens (all processes). 1.0 keeps every token; 0.0 only "
+        "the highest-entropy one; the paper recommends 0.2. The KL term keeps every token.",
+    )
+    entropy_coef: float = _field(
+        0.0,
+        "Weight of an entropy bonus: loss = policy loss - entropy_coef x mean per-token entropy (over the tokens the "
+        "policy term uses), the same meaning for every loss type. Encourages exploration. 0.0 turns it off. With "
+        "`use_adaptive_entropy`, the starting coefficient. Logs `entropy_coef` and `policy_loss`.",
+    )
+    use_adaptive_entropy: bool = _field(
+        False,
+        "Skywork-OR1's adaptive entropy control (arXiv 2505.22312): after each optimizer step the coefficient rises "
+        "by `entropy_coef_delta` when the step's mean entropy is <= `entropy_target` and falls otherwise, within "
+        "[`entropy_coef_min`, `entropy_coef_max`]; the bonus is applied only while the last entropy was <= target. "
+        "Its state is saved in checkpoints.",
+    )
+    entropy_coef_min: float = _field(0.0, "Lower bound of the adaptive entropy coefficient.")
+    entropy_coef_max: float = _field(1.0, "Upper bound of the adaptive entropy coefficient.")
+    entropy_coef_delta: float = _field(0.005, "Step of the adaptive entropy coefficient per optimizer step.")
+    entropy_target: float = _field(
+        0.2,
+        "Target mean per-token entropy (nats) of adaptive entropy control, over the tokens the policy term uses. "
+        "Language models sit at 2-10 nats, so 0.2 only acts on near-collapse: set it near the entropy logged early "
+        "in training.",
     )
 
     # --- Reward-side penalties (the reward half of the dual penalty) ---
@@ -284,7 +465,12 @@ class GRPOExtConfig(_BaseConfig):
     )
     num_completions_to_print: int | None = _field(
         4,
-        "How many completions `log_completions` prints; None prints all.",
+        "How many completions `log_completions` prints; None prints all. TRL's default is None.",
+    )
+    log_multimodal: bool = _field(
+        True,
+        "TRL's switch for logging images and videos with the completions. grpo-ext trains text-only models, so the "
+        "completions it logs hold no multimodal content whatever the value; accepted so TRL configs load.",
     )
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + [
@@ -322,12 +508,54 @@ class GRPOExtConfig(_BaseConfig):
         self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
             self.scale_rewards, self.scale_rewards
         )
+        self._refuse_unsupported_trl_fields()  # first: the reason, before any check of TrainingArguments
         super().__post_init__()
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
+        if self.trust_remote_code:  # every loader of grpo-ext reads model_init_kwargs
+            self.model_init_kwargs = {**(self.model_init_kwargs or {}), "trust_remote_code": True}
         self._check_values()
+        self._warn_like_trl()
         self._resolve_generation_batch()
         self._warn_slow_bf16_on_cpu()
+
+    def surrogate_params(self) -> SurrogateParams:
+        """The hyperparameters of the loss types' surrogates (`objective.SurrogateParams`), from the fields of the same
+        names (`epsilon_low` is `epsilon`)."""
+        names = [f.name for f in dataclasses.fields(SurrogateParams) if f.name != "epsilon_low"]
+        return SurrogateParams(epsilon_low=self.epsilon, **{name: getattr(self, name) for name in names})
+
+    def _refuse_unsupported_trl_fields(self) -> None:
+        """A refused TRL field (`REFUSED_TRL_FIELDS`) set to anything but TRL's default is an error naming it."""
+        defaults = _trl_field_defaults()
+        for name, reason in REFUSED_TRL_FIELDS.items():
+            value, default = getattr(self, name, None), defaults.get(name)
+            if value == default or value in _REFUSED_FIELDS_ALSO_ACCEPT.get(name, ()):
+                continue
+            raise ValueError(
+                f"{name}={value!r} is not supported by GRPOExtConfig (TRL's default {default!r} is accepted). {reason}"
+            )
+
+    def _warn_like_trl(self) -> None:
+        """The warnings trl.GRPOTrainer gives for loss settings that run but are probably not what was meant."""
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            warnings.warn(
+                "loss_type='luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper's setup).",
+                stacklevel=3,
+            )
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            warnings.warn(
+                "loss_type='vespo' computes its sequence-level weight itself: set importance_sampling_level='token' "
+                "(the default).",
+                stacklevel=3,
+            )
+        if self.importance_sampling_level == "sequence" and self.loss_type in TOKEN_SUMMED_LOSS_TYPES:
+            warnings.warn(
+                f"With importance_sampling_level='sequence', loss_type={self.loss_type!r} sums per-token "
+                "contributions, which weights each sequence by its completion length instead of optimising the "
+                "per-sequence objective. For GSPO's setup set loss_type='grpo'.",
+                stacklevel=3,
+            )
 
     def _warn_slow_bf16_on_cpu(self) -> None:
         """`bf16` defaults to True (TRL's `_BaseConfig`). Training on a CPU without native bf16 kernels then runs every
@@ -366,6 +594,31 @@ class GRPOExtConfig(_BaseConfig):
             f"epsilon={self.epsilon}, epsilon_high={self.epsilon_high}: clipping ranges must be > 0 (typical 0.2).",
         )
         require(self.epsilon < 1, f"epsilon={self.epsilon} must be < 1, or the lower clip bound 1 - epsilon is <= 0.")
+        require(
+            self.delta is None or self.delta > 1 + self.epsilon_high,
+            f"delta={self.delta} must be > 1 + epsilon_high = {1 + self.epsilon_high} (INTELLECT-2 uses 4), or None "
+            "to turn two-sided clipping off.",
+        )
+        require(
+            self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0,
+            f"sapo_temperature_pos={self.sapo_temperature_pos}, sapo_temperature_neg={self.sapo_temperature_neg} "
+            "must be > 0 (the paper uses 1.0 and 1.05).",
+        )
+        require(
+            0.0 <= self.top_entropy_quantile <= 1.0,
+            f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1.0 keeps every token; the paper "
+            "uses 0.2).",
+        )
+        require(
+            self.off_policy_mask_threshold is None or self.off_policy_mask_threshold > 0,
+            f"off_policy_mask_threshold={self.off_policy_mask_threshold} must be > 0 (e.g. 0.5), or None to turn the "
+            "mask off.",
+        )
+        require(
+            0 <= self.entropy_coef_min <= self.entropy_coef_max and self.entropy_coef_delta >= 0,
+            f"entropy_coef_min={self.entropy_coef_min}, entropy_coef_max={self.entropy_coef_max}, "
+            f"entropy_coef_delta={self.entropy_coef_delta}: need 0 <= min <= max and delta >= 0.",
+        )
         require(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1.")
         require(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is not one of {tuple(LOSS_TYPES)}.")
         require(
@@ -484,8 +737,10 @@ def _document(cls):
         "Configuration of `GRPOExtTrainer`: GRPO (DeepSeekMath, arXiv 2402.03300) with grpo-ext's extensions.",
         "",
         "Derives from TRL's `_BaseConfig` (itself `transformers.TrainingArguments`); every TrainingArguments field "
-        "works as usual. Defaults that differ from `trl.GRPOConfig`: `beta` (0.04, TRL 0.0) and `loss_type` "
-        "(`grpo`, TRL `dapo`).",
+        "works as usual. Every `trl.GRPOConfig` field is accepted under its name: implemented with TRL's meaning, or, "
+        "for the fields listed at the end, accepted only at TRL's default. Defaults that differ from "
+        "`trl.GRPOConfig`: `beta` (0.04, TRL 0.0), `loss_type` (`grpo`, TRL `dapo`), `use_bias_correction_kl` "
+        "(False, TRL True) and `num_completions_to_print` (4, TRL None).",
         "",
         "Pickled (as in `training_args.bin`, in the output folder and every checkpoint), the config holds no "
         "token: `hub_token` is saved as None and `token` keys of dict fields are left out. A resumed run takes the "
@@ -499,6 +754,8 @@ def _document(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"    {f.name} (*optional*, defaults to `{default!r}`):")
         lines.append(f"        {f.metadata['help']}")
+    lines += ["", "    > TRL fields not supported (only TRL's default is accepted; anything else is an error)", ""]
+    lines += [f"    {name}: {reason}" for name, reason in REFUSED_TRL_FIELDS.items()]
     cls.__doc__ = "\n".join(lines)
     return cls
 

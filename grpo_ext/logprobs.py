@@ -55,21 +55,23 @@ def _logit_transform(config):
     return transform
 
 
-def _score_chunk(lm_head, transform, hidden, labels, temperature):
+def _score_chunk(lm_head, transform, hidden, labels, temperature, entropy_gradients):
     logits = lm_head(hidden).float()  # (n, V): only this chunk's logits exist at a time
     if transform is not None:
         logits = transform(logits)
     logits = logits / temperature
     log_normalizer = torch.logsumexp(logits, dim=-1)  # (n,)
     logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_normalizer  # (n,)
-    with torch.no_grad():
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_gradients):
         entropy = log_normalizer - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # (n,)
     return logps, entropy
 
 
-def score_hidden_states(causal_lm, hidden_states, labels, scored, temperature, chunk_size):
+def score_hidden_states(causal_lm, hidden_states, labels, scored, temperature, chunk_size, entropy_gradients=False):
     """Log-probs and entropies `(B, C)` of `labels` from the hidden states `(B, C, H)` that predict them, through the
-    LM head `chunk_size` scored tokens at a time (shared by the plain and the prefix-shared paths)."""
+    LM head `chunk_size` scored tokens at a time (shared by the plain and the prefix-shared paths). Entropies carry a
+    gradient only with `entropy_gradients` (an entropy bonus in the loss): it holds one more `chunk_size x V` tensor
+    during the LM head's backward."""
     lm_head = causal_lm.get_output_embeddings()
     transform = _logit_transform(causal_lm.config)
     hidden_flat, labels_flat = hidden_states[scored], labels[scored]  # (n, H), (n,): padding is never projected
@@ -77,9 +79,9 @@ def score_hidden_states(causal_lm, hidden_states, labels, scored, temperature, c
     for start in range(0, labels_flat.numel(), chunk_size):
         chunk = (lm_head, transform, hidden_flat[start : start + chunk_size], labels_flat[start : start + chunk_size])
         if torch.is_grad_enabled():
-            logps, entropy = checkpoint(_score_chunk, *chunk, temperature, use_reentrant=False)
+            logps, entropy = checkpoint(_score_chunk, *chunk, temperature, entropy_gradients, use_reentrant=False)
         else:
-            logps, entropy = _score_chunk(*chunk, temperature)
+            logps, entropy = _score_chunk(*chunk, temperature, False)
         logps_chunks.append(logps)
         entropy_chunks.append(entropy)
 
@@ -112,6 +114,7 @@ class ScoringRequest:
     completion_mask: torch.Tensor  # (N, C)
     temperature: float = 1.0
     chunk_size: int = 1024
+    entropy_gradients: bool = False  # entropies with a gradient, for an entropy bonus in the loss
 
     def run(self, causal_lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> CompletionScores:
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
@@ -132,6 +135,7 @@ class ScoringRequest:
             self.completion_mask.bool(),
             self.temperature,
             self.chunk_size,
+            self.entropy_gradients,
         )
         return CompletionScores(logps=logps, entropies=entropies)
 
@@ -173,8 +177,8 @@ def completion_logps_and_entropies(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of each of the last `logits_to_keep` tokens of `input_ids`, each `(B, C)`.
 
-    Positions where `attention_mask` is 0 get 0. Entropies carry no gradient (they are logged, not optimised).
-    Position ids follow the attention mask, as in `generate`, so left-padded prompts score as they were sampled.
+    Positions where `attention_mask` is 0 get 0. Entropies carry no gradient. Position ids follow the attention mask, as in `generate`, so left-padded prompts score as they were
+    sampled.
     """
     prompt_ids, completion_ids = input_ids[:, :-logits_to_keep], input_ids[:, -logits_to_keep:]
     prompt_mask, completion_mask = attention_mask[:, :-logits_to_keep], attention_mask[:, -logits_to_keep:]

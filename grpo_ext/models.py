@@ -97,15 +97,16 @@ def _as_dense(model: PreTrainedModel, gguf_path: str) -> PreTrainedModel:
 
 def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None):
     """The policy's tokenizer, read from the model's path (or `model` itself when it is a path, `.gguf` included, at
-    `model_init_kwargs["revision"]` if given); left padding and truncation, as GRPO needs."""
+    `model_init_kwargs["revision"]` if given, with its `trust_remote_code`); left padding and truncation, as GRPO needs."""
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if not name:
         raise ValueError(
             "The model was built in memory and has no path to load a tokenizer from: pass processing_class=tokenizer."
         )
     kwargs = {"padding_side": "left", "truncation_side": "left"}
-    if (model_init_kwargs or {}).get("revision"):
-        kwargs["revision"] = model_init_kwargs["revision"]
+    for key in ("revision", "trust_remote_code"):  # the tokenizer comes from the same repository as the model
+        if (model_init_kwargs or {}).get(key):
+            kwargs[key] = model_init_kwargs[key]
     source = gguf_source(name, model_init_kwargs)
     if source is not None:
         _require_gguf()

@@ -338,7 +338,13 @@ def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPr
     last_prompt_hidden = prompt_hidden[:, -1:].repeat_interleave(group_sizes, dim=0)  # (N, 1, H): left padding
     hidden_states = torch.cat([last_prompt_hidden, completion_hidden[:, :-1]], dim=1)  # (N, C, H): t predicts t+1
     return score_hidden_states(
-        causal_lm, hidden_states, completion_ids, completion_mask.bool(), request.temperature, request.chunk_size
+        causal_lm,
+        hidden_states,
+        completion_ids,
+        completion_mask.bool(),
+        request.temperature,
+        request.chunk_size,
+        request.entropy_gradients,
     )
 
 

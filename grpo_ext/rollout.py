@@ -253,12 +253,12 @@ def decode_completions(rollout: Rollout, tokenizer) -> tuple[list[list[int]], li
 
 
 def completion_logps_and_entropies(
-    model: nn.Module, rollout: Rollout, temperature: float, chunk_size: int
+    model: nn.Module, rollout: Rollout, temperature: float, chunk_size: int, entropy_gradients: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies `(B, C)` of the rollout's completions under `model` (policy, or the
-    reference), by the path the rollout was generated with."""
+    reference), by the path the rollout was generated with. Entropies carry a gradient with `entropy_gradients`."""
     request_type = prefix_sharing.SharedPrefixScoring if rollout.shared_prefix else ScoringRequest
-    request = request_type(rollout.completion_ids, rollout.completion_mask, temperature, chunk_size)
+    request = request_type(rollout.completion_ids, rollout.completion_mask, temperature, chunk_size, entropy_gradients)
     return score_completions(model, rollout.prompt_ids, rollout.prompt_mask, request)
 
 

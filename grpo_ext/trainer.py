@@ -39,7 +39,14 @@ from .hub import (
 )
 from .logprobs import check_against_full_logits
 from .models import apply_peft, disable_dropout, keep_4bit_weights_trainable, load_causal_lm, load_tokenizer
-from .objective import Normalisers, aggregate_loss, grpo_per_token_loss
+from .objective import (
+    EntropyController,
+    Normalisers,
+    aggregate_loss,
+    grpo_per_token_loss,
+    high_entropy_mask,
+    mean_entropy,
+)
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
 from .reference import ReferencePolicy, load_reference_copy
 from .reward_scoring import RewardScorer
@@ -153,6 +160,15 @@ class GRPOExtTrainer(_BaseTrainer):
             load_copy=functools.partial(load_reference_copy, model_path, model_init_kwargs) if zero3 else None,
             partitioned=zero3,
         )
+        self.entropy_control = EntropyController(
+            args.entropy_coef,
+            adaptive=args.use_adaptive_entropy,
+            coef_min=args.entropy_coef_min,
+            coef_max=args.entropy_coef_max,
+            step=args.entropy_coef_delta,
+            target=args.entropy_target,
+        )
+        self._entropy_window = None  # entropy sum and token count of the current accumulation window (adaptive)
         self.reward_kl_controller = None
         if args.reward_kl_target is not None:
             self.reward_kl_controller = AdaptiveKLController(
@@ -459,11 +475,15 @@ class GRPOExtTrainer(_BaseTrainer):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs.completion_mask  # (B, C)
         per_token_logps, entropies = completion_logps_and_entropies(
-            model, inputs, self.args.temperature, self.args.logprob_chunk_size
-        )  # (B, C) each
+            model, inputs, self.args.temperature, self.args.logprob_chunk_size, self.entropy_control.enabled
+        )  # (B, C) each; entropies with a gradient for an entropy bonus
         old_per_token_logps = inputs.old_per_token_logps
         if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
             old_per_token_logps = per_token_logps.detach()
+        entropy_mask = None  # Beyond the 80/20 rule: the policy term on the top_entropy_quantile of tokens only
+        if self.args.top_entropy_quantile < 1.0:
+            quantile = 1.0 - self.args.top_entropy_quantile
+            entropy_mask = high_entropy_mask(entropies, completion_mask, quantile, self._gather_1d)
         terms = grpo_per_token_loss(
             per_token_logps,
             old_per_token_logps,
@@ -471,10 +491,13 @@ class GRPOExtTrainer(_BaseTrainer):
             completion_mask,
             ref_per_token_logps=inputs.ref_per_token_logps,
             beta=self.args.beta,
-            epsilon_low=self.args.epsilon,
-            epsilon_high=self.args.epsilon_high,
             importance_sampling_level=self.args.importance_sampling_level,
             kl_estimator=self.args.kl_estimator,
+            loss_type=self.args.loss_type,
+            params=self.args.surrogate_params(),
+            bias_correction_kl=self.args.use_bias_correction_kl,
+            off_policy_mask_threshold=self.args.off_policy_mask_threshold,
+            token_mask=entropy_mask,
         )
         if mode == "train":
             # A window cut short at the end of an epoch holds current_gradient_accumulation_steps micro-batches
@@ -495,7 +518,38 @@ class GRPOExtTrainer(_BaseTrainer):
             max_completion_length=self.args.max_completion_length,
             num_global_tokens=num_global_tokens,
         )
-        self._log_objective(mode, terms, entropies, completion_mask)
+        if self.entropy_control.enabled:
+            bonus_mask = completion_mask if entropy_mask is None else completion_mask * entropy_mask
+            loss = self._add_entropy_bonus(mode, loss, entropies, bonus_mask)
+        self._log_objective(mode, terms, entropies.detach(), completion_mask)
+        return loss
+
+    def _gather_1d(self, values: torch.Tensor) -> torch.Tensor:
+        """The 1-D `values` of every process, concatenated (lengths may differ across processes)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        pad = -1e9  # below every entropy: marks padding
+        padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=pad)
+        gathered = self.accelerator.gather(padded)
+        return gathered[gathered != pad]
+
+    def _add_entropy_bonus(self, mode, loss, entropies, mask):
+        """loss - coef x mean entropy over `mask` (one micro-batch's share of the window), and the adaptive
+        coefficient's update at the end of each optimizer step, from the window's entropy on all processes."""
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
+        self._metrics[mode]["policy_loss"].append(gather(loss.detach().reshape(1) * micro_batches).nanmean().item())
+        loss = loss - self.entropy_control.applied_coef() * mean_entropy(entropies, mask) / micro_batches
+        if mode != "train":
+            return loss
+        if self.entropy_control.adaptive:
+            window = torch.stack([(entropies.detach() * mask).sum(), mask.sum()]).float()
+            self._entropy_window = window if self._entropy_window is None else self._entropy_window + window
+            if self.accelerator.sync_gradients:
+                total, count = self.accelerator.reduce(self._entropy_window, reduction="sum").tolist()
+                self.entropy_control.update(total / max(count, 1.0))
+                self._entropy_window = None
+        if self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_control.coef)
         return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -520,6 +574,11 @@ class GRPOExtTrainer(_BaseTrainer):
         if terms.per_token_kl is not None:
             self._log_token_mean(mode, ["kl", "penalty/objective_kl"], terms.per_token_kl.detach(), mask)
         self._log_token_mean(mode, ["entropy"], entropies, mask)
+        for name, values in terms.metrics.items():  # the loss type's own (cispo_clip_ratio, vespo/phi_seq_mean)
+            values = values.detach().float()
+            self._log_token_mean(mode, [name], values, mask if values.size(-1) > 1 else torch.ones_like(values))
+        if terms.is_low_clipped is None:  # a loss type without PPO's clip: no clip_ratio/*
+            return
         if terms.ratio.size(-1) == 1:  # sequence-level ratio: every token of a sequence shares its clipping
             mask = torch.ones_like(terms.ratio)
         low, high = terms.is_low_clipped.float(), terms.is_high_clipped.float()
@@ -646,6 +705,8 @@ class GRPOExtTrainer(_BaseTrainer):
                 state = {"run": self._run_settings()}
                 if self.reward_kl_controller is not None:
                     state["reward_kl_controller"] = self.reward_kl_controller.state_dict()
+                if self.entropy_control.adaptive:
+                    state["entropy_control"] = self.entropy_control.state_dict()
                 write_state(folder, state)
             super()._save_checkpoint(model, trial)
 
@@ -660,6 +721,8 @@ class GRPOExtTrainer(_BaseTrainer):
         state = read_state(checkpoint)
         if self.reward_kl_controller is not None and "reward_kl_controller" in state:
             self.reward_kl_controller.load_state_dict(state["reward_kl_controller"])
+        if self.entropy_control.adaptive and "entropy_control" in state:
+            self.entropy_control.load_state_dict(state["entropy_control"])
 
     # --- Hub: adapters only, with grpo-ext's model card (hub.py); full models go through transformers ---
 

@@ -35,7 +35,7 @@ def _one_sgd_step(model_path, tokenizer, make_args, loss_type, per_device, accum
     return {name: before[name] - p.detach() for name, p in trainer.model.named_parameters()}, completions
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo", "luspo", "cispo", "sapo", "vespo"])
 def test_gradient_does_not_depend_on_micro_batching(tmp_path, tokenizer, make_args, loss_type):
     model_path = save_tiny_model(tmp_path / "model")
     whole, completions_whole = _one_sgd_step(model_path, tokenizer, make_args, loss_type, per_device=8, accumulation=1)

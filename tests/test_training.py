@@ -1,6 +1,7 @@
 """Short training runs on tiny models: full, LoRA, 4-bit QLoRA, conversational, several reward kinds."""
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from grpo_ext.testing import (
     save_tiny_model,
     save_tiny_reward_model,
 )
+from grpo_ext.trainer import STATE_FILE
 
 
 def _snapshot(model):
@@ -275,3 +277,26 @@ def test_same_seed_same_completions_in_a_rerun(tmp_path, tokenizer, make_args):
     first, again, other = rollout(0), rollout(0), rollout(1)
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert first.shape != other.shape or not torch.equal(first, other)
+
+
+def test_adaptive_entropy_coefficient_moves_and_resumes(tmp_path, tokenizer, make_args):
+    """use_adaptive_entropy: a target above the model's entropy raises the coefficient each step, logged as
+    `entropy_coef`, and saved in the checkpoint."""
+    settings = dict(
+        use_adaptive_entropy=True, entropy_coef=0.01, entropy_coef_delta=0.01, entropy_target=100.0, beta=0.0
+    )
+    dataset = make_prompt_dataset(8)
+    trainer = GRPOExtTrainer(
+        make_tiny_model("qwen2", tokenizer),
+        digit_fraction_reward,
+        args=make_args(max_steps=2, save_strategy="steps", save_steps=1, **settings),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = [entry["entropy_coef"] for entry in trainer.state.log_history if "entropy_coef" in entry]
+    assert logged == pytest.approx([0.02, 0.03])
+    assert all("policy_loss" in entry for entry in trainer.state.log_history[:-1])
+    with open(tmp_path / "out" / "checkpoint-1" / STATE_FILE) as file:  # what resume restores
+        saved = json.load(file)["entropy_control"]
+    assert saved["coef"] == pytest.approx(0.02) and saved["last_entropy"] < 100

@@ -28,21 +28,20 @@ def _batch(tokenizer, seed=0):
     }
 
 
-def _trainers(tmp_path, make_args, tokenizer, loss_type, importance_sampling_level, beta):
+def _trainers(tmp_path, make_args, tokenizer, **settings):
     model = save_tiny_model(tmp_path / "model")  # a path: TRL loads its reference model from it
     common = dict(
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        beta=beta,
         epsilon=0.2,
         epsilon_high=0.28,
         temperature=0.7,
         num_generations=4,
         per_device_train_batch_size=4,
         max_completion_length=5,
+        use_bias_correction_kl=False,
     )
+    common.update(settings)
     dataset = make_prompt_dataset(8)
-    trl_args = GRPOConfig(output_dir=str(tmp_path / "trl"), use_bias_correction_kl=False, **common, **TRL_SETTINGS)
+    trl_args = GRPOConfig(output_dir=str(tmp_path / "trl"), **common, **TRL_SETTINGS)
     trl_trainer = GRPOTrainer(
         model, digit_fraction_reward, args=trl_args, train_dataset=dataset, processing_class=tokenizer
     )
@@ -56,10 +55,21 @@ def _trainers(tmp_path, make_args, tokenizer, loss_type, importance_sampling_lev
     return trl_trainer, ours
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
-@pytest.mark.parametrize("importance_sampling_level", ["token", "sequence"])
-def test_loss_and_gradient_match_trl(tmp_path, make_args, tokenizer, loss_type, importance_sampling_level):
-    trl_trainer, ours = _trainers(tmp_path, make_args, tokenizer, loss_type, importance_sampling_level, beta=0.04)
+# Every metric either trainer may log for the objective; each one TRL logs must be logged, equal, by grpo-ext.
+OBJECTIVE_METRICS = (
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "cispo_clip_ratio",
+    "vespo/phi_seq_mean",
+    "entropy_coef",
+)
+
+
+def _assert_same_loss_and_gradient(tmp_path, make_args, tokenizer, **settings):
+    trl_trainer, ours = _trainers(tmp_path, make_args, tokenizer, **settings)
     batch = _batch(tokenizer)
     with torch.no_grad():  # old and ref log-probs near the model's own, so some ratios clip and some do not
         logps = ours._completion_logps(ours.model, batch)
@@ -74,6 +84,7 @@ def test_loss_and_gradient_match_trl(tmp_path, make_args, tokenizer, loss_type, 
     trl_loss.backward()
 
     ours.model.train()
+    ours.current_gradient_accumulation_steps = 1
     our_inputs = {**inputs, "num_sequences": 4.0, "num_tokens": num_tokens, "num_tokens_per_process": num_tokens}
     our_loss = ours.compute_loss(ours.model, our_inputs)
     our_loss.backward()
@@ -82,6 +93,47 @@ def test_loss_and_gradient_match_trl(tmp_path, make_args, tokenizer, loss_type, 
     assert abs(our_loss.item()) > 1e-3  # a real, non-trivial loss was compared
     for (name, ours_param), trl_param in zip(ours.model.named_parameters(), trl_trainer.model.parameters()):
         torch.testing.assert_close(ours_param.grad, trl_param.grad, atol=1e-6, rtol=1e-4, msg=name)
-    # The same clipping statistics under the same names
-    for key in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-        assert ours._metrics["train"][key][-1] == pytest.approx(trl_trainer._metrics["train"][key][-1], abs=1e-6), key
+    # The same statistics under the same names
+    trl_metrics, our_metrics = trl_trainer._metrics["train"], ours._metrics["train"]
+    compared = [key for key in OBJECTIVE_METRICS if key in trl_metrics]
+    assert "kl" in compared
+    for key in compared:
+        assert our_metrics[key][-1] == pytest.approx(trl_metrics[key][-1], abs=1e-6), key
+    return compared
+
+
+@pytest.mark.parametrize(
+    "loss_type, importance_sampling_level",
+    [
+        *[(loss_type, level) for loss_type in ("grpo", "dapo", "dr_grpo", "bnpo") for level in ("token", "sequence")],
+        ("cispo", "token"),
+        ("cispo", "sequence"),
+        ("sapo", "token"),
+        ("sapo", "sequence"),
+        ("luspo", "sequence"),
+        ("vespo", "token"),
+    ],
+)
+def test_loss_and_gradient_match_trl(tmp_path, make_args, tokenizer, loss_type, importance_sampling_level):
+    settings = dict(loss_type=loss_type, importance_sampling_level=importance_sampling_level, beta=0.04)
+    if loss_type == "cispo":
+        settings["epsilon_high"] = 1.1  # the weight's cap: some tokens above it, some below
+    compared = _assert_same_loss_and_gradient(tmp_path, make_args, tokenizer, **settings)
+    expected = {"cispo": "cispo_clip_ratio", "vespo": "vespo/phi_seq_mean", "sapo": "kl"}
+    assert expected.get(loss_type, "clip_ratio/region_mean") in compared
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # two-sided clipping, bias-corrected KL, off-policy sequence mask (drops row 1: A < 0, mean KL 0.008)
+        dict(loss_type="grpo", delta=1.5, use_bias_correction_kl=True, off_policy_mask_threshold=0.005),
+        # high-entropy tokens only, with a static entropy bonus on them
+        dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.1),
+    ],
+    ids=["delta-biaskl-offpolicy", "entropy-quantile-bonus"],
+)
+def test_loss_options_match_trl(tmp_path, make_args, tokenizer, settings):
+    compared = _assert_same_loss_and_gradient(tmp_path, make_args, tokenizer, beta=0.04, **settings)
+    if "entropy_coef" in settings:
+        assert "entropy_coef" in compared
