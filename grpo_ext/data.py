@@ -224,3 +224,13 @@ def check_dataset(
             args.max_prompt_length,
             args.chat_template_kwargs,
         )
+
+
+def check_eval_batch(args) -> None:
+    """Evaluation groups must not be split across batches: the eval batch on all processes holds whole groups."""
+    if (args.per_device_eval_batch_size * args.world_size) % args.num_generations:
+        raise ValueError(
+            f"per_device_eval_batch_size={args.per_device_eval_batch_size} x {args.world_size} process(es) is not "
+            f"divisible by num_generations={args.num_generations}, so evaluation groups would be split. Set "
+            f"per_device_eval_batch_size to a multiple of {args.num_generations}."
+        )

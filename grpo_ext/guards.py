@@ -1,5 +1,6 @@
-"""Never a NaN update, never a NaN checkpoint: the loss is checked before the optimizer steps on it, the trainable
-weights after each optimizer step and before each checkpoint, on every process (all stop together)."""
+"""Checks every process agrees on: never a NaN update, never a NaN checkpoint (the loss is checked before the optimizer
+steps on it, the trainable weights after each optimizer step and before each checkpoint, and all processes stop
+together), and `gather_1d` for values whose count differs across processes."""
 
 from __future__ import annotations
 
@@ -47,3 +48,12 @@ class FiniteGuard:
             "Resume from an earlier checkpoint with a lower learning rate (or max_grad_norm), and check the reward "
             "functions (nonfinite_rewards='error' names NaN / inf rewards)."
         )
+
+
+def gather_1d(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """The 1-D `values` of every process, concatenated (lengths may differ across processes)."""
+    if accelerator.num_processes == 1:
+        return values
+    pad = -1e9  # below every value gathered here (entropies): marks padding
+    gathered = accelerator.gather(accelerator.pad_across_processes(values, dim=0, pad_index=pad))
+    return gathered[gathered != pad]

@@ -176,6 +176,27 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
+def prepare_policy(model, args, processing_class=None, peft_config=None, quantization_config=None):
+    """The trainer's policy and tokenizer, in this order: load (`model_init_kwargs`, plus `quantization_config`),
+    keep 4-bit weights trainable, tokenizer (unless given; pad token = EOS when it has none), adapter, dropout off
+    with `disable_dropout`. Returns `(model, tokenizer)`."""
+    model_init_kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        model_init_kwargs["quantization_config"] = quantization_config
+    model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
+    tokenizer = processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if peft_config is not None:
+        model = apply_peft(model, peft_config, args.gradient_checkpointing)
+    elif hasattr(model, "peft_config") and args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if args.disable_dropout:
+        disable_dropout(model)
+    return model, tokenizer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Convert a GGUF checkpoint to a dense safetensors folder.")
     parser.add_argument("gguf_path", help="the .gguf file")

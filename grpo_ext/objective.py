@@ -358,9 +358,34 @@ class EntropyController:
     target: float = 0.2
     last_entropy: float = math.inf
 
+    def __post_init__(self):
+        self._window = None  # entropy sum and token count `(2,)` of the current accumulation window, this process
+
+    @classmethod
+    def from_config(cls, args) -> EntropyController:
+        return cls(
+            args.entropy_coef,
+            adaptive=args.use_adaptive_entropy,
+            coef_min=args.entropy_coef_min,
+            coef_max=args.entropy_coef_max,
+            step=args.entropy_coef_delta,
+            target=args.entropy_target,
+        )
+
     @property
     def enabled(self) -> bool:
         return self.coef != 0.0 or self.adaptive
+
+    def observe(self, entropies: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add one micro-batch's entropies `(B, C)` over `mask` to the window."""
+        window = torch.stack([(entropies.detach() * mask).sum(), mask.sum()]).float()  # (2,)
+        self._window = window if self._window is None else self._window + window
+
+    def end_window(self, reduce_sum) -> None:
+        """At an optimizer step: adapt to the window's token-mean entropy, summed over processes by `reduce_sum`."""
+        total, count = reduce_sum(self._window).tolist()
+        self.update(total / max(count, 1.0))
+        self._window = None
 
     def applied_coef(self) -> float:
         """The coefficient of the bonus for the current step."""

@@ -32,13 +32,16 @@ def _adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Paramete
     return {name.replace(marker, "."): p for name, p in model.named_parameters() if marker in name}
 
 
-def load_reference_copy(model_path: str, model_init_kwargs: dict) -> nn.Module:
+def load_reference_copy(model_path: str, model_init_kwargs: dict | None, quantization_config=None) -> nn.Module:
     """pi_ref under ZeRO-3: loaded again from where the policy came from (its weights are partitioned already)."""
     if not model_path:
         raise ValueError(
             "Under DeepSpeed ZeRO-3 the frozen reference is loaded again from the policy's path, and this model "
             "was built in memory: pass the model as an id or path, or use a PEFT adapter (reference = adapters off)."
         )
+    model_init_kwargs = dict(model_init_kwargs or {})
+    if quantization_config is not None:
+        model_init_kwargs["quantization_config"] = quantization_config
     return load_causal_lm(model_path, model_init_kwargs)
 
 

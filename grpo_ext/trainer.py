@@ -27,8 +27,8 @@ from .advantages import group_relative_advantages, nanstd
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
 from .config import GRPOExtConfig
-from .data import check_dataset
-from .guards import FiniteGuard
+from .data import check_dataset, check_eval_batch
+from .guards import FiniteGuard, gather_1d
 from .hub import (
     CheckpointUploads,
     HubPushError,
@@ -38,7 +38,7 @@ from .hub import (
     training_config_dict,
 )
 from .logprobs import check_against_full_logits
-from .models import apply_peft, disable_dropout, keep_4bit_weights_trainable, load_causal_lm, load_tokenizer
+from .models import prepare_policy
 from .objective import (
     EntropyController,
     Normalisers,
@@ -113,26 +113,10 @@ class GRPOExtTrainer(_BaseTrainer):
         set_seed(args.seed)  # before the model is built: PEFT initialises adapters randomly
 
         # Model, tokenizer, adapter
-        model_init_kwargs = dict(args.model_init_kwargs or {})
-        if quantization_config is not None:
-            model_init_kwargs["quantization_config"] = quantization_config
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         self._model_path = str(model_path or "")  # recorded in checkpoints, compared on resume
-        model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
-        processing_class = (
-            processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
-        )
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
-        model.config.pad_token_id = processing_class.pad_token_id
-        model.generation_config.pad_token_id = processing_class.pad_token_id
+        model, processing_class = prepare_policy(model, args, processing_class, peft_config, quantization_config)
         self.eos_token_ids = eos_token_ids(model, processing_class)
-        if peft_config is not None:
-            model = apply_peft(model, peft_config, args.gradient_checkpointing)
-        elif hasattr(model, "peft_config") and args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        if args.disable_dropout:
-            disable_dropout(model)
 
         # Rewards and data, checked now rather than at the first step
         self.rewards = RewardScorer(
@@ -150,25 +134,19 @@ class GRPOExtTrainer(_BaseTrainer):
             name = f"eval_dataset[{split!r}]" if split else "eval_dataset"
             check_dataset(dataset, name, args, required_columns, processing_class, max_positions)
         if eval_dataset is not None:
-            self._check_eval_batch(args)
+            check_eval_batch(args)
 
         zero3 = is_deepspeed_zero3_enabled()  # set by args.deepspeed: from_pretrained has partitioned the weights
         self.reference = ReferencePolicy.build(
             model,
             args.ref_model_mode,
             needed=args.beta > 0 or args.reward_kl_coef > 0,
-            load_copy=functools.partial(load_reference_copy, model_path, model_init_kwargs) if zero3 else None,
+            load_copy=functools.partial(load_reference_copy, model_path, args.model_init_kwargs, quantization_config)
+            if zero3
+            else None,
             partitioned=zero3,
         )
-        self.entropy_control = EntropyController(
-            args.entropy_coef,
-            adaptive=args.use_adaptive_entropy,
-            coef_min=args.entropy_coef_min,
-            coef_max=args.entropy_coef_max,
-            step=args.entropy_coef_delta,
-            target=args.entropy_target,
-        )
-        self._entropy_window = None  # entropy sum and token count of the current accumulation window (adaptive)
+        self.entropy_control = EntropyController.from_config(args)  # entropy bonus, off by default
         self.reward_kl_controller = None
         if args.reward_kl_target is not None:
             self.reward_kl_controller = AdaptiveKLController(
@@ -226,17 +204,6 @@ class GRPOExtTrainer(_BaseTrainer):
         """True when SIGTERM or Ctrl-C stopped the last `train()` early (after saving a checkpoint)."""
         return self._interrupt.interrupted
 
-    # --- Set-up checks ---
-
-    @staticmethod
-    def _check_eval_batch(args: GRPOExtConfig) -> None:
-        if (args.per_device_eval_batch_size * args.world_size) % args.num_generations:
-            raise ValueError(
-                f"per_device_eval_batch_size={args.per_device_eval_batch_size} x {args.world_size} process(es) is not "
-                f"divisible by num_generations={args.num_generations}, so evaluation groups would be split. Set "
-                f"per_device_eval_batch_size to a multiple of {args.num_generations}."
-            )
-
     # --- Data: each prompt G times in a row, one generation batch per rollout ---
 
     def _set_signature_columns_if_needed(self):
@@ -265,7 +232,7 @@ class GRPOExtTrainer(_BaseTrainer):
         )
 
     def _get_eval_sampler(self, eval_dataset):
-        self._check_eval_batch(self.args)  # also for datasets given to evaluate() directly
+        check_eval_batch(self.args)  # also for datasets given to evaluate() directly
         return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations, seed=self.args.seed)
 
     # --- One step ---
@@ -276,12 +243,10 @@ class GRPOExtTrainer(_BaseTrainer):
         self._finite.check_loss(loss, self.accelerator, self.state.global_step + 1)  # before the optimizer step
         return loss
 
-    def _check_weights_are_finite(self, action: str) -> None:
-        self._finite.check_weights(self.model, self.accelerator, self.state.global_step, action)
-
     def _maybe_log_save_evaluate(self, *args, **kwargs):
         # Once per optimizer step, before any checkpoint of that step is written
-        self._check_weights_are_finite(f"go on after step {self.state.global_step}")
+        step = self.state.global_step
+        self._finite.check_weights(self.model, self.accelerator, step, f"go on after step {step}")
         return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _prepare_inputs(self, generation_batch: list[dict]) -> Rollout:
@@ -311,9 +276,10 @@ class GRPOExtTrainer(_BaseTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self.compute_loss_context_manager(),
         ):
-            return completion_logps_and_entropies(model, rollout, self.args.temperature, self.args.logprob_chunk_size)[
-                0
-            ]
+            logps, _ = completion_logps_and_entropies(
+                model, rollout, self.args.temperature, self.args.logprob_chunk_size
+            )
+        return logps
 
     def _generate_and_score(self, rows: list[dict], mode: str) -> Rollout:
         """Roll out G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
@@ -483,7 +449,8 @@ class GRPOExtTrainer(_BaseTrainer):
         entropy_mask = None  # Beyond the 80/20 rule: the policy term on the top_entropy_quantile of tokens only
         if self.args.top_entropy_quantile < 1.0:
             quantile = 1.0 - self.args.top_entropy_quantile
-            entropy_mask = high_entropy_mask(entropies, completion_mask, quantile, self._gather_1d)
+            gather_all = functools.partial(gather_1d, self.accelerator)  # the quantile is over all processes' tokens
+            entropy_mask = high_entropy_mask(entropies, completion_mask, quantile, gather_all)
         terms = grpo_per_token_loss(
             per_token_logps,
             old_per_token_logps,
@@ -524,31 +491,17 @@ class GRPOExtTrainer(_BaseTrainer):
         self._log_objective(mode, terms, entropies.detach(), completion_mask)
         return loss
 
-    def _gather_1d(self, values: torch.Tensor) -> torch.Tensor:
-        """The 1-D `values` of every process, concatenated (lengths may differ across processes)."""
-        if self.accelerator.num_processes == 1:
-            return values
-        pad = -1e9  # below every entropy: marks padding
-        padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=pad)
-        gathered = self.accelerator.gather(padded)
-        return gathered[gathered != pad]
-
     def _add_entropy_bonus(self, mode, loss, entropies, mask):
         """loss - coef x mean entropy over `mask` (one micro-batch's share of the window), and the adaptive
         coefficient's update at the end of each optimizer step, from the window's entropy on all processes."""
         micro_batches = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
         self._metrics[mode]["policy_loss"].append(gather(loss.detach().reshape(1) * micro_batches).nanmean().item())
         loss = loss - self.entropy_control.applied_coef() * mean_entropy(entropies, mask) / micro_batches
-        if mode != "train":
-            return loss
-        if self.entropy_control.adaptive:
-            window = torch.stack([(entropies.detach() * mask).sum(), mask.sum()]).float()
-            self._entropy_window = window if self._entropy_window is None else self._entropy_window + window
-            if self.accelerator.sync_gradients:
-                total, count = self.accelerator.reduce(self._entropy_window, reduction="sum").tolist()
-                self.entropy_control.update(total / max(count, 1.0))
-                self._entropy_window = None
-        if self.accelerator.sync_gradients:
+        if mode == "train" and self.entropy_control.adaptive:
+            self.entropy_control.observe(entropies, mask)
+        if mode == "train" and self.accelerator.sync_gradients:  # the window's last micro-batch
+            if self.entropy_control.adaptive:
+                self.entropy_control.end_window(lambda window: self.accelerator.reduce(window, reduction="sum"))
             self._metrics[mode]["entropy_coef"].append(self.entropy_control.coef)
         return loss
 
@@ -603,18 +556,12 @@ class GRPOExtTrainer(_BaseTrainer):
         if mode == "train":
             self.state.num_input_tokens_seen += int(gather(prompt_mask.sum() + lengths.sum()).sum())
             metrics["num_tokens"] = [self.state.num_input_tokens_seen]
-        lengths = gather(lengths)  # (B * num_processes,)
-        truncated = gather(is_truncated)
-        terminated = lengths[~truncated].float()
-        metrics["completions/mean_length"].append(lengths.float().mean().item())
-        metrics["completions/min_length"].append(lengths.float().min().item())
-        metrics["completions/max_length"].append(lengths.float().max().item())
+        lengths, truncated = gather(lengths).float(), gather(is_truncated)  # (B * num_processes,) each
+        terminated = lengths[~truncated] if not truncated.all() else torch.zeros(1)  # ended with a stop token
+        for kind, values in (("", lengths), ("terminated_", terminated)):
+            for stat in ("mean", "min", "max"):  # completions/mean_length, ..., completions/max_terminated_length
+                metrics[f"completions/{stat}_{kind}length"].append(getattr(values, stat)().item())
         metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
-        if terminated.numel() == 0:
-            terminated = torch.zeros(1)
-        metrics["completions/mean_terminated_length"].append(terminated.mean().item())
-        metrics["completions/min_terminated_length"].append(terminated.min().item())
-        metrics["completions/max_terminated_length"].append(terminated.max().item())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -697,7 +644,8 @@ class GRPOExtTrainer(_BaseTrainer):
     def _save_checkpoint(self, model, trial):
         """grpo-ext's state first, then transformers' checkpoint, whose trainer_state.json, written last, marks the
         folder complete (checkpoints.incomplete_reason)."""
-        self._check_weights_are_finite(f"save checkpoint-{self.state.global_step}")
+        step = self.state.global_step
+        self._finite.check_weights(self.model, self.accelerator, step, f"save checkpoint-{step}")
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         with explain_full_disk(folder):
             if self.args.should_save:
