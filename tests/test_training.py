@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig
 
 from grpo_ext import GRPOExtTrainer
+from grpo_ext.checkpoints import STATE_FILE
 from grpo_ext.testing import (
     TINY_ARCHITECTURES,
     digit_fraction_reward,
@@ -16,7 +17,6 @@ from grpo_ext.testing import (
     save_tiny_model,
     save_tiny_reward_model,
 )
-from grpo_ext.trainer import STATE_FILE
 
 
 def _snapshot(model):
