@@ -42,6 +42,7 @@ from .logprobs import check_against_full_logits, completion_logps_and_entropies
 from .models import apply_peft, disable_dropout, keep_4bit_weights_trainable, load_causal_lm, load_tokenizer
 from .objective import aggregate_loss, grpo_per_token_loss
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
+from .plan import fit_batch_size
 from .prefix_sharing import generate_with_shared_prefix, shared_prefix_logps, unique_prompts
 from .reference import ReferencePolicy
 from .rewards import RewardScorer
@@ -117,6 +118,8 @@ class GRPOExtTrainer(_BaseTrainer):
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         self._model_path = str(model_path or "")  # recorded in checkpoints, compared on resume
         model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
+        if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
+            print(fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False)))
         processing_class = (
             processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
         )
