@@ -298,8 +298,7 @@ def plan_step(shape: ModelShape, settings: StepSettings) -> MemoryPlan:
         activations = L * tokens * H * s + one_layer
     else:
         activations = L * one_layer
-    # the backward of one layer: gradients of its MLP-wide tensors and of the residual stream; a dequantised weight
-    activations += tokens * (2 * shape.intermediate_size + 2 * H) * s + dequantised
+    activations += tokens * 2 * shape.intermediate_size * s  # the backward of one layer: gradients of its MLP
     training = {
         f"training: activations ({'checkpointed' if settings.gradient_checkpointing else 'all layers'})": activations,
         "training: LM-head chunk": _lm_head_chunk_bytes(shape, settings, b, training=True),
