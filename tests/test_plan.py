@@ -16,6 +16,7 @@ from grpo_ext.plan import (
     main,
     parse_memory,
     plan_step,
+    settings_from_config,
     suggestions,
 )
 
@@ -53,10 +54,11 @@ def test_suggestions_make_an_oversized_config_fit():
 
 
 def test_largest_fitting_batch_grows_with_the_budget():
-    settings = StepSettings(per_device_train_batch_size=1, generation_batch_size=64, load_in_4bit=True)
-    small, large = (largest_fitting_batch(QWEN_7B, settings, budget * GiB) for budget in (12, 24))
-    assert small is not None and large is not None and small < large
-    assert 64 % small == 0 and 64 % large == 0
+    settings = StepSettings(generation_batch_size=64, load_in_4bit=True, gradient_checkpointing=False)
+    small, large = (largest_fitting_batch(QWEN_7B, settings, budget * GiB) for budget in (16, 40))
+    assert (small, large) == (1, 8)  # divisors of the rollout of 64
+    assert plan_step(QWEN_7B, settings.replace(per_device_train_batch_size=large)).peak <= 40 * GiB
+    assert plan_step(QWEN_7B, settings.replace(per_device_train_batch_size=2 * large)).peak > 40 * GiB
     assert largest_fitting_batch(QWEN_7B, settings, 1 * GiB) is None
 
 
@@ -68,17 +70,23 @@ def test_checkpointing_and_sharing_lower_the_training_phase():
 
 
 def test_gpu_memory_budget_picks_the_micro_batch(make_args):
-    args = make_args(
-        per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=4, gpu_memory_budget="0.35GiB"
-    )
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=16, target_modules="all-linear")
     config = load_model_config("HuggingFaceTB/SmolLM2-135M-Instruct")[0]
-    message = fit_batch_size(args, config)
-    assert args.per_device_train_batch_size < 8
-    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 8  # the rollout is kept
-    assert args.steps_per_generation == args.gradient_accumulation_steps
-    assert f"per_device_train_batch_size={args.per_device_train_batch_size}" in message
+    shape = ModelShape.from_config(config)
+    probe = make_args(per_device_train_batch_size=8, num_generations=4, max_completion_length=256)
+    settings = settings_from_config({**vars(probe), "use_peft": True, "lora_target_modules": "all-linear"})
+    budget = plan_step(shape, settings.replace(per_device_train_batch_size=2)).peak + 2**20
+    args = make_args(
+        per_device_train_batch_size=8, num_generations=4, max_completion_length=256, gpu_memory_budget=budget
+    )
+    message = fit_batch_size(args, config, lora)
+    assert args.per_device_train_batch_size == 2
+    assert args.gradient_accumulation_steps == args.steps_per_generation == 4  # the rollout of 8 is kept
+    assert "per_device_train_batch_size=2" in message
     with pytest.raises(ValueError, match="even per_device_train_batch_size=1"):
-        fit_batch_size(make_args(gpu_memory_budget="1MiB"), config)
+        fit_batch_size(make_args(gpu_memory_budget="1MiB"), config, lora)
 
 
 def test_bad_budget_string_is_refused_by_the_config(make_args):
