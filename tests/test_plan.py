@@ -120,3 +120,15 @@ def test_cli_plans_every_shipped_recipe(path, capsys, tmp_path):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "peak (" in out and "fits" in out
+
+
+def test_gpu_check_dry_run_writes_its_json(tmp_path, monkeypatch):
+    import json
+
+    import gpu_check
+
+    monkeypatch.chdir(ROOT)
+    output = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--dry-run", "--trainers", "grpo-ext", "--output", str(output)]) == 0
+    (run,) = json.loads(output.read_text())["runs"]
+    assert run["trainer"] == "grpo-ext" and run["predicted_peak_bytes"] > 0 and run["seconds_per_step"] > 0
