@@ -67,7 +67,7 @@ CASES = {
         Case("tiny-shared"),
         Case("tiny-checkpointed", prefix_sharing=False, gradient_checkpointing=True),
         Case("tiny-shared-checkpointed", gradient_checkpointing=True),
-        Case("llama-16bit-free-lora", architecture="llama", four_bit=False, prefix_sharing=False),
+        Case("llama-fp32-lora", architecture="llama", four_bit=False, prefix_sharing=False),
         Case("lm-head-heavy", model=dict(SMALL, vocab_size=16384), logprob_chunk_size=64, prefix_sharing=False),
         Case("qwen1.5b-2layers", model=QWEN_1_5B_LAYERS, prompt_length=16, completion_length=8, batch_size=4),
         Case(
