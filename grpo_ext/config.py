@@ -20,6 +20,7 @@ from typing import Any
 from trl.trainer.base_config import _BaseConfig
 
 from .objective import KL_ESTIMATORS, LOSS_TYPES, TOKEN_SUMMED_LOSS_TYPES, SurrogateParams
+from .plan import parse_memory
 from .reference import REFERENCE_MODES
 from .reward_scoring import NONFINITE_REWARD_POLICIES
 
@@ -457,6 +458,14 @@ class GRPOExtConfig(_RefusedTRLFields):
         "Completion tokens projected through the LM head at a time when computing log-probs, so the (B, T, V) logits "
         "are never materialised. Lower it if the LM head pass runs out of memory.",
     )
+    gpu_memory_budget: str | None = _field(
+        None,
+        "Memory of the GPU to fit, e.g. `'8GiB'` or `'24GB'` (GB read as GiB). When set, the trainer picks the "
+        "largest `per_device_train_batch_size` whose step the memory planner (`python -m grpo_ext.plan`) predicts to "
+        "fit, keeping `generation_batch_size` (and so the completions per optimizer step) by raising "
+        "`gradient_accumulation_steps`; the choice and the predicted peak are logged at start. None (the default) "
+        "keeps the batch as given. Not in TRL.",
+    )
 
     # --- Logging ---
     log_completions: bool = _field(
@@ -667,6 +676,11 @@ class GRPOExtConfig(_RefusedTRLFields):
         require(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1.")
         require(self.max_sampling_rounds >= 1, f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
+        if self.gpu_memory_budget is not None:
+            try:
+                parse_memory(self.gpu_memory_budget)
+            except ValueError as error:
+                raise ValueError(f"gpu_memory_budget={self.gpu_memory_budget!r}: {error}") from None
         require(
             self.nonfinite_rewards in NONFINITE_REWARD_POLICIES,
             f"nonfinite_rewards={self.nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}: `error` stops "

@@ -48,6 +48,7 @@ from .objective import (
     mean_entropy,
 )
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
+from .plan import fit_batch_size
 from .reference import ReferencePolicy, load_reference_copy
 from .reward_scoring import RewardScorer
 from .rollout import (
@@ -116,6 +117,8 @@ class GRPOExtTrainer(_BaseTrainer):
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         self._model_path = str(model_path or "")  # recorded in checkpoints, compared on resume
         model, processing_class = prepare_policy(model, args, processing_class, peft_config, quantization_config)
+        if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
+            print(fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False)))
         self.eos_token_ids = eos_token_ids(model, processing_class)
 
         # Rewards and data, checked now rather than at the first step

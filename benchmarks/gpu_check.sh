@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Peak GPU memory, step time and the planner's prediction of the shipped 8 GB and 24 GB recipes, grpo-ext and
+# trl.GRPOTrainer on the same config, with random-weight models built from grpo_ext/model_configs (no download).
+#
+#   bash benchmarks/gpu_check.sh              # on an NVIDIA machine; JSON in $OUT (or benchmarks/) 
+#   bash benchmarks/gpu_check.sh --dry-run    # CPU, a tiny model, seconds: checks the script itself
+#   bash benchmarks/gpu_check.sh --with-7b    # also the 7B-shaped model on the 24 GB recipe
+#
+# The GPU machine has PyTorch but maybe not trl / transformers / peft / bitsandbytes / accelerate and no package
+# index: build wheels here first (`pip wheel --no-deps -w wheels/ trl transformers peft bitsandbytes accelerate ...`
+# plus this project: `pip wheel --no-deps -w wheels/ .`) and carry wheels/ along; this script installs them with
+# `pip install --no-index --find-links wheels/` when the imports are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+if ! "$PYTHON" -c "import trl, transformers, peft, bitsandbytes, accelerate, datasets" 2>/dev/null; then
+    if [ -d wheels ]; then
+        "$PYTHON" -m pip install --no-index --find-links wheels/ trl transformers peft bitsandbytes accelerate datasets
+    else
+        echo "gpu_check: trl, transformers, peft, bitsandbytes, accelerate or datasets is missing and there is no" \
+             "wheels/ folder to install them from (pip install --no-index --find-links wheels/ ...)." >&2
+        exit 1
+    fi
+fi
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" benchmarks/gpu_check.py "$@"

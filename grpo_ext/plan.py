@@ -1,0 +1,545 @@
+"""Will it fit? The peak accelerator memory of one GRPO optimizer step, predicted from the model's config alone.
+
+    python -m grpo_ext.plan --config recipes/configs/qwen2.5-math-1.5b-gsm8k-8gb.yaml --gpu-memory 8GiB
+
+The step is the one `GRPOExtTrainer` runs (docs/architecture.md, section 2), and its peak is the largest of four
+phases, each on top of the memory held all along (weights, LoRA, optimizer states, reference, reward models):
+
+- **generation**: the KV cache of the whole rollout (`generation_batch_size` completions on this device, prompt and
+  completion), the prefill of the prompts (each unique prompt once with prefix sharing) and the sampling logits;
+- **scoring**: the no-grad old / reference log-prob pass over the whole rollout, one layer and one LM-head chunk at a
+  time (with prefix sharing the prompts' keys / values of every layer are kept for the completion pass);
+- **training**: the forward and backward of one micro-batch (`per_device_train_batch_size` completions): the
+  activations kept for the backward (every layer's, or only each layer's input under gradient checkpointing, plus one
+  layer recomputed), the chunked LM head, and the LoRA gradients;
+- **optimizer**: LoRA gradients and AdamW's two fp32 moments.
+
+Nothing is loaded but `config.json`: from `--model-config`, a local model folder, the local Hugging Face cache, or
+the configs shipped in `grpo_ext/model_configs/` for the models the recipes name. The activation coefficients come
+from counting the tensors autograd keeps in a Qwen2 / Llama decoder layer with LoRA on every linear layer, and are
+checked against measured CPU peaks in `benchmarks/plan_check.py` (table in benchmarks/README.md). On a GPU a stated
+allowance is added for the CUDA context and the caching allocator (`CUDA_CONTEXT_BYTES`, `ALLOCATOR_SLACK`).
+
+Shapes below: `b` completions per micro-batch, `N` completions per rollout on this device, `G` completions per prompt,
+`P` prompt tokens, `C` completion tokens, `H` hidden size, `I` MLP size, `L` layers, `V` vocabulary, `r` LoRA rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+GiB = 2**30
+MiB = 2**20
+CUDA_CONTEXT_BYTES = int(0.6 * GiB)  # CUDA context + cuBLAS / kernels, as torch reports it on consumer cards
+ALLOCATOR_SLACK = 0.10  # PyTorch's caching allocator: blocks reserved but not in use at the peak
+DEFAULT_PROMPT_LENGTH = 256  # tokens, when the config has no max_prompt_length (a GSM8K prompt with its chat template)
+NF4_BLOCK = 64  # bitsandbytes: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantisation: the absmaxes quantised to 8 bits in blocks of 256
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MODEL_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2, None: 2}
+_NEEDED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+# --- Inputs: the model's shape and the step's settings ---
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only transformer's `config.json` that decide its memory."""
+
+    hidden_size: int  # H
+    intermediate_size: int  # I
+    num_layers: int  # L
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int  # V
+    tied_embeddings: bool
+    qkv_bias: bool  # Qwen2 has biases on q, k, v
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_layers(self) -> dict[str, tuple[int, int]]:
+        """`name: (in, out)` of the linear layers of one decoder layer."""
+        H, I = self.hidden_size, self.intermediate_size  # noqa: E741
+        return {
+            "q_proj": (H, self.q_dim),
+            "k_proj": (H, self.kv_dim),
+            "v_proj": (H, self.kv_dim),
+            "o_proj": (self.q_dim, H),
+            "gate_proj": (H, I),
+            "up_proj": (H, I),
+            "down_proj": (I, H),
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping, source: str = "the model config") -> ModelShape:
+        config = dict(config.get("text_config") or config)  # multimodal configs nest the language model's
+        missing = [name for name in _NEEDED_FIELDS if config.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"{source} has no {', '.join(missing)}: the memory planner needs {', '.join(_NEEDED_FIELDS)} of a "
+                "decoder-only transformer. Pass the model's own config.json with --model-config (or "
+                "plan_step(model_config=...))."
+            )
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab_size=config["vocab_size"],
+            tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+        )
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a GRPO step does, from the training config (field names as in GRPOExtConfig and TRL's ModelConfig)."""
+
+    per_device_train_batch_size: int = 8  # b
+    generation_batch_size: int = 8  # N: completions per rollout on this device
+    num_generations: int = 8  # G
+    prompt_length: int = DEFAULT_PROMPT_LENGTH  # P
+    max_completion_length: int = 512  # C
+    gradient_checkpointing: bool = False
+    prefix_sharing: bool = True
+    logprob_chunk_size: int = 1024
+    load_in_4bit: bool = False
+    double_quant: bool = True
+    dtype_bytes: int = 2  # the 16-bit layers and the activations (4 for float32)
+    lora_r: int | None = 16  # None: full fine-tuning
+    lora_targets: tuple[str, ...] = ALL_LINEAR
+    lora_dropout: bool = False  # dropout > 0 keeps a dropped copy of each adapter's input
+    reference: str = "disabled_adapter"  # none | disabled_adapter | snapshot_adapter | copy
+    reward_model_shapes: tuple[ModelShape, ...] = ()
+    device: str = "cuda"  # "cpu": no CUDA context, no allocator slack
+
+    def replace(self, **changes) -> StepSettings:
+        return dataclasses.replace(self, **changes)
+
+
+# --- The prediction ---
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes of each component, the phase each one belongs to, and the predicted peak."""
+
+    components: dict[str, int]
+    phases: dict[str, int]  # phase -> bytes on top of the resident ones
+    resident: int  # held all along
+    peak: int
+    peak_phase: str
+    settings: StepSettings
+    notes: list[str] = field(default_factory=list)
+
+    def table(self, budget: int | None = None) -> str:
+        width = max(len(name) for name in self.components)
+        lines = [f"{'component':<{width}}  {'GiB':>7}"]
+        lines += [f"{name:<{width}}  {size / GiB:7.3f}" for name, size in self.components.items()]
+        lines.append(f"{'peak (' + self.peak_phase + ' phase)':<{width}}  {self.peak / GiB:7.3f}")
+        lines += [f"  {note}" for note in self.notes]
+        if budget is not None:
+            lines.append(verdict(self.peak, budget))
+        return "\n".join(lines)
+
+
+def verdict(peak: int, budget: int) -> str:
+    if peak <= budget:
+        return f"fits {format_bytes(budget)} with {format_bytes(budget - peak)} to spare"
+    return f"does not fit {format_bytes(budget)}: {format_bytes(peak - budget)} over"
+
+
+def format_bytes(size: int) -> str:
+    return f"{size / GiB:.2f} GiB" if size >= GiB / 10 else f"{size / MiB:.1f} MiB"
+
+
+def parse_memory(text: str | int | float) -> int:
+    """Bytes of a memory size: `8GiB`, `8 GiB`, `24GB` (GB read as GiB: what GPU makers mean), `512MiB`, `1e9`."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{text!r} is not a memory size: write e.g. '8GiB', '24GB' or '512MiB'.")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    scale = {"": 1, "k": 2**10, "m": MiB, "g": GiB, "t": 2**40}[unit[:1]]
+    return int(number * scale)
+
+
+def base_weight_bytes(shape: ModelShape, settings: StepSettings) -> dict[str, int]:
+    """The model as loaded: NF4 linear layers with their quantisation constants, the rest in 16 (or 32) bits."""
+    s = settings.dtype_bytes
+    linear = sum(i * o for i, o in shape.linear_layers().values()) * shape.num_layers
+    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)  # embed_tokens, lm_head
+    norms = (2 * shape.num_layers + 1) * shape.hidden_size
+    biases = (shape.q_dim + 2 * shape.kv_dim) * shape.num_layers if shape.qkv_bias else 0
+    if not settings.load_in_4bit:
+        return {"base weights": (linear + embeddings + norms + biases) * s}
+    blocks = linear // NF4_BLOCK
+    # absmax: 1 byte per block with double quantisation (+ an fp32 absmax per 256 blocks), else fp32 per block
+    constants = blocks + 4 * (blocks // NESTED_BLOCK) if settings.double_quant else 4 * blocks
+    return {
+        "base weights: NF4 linear layers": linear // 2 + constants,
+        "base weights: 16-bit embeddings, lm_head, norms": (embeddings + norms + biases) * s,
+    }
+
+
+def lora_parameters(shape: ModelShape, settings: StepSettings) -> int:
+    layers = shape.linear_layers()
+    return sum(settings.lora_r * (i + o) for name, (i, o) in layers.items() if name in settings.lora_targets) * (
+        shape.num_layers
+    )
+
+
+def _trainable_bytes(shape: ModelShape, settings: StepSettings, base: int) -> tuple[int, int, int]:
+    """(weights, gradients, AdamW moments) of what is trained. LoRA weights stay fp32 on a 4-bit or 16-bit base."""
+    if settings.lora_r is None:  # full fine-tuning: gradients in the weights' dtype, moments too
+        return 0, base, 2 * base
+    n = lora_parameters(shape, settings)
+    return 4 * n, 4 * n, 8 * n
+
+
+def _layer_activation_bytes(shape: ModelShape, settings: StepSettings, tokens: int, keys: int) -> int:
+    """Activations one decoder layer keeps for its backward: `tokens` rows of queries, `keys` rows of keys/values.
+
+    Per token: the layer input and the attention input (both normed copies: 4H with the residual), q and the attention
+    output (2 q_dim), the o_proj input (H), the MLP's gate, SiLU(gate), up and their product (4I), each adapter's
+    rank-r hidden (7r), a dropped copy of each adapter's input with LoRA dropout. Keys and values (2 kv_dim) per key
+    row: with prefix sharing, the completion pass attends over the group's prompt keys too.
+    """
+    H, I = shape.hidden_size, shape.intermediate_size  # noqa: E741
+    per_token = 5 * H + 2 * shape.q_dim + 4 * I
+    if settings.lora_r is not None:
+        targets = [io for name, io in shape.linear_layers().items() if name in settings.lora_targets]
+        per_token += settings.lora_r * len(targets)
+        if settings.lora_dropout:
+            per_token += sum(i for i, _ in targets)
+    return settings.dtype_bytes * (tokens * per_token + keys * 2 * shape.kv_dim)
+
+
+def _lm_head_chunk_bytes(shape: ModelShape, settings: StepSettings, rows: int, training: bool) -> int:
+    """The chunked LM head: `n = min(chunk, scored tokens)` logits `(n, V)` in the compute dtype, their fp32 copy,
+    the scaled copy and the softmax; the backward of the recomputed chunk adds the gradient of the logits."""
+    n = min(settings.logprob_chunk_size, rows * settings.max_completion_length)
+    per_logit = settings.dtype_bytes + 4 * (4 if training else 3)
+    return n * shape.vocab_size * per_logit
+
+
+def plan_step(shape: ModelShape, settings: StepSettings) -> MemoryPlan:
+    """Predict the peak memory of one optimizer step, component by component."""
+    s, L, H = settings.dtype_bytes, shape.num_layers, shape.hidden_size
+    P, C, G = settings.prompt_length, settings.max_completion_length, settings.num_generations
+    b, N = settings.per_device_train_batch_size, settings.generation_batch_size
+    sharing = settings.prefix_sharing and G > 1
+    components = base_weight_bytes(shape, settings)
+    base = sum(components.values())
+    lora_weights, gradients, moments = _trainable_bytes(shape, settings, base)
+    if settings.lora_r is not None:
+        components["LoRA weights (fp32)"] = lora_weights
+    reference = {
+        "none": 0,
+        "disabled_adapter": 0,
+        "snapshot_adapter": lora_weights,
+        "copy": base,
+    }[settings.reference]
+    components[f"reference ({settings.reference})"] = reference
+    rewards = sum(
+        sum(base_weight_bytes(r, settings.replace(load_in_4bit=False)).values()) for r in settings.reward_model_shapes
+    )
+    if settings.reward_model_shapes:
+        components["reward models"] = rewards
+    components["AdamW moments (fp32)"] = moments
+    resident = sum(components.values())
+
+    # The 4-bit matmuls dequantise one weight at a time: the largest, in the compute dtype, exists for a moment
+    dequantised = max(i * o for i, o in shape.linear_layers().values()) * s if settings.load_in_4bit else 0
+    # A no-grad forward holds, per token, the residual stream and its normed copies (5H) and three MLP-wide tensors
+    # at once (gate or SiLU(gate), up, their product: 3I); the prefill of `generate` one more (4I)
+    no_grad_per_token = (3 * shape.intermediate_size + 5 * H) * s
+
+    # Generation: KV cache of N rows of P + C tokens, the prefill's largest layer, the sampling logits (N, V) fp32
+    kv_cache = 2 * L * shape.kv_dim * N * (P + C) * s
+    prefill_rows = N // G if sharing else N
+    prefill = prefill_rows * P * (no_grad_per_token + shape.intermediate_size * s) + dequantised
+    sampling = N * shape.vocab_size * (s + 3 * 4)
+    generation = {"generation: KV cache": kv_cache, "generation: prefill + sampling logits": prefill + sampling}
+
+    # Scoring (no grad) over the whole rollout: one layer at a time, the shared prompt keys, one LM-head chunk
+    rows_tokens = N * C + (N // G) * P if sharing else N * (P + C)
+    shared_keys = 2 * L * shape.kv_dim * (N // G) * P * s if sharing else 0
+    scoring = {
+        "scoring (no grad): one layer + hidden states": rows_tokens * no_grad_per_token + dequantised + shared_keys,
+        "scoring (no grad): LM-head chunk": _lm_head_chunk_bytes(shape, settings, N, training=False),
+    }
+
+    # Training: one micro-batch of b completions
+    prompts_in_batch = max(1, b // G) if sharing else b
+    tokens = prompts_in_batch * P + b * C if sharing else b * (P + C)
+    keys = prompts_in_batch * P + b * (P + C) if sharing else b * (P + C)
+    one_layer = _layer_activation_bytes(shape, settings, tokens, keys)
+    if settings.gradient_checkpointing:  # each layer's input kept, one layer recomputed at a time
+        activations = L * tokens * H * s + one_layer
+    else:
+        activations = L * one_layer
+    activations += tokens * 2 * shape.intermediate_size * s  # the backward of one layer: gradients of its MLP
+    training = {
+        f"training: activations ({'checkpointed' if settings.gradient_checkpointing else 'all layers'})": activations,
+        "training: LM-head chunk": _lm_head_chunk_bytes(shape, settings, b, training=True),
+        "training: gradients": gradients,
+    }
+    optimizer = {"optimizer: gradients": gradients}
+
+    phases = {
+        "generation": sum(generation.values()),
+        "scoring": sum(scoring.values()),
+        "training": sum(training.values()),
+        "optimizer": sum(optimizer.values()),
+    }
+    for part in (generation, scoring, training):
+        components.update(part)
+    peak_phase = max(phases, key=phases.get)
+    peak = resident + phases[peak_phase]
+    notes = [
+        f"phases on top of {format_bytes(resident)} resident: "
+        + ", ".join(f"{k} {format_bytes(v)}" for k, v in phases.items())
+    ]
+    if settings.device == "cuda":
+        components["CUDA context (allowance)"] = CUDA_CONTEXT_BYTES
+        components[f"allocator slack (allowance, {ALLOCATOR_SLACK:.0%})"] = int(ALLOCATOR_SLACK * peak)
+        peak = int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
+    return MemoryPlan(components, phases, resident, peak, peak_phase, settings, notes)
+
+
+# --- Suggestions and auto-fit ---
+
+
+def suggestions(shape: ModelShape, settings: StepSettings, budget: int) -> list[tuple[str, MemoryPlan]]:
+    """Single changes that bring the predicted peak under `budget`, each with its plan (cheapest in quality first:
+    checkpointing and smaller micro-batches change no result; shorter completions and lower ranks do)."""
+    candidates = []
+    if not settings.gradient_checkpointing:
+        candidates.append(("gradient_checkpointing: true", settings.replace(gradient_checkpointing=True)))
+    if not settings.prefix_sharing:
+        candidates.append(("prefix_sharing: true", settings.replace(prefix_sharing=True)))
+    b, N = settings.per_device_train_batch_size, settings.generation_batch_size
+    for smaller in _divisors_below(N, b):
+        steps = N // smaller
+        change = f"per_device_train_batch_size: {smaller}, gradient_accumulation_steps: {steps} (same rollout)"
+        candidates.append((change, settings.replace(per_device_train_batch_size=smaller)))
+    for smaller in _divisors_below(N, N):
+        if smaller % settings.num_generations == 0 and smaller >= b:
+            continue  # only rollouts that the micro-batch still divides
+        micro = min(b, smaller)
+        change = f"generation_batch_size: {smaller} (per device), per_device_train_batch_size: {micro}"
+        candidates.append((change, settings.replace(generation_batch_size=smaller, per_device_train_batch_size=micro)))
+    for length in (settings.max_completion_length * 3 // 4, settings.max_completion_length // 2):
+        candidates.append((f"max_completion_length: {length}", settings.replace(max_completion_length=length)))
+    if settings.lora_r is not None and settings.lora_r > 8:
+        candidates.append((f"lora_r: {settings.lora_r // 2}", settings.replace(lora_r=settings.lora_r // 2)))
+    fitting, seen = [], set()
+    for change, changed in candidates:
+        plan = plan_step(shape, changed)
+        kind = change.split(":")[0]
+        if plan.peak <= budget and kind not in seen:  # the mildest change of each kind
+            seen.add(kind)
+            fitting.append((change, plan))
+    if not fitting and not settings.gradient_checkpointing:  # no single change: checkpointing plus the rest
+        return [
+            (f"gradient_checkpointing: true, {change}", plan)
+            for change, plan in suggestions(shape, settings.replace(gradient_checkpointing=True), budget)
+        ]
+    return fitting
+
+
+def _divisors_below(n: int, limit: int) -> list[int]:
+    """Divisors of n smaller than `limit`, largest first."""
+    return [d for d in range(limit - 1, 0, -1) if n % d == 0]
+
+
+def largest_fitting_batch(shape: ModelShape, settings: StepSettings, budget: int) -> int | None:
+    """The largest per_device_train_batch_size dividing the rollout whose predicted peak fits `budget` (None: none)."""
+    N = settings.generation_batch_size
+    for b in [N] + _divisors_below(N, N):
+        if plan_step(shape, settings.replace(per_device_train_batch_size=b)).peak <= budget:
+            return b
+    return None
+
+
+# --- Reading the model's config and the run's settings ---
+
+
+def load_model_config(model: str) -> tuple[dict, str]:
+    """`(config dict, where it came from)` for a config.json path, a model folder, a model id in the local Hugging
+    Face cache, or a model id shipped in grpo_ext/model_configs. Never downloads anything."""
+    candidates = [model, os.path.join(model, "config.json")]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json") if "/" in model and not os.path.exists(model) else None
+        if isinstance(cached, str):
+            candidates.append(cached)
+    except (ImportError, ValueError):  # not a valid repo id: only local paths then
+        pass
+    candidates.append(os.path.join(_MODEL_CONFIG_DIR, model.replace("/", "--") + ".json"))
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path) as file:
+                try:
+                    return json.load(file), path
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path} is not valid JSON ({error}): give the model's config.json.") from error
+    shipped = sorted(name[:-5].replace("--", "/") for name in os.listdir(_MODEL_CONFIG_DIR) if name.endswith(".json"))
+    raise FileNotFoundError(
+        f"No config.json for {model!r}: not a local file or model folder, not in the local Hugging Face cache, and "
+        f"not one of the configs shipped with grpo-ext ({', '.join(shipped)}). Pass the model's config.json with "
+        "--model-config PATH (the planner reads only the config, never the weights), or download it once with "
+        f"`hf download {model} config.json`."
+    )
+
+
+def _value(values, name, default):
+    value = values.get(name, default) if isinstance(values, Mapping) else getattr(values, name, default)
+    return default if value is None else value
+
+
+def settings_from_config(values, prompt_length: int | None = None, **overrides) -> StepSettings:
+    """StepSettings from a recipe's values: a YAML mapping, or GRPOExtConfig / ModelConfig objects merged with `|`
+    (GRPOExtConfig and TRL ModelConfig field names; TRL's defaults where a field is absent)."""
+    b = int(_value(values, "per_device_train_batch_size", 8))
+    steps = _value(values, "steps_per_generation", None) or _value(values, "gradient_accumulation_steps", 1)
+    rollout = int(_value(values, "generation_batch_size", b * steps))
+    dtype = _value(values, "dtype", None)
+    bf16 = bool(_value(values, "bf16", False))
+    dtype_bytes = 2 if bf16 else _DTYPE_BYTES.get(dtype, 2)
+    use_peft = bool(_value(values, "use_peft", False))
+    targets = _value(values, "lora_target_modules", ["q_proj", "v_proj"])  # PEFT's default for Qwen2 / Llama
+    targets = ALL_LINEAR if targets == "all-linear" else tuple([targets] if isinstance(targets, str) else targets)
+    needs_reference = float(_value(values, "beta", 0.04)) > 0 or float(_value(values, "reward_kl_coef", 0.0)) > 0
+    reference = _value(values, "ref_model_mode", "auto")
+    if reference == "auto":
+        reference = "none" if not needs_reference else "disabled_adapter" if use_peft else "copy"
+    settings = StepSettings(
+        per_device_train_batch_size=b,
+        generation_batch_size=rollout,
+        num_generations=int(_value(values, "num_generations", 8)),
+        prompt_length=int(prompt_length or _value(values, "max_prompt_length", DEFAULT_PROMPT_LENGTH)),
+        max_completion_length=int(_value(values, "max_completion_length", 512)),
+        gradient_checkpointing=bool(_value(values, "gradient_checkpointing", True)),
+        prefix_sharing=bool(_value(values, "prefix_sharing", True)),
+        logprob_chunk_size=int(_value(values, "logprob_chunk_size", 1024)),
+        load_in_4bit=bool(_value(values, "load_in_4bit", False)),
+        double_quant=bool(_value(values, "use_bnb_nested_quant", False)),
+        dtype_bytes=dtype_bytes,
+        lora_r=int(_value(values, "lora_r", 16)) if use_peft else None,
+        lora_targets=targets,
+        lora_dropout=float(_value(values, "lora_dropout", 0.05)) > 0,
+        reference=reference,
+        device="cpu" if _value(values, "use_cpu", False) else "cuda",
+    )
+    return settings.replace(**overrides)
+
+
+def fit_batch_size(args, model_config, peft_config=None, load_in_4bit: bool = False) -> str:
+    """`gpu_memory_budget`: set `args.per_device_train_batch_size` to the largest micro-batch whose predicted step
+    fits, keeping the rollout (`generation_batch_size`) and so the completions per optimizer step; returns the line
+    the trainer logs. Raises with the planner's suggestions when even one completion per micro-batch does not fit."""
+    budget = parse_memory(args.gpu_memory_budget)
+    config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    shape = ModelShape.from_config(config, "the model's config")
+    peft = {}
+    if peft_config is not None:
+        targets = peft_config.target_modules
+        peft = dict(
+            use_peft=True,
+            lora_r=peft_config.r,
+            lora_dropout=peft_config.lora_dropout,
+            lora_target_modules=targets if isinstance(targets, str) else sorted(targets or ALL_LINEAR),
+        )
+    values = {**{f.name: getattr(args, f.name) for f in dataclasses.fields(args)}, **peft}
+    values["generation_batch_size"] = args.generation_batch_size // args.world_size
+    values["dtype"] = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+    settings = settings_from_config(values, load_in_4bit=load_in_4bit, double_quant=True)
+    b = largest_fitting_batch(shape, settings, budget)
+    if b is None:
+        plan = plan_step(shape, settings.replace(per_device_train_batch_size=1))
+        hints = "; ".join(f"{change} -> {format_bytes(p.peak)}" for change, p in suggestions(shape, settings, budget))
+        raise ValueError(
+            f"gpu_memory_budget={args.gpu_memory_budget}: even per_device_train_batch_size=1 is predicted to need "
+            f"{format_bytes(plan.peak)} ({plan.peak_phase} phase). Changes predicted to fit: {hints or 'none found'}."
+        )
+    steps = settings.generation_batch_size // b
+    args.per_device_train_batch_size = b
+    args.gradient_accumulation_steps = steps
+    args.steps_per_generation = steps
+    peak = plan_step(shape, settings.replace(per_device_train_batch_size=b)).peak
+    return (
+        f"[grpo-ext] gpu_memory_budget {args.gpu_memory_budget}: per_device_train_batch_size={b}, "
+        f"gradient_accumulation_steps={steps} (predicted peak {format_bytes(peak)}; {verdict(peak, budget)})"
+    )
+
+
+def plan_config_file(
+    path: str, model_config: str | None = None, prompt_length: int | None = None, reward_models: tuple[str, ...] = ()
+) -> tuple[ModelShape, StepSettings]:
+    """The model shape and step settings of a recipe YAML."""
+    import yaml
+
+    with open(path) as file:
+        values = yaml.safe_load(file) or {}
+    model = model_config or values.get("model_name_or_path")
+    if not model:
+        raise ValueError(f"{path} has no model_name_or_path: pass --model-config with the model's config.json.")
+    config, source = load_model_config(model)
+    shape = ModelShape.from_config(config, source)
+    rewards = tuple(ModelShape.from_config(*load_model_config(r)) for r in reward_models)
+    return shape, settings_from_config(values, prompt_length, reward_model_shapes=rewards)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m grpo_ext.plan", description="Predict the peak GPU memory of one GRPO step of a recipe."
+    )
+    parser.add_argument("--config", required=True, help="a recipe YAML (recipes/configs/*.yaml)")
+    parser.add_argument("--gpu-memory", help="the GPU's memory, e.g. 8GiB, 24GB; with it: a verdict and suggestions")
+    parser.add_argument("--model-config", help="config.json path or model id, instead of the recipe's model")
+    parser.add_argument(
+        "--prompt-length", type=int, help=f"prompt tokens (default: max_prompt_length or {DEFAULT_PROMPT_LENGTH})"
+    )
+    parser.add_argument("--reward-model", action="append", default=[], help="config of a reward model (repeatable)")
+    cli = parser.parse_args(argv)
+    shape, settings = plan_config_file(cli.config, cli.model_config, cli.prompt_length, tuple(cli.reward_model))
+    plan = plan_step(shape, settings)
+    budget = parse_memory(cli.gpu_memory) if cli.gpu_memory else None
+    print(
+        f"{cli.config}: {settings.per_device_train_batch_size} completions per micro-batch, "
+        f"{settings.generation_batch_size} per rollout, G={settings.num_generations}, P={settings.prompt_length}, "
+        f"C={settings.max_completion_length}"
+    )
+    print(plan.table(budget))
+    if budget is not None and plan.peak > budget:
+        fixes = suggestions(shape, settings, budget)
+        print("changes predicted to fit:" if fixes else "no single change found that fits; try a smaller model.")
+        for change, fixed in fixes:
+            print(f"  {change}: {format_bytes(fixed.peak)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
