@@ -21,6 +21,7 @@ by `unsupported_reason`; the caller then uses `generate`.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -29,6 +30,16 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from .logprobs import position_ids_from_mask
 from .models import unwrap_causal_lm
+
+# Reasons already warned about: each fallback is announced once per process, not once per step.
+_WARNED: set[str] = set()
+
+
+def warn_generate(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"Finished rows are not dropped from decoding, using model.generate: {reason}", stacklevel=3)
+
 
 # GenerationConfig fields whose non-default value this loop does not reproduce, with the default that it does.
 _NEEDS_GENERATE = {
