@@ -43,6 +43,12 @@ def test_greedy_completions_equal_generate(tokenizer, architecture):
     unique_ids, unique_mask = prefix_sharing.unique_prompts(prompt_ids, prompt_mask, G)
     cache = prefix_sharing.shared_prompt_cache(model, unique_ids, unique_mask, G)
     assert torch.equal(generate_dropping_finished(model, prompt_ids, prompt_mask, config, cache=cache), expected)
+    # Rules that read the stop tokens (min_new_tokens masks them for the first tokens) apply as in generate
+    config.min_new_tokens = int(lengths.min()) + 2
+    expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+    expected = expected[:, prompt_ids.size(1) :]
+    assert (expected != 0).sum(1).min() >= config.min_new_tokens
+    assert torch.equal(generate_dropping_finished(model, prompt_ids, prompt_mask, config), expected)
 
 
 def test_all_rows_run_to_the_limit_when_none_stops(tokenizer):
