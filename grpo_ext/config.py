@@ -257,6 +257,15 @@ class GRPOExtConfig(_RefusedTRLFields):
         "plain path, with one warning, where it cannot share (see grpo_ext/prefix_sharing.py); off under DeepSpeed "
         "and FSDP. Largest gain with long prompts. Not in TRL.",
     )
+    drop_finished_rows: bool = _field(
+        True,
+        "Drop a completion from the decoding batch, and its rows from the KV cache, as soon as it emits a stop token "
+        "(grpo_ext/decoding.py), instead of decoding every row until the longest one stops as `model.generate` does. "
+        "The same sampling distribution (the same logits processors as `generate`), identical greedy completions; "
+        "fewer tokens decoded when completion lengths are uneven. Falls back to `generate`, with one warning, for "
+        "settings it does not reproduce (beam search, stop strings, non-dynamic caches); off under DeepSpeed and "
+        "FSDP, whose ranks must run the same number of forward passes. Not in TRL.",
+    )
     ds3_gather_for_generation: bool = _field(
         True,
         "DeepSpeed ZeRO-3 only (as in TRL): gather the whole policy on each GPU for generation, which is fast but needs "

@@ -21,6 +21,7 @@ by `unsupported_reason`; the caller then uses `generate`.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -29,6 +30,16 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from .logprobs import position_ids_from_mask
 from .models import unwrap_causal_lm
+
+# Reasons already warned about: each fallback is announced once per process, not once per step.
+_WARNED: set[str] = set()
+
+
+def warn_generate(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"Finished rows are not dropped from decoding, using model.generate: {reason}", stacklevel=3)
+
 
 # GenerationConfig fields whose non-default value this loop does not reproduce, with the default that it does.
 _NEEDS_GENERATE = {
@@ -55,7 +66,7 @@ def _merged_config(model: nn.Module, generation_config: GenerationConfig) -> Gen
 def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
     """Why `generate_dropping_finished` cannot reproduce `model.generate` with this config, or None when it can."""
     causal_lm = unwrap_causal_lm(model)
-    for helper in ("_prepare_generation_config", "_get_logits_processor"):
+    for helper in ("_prepare_generation_config", "_prepare_special_tokens", "_get_logits_processor"):
         if not hasattr(causal_lm, helper):
             return f"this transformers version has no GenerationMixin.{helper}"
     config = _merged_config(model, generation_config)
@@ -98,7 +109,9 @@ def generate_dropping_finished(
     group); without one the prompts are prefilled here.
     """
     config = _merged_config(model, generation_config)
-    processors = unwrap_causal_lm(model)._get_logits_processor(
+    causal_lm = unwrap_causal_lm(model)
+    causal_lm._prepare_special_tokens(config, True, device=input_ids.device)  # the EOS tensor min-length rules read
+    processors = causal_lm._get_logits_processor(
         generation_config=config,
         input_ids_seq_length=input_ids.size(1),
         encoder_input_ids=input_ids,
@@ -109,14 +122,14 @@ def generate_dropping_finished(
     )
     stop_ids = _stop_token_ids(config, input_ids.device)
     pad_id = config.pad_token_id if config.pad_token_id is not None else int(stop_ids[0])
-    forward_parameters = inspect.signature(unwrap_causal_lm(model).forward).parameters
+    forward_parameters = inspect.signature(causal_lm.forward).parameters
     keep_one = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}  # no (B, P, V) prefill logits
 
     completions = input_ids.new_full((input_ids.size(0), config.max_new_tokens), pad_id)  # (B, max_new_tokens)
     rows = torch.arange(input_ids.size(0), device=input_ids.device)  # (b,) batch index of each row still going
     sequences, mask = input_ids, attention_mask  # (b, P + t): what the processors see, and the attention mask
     if cache is None:
-        cache = DynamicCache(config=unwrap_causal_lm(model).config)
+        cache = DynamicCache(config=causal_lm.config)
         step_ids, step_positions = input_ids, position_ids_from_mask(attention_mask)  # prefill: (B, P) each
     else:  # the cache holds all but the last prompt token
         step_ids, step_positions = input_ids[:, -1:], attention_mask.sum(-1, keepdim=True) - 1  # (B, 1) each

@@ -55,6 +55,7 @@ from .models import unwrap_causal_lm, unwrap_distributed
 
 __all__ = [
     "unsupported_reason",
+    "shared_prompt_cache",
     "generate_from_shared_cache",
     "generate_with_shared_prefix",
     "SharedPrefixScoring",
@@ -180,6 +181,18 @@ def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_gener
 
 
 @torch.no_grad()
+def shared_prompt_cache(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_generations: int
+) -> Cache | None:
+    """The KV cache of all but the last token of each of the `(B, P)` unique prompts, prefilled once and repeated G
+    times along the batch, for decoding the `(B*G, P)` repeated prompts; None when there is nothing to share (one-token
+    prompts, G = 1). For a model and config that `unsupported_reason` accepts (it is not checked again here)."""
+    if input_ids.size(1) < 2 or num_generations < 2:
+        return None
+    return _prefill_shared_cache(model, input_ids[:, :-1], attention_mask[:, :-1], num_generations)
+
+
+@torch.no_grad()
 def generate_from_shared_cache(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -188,17 +201,16 @@ def generate_from_shared_cache(
     generation_config: GenerationConfig,
     **generate_kwargs,
 ) -> torch.Tensor:
-    """G completions for each of the `(B, P)` left-padded unique prompts, `(B*G, C)`, rows in groups of G, each
-    prompt prefilled once. For a model and config that `unsupported_reason` accepts (it is not checked again here)."""
-    repeated_ids = input_ids.repeat_interleave(num_generations, dim=0)  # (B*G, P)
-    repeated_mask = attention_mask.repeat_interleave(num_generations, dim=0)  # (B*G, P)
-    if input_ids.size(1) >= 2 and num_generations > 1:  # a one-token prompt has nothing to share
-        # generate then feeds only the last prompt token first
-        generate_kwargs["cache"] = _prefill_shared_cache(
-            model, input_ids[:, :-1], attention_mask[:, :-1], num_generations
-        )
+    """`model.generate` on the repeated prompts, from `shared_prompt_cache`: G completions for each of the `(B, P)`
+    left-padded unique prompts, `(B*G, C)`, rows in groups of G, each prompt prefilled once."""
+    cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
+    if cache is not None:
+        generate_kwargs["cache"] = cache  # generate then feeds only the last prompt token first
     sequences = model.generate(
-        input_ids=repeated_ids, attention_mask=repeated_mask, generation_config=generation_config, **generate_kwargs
+        input_ids=input_ids.repeat_interleave(num_generations, dim=0),  # (B*G, P)
+        attention_mask=attention_mask.repeat_interleave(num_generations, dim=0),
+        generation_config=generation_config,
+        **generate_kwargs,
     )  # (B*G, P + C)
     return sequences[:, input_ids.size(1) :]
 

@@ -5,8 +5,9 @@ prefilled once: prefix_sharing.py) -> mask after the first stop token -> text fo
 then adds the old / reference log-probs (`completion_logps`) and the advantages, concatenates rollouts for dynamic
 sampling and splits one into micro-batches.
 
-Whether prompts are shared is decided here once per rollout (`choose_prefix_sharing`) and travels with it
-(`Rollout.shared_prefix`): generation and every scoring pass of its completions take the same path.
+How a rollout is generated is decided here once per rollout (`plan_generation`): whether prompts are shared
+(prefix_sharing.py), and whether finished rows leave the decoding batch (decoding.py). Sharing travels with the
+rollout (`Rollout.shared_prefix`): generation and every scoring pass of its completions take the same path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from . import prefix_sharing
+from . import decoding, prefix_sharing
 from .logprobs import ScoringRequest, score_completions
 from .objective import Normalisers
 
@@ -29,7 +30,8 @@ __all__ = [
     "encode_prompts",
     "eos_token_ids",
     "build_generation_config",
-    "choose_prefix_sharing",
+    "GenerationPlan",
+    "plan_generation",
     "generate_completions",
     "completion_mask_after_eos",
     "decode_completions",
@@ -204,13 +206,32 @@ def build_generation_config(args, pad_token_id: int, eos_token_ids: list[int]) -
     return GenerationConfig(**settings)
 
 
-def choose_prefix_sharing(model: nn.Module, generation_config: GenerationConfig) -> bool:
-    """Whether this rollout shares prompts (the policy `model`, before it is unwrapped for generation). A reason not
-    to is warned about once per process."""
-    reason = prefix_sharing.unsupported_reason(model, generation_config)
-    if reason is not None:
-        prefix_sharing.warn_plain_path(reason)
-    return reason is None
+@dataclass(frozen=True)
+class GenerationPlan:
+    """How one rollout is generated and scored, decided once per rollout (`plan_generation`)."""
+
+    shared_prefix: bool = False  # each prompt prefilled once per group, and encoded once in every scoring pass
+    drop_finished_rows: bool = False  # decoding.generate_dropping_finished instead of model.generate
+
+
+def plan_generation(
+    model: nn.Module, generation_config: GenerationConfig, prefix_sharing_wanted: bool, drop_finished_rows_wanted: bool
+) -> GenerationPlan:
+    """What this rollout can use of what the config asks for (the policy `model`, before it is unwrapped for
+    generation). Each reason not to is warned about once per process."""
+    shared_prefix = False
+    if prefix_sharing_wanted:
+        reason = prefix_sharing.unsupported_reason(model, generation_config)
+        if reason is not None:
+            prefix_sharing.warn_plain_path(reason)
+        shared_prefix = reason is None
+    drop_finished_rows = False
+    if drop_finished_rows_wanted:
+        reason = decoding.unsupported_reason(model, generation_config)
+        if reason is not None:
+            decoding.warn_generate(reason)
+        drop_finished_rows = reason is None
+    return GenerationPlan(shared_prefix, drop_finished_rows)
 
 
 @torch.no_grad()
@@ -220,15 +241,21 @@ def generate_completions(
     prompt_mask: torch.Tensor,
     num_generations: int,
     generation_config: GenerationConfig,
-    shared_prefix: bool,
+    plan: GenerationPlan,
 ) -> torch.Tensor:
     """Completion ids `(B, C)` for the `(B, P)` prompts, each prompt repeated G times in a row."""
     # An evaluation batch may cut a group across processes: then there is no whole group to prefill once
-    unique = prefix_sharing.unique_prompts(prompt_ids, prompt_mask, num_generations) if shared_prefix else None
-    if unique is not None:  # each prompt prefilled once, its KV cache shared by its G completions
-        return prefix_sharing.generate_from_shared_cache(model, *unique, num_generations, generation_config)
-    sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
-    return sequences[:, prompt_ids.size(1) :]  # (B, C)
+    unique = prefix_sharing.unique_prompts(prompt_ids, prompt_mask, num_generations) if plan.shared_prefix else None
+    cache = prefix_sharing.shared_prompt_cache(model, *unique, num_generations) if unique is not None else None
+    if plan.drop_finished_rows:
+        return decoding.generate_dropping_finished(model, prompt_ids, prompt_mask, generation_config, cache=cache)
+    sequences = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        generation_config=generation_config,
+        **({"cache": cache} if cache is not None else {}),  # generate then feeds only the last prompt token first
+    )  # (B, P + C)
+    return sequences[:, prompt_ids.size(1) :]
 
 
 def completion_mask_after_eos(

@@ -54,13 +54,13 @@ from .reward_scoring import RewardScorer
 from .rollout import (
     Rollout,
     build_generation_config,
-    choose_prefix_sharing,
     completion_logps_and_entropies,
     decode_completions,
     encode_prompts,
     eos_token_ids,
     generate_completions,
     is_conversational,
+    plan_generation,
     varying_groups,
 )
 
@@ -169,8 +169,10 @@ class GRPOExtTrainer(_BaseTrainer):
         self.model_accepts_loss_kwargs = False
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
-        # Two backbone passes in one forward are untested under DeepSpeed / FSDP sharding: plain path there
-        self._prefix_sharing = args.prefix_sharing and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        # Sharded: two backbone passes in one forward are untested, and ranks must run the same number of forwards
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        self._prefix_sharing = args.prefix_sharing and not sharded
+        self._drop_finished_rows = args.drop_finished_rows and not sharded
         self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
         self._interrupt = SaveOnInterruptCallback()
         self.add_callback(self._interrupt)
@@ -291,7 +293,7 @@ class GRPOExtTrainer(_BaseTrainer):
         prompt_ids, prompt_mask = encode_prompts(
             self.processing_class, prompts, self.args.chat_template_kwargs, self.args.max_prompt_length, device
         )  # (B, P)
-        shared_prefix = self._prefix_sharing and choose_prefix_sharing(self.model, self.generation_config)
+        plan = plan_generation(self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows)
         with unwrap_model_for_generation(
             self.model_wrapped,
             self.accelerator,
@@ -299,7 +301,7 @@ class GRPOExtTrainer(_BaseTrainer):
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
         ) as unwrapped_model:
             completion_ids = generate_completions(
-                unwrapped_model, prompt_ids, prompt_mask, self.num_generations, self.generation_config, shared_prefix
+                unwrapped_model, prompt_ids, prompt_mask, self.num_generations, self.generation_config, plan
             )  # (B, C)
         rollout = Rollout.of_completions(
             prompt_ids,
@@ -307,7 +309,7 @@ class GRPOExtTrainer(_BaseTrainer):
             completion_ids,
             self.eos_token_ids,
             self.args.mask_truncated_completions,
-            shared_prefix,
+            plan.shared_prefix,
         )
         completion_ids_list, texts = decode_completions(rollout, self.processing_class)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) else texts

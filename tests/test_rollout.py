@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from grpo_ext import prefix_sharing
+from grpo_ext import decoding, prefix_sharing
 from grpo_ext.rollout import (
+    GenerationPlan,
     Rollout,
-    choose_prefix_sharing,
     completion_logps_and_entropies,
     generate_completions,
+    plan_generation,
 )
 from grpo_ext.testing import make_tiny_model
 
@@ -58,20 +59,24 @@ def test_a_trimmed_rollout_scores_as_the_padded_one(tokenizer, shared_prefix):
     assert (trimmed * rollout.completion_mask[:, :4]).abs().sum() > 0  # real log-probs were compared
 
 
-def test_the_sharing_choice_is_made_once_and_generation_follows_it(tokenizer, monkeypatch):
+def test_the_plan_is_made_once_and_generation_follows_it(tokenizer, monkeypatch):
     monkeypatch.setattr(prefix_sharing, "_WARNED", set())
+    monkeypatch.setattr(decoding, "_WARNED", set())
     model = make_tiny_model("llama", tokenizer)
     prompts = tokenizer(["1+2=", "33+4="], return_tensors="pt", padding=True, padding_side="left")
     prompt_ids = prompts["input_ids"].repeat_interleave(G, 0)
     prompt_mask = prompts["attention_mask"].repeat_interleave(G, 0)
     greedy = dict(do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
-    assert choose_prefix_sharing(model, GenerationConfig(**greedy))
+    assert plan_generation(model, GenerationConfig(**greedy), True, True) == GenerationPlan(True, True)
+    assert plan_generation(model, GenerationConfig(**greedy), False, True) == GenerationPlan(False, True)
     static = GenerationConfig(**greedy, cache_implementation="static")
-    with pytest.warns(UserWarning, match="cache_implementation='static'"):
-        assert not choose_prefix_sharing(model, static)
+    with pytest.warns(UserWarning, match="cache_implementation='static'") as caught:
+        assert plan_generation(model, static, True, True) == GenerationPlan(False, False)
+    assert len(caught) == 2  # one per engine that cannot run this config
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per process
-        assert not choose_prefix_sharing(model, static)
-    shared = generate_completions(model, prompt_ids, prompt_mask, G, GenerationConfig(**greedy), shared_prefix=True)
-    plain = generate_completions(model, prompt_ids, prompt_mask, G, GenerationConfig(**greedy), shared_prefix=False)
-    assert torch.equal(shared, plain) and shared.shape == (4, 5)
+        assert plan_generation(model, static, True, True) == GenerationPlan(False, False)
+    plans = [GenerationPlan(shared, drop) for shared in (False, True) for drop in (False, True)]
+    outputs = [generate_completions(model, prompt_ids, prompt_mask, G, GenerationConfig(**greedy), p) for p in plans]
+    for plan, output in zip(plans, outputs):
+        assert torch.equal(output, outputs[0]) and output.shape == (4, 5), plan
