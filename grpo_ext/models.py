@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .plan import fit_batch_size
+
 
 def _resolve_dtype(kwargs: dict) -> dict:
     kwargs = dict(kwargs)
@@ -178,12 +180,14 @@ def disable_dropout(model: nn.Module) -> None:
 
 def prepare_policy(model, args, processing_class=None, peft_config=None, quantization_config=None):
     """The trainer's policy and tokenizer, in this order: load (`model_init_kwargs`, plus `quantization_config`),
-    keep 4-bit weights trainable, tokenizer (unless given; pad token = EOS when it has none), adapter, dropout off
+    keep 4-bit weights trainable, fit the micro-batch to `gpu_memory_budget` if set (`plan.fit_batch_size`), tokenizer (unless given; pad token = EOS when it has none), adapter, dropout off
     with `disable_dropout`. Returns `(model, tokenizer)`."""
     model_init_kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
         model_init_kwargs["quantization_config"] = quantization_config
     model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
+    if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
+        print(fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False)))
     tokenizer = processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

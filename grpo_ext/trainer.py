@@ -48,7 +48,6 @@ from .objective import (
     mean_entropy,
 )
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
-from .plan import fit_batch_size
 from .reference import ReferencePolicy, load_reference_copy
 from .reward_scoring import RewardScorer
 from .rollout import (
@@ -117,8 +116,6 @@ class GRPOExtTrainer(_BaseTrainer):
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         self._model_path = str(model_path or "")  # recorded in checkpoints, compared on resume
         model, processing_class = prepare_policy(model, args, processing_class, peft_config, quantization_config)
-        if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
-            print(fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False)))
         self.eos_token_ids = eos_token_ids(model, processing_class)
 
         # Rewards and data, checked now rather than at the first step
@@ -318,8 +315,7 @@ class GRPOExtTrainer(_BaseTrainer):
         rollout_per_token_logps = None
         if old_needed or self.args.reward_kl_coef > 0:  # log-probs of the policy that sampled the rollout
             rollout_per_token_logps = self._completion_logps(self.model, rollout)  # (B, C)
-        if old_needed:
-            rollout.old_per_token_logps = rollout_per_token_logps
+        rollout.old_per_token_logps = rollout_per_token_logps if old_needed else None
         if self.reference.mode != "none":  # one reference pass serves both penalties
             with self.reference.activate(self.model) as reference_model:
                 rollout.ref_per_token_logps = self._completion_logps(reference_model, rollout)  # (B, C)
@@ -337,11 +333,9 @@ class GRPOExtTrainer(_BaseTrainer):
         penalty = self._reward_penalties(mode, rollout, rollout_per_token_logps)
         shaped_rewards = rewards - penalty  # (B * num_processes,)
         advantages, std = group_relative_advantages(shaped_rewards, self.num_generations, self.args.scale_rewards)
-        process_slice = slice(
-            self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows)
-        )
-        rollout.advantages = advantages[process_slice]  # (B,)
-        rollout.group_std = std[process_slice]  # (B,) for dynamic sampling
+        start = self.accelerator.process_index * len(rows)  # this process's rows
+        rollout.advantages = advantages[start : start + len(rows)]  # (B,)
+        rollout.group_std = std[start : start + len(rows)]  # (B,) for dynamic sampling
 
         self._log_rollout(mode, rewards_per_func, rewards, std, rollout)
         if penalty.any():
