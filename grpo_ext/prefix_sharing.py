@@ -192,6 +192,19 @@ def shared_prompt_cache(
     return _prefill_shared_cache(model, input_ids[:, :-1], attention_mask[:, :-1], num_generations)
 
 
+def _generate_repeated(model, input_ids, attention_mask, num_generations, generation_config, cache, **generate_kwargs):
+    """`model.generate` on each `(B, P)` prompt repeated G times in a row, from `cache` when given: `(B*G, C)`."""
+    if cache is not None:
+        generate_kwargs["cache"] = cache  # generate then feeds only the last prompt token first
+    sequences = model.generate(
+        input_ids=input_ids.repeat_interleave(num_generations, dim=0),  # (B*G, P)
+        attention_mask=attention_mask.repeat_interleave(num_generations, dim=0),
+        generation_config=generation_config,
+        **generate_kwargs,
+    )  # (B*G, P + C)
+    return sequences[:, input_ids.size(1) :]
+
+
 @torch.no_grad()
 def generate_from_shared_cache(
     model: nn.Module,
@@ -204,17 +217,12 @@ def generate_from_shared_cache(
     """`model.generate` on the repeated prompts, from `shared_prompt_cache`: G completions for each of the `(B, P)`
     left-padded unique prompts, `(B*G, C)`, rows in groups of G, each prompt prefilled once."""
     cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
-    if cache is not None:
-        generate_kwargs["cache"] = cache  # generate then feeds only the last prompt token first
-    sequences = model.generate(
-        input_ids=input_ids.repeat_interleave(num_generations, dim=0),  # (B*G, P)
-        attention_mask=attention_mask.repeat_interleave(num_generations, dim=0),
-        generation_config=generation_config,
-        **generate_kwargs,
-    )  # (B*G, P + C)
-    return sequences[:, input_ids.size(1) :]
+    return _generate_repeated(
+        model, input_ids, attention_mask, num_generations, generation_config, cache, **generate_kwargs
+    )
 
 
+@torch.no_grad()
 def generate_with_shared_prefix(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -229,22 +237,17 @@ def generate_with_shared_prefix(
     Under greedy decoding the completions are token-identical to `model.generate` on the repeated prompts; under
     sampling they follow the same distribution.
     """
-    reason = _generation_unsupported_reason(model, generation_config)
+    reason, cache = _generation_unsupported_reason(model, generation_config), None
     if reason is None:
         try:
-            return generate_from_shared_cache(
-                model, input_ids, attention_mask, num_generations, generation_config, **generate_kwargs
-            )
+            cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
         except (AttributeError, NotImplementedError, TypeError) as error:
             reason = f"the KV cache of {type(unwrap_causal_lm(model)).__name__} cannot be expanded ({error})"
-    warn_plain_path(reason)
-    sequences = model.generate(
-        input_ids=input_ids.repeat_interleave(num_generations, dim=0),
-        attention_mask=attention_mask.repeat_interleave(num_generations, dim=0),
-        generation_config=generation_config,
-        **generate_kwargs,
-    )  # (B*G, P + C)
-    return sequences[:, input_ids.size(1) :]
+    if reason is not None:
+        warn_plain_path(reason)
+    return _generate_repeated(
+        model, input_ids, attention_mask, num_generations, generation_config, cache, **generate_kwargs
+    )
 
 
 # --- Scoring ---

@@ -219,19 +219,17 @@ def plan_generation(
 ) -> GenerationPlan:
     """What this rollout can use of what the config asks for (the policy `model`, before it is unwrapped for
     generation). Each reason not to is warned about once per process."""
-    shared_prefix = False
-    if prefix_sharing_wanted:
-        reason = prefix_sharing.unsupported_reason(model, generation_config)
+
+    def usable(wanted: bool, unsupported_reason, warn) -> bool:
+        reason = unsupported_reason(model, generation_config) if wanted else None
         if reason is not None:
-            prefix_sharing.warn_plain_path(reason)
-        shared_prefix = reason is None
-    drop_finished_rows = False
-    if drop_finished_rows_wanted:
-        reason = decoding.unsupported_reason(model, generation_config)
-        if reason is not None:
-            decoding.warn_generate(reason)
-        drop_finished_rows = reason is None
-    return GenerationPlan(shared_prefix, drop_finished_rows)
+            warn(reason)
+        return wanted and reason is None
+
+    return GenerationPlan(
+        shared_prefix=usable(prefix_sharing_wanted, prefix_sharing.unsupported_reason, prefix_sharing.warn_plain_path),
+        drop_finished_rows=usable(drop_finished_rows_wanted, decoding.unsupported_reason, decoding.warn_generate),
+    )
 
 
 @torch.no_grad()
