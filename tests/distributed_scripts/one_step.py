@@ -186,6 +186,8 @@ def build_trainer(
         extra["ds3_gather_for_generation"] = case["ds3_gather_for_generation"]
     if case.get("real_generation"):
         extra["top_k"] = 1  # sampling from the single most likely token: the same completions in every run
+    else:  # completions are injected through GenerationMixin.generate: decode with it
+        extra["drop_finished_rows"] = False
     settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=GLOBAL_BATCH // world_size // accumulation,
