@@ -36,6 +36,7 @@ __all__ = [
     "completion_mask_after_eos",
     "decode_completions",
     "completion_logps_and_entropies",
+    "length_buckets_of",
     "varying_groups",
 ]
 
@@ -104,7 +105,11 @@ class Rollout:
 
     def rows(self, start: int, stop: int) -> Rollout:
         """Rows `start:stop` of every tensor (a group, a micro-batch)."""
-        return dataclasses.replace(self, **{name: t[start:stop] for name, t in self._tensors().items()})
+        return self.select(slice(start, stop))
+
+    def select(self, rows: slice | torch.Tensor) -> Rollout:
+        """The given rows (a slice, or row indices `(b,)`) of every tensor."""
+        return dataclasses.replace(self, **{name: t[rows] for name, t in self._tensors().items()})
 
     def split(self, parts: int) -> list[Rollout]:
         """`parts` equal consecutive slices (micro-batches), each trimmed to its own longest completion."""
@@ -278,13 +283,53 @@ def decode_completions(rollout: Rollout, tokenizer) -> tuple[list[list[int]], li
 
 
 def completion_logps_and_entropies(
-    model: nn.Module, rollout: Rollout, temperature: float, chunk_size: int, entropy_gradients: bool = False
+    model: nn.Module,
+    rollout: Rollout,
+    temperature: float,
+    chunk_size: int,
+    entropy_gradients: bool = False,
+    length_buckets: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies `(B, C)` of the rollout's completions under `model` (policy, or the
-    reference), by the path the rollout was generated with. Entropies carry a gradient with `entropy_gradients`."""
+    reference), by the path the rollout was generated with. Entropies carry a gradient with `entropy_gradients`.
+
+    With `length_buckets`, rows of very uneven lengths are scored in a few passes of similar lengths (`length_buckets`
+    below), each as wide as its own longest completion, instead of one pass as wide as the longest of all: the same
+    values (each row is scored on its own; a causal model never lets a token see the padding after it), fewer padding
+    tokens. Several forwards before one backward: leave it off where a wrapper allows one forward per backward (DDP).
+    """
     request_type = prefix_sharing.SharedPrefixScoring if rollout.shared_prefix else ScoringRequest
-    request = request_type(rollout.completion_ids, rollout.completion_mask, temperature, chunk_size, entropy_gradients)
-    return score_completions(model, rollout.prompt_ids, rollout.prompt_mask, request)
+
+    def score(part: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        request = request_type(part.completion_ids, part.completion_mask, temperature, chunk_size, entropy_gradients)
+        return score_completions(model, part.prompt_ids, part.prompt_mask, request)
+
+    buckets = length_buckets_of(rollout.completion_mask) if length_buckets else []
+    if len(buckets) <= 1:
+        return score(rollout)
+    width = rollout.completion_ids.size(1)
+    scored = [score(rollout.select(rows).trimmed()) for rows in buckets]  # ((b, w_b), (b, w_b)) per bucket
+    order = torch.cat(buckets).argsort()  # row i of the rollout is row order[i] of the buckets stacked
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.size(1)))  # noqa: E731 - back to (b, C), zeros
+    logps = torch.cat([pad(logps) for logps, _ in scored])[order]  # (B, C)
+    entropies = torch.cat([pad(entropies) for _, entropies in scored])[order]  # (B, C)
+    return logps, entropies
+
+
+def length_buckets_of(completion_mask: torch.Tensor, most: int = 4, saving: float = 0.2) -> list[torch.Tensor]:
+    """Rows `(b,)` per bucket: the rows sorted by completion length, cut into 1, 2, 3 ... `most` parts of equal size
+    while each more part saves at least `saving` of the padded tokens of the fewer parts; each bucket's rows in their
+    original order (a group's rows stay consecutive, so prefix sharing still finds them)."""
+    lengths = completion_mask.sum(1)  # (B,) scored tokens of each row, its last column in use
+    order = lengths.argsort(stable=True)  # (B,) shortest first
+    best, best_cost = [order], lengths.max().item() * lengths.numel()
+    for parts in range(2, min(most, lengths.numel()) + 1):
+        buckets = list(order.tensor_split(parts))
+        cost = sum(lengths[rows].max().item() * rows.numel() for rows in buckets)  # tokens computed, padding included
+        if cost > (1 - saving) * best_cost:
+            break
+        best, best_cost = buckets, cost
+    return [rows.sort().values for rows in best]
 
 
 # --- Dynamic sampling ---

@@ -439,9 +439,10 @@ class GRPOExtTrainer(_BaseTrainer):
             inputs = Rollout.from_dict(inputs, self.args.max_completion_length)
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs.completion_mask  # (B, C)
-        per_token_logps, entropies = completion_logps_and_entropies(
-            model, inputs, self.args.temperature, self.args.logprob_chunk_size, self.entropy_control.enabled
-        )  # (B, C) each; entropies with a gradient for an entropy bonus
+        per_token_logps, entropies = completion_logps_and_entropies(  # (B, C) each
+            model, inputs, self.args.temperature, self.args.logprob_chunk_size, self.entropy_control.enabled,
+            length_buckets=self.accelerator.num_processes == 1,  # DDP allows one forward per backward
+        )  # fmt: skip
         old_per_token_logps = inputs.old_per_token_logps
         if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
             old_per_token_logps = per_token_logps.detach()

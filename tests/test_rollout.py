@@ -12,6 +12,7 @@ from grpo_ext.rollout import (
     Rollout,
     completion_logps_and_entropies,
     generate_completions,
+    length_buckets_of,
     plan_generation,
 )
 from grpo_ext.testing import make_tiny_model
@@ -80,3 +81,31 @@ def test_the_plan_is_made_once_and_generation_follows_it(tokenizer, monkeypatch)
     outputs = [generate_completions(model, prompt_ids, prompt_mask, G, GenerationConfig(**greedy), p) for p in plans]
     for plan, output in zip(plans, outputs):
         assert torch.equal(output, outputs[0]) and output.shape == (4, 5), plan
+
+
+def test_length_buckets_cut_while_it_saves_padding():
+    mask = lambda lengths: (torch.arange(8)[None] < torch.tensor(lengths)[:, None]).long()  # noqa: E731
+    assert [b.tolist() for b in length_buckets_of(mask([3, 1, 4, 2]))] == [[1, 3], [0, 2]]  # 16 -> 12 tokens
+    assert len(length_buckets_of(mask([4, 4, 4, 4]))) == 1  # nothing to save
+    buckets = length_buckets_of(mask([8, 1, 1, 1, 1, 1, 1, 8]))  # 64 -> 36 -> 22 tokens; 4 parts: 22 again
+    assert [b.tolist() for b in buckets] == [[1, 2, 3], [4, 5, 6], [0, 7]]
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_scoring_in_length_buckets_gives_the_same_values_and_gradients(tokenizer, shared_prefix):
+    model = make_tiny_model("qwen2", tokenizer)
+    rollout = _rollout(tokenizer, shared_prefix)
+    weights = torch.randn(4, 6)
+    results = []
+    for buckets in (False, True):
+        model.zero_grad()
+        logps, entropies = completion_logps_and_entropies(model, rollout, 0.7, 3, length_buckets=buckets)
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), entropies, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain_logps, plain_entropies, plain_grads), (bucket_logps, bucket_entropies, bucket_grads) = results
+    assert len(length_buckets_of(rollout.completion_mask)) == 2  # the bucketed path really ran
+    torch.testing.assert_close(bucket_logps, plain_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bucket_entropies, plain_entropies, atol=1e-5, rtol=1e-5)
+    assert max(g.abs().max().item() for g in plain_grads.values()) > 0
+    for name in plain_grads:
+        torch.testing.assert_close(bucket_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4, msg=name)
