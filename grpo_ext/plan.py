@@ -506,6 +506,8 @@ def plan_config_file(
     model = model_config or values.get("model_name_or_path")
     if not model:
         raise ValueError(f"{path} has no model_name_or_path: pass --model-config with the model's config.json.")
+    if not model_config and values.get("model_config_id") and not os.path.exists(model):
+        model = values["model_config_id"]  # a folder a prepare script writes: its config is known before it exists
     config, source = load_model_config(model)
     shape = ModelShape.from_config(config, source)
     rewards = tuple(ModelShape.from_config(*load_model_config(r)) for r in reward_models)

@@ -47,6 +47,13 @@ class ScriptArguments:
         default=None, metadata={"help": "System message; 'r1' for DeepSeek-R1's <think>/<answer> format prompt."}
     )
     conversational: bool = field(default=True, metadata={"help": "Chat messages (True) or plain text prompts."})
+    model_config_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model id whose config.json describes model_name_or_path, for `python -m grpo_ext.plan` before "
+            "a local model folder is prepared (not used for training)."
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={"help": "Registry names (accuracy, format, tag_count, cosine, soft_overlong) or dotted paths."},

@@ -109,14 +109,10 @@ def test_config_without_needed_fields_names_them(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "configs", "*.yaml"))))
-def test_cli_plans_every_shipped_recipe(path, capsys, tmp_path):
+def test_cli_plans_every_shipped_recipe(path, capsys, monkeypatch, tmp_path):
+    """Offline, with nothing prepared: a recipe on a local folder (the demos) names the model it will hold."""
+    monkeypatch.chdir(tmp_path)  # no outputs/ folder here
     argv = ["--config", path, "--gpu-memory", "24GiB" if "24gb" in path else "8GiB"]
-    if "smollm2" in path:  # a local folder written by prepare_real_demo.py: the model it holds
-        argv += ["--model-config", "HuggingFaceTB/SmolLM2-135M-Instruct"]
-    if "tiny-cpu" in path:  # a local folder written by prepare_demo.py: a tiny model of grpo_ext.testing
-        from grpo_ext.testing import save_tiny_model
-
-        argv += ["--model-config", save_tiny_model(str(tmp_path))]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "peak (" in out and "fits" in out
