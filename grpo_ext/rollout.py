@@ -296,7 +296,8 @@ def completion_logps_and_entropies(
     With `length_buckets`, rows of very uneven lengths are scored in a few passes of similar lengths (`length_buckets`
     below), each as wide as its own longest completion, instead of one pass as wide as the longest of all: the same
     values (each row is scored on its own; a causal model never lets a token see the padding after it), fewer padding
-    tokens. Several forwards before one backward: leave it off where a wrapper allows one forward per backward (DDP).
+    tokens. Leave it off with several processes: the number of forwards then depends on each process's lengths, and
+    wrappers that synchronise in the forward (FSDP, ZeRO-3) or allow one forward per backward (DDP) need them equal.
     """
     request_type = prefix_sharing.SharedPrefixScoring if rollout.shared_prefix else ScoringRequest
 

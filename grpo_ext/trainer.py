@@ -170,6 +170,7 @@ class GRPOExtTrainer(_BaseTrainer):
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
         self._prefix_sharing = args.prefix_sharing and not sharded
         self._drop_finished_rows = args.drop_finished_rows and not sharded
+        self._length_buckets = self.accelerator.num_processes == 1  # its forward count follows this rank's lengths
         self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
         self._interrupt = SaveOnInterruptCallback()
         self.add_callback(self._interrupt)
@@ -279,7 +280,7 @@ class GRPOExtTrainer(_BaseTrainer):
             self.compute_loss_context_manager(),
         ):
             logps, _ = completion_logps_and_entropies(
-                model, rollout, self.args.temperature, self.args.logprob_chunk_size
+                model, rollout, self.args.temperature, self.args.logprob_chunk_size, length_buckets=self._length_buckets
             )
         return logps
 
@@ -384,12 +385,9 @@ class GRPOExtTrainer(_BaseTrainer):
         penalty = torch.zeros(lengths.size(0), device=lengths.device)  # (B,)
         if args.reward_kl_coef > 0:
             coef = self.reward_kl_controller.value if self.reward_kl_controller else args.reward_kl_coef
-            kl = sequence_kl(
-                rollout_per_token_logps,
-                rollout.ref_per_token_logps,
-                rollout.completion_mask,
-                args.reward_kl_estimator,
-            )  # (B,)
+            kl = sequence_kl(  # (B,)
+                rollout_per_token_logps, rollout.ref_per_token_logps, rollout.completion_mask, args.reward_kl_estimator
+            )
             penalty = penalty + coef * kl
             mean_kl = gather(kl).mean().item()
             metrics["penalty/reward_kl"].append(mean_kl)
@@ -441,7 +439,7 @@ class GRPOExtTrainer(_BaseTrainer):
         completion_mask = inputs.completion_mask  # (B, C)
         per_token_logps, entropies = completion_logps_and_entropies(  # (B, C) each
             model, inputs, self.args.temperature, self.args.logprob_chunk_size, self.entropy_control.enabled,
-            length_buckets=self.accelerator.num_processes == 1,  # DDP allows one forward per backward
+            self._length_buckets,
         )  # fmt: skip
         old_per_token_logps = inputs.old_per_token_logps
         if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
