@@ -234,3 +234,9 @@ def check_eval_batch(args) -> None:
             f"divisible by num_generations={args.num_generations}, so evaluation groups would be split. Set "
             f"per_device_eval_batch_size to a multiple of {args.num_generations}."
         )
+
+
+def collate_rows(features: list[dict]) -> list[dict]:
+    """The trainer's data collator: a batch is the list of dataset rows, prompts are tokenized at rollout time. A module
+    function, so dataloader worker processes (`dataloader_num_workers > 0`, spawn) can pickle it."""
+    return features

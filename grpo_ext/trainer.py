@@ -27,7 +27,7 @@ from .advantages import group_relative_advantages, nanstd
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
 from .config import GRPOExtConfig
-from .data import check_dataset, check_eval_batch
+from .data import check_dataset, check_eval_batch, collate_rows
 from .guards import FiniteGuard, gather_1d
 from .hub import (
     CheckpointUploads,
@@ -156,7 +156,7 @@ class GRPOExtTrainer(_BaseTrainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=lambda features: features,  # rows stay dicts: prompts are tokenized at rollout time
+            data_collator=collate_rows,  # prompts are tokenized at rollout time
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,

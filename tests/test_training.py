@@ -300,3 +300,14 @@ def test_adaptive_entropy_coefficient_moves_and_resumes(tmp_path, tokenizer, mak
     with open(tmp_path / "out" / "checkpoint-1" / STATE_FILE) as file:  # what resume restores
         saved = json.load(file)["entropy_control"]
     assert saved["coef"] == pytest.approx(0.02) and saved["last_entropy"] < 100
+
+
+def test_dataloader_workers_can_pickle_the_collator(tokenizer, make_args):
+    """Worker processes started with spawn receive the collator pickled: it must not be a local lambda."""
+    import pickle
+
+    from conftest import tiny_trainer
+
+    trainer = tiny_trainer(tokenizer, make_args(dataloader_num_workers=1))
+    rows = [{"prompt": "1+2=", "answer": "3"}]
+    assert pickle.loads(pickle.dumps(trainer.data_collator))(rows) == rows
