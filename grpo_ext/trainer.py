@@ -168,6 +168,8 @@ class GRPOExtTrainer(_BaseTrainer):
             self.model.add_model_tags(self._tag_names)
         # Sharded: two backbone passes in one forward are untested, and ranks must run the same number of forwards
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if sharded and (args.prefix_sharing or args.drop_finished_rows):
+            logger.warning("DeepSpeed / FSDP: prefix_sharing and drop_finished_rows are off (untested when sharded).")
         self._prefix_sharing = args.prefix_sharing and not sharded
         self._drop_finished_rows = args.drop_finished_rows and not sharded
         self._length_buckets = self.accelerator.num_processes == 1  # its forward count follows this rank's lengths
