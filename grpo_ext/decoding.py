@@ -29,7 +29,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicCache
 
 from .logprobs import position_ids_from_mask
-from .models import unwrap_causal_lm
+from .models import unwrap_causal_lm, uses_prompt_learning
 
 # Reasons already warned about: each fallback is announced once per process, not once per step.
 _WARNED: set[str] = set()
@@ -82,16 +82,9 @@ def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) ->
         return "generation_config.max_new_tokens is not set"
     if getattr(causal_lm.config, "is_encoder_decoder", False):
         return f"{type(causal_lm).__name__} is an encoder-decoder model"
-    peft_config = getattr(model, "peft_config", None)
-    if isinstance(peft_config, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
+    if uses_prompt_learning(model):
         return "prompt-learning adapters (prefix / prompt tuning) manage the KV cache themselves"
     return None
-
-
-def _stop_token_ids(config: GenerationConfig, device) -> torch.Tensor:
-    eos = config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return torch.tensor(eos, device=device, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -110,7 +103,8 @@ def generate_dropping_finished(
     """
     config = _merged_config(model, generation_config)
     causal_lm = unwrap_causal_lm(model)
-    causal_lm._prepare_special_tokens(config, True, device=input_ids.device)  # the EOS tensor min-length rules read
+    # generate's own stop and pad tokens (pad falls back to EOS), which min-length rules read too
+    causal_lm._prepare_special_tokens(config, True, device=input_ids.device)
     processors = causal_lm._get_logits_processor(
         generation_config=config,
         input_ids_seq_length=input_ids.size(1),
@@ -120,8 +114,9 @@ def generate_dropping_finished(
         device=input_ids.device,
         model_kwargs={},
     )
-    stop_ids = _stop_token_ids(config, input_ids.device)
-    pad_id = config.pad_token_id if config.pad_token_id is not None else int(stop_ids[0])
+    stop_ids = config._eos_token_tensor  # (S,)
+    stop_ids = input_ids.new_zeros(0) if stop_ids is None else stop_ids.reshape(-1)
+    pad_id = int(config._pad_token_tensor)
     forward_parameters = inspect.signature(causal_lm.forward).parameters
     keep_one = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}  # no (B, P, V) prefill logits
 

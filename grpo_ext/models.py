@@ -50,6 +50,15 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def uses_prompt_learning(model: nn.Module) -> bool:
+    """Whether a PEFT prompt-learning adapter (prefix / prompt tuning) is on the model: it puts its own keys and values
+    in the KV cache, so a cache built or cut by grpo-ext would not hold them."""
+    peft_config = getattr(unwrap_distributed(model), "peft_config", None)
+    if not isinstance(peft_config, dict):
+        return False
+    return any(getattr(config, "is_prompt_learning", False) for config in peft_config.values())
+
+
 def load_causal_lm(model: str | nn.Module, model_init_kwargs: dict | None = None) -> nn.Module:
     """The policy: `model` itself when it is already a module, else `AutoModelForCausalLM.from_pretrained(model)`.
 

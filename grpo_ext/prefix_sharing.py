@@ -51,7 +51,7 @@ from .logprobs import (
     score_completions,
     score_hidden_states,
 )
-from .models import unwrap_causal_lm, unwrap_distributed
+from .models import unwrap_causal_lm, uses_prompt_learning
 
 __all__ = [
     "unsupported_reason",
@@ -109,14 +109,6 @@ def unique_prompts(
 # --- What can share ---
 
 
-def _peft_prompt_learning(model: nn.Module) -> bool:
-    model = unwrap_distributed(model)
-    peft_config = getattr(model, "peft_config", None)
-    if not isinstance(peft_config, dict):
-        return False
-    return any(getattr(config, "is_prompt_learning", False) for config in peft_config.values())
-
-
 def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
     """Why this model's layers cannot share a prompt's keys/values, or None when they can.
 
@@ -127,7 +119,7 @@ def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
     config = causal_lm.config.get_text_config(decoder=True)
     if getattr(causal_lm.config, "is_encoder_decoder", False):
         return f"{type(causal_lm).__name__} is an encoder-decoder model"
-    if _peft_prompt_learning(model):
+    if uses_prompt_learning(model):
         return "prompt-learning adapters (prefix / prompt tuning) already use the KV cache"
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     if any(layer_type != "full_attention" for layer_type in layer_types):
