@@ -35,7 +35,7 @@ __all__ = [
     "generate_completions",
     "completion_mask_after_eos",
     "decode_completions",
-    "completion_logps_and_entropies",
+    "score_rollout",
     "length_buckets_of",
     "varying_groups",
 ]
@@ -282,7 +282,7 @@ def decode_completions(rollout: Rollout, tokenizer) -> tuple[list[list[int]], li
 # --- Scoring ---
 
 
-def completion_logps_and_entropies(
+def score_rollout(
     model: nn.Module,
     rollout: Rollout,
     temperature: float,
@@ -293,10 +293,10 @@ def completion_logps_and_entropies(
     """Per-token log-probs and entropies `(B, C)` of the rollout's completions under `model` (policy, or the
     reference), by the path the rollout was generated with. Entropies carry a gradient with `entropy_gradients`.
 
-    With `length_buckets`, rows of very uneven lengths are scored in a few passes of similar lengths (`length_buckets`
-    below), each as wide as its own longest completion, instead of one pass as wide as the longest of all: the same
-    values (each row is scored on its own; a causal model never lets a token see the padding after it), fewer padding
-    tokens. Leave it off with several processes: the number of forwards then depends on each process's lengths, and
+    With `length_buckets`, rows of very uneven lengths are scored in a few passes of similar lengths
+    (`length_buckets_of`), each as wide as its own longest completion, instead of one pass as wide as the longest of
+    all: the same values (each row is scored on its own; a causal model never lets a token see the padding after it),
+    fewer padding tokens. Leave it off with several processes: the number of forwards then depends on each process's lengths, and
     wrappers that synchronise in the forward (FSDP, ZeRO-3) or allow one forward per backward (DDP) need them equal.
     """
     request_type = prefix_sharing.SharedPrefixScoring if rollout.shared_prefix else ScoringRequest

@@ -53,13 +53,13 @@ from .reward_scoring import RewardScorer
 from .rollout import (
     Rollout,
     build_generation_config,
-    completion_logps_and_entropies,
     decode_completions,
     encode_prompts,
     eos_token_ids,
     generate_completions,
     is_conversational,
     plan_generation,
+    score_rollout,
     varying_groups,
 )
 
@@ -281,7 +281,7 @@ class GRPOExtTrainer(_BaseTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self.compute_loss_context_manager(),
         ):
-            logps, _ = completion_logps_and_entropies(
+            logps, _ = score_rollout(
                 model, rollout, self.args.temperature, self.args.logprob_chunk_size, length_buckets=self._length_buckets
             )
         return logps
@@ -439,7 +439,7 @@ class GRPOExtTrainer(_BaseTrainer):
             inputs = Rollout.from_dict(inputs, self.args.max_completion_length)
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs.completion_mask  # (B, C)
-        per_token_logps, entropies = completion_logps_and_entropies(  # (B, C) each
+        per_token_logps, entropies = score_rollout(  # (B, C) each
             model, inputs, self.args.temperature, self.args.logprob_chunk_size, self.entropy_control.enabled,
             self._length_buckets,
         )  # fmt: skip

@@ -10,10 +10,10 @@ from grpo_ext import decoding, prefix_sharing
 from grpo_ext.rollout import (
     GenerationPlan,
     Rollout,
-    completion_logps_and_entropies,
     generate_completions,
     length_buckets_of,
     plan_generation,
+    score_rollout,
 )
 from grpo_ext.testing import make_tiny_model
 
@@ -53,8 +53,8 @@ def test_a_trimmed_rollout_scores_as_the_padded_one(tokenizer, shared_prefix):
     model = make_tiny_model("qwen2", tokenizer)
     rollout = _rollout(tokenizer, shared_prefix)
     with torch.no_grad():
-        padded, _ = completion_logps_and_entropies(model, rollout, temperature=0.7, chunk_size=3)
-        trimmed, _ = completion_logps_and_entropies(model, rollout.trimmed(), temperature=0.7, chunk_size=3)
+        padded, _ = score_rollout(model, rollout, temperature=0.7, chunk_size=3)
+        trimmed, _ = score_rollout(model, rollout.trimmed(), temperature=0.7, chunk_size=3)
     assert padded[:, 4:].abs().max() == 0  # padding columns score 0
     torch.testing.assert_close(trimmed, padded[:, :4], atol=1e-5, rtol=1e-5)
     assert (trimmed * rollout.completion_mask[:, :4]).abs().sum() > 0  # real log-probs were compared
@@ -99,7 +99,7 @@ def test_scoring_in_length_buckets_gives_the_same_values_and_gradients(tokenizer
     results = []
     for buckets in (False, True):
         model.zero_grad()
-        logps, entropies = completion_logps_and_entropies(model, rollout, 0.7, 3, length_buckets=buckets)
+        logps, entropies = score_rollout(model, rollout, 0.7, 3, length_buckets=buckets)
         (logps * weights).sum().backward()
         results.append((logps.detach(), entropies, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (plain_logps, plain_entropies, plain_grads), (bucket_logps, bucket_entropies, bucket_grads) = results
