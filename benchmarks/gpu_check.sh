@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu_check.sh --dry-run    # CPU, a tiny model, seconds: checks the script itself
 #   bash benchmarks/gpu_check.sh --with-7b    # also the 7B-shaped model on the 24 GB recipe
 #
+# On a GPU it first times the decoding engines (benchmarks/bench_decode.py: generate, grpo-ext's rollout, a static
+# cache, which generate compiles on CUDA, and continuous batching) into $OUT/bench_decode.md.
+#
 # The GPU machine has PyTorch but maybe not trl / transformers / peft / bitsandbytes / accelerate and no package
 # index: build wheels here first (`pip wheel --no-deps -w wheels/ trl transformers peft bitsandbytes accelerate ...`
 # plus this project: `pip wheel --no-deps -w wheels/ .`) and carry wheels/ along; this script installs them with
@@ -22,4 +25,9 @@ if ! "$PYTHON" -c "import trl, transformers, peft, bitsandbytes, accelerate, dat
         exit 1
     fi
 fi
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" benchmarks/gpu_check.py "$@"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [[ " $* " != *" --dry-run "* ]]; then
+    "$PYTHON" benchmarks/bench_decode.py --continuous-batching | tee "${OUT:-benchmarks}/bench_decode.md" \
+        || echo "gpu_check: bench_decode.py failed; going on with the recipes" >&2
+fi
+exec "$PYTHON" benchmarks/gpu_check.py "$@"

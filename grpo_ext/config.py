@@ -82,9 +82,6 @@ REFUSED_TRL_FIELDS: dict[str, str] = {
     "use_transformers_continuous_batching": _CONTINUOUS_BATCHING,
     "transformers_continuous_batching_config": _CONTINUOUS_BATCHING,
     "use_transformers_paged": _CONTINUOUS_BATCHING + " (Deprecated in TRL too.)",
-    "cache_implementation": "Not wired into grpo-ext's rollout yet: pass it as "
-    "`generation_kwargs={'cache_implementation': ...}` (with `prefix_sharing=False`, since the shared prefix builds "
-    "its own cache).",
     "num_generations_eval": "Not implemented yet: evaluation rollouts use `num_generations` (the eval batch must hold "
     "whole groups of it). Lower `num_generations` or `per_device_eval_batch_size` to make evaluation cheaper.",
     "pad_to_multiple_of": "Padding prompts and completions to a multiple (for Neuron's fixed shapes) is not "
@@ -265,6 +262,15 @@ class GRPOExtConfig(_RefusedTRLFields):
         "fewer tokens decoded when completion lengths are uneven. Falls back to `generate`, with one warning, for "
         "settings it does not reproduce (beam search, stop strings, non-dynamic caches); off under DeepSpeed and "
         "FSDP, whose ranks must run the same number of forward passes. Not in TRL.",
+    )
+    cache_implementation: str | None = _field(
+        None,
+        "KV-cache implementation for generation, as `GenerationConfig.cache_implementation` (e.g. `static`). None "
+        "(the default): a dynamic cache, which lets generation drop finished rows and prefill each prompt once per "
+        "group. `static` preallocates the cache, and on CUDA `generate` then compiles its decoding step (not with a "
+        "4-bit bitsandbytes model, which is not compileable): it can pay off for long fixed-length completions on a "
+        "GPU; on a CPU it measured slower (benchmarks/README.md). With a non-dynamic cache generation runs through "
+        "`model.generate` on every row (one warning), while scoring still encodes each prompt once. Same as TRL.",
     )
     ds3_gather_for_generation: bool = _field(
         True,

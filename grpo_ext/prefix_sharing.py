@@ -55,6 +55,7 @@ from .models import unwrap_causal_lm, uses_prompt_learning
 
 __all__ = [
     "unsupported_reason",
+    "prefill_unsupported_reason",
     "shared_prompt_cache",
     "generate_from_shared_cache",
     "generate_with_shared_prefix",
@@ -73,6 +74,12 @@ def warn_plain_path(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"Prefix sharing is off, using the plain path: {reason}", stacklevel=3)
+
+
+def warn_plain_prefill(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"Generation prefills every row (scoring still shares the prompts): {reason}", stacklevel=3)
 
 
 # --- Groups of identical prompts ---
@@ -135,7 +142,9 @@ def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
 # --- Generation ---
 
 
-def _generation_unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
+def prefill_unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
+    """Why `generate` with `generation_config` cannot start from a prompt cache prefilled once per group (e.g. a
+    static cache, beam search), or None when it can. Scoring may still share the prompts (`unsupported_reason`)."""
     defaults = unwrap_causal_lm(model).generation_config  # what generate uses for the fields left unset (None)
 
     def setting(name):
@@ -229,7 +238,7 @@ def generate_with_shared_prefix(
     Under greedy decoding the completions are token-identical to `model.generate` on the repeated prompts; under
     sampling they follow the same distribution.
     """
-    reason, cache = _generation_unsupported_reason(model, generation_config), None
+    reason, cache = prefill_unsupported_reason(model, generation_config), None
     if reason is None:
         try:
             cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
@@ -355,12 +364,12 @@ def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPr
     )
 
 
-def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
-    """Why a rollout of `model` sampled with `generation_config` cannot share its prompts, in generation and in every
-    scoring pass of its completions (old, reference, policy), or None when it can. Asked once per rollout."""
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why the completions of `model` cannot be scored with each prompt encoded once per group (old, reference and
+    policy passes), or None when they can. Asked once per rollout."""
     if _reentrant_checkpointing(unwrap_causal_lm(model)):
         return _REENTRANT
-    return _generation_unsupported_reason(model, generation_config) or _checked_model_reason(model)
+    return _checked_model_reason(model)
 
 
 _REENTRANT = "reentrant gradient checkpointing would drop gradients through the shared prompt keys/values"

@@ -6,8 +6,9 @@ then adds the old / reference log-probs (`completion_logps`) and the advantages,
 sampling and splits one into micro-batches.
 
 How a rollout is generated is decided here once per rollout (`plan_generation`): whether prompts are shared
-(prefix_sharing.py), and whether finished rows leave the decoding batch (decoding.py). Sharing travels with the
-rollout (`Rollout.shared_prefix`): generation and every scoring pass of its completions take the same path.
+(prefix_sharing.py) in scoring and in generation's prefill, and whether finished rows leave the decoding batch
+(decoding.py). Sharing travels with the rollout (`Rollout.shared_prefix`): every scoring pass of its completions takes
+the same path. Generation may prefill every row while scoring shares (a static cache cannot be repeated per group).
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def build_generation_config(args, pad_token_id: int, eos_token_ids: list[int]) -
         top_k=args.top_k,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
+        cache_implementation=args.cache_implementation,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_ids,
     )
@@ -215,8 +217,9 @@ def build_generation_config(args, pad_token_id: int, eos_token_ids: list[int]) -
 class GenerationPlan:
     """How one rollout is generated and scored, decided once per rollout (`plan_generation`)."""
 
-    shared_prefix: bool = False  # each prompt prefilled once per group, and encoded once in every scoring pass
+    shared_prefix: bool = False  # each prompt encoded once per group in every scoring pass
     drop_finished_rows: bool = False  # decoding.generate_dropping_finished instead of model.generate
+    shared_prefill: bool = False  # each prompt prefilled once per group for generation (needs a DynamicCache)
 
 
 def plan_generation(
@@ -225,15 +228,24 @@ def plan_generation(
     """What this rollout can use of what the config asks for (the policy `model`, before it is unwrapped for
     generation). Each reason not to is warned about once per process."""
 
-    def usable(wanted: bool, unsupported_reason, warn) -> bool:
-        reason = unsupported_reason(model, generation_config) if wanted else None
+    def usable(wanted: bool, unsupported_reason, warn, *settings) -> bool:
+        reason = unsupported_reason(model, *settings) if wanted else None
         if reason is not None:
             warn(reason)
         return wanted and reason is None
 
+    shared_prefix = usable(prefix_sharing_wanted, prefix_sharing.unsupported_reason, prefix_sharing.warn_plain_path)
     return GenerationPlan(
-        shared_prefix=usable(prefix_sharing_wanted, prefix_sharing.unsupported_reason, prefix_sharing.warn_plain_path),
-        drop_finished_rows=usable(drop_finished_rows_wanted, decoding.unsupported_reason, decoding.warn_generate),
+        shared_prefix=shared_prefix,
+        drop_finished_rows=usable(
+            drop_finished_rows_wanted, decoding.unsupported_reason, decoding.warn_generate, generation_config
+        ),
+        shared_prefill=usable(
+            shared_prefix,
+            prefix_sharing.prefill_unsupported_reason,
+            prefix_sharing.warn_plain_prefill,
+            generation_config,
+        ),
     )
 
 
@@ -248,7 +260,7 @@ def generate_completions(
 ) -> torch.Tensor:
     """Completion ids `(B, C)` for the `(B, P)` prompts, each prompt repeated G times in a row."""
     # An evaluation batch may cut a group across processes: then there is no whole group to prefill once
-    unique = prefix_sharing.unique_prompts(prompt_ids, prompt_mask, num_generations) if plan.shared_prefix else None
+    unique = prefix_sharing.unique_prompts(prompt_ids, prompt_mask, num_generations) if plan.shared_prefill else None
     cache = prefix_sharing.shared_prompt_cache(model, *unique, num_generations) if unique is not None else None
     if plan.drop_finished_rows:
         return decoding.generate_dropping_finished(model, prompt_ids, prompt_mask, generation_config, cache=cache)

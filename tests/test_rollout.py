@@ -68,16 +68,18 @@ def test_the_plan_is_made_once_and_generation_follows_it(tokenizer, monkeypatch)
     prompt_ids = prompts["input_ids"].repeat_interleave(G, 0)
     prompt_mask = prompts["attention_mask"].repeat_interleave(G, 0)
     greedy = dict(do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
-    assert plan_generation(model, GenerationConfig(**greedy), True, True) == GenerationPlan(True, True)
-    assert plan_generation(model, GenerationConfig(**greedy), False, True) == GenerationPlan(False, True)
+    assert plan_generation(model, GenerationConfig(**greedy), True, True) == GenerationPlan(True, True, True)
+    assert plan_generation(model, GenerationConfig(**greedy), False, True) == GenerationPlan(False, True, False)
+    # A static cache: generate's own loop on every row, but scoring still shares the prompts
     static = GenerationConfig(**greedy, cache_implementation="static")
     with pytest.warns(UserWarning, match="cache_implementation='static'") as caught:
-        assert plan_generation(model, static, True, True) == GenerationPlan(False, False)
+        assert plan_generation(model, static, True, True) == GenerationPlan(True, False, False)
     assert len(caught) == 2  # one per engine that cannot run this config
+    assert "scoring still shares" in str(caught[1].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per process
-        assert plan_generation(model, static, True, True) == GenerationPlan(False, False)
-    plans = [GenerationPlan(shared, drop) for shared in (False, True) for drop in (False, True)]
+        assert plan_generation(model, static, True, True) == GenerationPlan(True, False, False)
+    plans = [GenerationPlan(shared, drop, shared) for shared in (False, True) for drop in (False, True)]
     outputs = [generate_completions(model, prompt_ids, prompt_mask, G, GenerationConfig(**greedy), p) for p in plans]
     for plan, output in zip(plans, outputs):
         assert torch.equal(output, outputs[0]) and output.shape == (4, 5), plan
@@ -109,3 +111,26 @@ def test_scoring_in_length_buckets_gives_the_same_values_and_gradients(tokenizer
     assert max(g.abs().max().item() for g in plain_grads.values()) > 0
     for name in plain_grads:
         torch.testing.assert_close(bucket_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_cache_implementation_reaches_generate_and_scoring_still_shares(tokenizer, make_args, monkeypatch):
+    from conftest import tiny_trainer
+
+    monkeypatch.setattr(prefix_sharing, "_WARNED", set())
+    monkeypatch.setattr(decoding, "_WARNED", set())
+    trainer = tiny_trainer(tokenizer, make_args(cache_implementation="static", max_steps=1))
+    assert trainer.generation_config.cache_implementation == "static"
+    seen = {}
+    generate = type(trainer.model).generate
+
+    def recording_generate(self, *args, **kwargs):
+        seen["cache"] = kwargs.get("cache")  # generate builds its own StaticCache: none handed in
+        seen["config"] = kwargs["generation_config"].cache_implementation
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.model), "generate", recording_generate)
+    with pytest.warns(UserWarning, match="scoring still shares"):
+        rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(4)]  # 2 groups of G = 4
+        rollout = trainer._generate_and_score(rows, "train")
+    assert seen == {"cache": None, "config": "static"}
+    assert rollout.shared_prefix and rollout.completion_ids.shape == (8, 6)
