@@ -1,6 +1,11 @@
 """Group-relative advantages (DeepSeekMath, arXiv 2402.03300, section 4.1.2 outcome supervision).
 
 A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4), the same value for every token of completion i.
+
+With several reward functions, `multi_objective_aggregation` says where the weighted sum happens:
+- `sum_then_normalize`: r_i = sum_k w_k r_ik, then the advantage above (`group_relative_advantages`);
+- `normalize_then_sum` (GDPO, arXiv 2601.05242): each function's rewards normalised within their group first
+  (`group_normalized_rewards`), then the weighted sum, then normalised over the batch (`batch_normalized_advantages`).
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import torch
 
 STD_EPSILON = 1e-4  # as in TRL, so advantages match trl.GRPOTrainer on the same rewards
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -25,14 +31,43 @@ def group_relative_advantages(
 
     Returns the advantages and the std they were scaled by `(N,)` (group or batch std, for logging
     `frac_reward_zero_std`). NaN rewards (unscorable completions) are left out of the statistics and get advantage 0.
+    A group of one (evaluation with `num_generations_eval=1`) has std 0, as in TRL.
     """
     grouped = rewards.view(-1, num_generations)  # (N/G, G)
     group_mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)  # (N,)
     if scale_rewards == "batch":
-        std = nanstd(rewards).expand_as(rewards)  # (N,)
-    else:
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)  # (N,)
+    elif num_generations > 1:
         std = nanstd(grouped, dim=1).repeat_interleave(num_generations)  # (N,)
+    else:
+        std = torch.zeros_like(rewards)  # (N,)
     advantages = rewards - group_mean
     if scale_rewards != "none":
         advantages = advantages / (std + STD_EPSILON)
+    return torch.nan_to_num(advantages, nan=0.0), std
+
+
+def group_std(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Std of each completion's group rewards `(N,)` (0 for a group of one): whether a group's rewards vary."""
+    if num_generations == 1:
+        return torch.zeros_like(rewards)
+    return nanstd(rewards.view(-1, num_generations), dim=1).repeat_interleave(num_generations)  # (N,)
+
+
+def group_normalized_rewards(rewards_per_func: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """GDPO's decoupled normalisation: each function's rewards `(N, K)` as (r_ik - mean_group) / (std_group + 1e-4)
+    within their group of `num_generations`, `(N, K)`. NaN (a function that returned None) stays NaN and is left out
+    of its group's statistics; a group with one scored value gets NaN (its std is undefined), as in TRL."""
+    num_funcs = rewards_per_func.size(1)
+    grouped = rewards_per_func.view(-1, num_generations, num_funcs)  # (N/G, G, K)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)  # (N/G, 1, K)
+    std = nanstd(grouped, dim=1) if num_generations > 1 else torch.zeros_like(mean)  # (N/G, 1, K)
+    return ((grouped - mean) / (std + STD_EPSILON)).view(-1, num_funcs)  # (N, K)
+
+
+def batch_normalized_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_i = (r_i - mean_batch(r)) / (std_batch(r) + 1e-4), `(N,)`, and the batch std `(N,)`: the last step of
+    `normalize_then_sum`. NaN rewards are left out of the statistics and get advantage 0."""
+    std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)  # (N,)
+    advantages = (rewards - torch.nanmean(rewards)) / (std + STD_EPSILON)
     return torch.nan_to_num(advantages, nan=0.0), std

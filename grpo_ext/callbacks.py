@@ -11,14 +11,15 @@ from transformers import TrainerCallback
 
 
 class ReferenceSyncCallback(TrainerCallback):
-    """Every `sync_steps` optimizer steps, copy the trained adapter into the snapshot reference (snapshot mode)."""
+    """Every `sync_steps` optimizer steps, pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref (`ReferencePolicy.sync`):
+    the snapshot adapter reset to the trained one (alpha = 1), or TR-DPO's soft update (`sync_ref_model`)."""
 
-    def __init__(self, reference, policy, sync_steps: int):
-        self.reference, self.policy, self.sync_steps = reference, policy, sync_steps
+    def __init__(self, reference, policy, sync_steps: int, alpha: float = 1.0):
+        self.reference, self.policy, self.sync_steps, self.alpha = reference, policy, sync_steps, alpha
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.sync_steps == 0:
-            self.reference.sync(self.policy)
+            self.reference.sync(self.policy, self.alpha)
 
 
 class SaveOnInterruptCallback(TrainerCallback):

@@ -19,6 +19,9 @@ from typing import Any
 
 from trl.trainer.base_config import _BaseConfig
 
+from .advantages import MULTI_OBJECTIVE_AGGREGATIONS
+from .data import check_eval_batch
+from .models import model_dtype
 from .objective import KL_ESTIMATORS, LOSS_TYPES, TOKEN_SUMMED_LOSS_TYPES, SurrogateParams
 from .plan import parse_memory
 from .reference import REFERENCE_MODES
@@ -82,23 +85,11 @@ REFUSED_TRL_FIELDS: dict[str, str] = {
     "use_transformers_continuous_batching": _CONTINUOUS_BATCHING,
     "transformers_continuous_batching_config": _CONTINUOUS_BATCHING,
     "use_transformers_paged": _CONTINUOUS_BATCHING + " (Deprecated in TRL too.)",
-    "num_generations_eval": "Not implemented yet: evaluation rollouts use `num_generations` (the eval batch must hold "
-    "whole groups of it). Lower `num_generations` or `per_device_eval_batch_size` to make evaluation cheaper.",
     "pad_to_multiple_of": "Padding prompts and completions to a multiple (for Neuron's fixed shapes) is not "
     "implemented; `auto` (TRL's default) and None both mean no padding on CUDA and CPU, which is what grpo-ext does.",
-    "multi_objective_aggregation": "Only `sum_then_normalize` (TRL's default) is implemented: advantages come from "
-    "the weighted sum of the rewards (`reward_weights`). GDPO's `normalize_then_sum` is not implemented yet.",
-    "sync_ref_model": "TR-DPO's reference mixing is not implemented: use `ref_model_mode='snapshot_adapter'`, which "
-    "resets the reference adapter to the policy's every `ref_model_sync_steps` steps (DeepSeekMath's iterative "
-    "reference reset, i.e. ref_model_mixup_alpha=1).",
-    "ref_model_mixup_alpha": "Only used with `sync_ref_model`, which is not implemented: use "
-    "`ref_model_mode='snapshot_adapter'` with `ref_model_sync_steps` (a full reset, alpha = 1).",
     "max_tool_calling_iterations": "Tool calling (`tools=`, environments) is not supported by GRPOExtTrainer.",
     "router_aux_loss_coef": "The Mixture-of-Experts load-balancing loss is not added: the chunked log-prob pass does "
     "not request router logits. Leave it None (grpo-ext then adds no auxiliary loss, also for MoE models).",
-    "cast_lm_head_to_fp32": "Not implemented: the LM head keeps the model's dtype; grpo-ext's log-prob pass upcasts "
-    "each chunk's logits to float32 before the log-softmax and entropy. For float32 logits throughout, load the "
-    "model in float32 (`model_init_kwargs={'dtype': 'float32'}`).",
     "log_unique_prompts": "Not implemented: the completions table (`log_completions`) lists every completion with "
     "its prompt.",
     "log_completions_hub_repo": "Uploading completions to a Hub dataset is not implemented: with "
@@ -164,7 +155,9 @@ class GRPOExtConfig(_RefusedTRLFields):
     model_init_kwargs: dict[str, Any] | str | None = _field(
         None,
         "Keyword arguments for `AutoModelForCausalLM.from_pretrained`, used when `model` is given as a string (e.g. "
-        '`{"dtype": "bfloat16"}`).',
+        '`{"dtype": "bfloat16"}`). As in TRL, `dtype` is a `torch.dtype` or one of `"bfloat16"`, `"float16"`, '
+        '`"float32"`, `"auto"` (the checkpoint\'s own dtype), and defaults to `float32` when not set; any other value '
+        "is an error.",
     )
     trust_remote_code: bool = _field(
         False,
@@ -176,12 +169,25 @@ class GRPOExtConfig(_RefusedTRLFields):
         "Whether to set every dropout probability of the policy to 0, so the policy, old and reference passes see "
         "the same function. Recommended `True` when the base model has dropout.",
     )
+    cast_lm_head_to_fp32: bool = _field(
+        False,
+        "Cast the LM head of the policy (and of a reference copy) to float32 and run its projection in float32, "
+        "outside autocast, for log-probs and generation alike, as the ScaleRL recipe recommends "
+        "(arXiv 2510.13786). With tied embeddings the shared weight becomes float32 and the embedding output keeps "
+        "the model's dtype, as in TRL. Not supported when a PEFT adapter targets `lm_head`. Same as TRL.",
+    )
 
     # --- Data and generation ---
     num_generations: int = _field(
         8,
         "G in DeepSeekMath (arXiv 2402.03300): completions sampled per prompt. Must be >= 2. DeepSeekMath uses 64; "
         "8 to 16 fits a consumer GPU. The generation batch must be divisible by it.",
+    )
+    num_generations_eval: int | None = _field(
+        None,
+        "Completions sampled per prompt during evaluation (the eval rollout's group size, for its advantages and "
+        "metrics); fewer than `num_generations` makes evaluation cheaper. None uses `num_generations`. The global eval "
+        "batch (`per_device_eval_batch_size` x processes) must be divisible by it. Same as TRL.",
     )
     max_completion_length: int = _field(
         512,
@@ -350,6 +356,15 @@ class GRPOExtConfig(_RefusedTRLFields):
         None,
         "Weight of each reward function in the summed reward, in the order given; defaults to 1.0 each.",
     )
+    multi_objective_aggregation: str = _field(
+        "sum_then_normalize",
+        "How several reward functions make one advantage. `sum_then_normalize` (the default): the weighted sum of the "
+        "rewards, then the group normalisation of `scale_rewards`. `normalize_then_sum`: GDPO (arXiv 2601.05242), each "
+        "function's rewards normalised within their group first, (r_ik - mean_group) / (std_group + 1e-4), then the "
+        "weighted sum, then normalised over the whole batch (`scale_rewards` does not apply), so a function with a "
+        "large spread does not drown the others. Reward-side penalties are subtracted from the aggregated reward "
+        "before its normalisation. Same as TRL.",
+    )
     nonfinite_rewards: str = _field(
         "error",
         "What to do when a reward function returns NaN or +/-inf (not None) for a completion. `error` (the default): "
@@ -459,12 +474,27 @@ class GRPOExtConfig(_RefusedTRLFields):
         "How pi_ref is held. `auto` (the default): `disabled_adapter` for PEFT models (the base model, no extra "
         "memory), `copy` for full fine-tuning, `none` when no KL term is on. `snapshot_adapter`: a frozen copy of the "
         "adapter, refreshed every `ref_model_sync_steps` steps: DeepSeekMath's iterative RL reference reset "
-        "(arXiv 2402.03300, section 4.1.3) at the cost of one adapter; works on 4-bit bases.",
+        "(arXiv 2402.03300, section 4.1.3) at the cost of one adapter; works on 4-bit bases. With `sync_ref_model`, "
+        "`auto` picks `snapshot_adapter` for PEFT models (the disabled adapter has no weights of its own to mix).",
+    )
+    sync_ref_model: bool = _field(
+        False,
+        "TR-DPO's reference update (arXiv 2404.09656): every `ref_model_sync_steps` optimizer steps, pi_ref <- "
+        "alpha * pi_theta + (1 - alpha) * pi_ref, weight by weight, with alpha = `ref_model_mixup_alpha`. Needs a "
+        "reference with its own weights: `copy` (full fine-tuning) or `snapshot_adapter` (PEFT; the adapter weights "
+        "are mixed). Needs a KL term (`beta` or `reward_kl_coef` > 0). Same as TRL, which supports it for full "
+        "fine-tuning only.",
+    )
+    ref_model_mixup_alpha: float = _field(
+        0.6,
+        "alpha of TR-DPO's update pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref (with `sync_ref_model`); in "
+        "[0, 1], 1 resets the reference to the policy. TR-DPO recommends 0.5 to 0.6. Same as TRL.",
     )
     ref_model_sync_steps: int = _field(
         512,
-        "Optimizer steps between refreshes of the snapshot adapter (`ref_model_mode='snapshot_adapter'`). Same name "
-        "as TRL's reference-sync interval.",
+        "tau of TR-DPO: optimizer steps between reference updates. With `sync_ref_model`, the reference is mixed "
+        "with the policy (`ref_model_mixup_alpha`); without it, the snapshot adapter (`ref_model_mode="
+        "'snapshot_adapter'`) is reset to the policy's adapter (alpha = 1). Same default as TRL.",
     )
 
     # --- Memory ---
@@ -541,6 +571,8 @@ class GRPOExtConfig(_RefusedTRLFields):
         self._check_values()
         self._warn_like_trl()
         self._resolve_generation_batch()
+        if self.do_eval and self.eval_strategy != "no":  # as TRL; the trainer checks again when given eval data
+            check_eval_batch(self)
         self._warn_slow_bf16_on_cpu()
 
     def surrogate_params(self) -> SurrogateParams:
@@ -644,6 +676,17 @@ class GRPOExtConfig(_RefusedTRLFields):
             f"entropy_coef_delta={self.entropy_coef_delta}: need 0 <= min <= max and delta >= 0.",
         )
         require(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1.")
+        require(
+            self.num_generations_eval is None or self.num_generations_eval >= 1,
+            f"num_generations_eval={self.num_generations_eval} must be >= 1, or None to use num_generations.",
+        )
+        require(
+            self.multi_objective_aggregation in MULTI_OBJECTIVE_AGGREGATIONS,
+            f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not one of "
+            f"{MULTI_OBJECTIVE_AGGREGATIONS}.",
+        )
+        if isinstance(self.model_init_kwargs, dict):
+            model_dtype(self.model_init_kwargs)  # raises on a dtype TRL does not accept, before anything loads
         require(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is not one of {tuple(LOSS_TYPES)}.")
         require(
             self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
@@ -689,6 +732,24 @@ class GRPOExtConfig(_RefusedTRLFields):
             f"ref_model_mode={self.ref_model_mode!r} is not one of {REFERENCE_MODES}.",
         )
         require(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1.")
+        require(
+            0.0 <= self.ref_model_mixup_alpha <= 1.0,
+            f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} must be in [0, 1] (TR-DPO uses 0.5 to 0.6; 1 resets "
+            "the reference to the policy).",
+        )
+        if self.sync_ref_model:
+            require(
+                self.beta > 0 or self.reward_kl_coef > 0,
+                "sync_ref_model=True but no KL term uses the reference (beta=0 and reward_kl_coef=0): there is nothing "
+                "to synchronize. Set sync_ref_model=False, or beta > 0.",
+            )
+            require(
+                self.ref_model_mode not in ("disabled_adapter", "none"),
+                f"sync_ref_model=True mixes the policy's weights into the reference's, and ref_model_mode="
+                f"{self.ref_model_mode!r} has no reference weights of its own (the base model under the disabled "
+                "adapter would need a second copy). Use ref_model_mode='snapshot_adapter' with a PEFT adapter, "
+                "'copy' for full fine-tuning, or 'auto' (picks one of them).",
+            )
         require(self.max_sampling_rounds >= 1, f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
         if self.gpu_memory_budget is not None:

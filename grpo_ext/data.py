@@ -227,12 +227,15 @@ def check_dataset(
 
 
 def check_eval_batch(args) -> None:
-    """Evaluation groups must not be split across batches: the eval batch on all processes holds whole groups."""
-    if (args.per_device_eval_batch_size * args.world_size) % args.num_generations:
+    """Evaluation groups must not be split across batches: the eval batch on all processes holds whole groups of
+    `num_generations_eval` (None: `num_generations`) completions."""
+    group = args.num_generations_eval or args.num_generations
+    name = "num_generations_eval" if args.num_generations_eval else "num_generations"
+    if (args.per_device_eval_batch_size * args.world_size) % group:
         raise ValueError(
             f"per_device_eval_batch_size={args.per_device_eval_batch_size} x {args.world_size} process(es) is not "
-            f"divisible by num_generations={args.num_generations}, so evaluation groups would be split. Set "
-            f"per_device_eval_batch_size to a multiple of {args.num_generations}."
+            f"divisible by {name}={group}, so evaluation groups would be split. Set per_device_eval_batch_size to a "
+            f"multiple of {group}, or {name} to a divisor of the global eval batch."
         )
 
 

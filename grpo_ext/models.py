@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import types
 
 import torch
 from torch import nn
@@ -14,14 +15,29 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .plan import fit_batch_size
 
+MODEL_DTYPES = ("bfloat16", "float16", "float32", "auto")  # the strings `model_init_kwargs["dtype"]` accepts, as TRL
+
+
+def model_dtype(model_init_kwargs: dict) -> torch.dtype | str | None:
+    """The dtype a model id or path is loaded in, by TRL's rule (`trl.trainer.utils.create_model_from_path`):
+    `model_init_kwargs["dtype"]` (or its old name `torch_dtype`) as a `torch.dtype`, `"auto"` (the checkpoint's own),
+    None, or one of `"bfloat16"`, `"float16"`, `"float32"`; float32 when not set. Anything else raises, naming the
+    field."""
+    value = model_init_kwargs.get("dtype", model_init_kwargs.get("torch_dtype", "float32"))
+    if isinstance(value, torch.dtype) or value is None or value == "auto":
+        return value
+    if isinstance(value, str) and value in MODEL_DTYPES:
+        return getattr(torch, value)
+    raise ValueError(
+        f"model_init_kwargs['dtype']={value!r} is not a dtype: use one of {MODEL_DTYPES} or a torch.dtype (as TRL; "
+        "'auto' keeps the checkpoint's dtype, and float32 is the default when dtype is not set)."
+    )
+
 
 def _resolve_dtype(kwargs: dict) -> dict:
-    kwargs = dict(kwargs)
-    for key in ("dtype", "torch_dtype"):
-        value = kwargs.get(key)
-        if isinstance(value, str) and value != "auto":
-            kwargs[key] = getattr(torch, value)
-    return kwargs
+    """`from_pretrained` keywords with the dtype resolved by TRL's rule (`model_dtype`)."""
+    dtype = model_dtype(kwargs)
+    return {**{key: value for key, value in kwargs.items() if key != "torch_dtype"}, "dtype": dtype}
 
 
 def gguf_source(model: str, model_init_kwargs: dict | None = None) -> tuple[str, str] | None:
@@ -181,6 +197,45 @@ def apply_peft(model: PreTrainedModel, peft_config, gradient_checkpointing: bool
     return model
 
 
+def _fp32_linear_forward(self: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The LM head's projection in float32, outside autocast (`.float()` is free on the float32 weight; it keeps the
+    projection in float32 if the model is cast again later)."""
+    bias = None if self.bias is None else self.bias.float()
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return nn.functional.linear(hidden_states.float(), self.weight.float(), bias)
+
+
+def _to_dtype_hook(dtype: torch.dtype):
+    def hook(module, args, output):
+        return output.to(dtype)
+
+    return hook
+
+
+def cast_lm_head_to_fp32(model: nn.Module) -> nn.Module:
+    """`cast_lm_head_to_fp32`, as TRL does it (ScaleRL, arXiv 2510.13786): the LM head's weight in float32 and its
+    projection run in float32 outside autocast, for scoring and generation alike. With tied embeddings the shared
+    weight becomes float32 and the input embeddings' output is cast back to the model's dtype. Idempotent; returns
+    `model`. Raises, with TRL's message, when a PEFT adapter wraps the LM head."""
+    causal_lm = unwrap_causal_lm(model)
+    lm_head = causal_lm.get_output_embeddings()
+    if getattr(lm_head, "_grpo_ext_fp32", False):
+        return model
+    if hasattr(lm_head, "base_layer"):  # a PEFT tuner layer (peft.tuners.tuners_utils.BaseTunerLayer)
+        raise ValueError(
+            "`cast_lm_head_to_fp32=True` is not supported when the lm_head carries a PEFT adapter (e.g. "
+            "`target_modules` includes `lm_head`). Remove `lm_head` from the adapter's target modules, or set "
+            "`cast_lm_head_to_fp32=False`."
+        )
+    original_dtype = lm_head.weight.dtype
+    lm_head.float()
+    lm_head.forward = types.MethodType(_fp32_linear_forward, lm_head)  # a bound method: deep copies rebind it
+    lm_head._grpo_ext_fp32 = True
+    if getattr(causal_lm.config.get_text_config(), "tie_word_embeddings", False) and original_dtype != torch.float32:
+        causal_lm.get_input_embeddings().register_forward_hook(_to_dtype_hook(original_dtype))
+    return model
+
+
 def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -190,7 +245,7 @@ def disable_dropout(model: nn.Module) -> None:
 def prepare_policy(model, args, processing_class=None, peft_config=None, quantization_config=None):
     """The trainer's policy and tokenizer, in this order: load (`model_init_kwargs`, plus `quantization_config`),
     keep 4-bit weights trainable, fit the micro-batch to `gpu_memory_budget` if set (`plan.fit_batch_size`), tokenizer (unless given; pad token = EOS when it has none), adapter, dropout off
-    with `disable_dropout`. Returns `(model, tokenizer)`."""
+    with `disable_dropout`, the LM head in float32 with `cast_lm_head_to_fp32`. Returns `(model, tokenizer)`."""
     model_init_kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
         model_init_kwargs["quantization_config"] = quantization_config
@@ -207,6 +262,8 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
         model.enable_input_require_grads()
     if args.disable_dropout:
         disable_dropout(model)
+    if args.cast_lm_head_to_fp32:
+        cast_lm_head_to_fp32(model)
     return model, tokenizer
 
 

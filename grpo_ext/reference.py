@@ -6,6 +6,11 @@
   adapter that reset costs an adapter, not a model. Works on 4-bit bases.
 - `copy`: a frozen deep copy, for full fine-tuning with a KL term (what TRL does too).
 - `none`: no KL anywhere (beta == 0 and reward_kl_coef == 0): no reference pass at all.
+
+TR-DPO's soft update (arXiv 2404.09656, `sync_ref_model`): every `ref_model_sync_steps` steps
+pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref, weight by weight. A reference with weights of its own can be mixed:
+the copy (every weight) and the snapshot adapter (the adapter's weights; for LoRA that mixes A and B, not the product
+B A). The disabled adapter has none: mixing it would need a second copy of the base model.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 from .models import load_causal_lm, unwrap_distributed
 
 REFERENCE_MODES = ("auto", "disabled_adapter", "snapshot_adapter", "copy", "none")
+MIXABLE_MODES = ("snapshot_adapter", "copy")  # references with weights of their own, for `sync(alpha < 1)`
 SNAPSHOT_ADAPTER = "reference"  # name of the frozen adapter in snapshot mode (saved in checkpoints as a subfolder)
 
 
@@ -53,19 +59,38 @@ class ReferencePolicy:
 
     @classmethod
     def build(
-        cls, policy: nn.Module, mode: str = "auto", needed: bool = True, load_copy=None, partitioned: bool = False
+        cls,
+        policy: nn.Module,
+        mode: str = "auto",
+        needed: bool = True,
+        load_copy=None,
+        partitioned: bool = False,
+        mixed: bool = False,
     ) -> ReferencePolicy:
-        """The reference for `mode`; `auto` picks the cheapest: none when no KL needs it, disabled adapters for PEFT,
-        else a frozen copy. Raises when the mode cannot serve this policy, saying what to use instead.
+        """The reference for `mode`; `auto` picks the cheapest: none when no KL needs it, disabled adapters for PEFT
+        (the snapshot adapter when `mixed`), else a frozen copy. Raises when the mode cannot serve this policy, saying
+        what to use instead.
 
         `load_copy`: builds the frozen copy instead of `copy.deepcopy(policy)` (DeepSpeed ZeRO-3 partitions weights at
         load time, so a deep copy would copy empty shards). `partitioned`: the weights are sharded across processes.
+        `mixed`: the reference will be mixed with the policy (`sync_ref_model`), so it needs weights of its own.
         """
         if mode not in REFERENCE_MODES:
             raise ValueError(f"ref_model_mode={mode!r} is not one of {REFERENCE_MODES}.")
         is_peft = _is_peft_model(policy)
         if mode == "auto":
-            mode = "none" if not needed else "disabled_adapter" if is_peft else "copy"
+            peft_mode = "snapshot_adapter" if mixed else "disabled_adapter"
+            mode = "none" if not needed else peft_mode if is_peft else "copy"
+        if mixed and mode not in MIXABLE_MODES:
+            raise ValueError(
+                f"sync_ref_model=True mixes the policy into the reference, and ref_model_mode={mode!r} has no "
+                "reference weights of its own: use 'snapshot_adapter' (PEFT), 'copy' (full fine-tuning) or 'auto'."
+            )
+        if mixed and partitioned:
+            raise ValueError(
+                "sync_ref_model=True mixes weights in place, which DeepSpeed ZeRO-3 partitions across processes: use "
+                "ZeRO-2, or sync_ref_model=False."
+            )
         if mode == "none" and needed:
             raise ValueError(
                 "ref_model_mode='none' but a KL term needs pi_ref (beta > 0 or reward_kl_coef > 0): set both to 0, or "
@@ -102,14 +127,26 @@ class ReferencePolicy:
         return f"{size / 2**20:.1f} MiB of frozen weights"
 
     @torch.no_grad()
-    def sync(self, policy: nn.Module) -> None:
-        """Snapshot mode: pi_ref <- pi_theta, by copying the trained adapter into the frozen one."""
-        if self.mode != "snapshot_adapter":
+    def sync(self, policy: nn.Module, alpha: float = 1.0) -> None:
+        """pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref, weight by weight (TR-DPO; alpha = 1: a reset to the
+        policy). Snapshot mode mixes the trained adapter into the frozen one, copy mode the policy into the copy;
+        the other modes have no reference weights and are left as they are."""
+        if self.mode not in MIXABLE_MODES:
             return
         policy = unwrap_distributed(policy)
-        snapshot = _adapter_parameters(policy, SNAPSHOT_ADAPTER)
-        for name, parameter in _adapter_parameters(policy, self.active_adapter).items():
-            snapshot[name].copy_(parameter)
+        if self.mode == "snapshot_adapter":
+            pairs = _adapter_parameters(policy, self.active_adapter)
+            reference = _adapter_parameters(policy, SNAPSHOT_ADAPTER)
+        else:
+            pairs = dict(policy.named_parameters())
+            reference = dict(unwrap_distributed(self.model).named_parameters())
+        if pairs.keys() != reference.keys():
+            raise RuntimeError(
+                f"The reference ({self.mode}) and the policy have different parameters, so they cannot be mixed: "
+                f"{sorted(pairs.keys() ^ reference.keys())[:5]}."
+            )
+        for name, parameter in pairs.items():
+            reference[name].mul_(1.0 - alpha).add_(parameter.to(reference[name].dtype), alpha=alpha)
 
     @contextmanager
     def activate(self, policy: nn.Module):

@@ -23,7 +23,13 @@ from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, 
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
-from .advantages import group_relative_advantages, nanstd
+from .advantages import (
+    batch_normalized_advantages,
+    group_normalized_rewards,
+    group_relative_advantages,
+    group_std,
+    nanstd,
+)
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
 from .config import GRPOExtConfig
@@ -38,7 +44,7 @@ from .hub import (
     training_config_dict,
 )
 from .logprobs import check_against_full_logits
-from .models import prepare_policy
+from .models import cast_lm_head_to_fp32, prepare_policy
 from .objective import (
     EntropyController,
     Normalisers,
@@ -145,6 +151,7 @@ class GRPOExtTrainer(_BaseTrainer):
             if zero3
             else None,
             partitioned=zero3,
+            mixed=args.sync_ref_model,
         )
         self.entropy_control = EntropyController.from_config(args)  # entropy bonus, off by default
         self.reward_kl_controller = None
@@ -176,12 +183,15 @@ class GRPOExtTrainer(_BaseTrainer):
         self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
         self._interrupt = SaveOnInterruptCallback()
         self.add_callback(self._interrupt)
-        if self.reference.mode == "snapshot_adapter":
-            self.add_callback(ReferenceSyncCallback(self.reference, self.model, args.ref_model_sync_steps))
+        if self.reference.mode == "snapshot_adapter" or args.sync_ref_model:  # alpha = 1: the snapshot's reset
+            alpha = args.ref_model_mixup_alpha if args.sync_ref_model else 1.0
+            self.add_callback(ReferenceSyncCallback(self.reference, self.model, args.ref_model_sync_steps, alpha))
         if self.accelerator.is_main_process:
             print(f"[grpo-ext] reference policy: {self.reference.mode} ({self.reference.memory_note(self.model)})")
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded weights cannot be scored here
             check_against_full_logits(self.model)
+        if self.reference.model is not None and args.cast_lm_head_to_fp32:  # a copy loaded again (ZeRO-3) too
+            cast_lm_head_to_fp32(self.reference.model)
         if self.reference.model is not None:  # under DeepSpeed an inference engine, partitioned like the policy
             self.reference.model = (
                 prepare_deepspeed(self.reference.model, self.accelerator)
@@ -192,6 +202,7 @@ class GRPOExtTrainer(_BaseTrainer):
             reward_model.to(self.accelerator.device)
 
         self.num_generations = args.num_generations
+        self.num_generations_eval = args.num_generations_eval or args.num_generations
         self.generation_config = build_generation_config(args, processing_class.pad_token_id, self.eos_token_ids)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # Tokens behind each token-mean metric value, so `log` weights them: the logged kl / entropy / clip ratios are
@@ -238,7 +249,7 @@ class GRPOExtTrainer(_BaseTrainer):
 
     def _get_eval_sampler(self, eval_dataset):
         check_eval_batch(self.args)  # also for datasets given to evaluate() directly
-        return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations, seed=self.args.seed)
+        return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
 
     # --- One step ---
 
@@ -289,6 +300,7 @@ class GRPOExtTrainer(_BaseTrainer):
     def _generate_and_score(self, rows: list[dict], mode: str) -> Rollout:
         """Roll out G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
         device = self.accelerator.device
+        G = self.num_generations if mode == "train" else self.num_generations_eval
         prompts = [row["prompt"] for row in rows]
         prompt_ids, prompt_mask = encode_prompts(
             self.processing_class, prompts, self.args.chat_template_kwargs, self.args.max_prompt_length, device
@@ -301,7 +313,7 @@ class GRPOExtTrainer(_BaseTrainer):
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
         ) as unwrapped_model:
             completion_ids = generate_completions(
-                unwrapped_model, prompt_ids, prompt_mask, self.num_generations, self.generation_config, plan
+                unwrapped_model, prompt_ids, prompt_mask, G, self.generation_config, plan
             )  # (B, C)
         rollout = Rollout.of_completions(
             prompt_ids,
@@ -335,10 +347,15 @@ class GRPOExtTrainer(_BaseTrainer):
         rewards = self.rewards.weighted_sum(rewards_per_func)  # (B * num_processes,)
         penalty = self._reward_penalties(mode, rollout, rollout_per_token_logps)
         shaped_rewards = rewards - penalty  # (B * num_processes,)
-        advantages, std = group_relative_advantages(shaped_rewards, self.num_generations, self.args.scale_rewards)
+        if self.args.multi_objective_aggregation == "normalize_then_sum":  # GDPO: each function normalised first
+            aggregated = self.rewards.weighted_sum(group_normalized_rewards(rewards_per_func, G)) - penalty
+            advantages, std = batch_normalized_advantages(aggregated)
+        else:
+            aggregated = shaped_rewards
+            advantages, std = group_relative_advantages(aggregated, G, self.args.scale_rewards)
         start = self.accelerator.process_index * len(rows)  # this process's rows
         rollout.advantages = advantages[start : start + len(rows)]  # (B,)
-        rollout.group_std = std[start : start + len(rows)]  # (B,) for dynamic sampling
+        rollout.group_std = group_std(aggregated, G)[start : start + len(rows)]  # (B,) for dynamic sampling
 
         self._log_rollout(mode, rewards_per_func, rewards, std, rollout)
         if penalty.any():
