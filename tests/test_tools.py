@@ -128,7 +128,7 @@ def test_tool_results_are_in_the_completion_but_not_in_the_loss(tool_tokenizer, 
         assert text(tool_tokenizer, ids[:length][tool_mask[:length] == 0]) == suffix  # and only they are masked
     n_first, n_last = len(tool_tokenizer(first)["input_ids"]), len(tool_tokenizer(last)["input_ids"])
     assert rollout.generated_lengths.tolist() == [n_first + n_last] * 4
-    assert not rollout.is_truncated.any()
+    assert not rollout.is_truncated.any() and rollout.shared_prefix  # scored with each prompt encoded once
     metrics = trainer._metrics["train"]
     assert metrics["tools/call_frequency"] == [1.0] and metrics["tools/failure_frequency"] == [0.0]
     assert metrics["completions/mean_length"] == [float(n_first + n_last)]  # model tokens only
@@ -156,6 +156,48 @@ def test_tool_results_are_in_the_completion_but_not_in_the_loss(tool_tokenizer, 
         torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
     with_tool_tokens = by_hand(batch.completion_mask)
     assert any(not torch.allclose(g, e, atol=1e-5, rtol=1e-4) for g, e in zip(grads, with_tool_tokens))
+
+
+def test_later_turns_continue_the_whole_history(tool_tokenizer, make_args, monkeypatch):
+    def add(a: int, b: int) -> int:
+        """Add two numbers.
+
+        Args:
+            a: first
+            b: second
+        """
+        return a + b
+
+    first = call("add", a=1, b=2) + "<|im_end|>"
+    generate = trainer_module.generate_completions
+
+    def first_turn_scripted(model, prompt_ids, prompt_mask, num_generations, generation_config, plan):
+        if num_generations == 1:  # a later turn: the model itself, from prompt + completion + tool result
+            return generate(model, prompt_ids, prompt_mask, num_generations, generation_config, plan)
+        ids = tool_tokenizer(first, add_special_tokens=False)["input_ids"]
+        return torch.tensor([ids] * prompt_ids.size(0))
+
+    monkeypatch.setattr(trainer_module, "generate_completions", first_turn_scripted)
+    trainer = make_trainer(
+        tool_tokenizer,
+        make_args,
+        tools=[add],
+        args=dict(max_completion_length=120, generation_kwargs={"do_sample": False}),
+    )
+    rollout = trainer._generate_and_score(rows_of(trainer), mode="train")
+
+    before = len(tool_tokenizer(first + "\n<|im_start|>tool\n3<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    histories = torch.cat([rollout.prompt_ids, rollout.completion_ids[:, :before]], 1)  # equal lengths: no padding
+    expected = trainer.model.generate(
+        input_ids=histories, attention_mask=torch.ones_like(histories), generation_config=trainer.generation_config,
+        max_new_tokens=120 - before,
+    )[:, histories.size(1) :]  # fmt: skip
+    for row, ids in enumerate(expected.tolist()):
+        ends = [i for i, token in enumerate(ids) if token in trainer.eos_token_ids]
+        ids = ids[: ends[0] + 1] if ends else ids
+        assert rollout.completion_ids[row, before : rollout.lengths[row]].tolist() == ids
+        assert rollout.tool_mask[row].sum() == len(tool_tokenizer(first)["input_ids"]) + len(ids)
+    assert rollout.lengths.max() <= 120
 
 
 def test_iteration_limit_failures_and_async_tools(tool_tokenizer, make_args, monkeypatch):
@@ -374,5 +416,9 @@ def test_constructor_errors(tool_tokenizer, tokenizer, make_args):
         make_trainer(tokenizer, make_args, tools=[noop])  # the plain template ignores tool calls
     with pytest.raises(ValueError, match="conversational prompts"):
         make_trainer(tool_tokenizer, make_args, tools=[noop], dataset=make_prompt_dataset(4))
+    no_parser = make_tokenizer(tool_calling=True)
+    no_parser.response_template = None
+    with pytest.raises(ValueError, match="no `response_template`"):
+        make_trainer(no_parser, make_args, tools=[noop])
     with pytest.raises(TypeError, match="tools\\[0\\]"):
         make_trainer(tool_tokenizer, make_args, tools=["noop"])
