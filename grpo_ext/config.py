@@ -87,7 +87,6 @@ REFUSED_TRL_FIELDS: dict[str, str] = {
     "use_transformers_paged": _CONTINUOUS_BATCHING + " (Deprecated in TRL too.)",
     "pad_to_multiple_of": "Padding prompts and completions to a multiple (for Neuron's fixed shapes) is not "
     "implemented; `auto` (TRL's default) and None both mean no padding on CUDA and CPU, which is what grpo-ext does.",
-    "max_tool_calling_iterations": "Tool calling (`tools=`, environments) is not supported by GRPOExtTrainer.",
     "router_aux_loss_coef": "The Mixture-of-Experts load-balancing loss is not added: the chunked log-prob pass does "
     "not request router logits. Leave it None (grpo-ext then adds no auxiliary loss, also for MoE models).",
     "log_unique_prompts": "Not implemented: the completions table (`log_completions`) lists every completion with "
@@ -283,6 +282,14 @@ class GRPOExtConfig(_RefusedTRLFields):
         "DeepSpeed ZeRO-3 only (as in TRL): gather the whole policy on each GPU for generation, which is fast but needs "
         "the unsharded weights in memory for a moment. False generates with the weights left partitioned (each layer "
         "gathered as it runs): slower, but trains models that do not fit one GPU.",
+    )
+    max_tool_calling_iterations: int | None = _field(
+        None,
+        "Maximum number of tool-calling rounds per completion when the trainer has `tools` or an "
+        "`environment_factory` (an agent): after each round the tool results are appended and the model generates its "
+        "next turn. None (TRL's default): no limit; a completion stops when a turn calls no tool or when tool results "
+        "would push it past max_completion_length (then they are dropped). Tool-result tokens count toward "
+        "max_completion_length but are not scored. Set it (e.g. 2-5) to bound a rollout's cost.",
     )
 
     # --- Objective ---
@@ -639,6 +646,10 @@ class GRPOExtConfig(_RefusedTRLFields):
         require(
             self.max_completion_length >= 1,
             f"max_completion_length={self.max_completion_length} must be >= 1.",
+        )
+        require(
+            self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
+            f"max_tool_calling_iterations={self.max_tool_calling_iterations} must be None (no limit) or >= 0.",
         )
         require(
             self.max_prompt_length is None or self.max_prompt_length >= 1,

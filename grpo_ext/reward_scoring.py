@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 # What to do with a NaN / +-inf reward: stop with an error naming it, or leave it out like None (and count it).
 NONFINITE_REWARD_POLICIES = ("error", "drop")
 # Arguments passed to every function as they are, not copied: the trainer's live state.
-SHARED_ARGUMENTS = ("trainer_state",)
-# Arguments every reward function receives besides the dataset columns.
-REWARD_FUNCTION_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
+SHARED_ARGUMENTS = ("trainer_state", "environments")
+# Arguments every reward function receives besides the dataset columns (`environments`: with an environment_factory,
+# the rollouts' environment instances).
+REWARD_FUNCTION_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state", "environments"}
 
 
 class RewardFunctionError(ValueError):
@@ -84,12 +85,20 @@ class RewardScorer:
         model_init_kwargs: dict | None = None,
         chat_template_kwargs: dict | None = None,
         nonfinite_rewards: str = "error",
+        extra_funcs: Sequence[tuple[str, Callable]] = (),
     ):
+        """`extra_funcs`: (name, function) reward sources after `reward_funcs`, weight 1 each (environments'
+        `get_reward`)."""
         if nonfinite_rewards not in NONFINITE_REWARD_POLICIES:
             raise ValueError(f"nonfinite_rewards={nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}.")
         self.nonfinite_rewards = nonfinite_rewards
-        if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
-            raise ValueError("reward_funcs is empty: pass at least one reward function, model path or model.")
+        if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
+            if not extra_funcs:
+                raise ValueError(
+                    "reward_funcs is empty: no reward source. Pass at least one reward function, model path or model, "
+                    "or an environment_factory whose environment defines a get_reward method."
+                )
+            reward_funcs = []
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if reward_processing_classes is None:
             reward_processing_classes = [None] * len(reward_funcs)
@@ -125,7 +134,9 @@ class RewardScorer:
                 f"reward_weights has {len(reward_weights)} values but there are {len(self.funcs)} reward functions "
                 f"({', '.join(self.names)}); give one weight per function, in the same order."
             )
-        self.weights = torch.tensor(reward_weights, dtype=torch.float32)  # (K,)
+        self.funcs += [func for _, func in extra_funcs]
+        self.names += [name for name, _ in extra_funcs]
+        self.weights = torch.tensor([*reward_weights, *[1.0] * len(extra_funcs)], dtype=torch.float32)  # (K,)
         # Non-finite rewards each function returned in the last `score` call (dropped when the policy is "drop")
         self.nonfinite_counts = [0] * len(self.funcs)
 

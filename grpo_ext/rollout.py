@@ -35,6 +35,8 @@ __all__ = [
     "plan_generation",
     "generate_completions",
     "completion_mask_after_eos",
+    "pad_token_lists",
+    "token_lists_until_stop",
     "decode_completions",
     "score_rollout",
     "length_buckets_of",
@@ -43,7 +45,7 @@ __all__ = [
 
 
 # Fields `(B, C)` aligned with the completion tokens (the others are `(B, P)` or `(B,)`)
-_PER_TOKEN = ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps")
+_PER_TOKEN = ("completion_ids", "completion_mask", "tool_mask", "old_per_token_logps", "ref_per_token_logps")
 
 
 @dataclass
@@ -52,9 +54,9 @@ class Rollout:
 
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P)
-    completion_ids: torch.Tensor  # (B, C) anything after the first stop token is padding
-    completion_mask: torch.Tensor  # (B, C) 1 up to and including the first stop token
-    lengths: torch.Tensor | None = None  # (B,) generated tokens, stop token included
+    completion_ids: torch.Tensor  # (B, C) anything after the first stop token (the last, with tools) is padding
+    completion_mask: torch.Tensor  # (B, C) 1 up to and including the first stop token (the last, with tools)
+    lengths: torch.Tensor | None = None  # (B,) completion tokens, stop token (and tool results) included
     is_truncated: torch.Tensor | None = None  # (B,) no stop token within max_completion_length
     shared_prefix: bool = False  # prompts encoded once per group, in generation and in scoring
     old_per_token_logps: torch.Tensor | None = None  # (B, C) pi_old, when the policy moves before this is trained on
@@ -62,6 +64,7 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B,)
     group_std: torch.Tensor | None = None  # (B,) std of each completion's group rewards (dynamic sampling)
     normalisers: Normalisers | None = None  # what the loss divides by, set on micro-batches for training
+    tool_mask: torch.Tensor | None = None  # (B, C) with tools: 1 on generated tokens, 0 on tool results and padding
 
     @classmethod
     def of_completions(
@@ -80,6 +83,46 @@ class Rollout:
         if mask_truncated_completions:
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1)
         return cls(prompt_ids, prompt_mask, completion_ids, completion_mask, lengths, is_truncated, shared_prefix)
+
+    @classmethod
+    def of_token_lists(
+        cls,
+        prompt_ids: list[list[int]],
+        completion_ids: list[list[int]],
+        tool_mask: list[list[int]] | None,
+        pad_token_id: int,
+        eos_token_ids: list[int],
+        mask_truncated_completions: bool = False,
+        shared_prefix: bool = False,
+        device=None,
+    ) -> Rollout:
+        """The rollout of unpadded prompts and completions (as `trl.GRPOTrainer._generate` returns them): prompts
+        left-padded, completions right-padded; a completion is masked by its own length, not after its first stop
+        token (with tools a completion holds one end-of-turn token per turn), and is truncated when it does not end
+        with a stop token."""
+        prompt_ids_, prompt_mask = pad_token_lists(prompt_ids, pad_token_id, "left", device)  # (B, P) each
+        completion_ids_, completion_mask = pad_token_lists(completion_ids, pad_token_id, "right", device)  # (B, C)
+        lengths = completion_mask.sum(1)  # (B,)
+        is_truncated = torch.tensor([not ids or ids[-1] not in eos_token_ids for ids in completion_ids], device=device)
+        if mask_truncated_completions:
+            completion_mask = completion_mask * (~is_truncated).unsqueeze(1)
+        tool_mask_ = None
+        if tool_mask is not None:
+            tool_mask_, _ = pad_token_lists(tool_mask, 0, "right", device)  # (B, C)
+        return cls(
+            prompt_ids_, prompt_mask, completion_ids_, completion_mask, lengths, is_truncated, shared_prefix,
+            tool_mask=tool_mask_,
+        )  # fmt: skip
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """`(B, C)` the tokens the policy is scored on: the completion's, less tool results (context, not actions)."""
+        return self.completion_mask if self.tool_mask is None else self.completion_mask * self.tool_mask
+
+    @property
+    def generated_lengths(self) -> torch.Tensor:
+        """`(B,)` tokens the model generated (tool results left out): what the length metrics count."""
+        return self.lengths if self.tool_mask is None else self.tool_mask.sum(1)
 
     @classmethod
     def from_dict(cls, inputs: dict, max_completion_length: int) -> Rollout:
@@ -154,25 +197,37 @@ def is_conversational(prompt) -> bool:
     return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
 
 
-def prompt_texts(prompts: list, tokenizer, chat_template_kwargs: dict | None = None) -> list[str]:
-    """Prompt strings to tokenize: the chat template with the generation prompt for conversations, else as is."""
+def prompt_texts(
+    prompts: list, tokenizer, chat_template_kwargs: dict | None = None, tools: list[list] | None = None
+) -> list[str]:
+    """Prompt strings to tokenize: the chat template with the generation prompt for conversations (and each row's
+    tool schema, `tools[i]` the functions row i may call), else as is."""
     if is_conversational(prompts[0]):
         return [
             tokenizer.apply_chat_template(
-                prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+                prompt,
+                tools=(tools[i] or None) if tools else None,  # None, not []: some templates render boilerplate for []
+                tokenize=False,
+                add_generation_prompt=True,
+                **(chat_template_kwargs or {}),
             )
-            for prompt in prompts
+            for i, prompt in enumerate(prompts)
         ]
     return list(prompts)
 
 
 def encode_prompts(
-    tokenizer, prompts: list, chat_template_kwargs: dict | None, max_prompt_length: int | None, device
+    tokenizer,
+    prompts: list,
+    chat_template_kwargs: dict | None,
+    max_prompt_length: int | None,
+    device,
+    tools: list[list] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask `(B, P)` of the prompts, left-padded (generation appends on the right), keeping
     each prompt's last `max_prompt_length` tokens."""
     encoded = tokenizer(
-        prompt_texts(prompts, tokenizer, chat_template_kwargs),
+        prompt_texts(prompts, tokenizer, chat_template_kwargs, tools),
         return_tensors="pt",
         padding=True,
         padding_side="left",
@@ -271,6 +326,27 @@ def generate_completions(
         **({"cache": cache} if cache is not None else {}),  # generate then feeds only the last prompt token first
     )  # (B, P + C)
     return sequences[:, prompt_ids.size(1) :]
+
+
+def pad_token_lists(
+    sequences: list[list[int]], pad_value: int, side: str, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one `(B, L)` tensor padded on `side` ("left" or "right") with `pad_value`, and its mask."""
+    width = max(1, max(len(ids) for ids in sequences))
+    ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, L)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            columns = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+            ids[row, columns] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, columns] = 1
+    return ids.to(device), mask.to(device)
+
+
+def token_lists_until_stop(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> list[list[int]]:
+    """Each `(B, C)` completion's ids up to and including its first stop token (all of them when it has none)."""
+    completion_mask, _ = completion_mask_after_eos(completion_ids, eos_token_ids)  # (B, C)
+    return [ids[: int(n)].tolist() for ids, n in zip(completion_ids, completion_mask.sum(1))]
 
 
 def completion_mask_after_eos(

@@ -36,17 +36,51 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# The same turns, plus tool calling: the tool names in a system turn, an assistant's tool calls as
+# `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, a tool result as a `tool` turn.
+TOOL_CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\nTools:' }}{% for tool in tools %}{{ ' ' + tool['function']['name'] }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>' + call['function'] | tojson + '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# How `tokenizer.parse_response` reads an assistant turn of TOOL_CHAT_TEMPLATE back into a message with tool calls.
+TOOL_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|im_start|>assistant\n",
+    "fields": {
+        "tool_calls": {
+            "open": "<tool_call>",
+            "close_pattern": r"</tool_call>\s*",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
+    },
+}
+TOOL_CHARACTERS = ['"', "'"]  # JSON needs them; only the tool-calling tokenizer has them (other vocabularies unchanged)
+
 TINY_ARCHITECTURES = ("qwen2", "llama")
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer(tool_calling: bool = False) -> PreTrainedTokenizerFast:
     """A character-level tokenizer (90 tokens) with pad, eos and a chat template; left padding as GRPO wants.
 
     It is a byte-level BPE with no merges, so every character is one token, and a copy saved next to a Qwen2 model
     reloads identically through `AutoTokenizer` (which rebuilds Qwen2 tokenizers as byte-level BPE from the vocab).
+    With `tool_calling`, two more characters (quotes, for JSON), `TOOL_CHAT_TEMPLATE` and `TOOL_RESPONSE_TEMPLATE`
+    (so `parse_response` extracts tool calls).
     """
     byte_level = {" ": "\u0120", "\n": "\u010a"}  # GPT-2's byte-to-unicode map; other characters map to themselves
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + [byte_level.get(c, c) for c in CHARACTERS])}
+    characters = CHARACTERS + (TOOL_CHARACTERS if tool_calling else [])
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + [byte_level.get(c, c) for c in characters])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="?"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -60,7 +94,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="left",
         truncation_side="left",
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE if tool_calling else CHAT_TEMPLATE
+    if tool_calling:
+        tokenizer.response_template = TOOL_RESPONSE_TEMPLATE
     return tokenizer
 
 

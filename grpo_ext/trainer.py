@@ -6,6 +6,7 @@ log-probs (rollout, logprobs, reference) -> loss (objective) -> log.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -57,9 +58,9 @@ from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penal
 from .reference import ReferencePolicy, load_reference_copy
 from .reward_scoring import RewardScorer
 from .rollout import (
+    GenerationPlan,
     Rollout,
     build_generation_config,
-    decode_completions,
     encode_prompts,
     eos_token_ids,
     generate_completions,
@@ -68,6 +69,7 @@ from .rollout import (
     score_rollout,
     varying_groups,
 )
+from .tools import ToolCalling, complete_turns, placeholder_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,13 @@ class GRPOExtTrainer(_BaseTrainer):
         callbacks, optimizers: as in `transformers.Trainer`.
         peft_config: a `peft.PeftConfig` to train an adapter instead of the full model.
         quantization_config: a `BitsAndBytesConfig` used when `model` is a string (QLoRA with `peft_config`).
+        tools: Python functions (sync or async) the model may call; their signatures and docstrings are the schema
+            the chat template shows it. Tool results are part of the completion but not scored (`grpo_ext.tools`).
+        environment_factory: a callable returning an environment (its public methods are tools, `reset(**row)`
+            starts an episode, an optional `get_reward()` is a reward), or a dict name -> callable selected by each
+            row's `environment` column. `reward_funcs` may be None when an environment owns the reward, and
+            `train_dataset` may be None with a single environment whose `reset` returns the prompt (then set
+            `max_steps`).
     """
 
     # Tags on the model, as TRL's trainers add them (transformers' own pushes carry them); the model card is grpo-ext's
@@ -97,7 +106,7 @@ class GRPOExtTrainer(_BaseTrainer):
     def __init__(
         self,
         model,
-        reward_funcs,
+        reward_funcs=None,
         args: GRPOExtConfig | None = None,
         train_dataset: Dataset | None = None,
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
@@ -107,6 +116,8 @@ class GRPOExtTrainer(_BaseTrainer):
         optimizers=(None, None),
         peft_config=None,
         quantization_config=None,
+        tools=None,
+        environment_factory=None,
     ):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
@@ -124,9 +135,19 @@ class GRPOExtTrainer(_BaseTrainer):
         model, processing_class = prepare_policy(model, args, processing_class, peft_config, quantization_config)
         self.eos_token_ids = eos_token_ids(model, processing_class)
 
+        # Tools and environments (grpo_ext.tools); an environment with get_reward is a reward source
+        self._tool_calling, placeholder = None, None
+        if tools or environment_factory is not None:
+            self._tool_calling = ToolCalling(
+                processing_class, tools, environment_factory, args.max_tool_calling_iterations
+            )
+            if train_dataset is None:  # the environment's reset() writes each prompt
+                train_dataset = placeholder = placeholder_dataset(environment_factory, args)
+
         # Rewards and data, checked now rather than at the first step
         self.rewards = RewardScorer(
             reward_funcs,
+            extra_funcs=self._tool_calling.reward_funcs if self._tool_calling else (),
             reward_weights=args.reward_weights,
             reward_processing_classes=reward_processing_classes,
             model_init_kwargs=args.model_init_kwargs,
@@ -135,10 +156,14 @@ class GRPOExtTrainer(_BaseTrainer):
         )
         max_positions = getattr(model.config, "max_position_embeddings", None)
         required_columns = self.rewards.required_columns()
-        check_dataset(train_dataset, "train_dataset", args, required_columns, processing_class, max_positions)
+        datasets = [("train_dataset", train_dataset)]
         for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
-            name = f"eval_dataset[{split!r}]" if split else "eval_dataset"
-            check_dataset(dataset, name, args, required_columns, processing_class, max_positions)
+            datasets.append((f"eval_dataset[{split!r}]" if split else "eval_dataset", dataset))
+        for name, dataset in datasets:
+            if self._tool_calling is not None:
+                self._tool_calling.check_dataset(dataset, name)
+            if dataset is not placeholder:
+                check_dataset(dataset, name, args, required_columns, processing_class, max_positions)
         if eval_dataset is not None:
             check_eval_batch(args)
 
@@ -210,6 +235,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self._metric_tokens = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
         self._buffered_inputs = None
+        self._plan = None  # how the current rollout generates (rollout.plan_generation), set per rollout
         self._step = 0  # micro-steps taken, to know when to roll out again
         self._finite = FiniteGuard()  # no NaN update, no NaN checkpoint
         # dynamic sampling draws extra prompts from its own generator, different on each process
@@ -302,29 +328,21 @@ class GRPOExtTrainer(_BaseTrainer):
         device = self.accelerator.device
         G = self.num_generations if mode == "train" else self.num_generations_eval
         prompts = [row["prompt"] for row in rows]
-        prompt_ids, prompt_mask = encode_prompts(
-            self.processing_class, prompts, self.args.chat_template_kwargs, self.args.max_prompt_length, device
-        )  # (B, P)
-        plan = plan_generation(self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows)
-        with unwrap_model_for_generation(
-            self.model_wrapped,
-            self.accelerator,
-            gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-        ) as unwrapped_model:
-            completion_ids = generate_completions(
-                unwrapped_model, prompt_ids, prompt_mask, G, self.generation_config, plan
-            )  # (B, C)
-        rollout = Rollout.of_completions(
+        if self._tool_calling is not None:  # each row's environment drawn and reset, each row's tools
+            prompts = self._tool_calling.start(rows, prompts)
+        self._plan = plan_generation(self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows)
+        prompt_ids, completion_ids_list, tool_mask, completions, *_ = self._generate(prompts)
+        rollout = Rollout.of_token_lists(
             prompt_ids,
-            prompt_mask,
-            completion_ids,
+            completion_ids_list,
+            tool_mask,
+            self.processing_class.pad_token_id,
             self.eos_token_ids,
             self.args.mask_truncated_completions,
-            plan.shared_prefix,
+            self._plan.shared_prefix,
+            device,
         )
-        completion_ids_list, texts = decode_completions(rollout, self.processing_class)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) else texts
+        texts = self.processing_class.batch_decode(completion_ids_list, skip_special_tokens=True)
 
         old_needed = mode == "train" and self._policy_moves_during_rollout
         rollout_per_token_logps = None
@@ -338,6 +356,8 @@ class GRPOExtTrainer(_BaseTrainer):
         # Rewards of the whole group are needed for its advantages: gather them from every process.
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         columns["trainer_state"] = self.state
+        if self._tool_calling is not None and self._tool_calling.instances is not None:
+            columns["environments"] = self._tool_calling.instances
         local_rewards_per_func = self.rewards.score(prompts, completions, completion_ids_list, columns)  # (B, K)
         if self.args.nonfinite_rewards == "drop":
             dropped = self.accelerator.reduce(torch.tensor(self.rewards.nonfinite_counts, device=device), "sum")
@@ -370,6 +390,60 @@ class GRPOExtTrainer(_BaseTrainer):
                 "advantage": advantages.tolist(),
             }
         return rollout
+
+    def _generate(self, prompts: list):
+        """`trl.GRPOTrainer._generate`: G completions per prompt (the prompts repeated G times in a row), with the
+        tool-calling rounds when the trainer has tools. Returns, per row, unpadded lists: `(prompt_ids,
+        completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images)`, `tool_mask` None
+        without tools, `logprobs` None (no vLLM), no images. A subclass may override it; the rollout goes through it.
+        """
+        plan = self._plan or plan_generation(
+            self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows
+        )
+        tool_calling = self._tool_calling
+        device, config = self.accelerator.device, self.generation_config
+        prompt_ids, prompt_mask = encode_prompts(
+            self.processing_class,
+            prompts,
+            self.args.chat_template_kwargs,
+            self.args.max_prompt_length,
+            device,
+            tools=tool_calling.row_tools if tool_calling is not None else None,
+        )  # (B, P)
+        with unwrap_model_for_generation(
+            self.model_wrapped,
+            self.accelerator,
+            gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as unwrapped_model:
+            num_generations = self.num_generations if self.model.training else self.num_generations_eval
+            completion_ids = generate_completions(
+                unwrapped_model, prompt_ids, prompt_mask, num_generations, config, plan
+            )  # (B, C)
+
+            def go_on(history_ids, history_mask, max_new_tokens):  # later turns: one completion per history
+                later = copy.deepcopy(config)
+                later.max_new_tokens = max_new_tokens
+                one_each = GenerationPlan(drop_finished_rows=plan.drop_finished_rows)
+                return generate_completions(
+                    unwrapped_model, history_ids.to(device), history_mask.to(device), 1, later, one_each
+                )
+
+            prompt_ids, completion_ids, tool_mask, completions, turns = complete_turns(
+                self.processing_class, prompt_ids, prompt_mask, completion_ids, is_conversational(prompts[0]),
+                self.eos_token_ids, tool_calling, go_on, self.args.max_completion_length,
+                getattr(unwrapped_model.config, "max_position_embeddings", None), self.args.chat_template_kwargs,
+            )  # fmt: skip
+        if tool_calling is not None:
+            mode = "train" if self.model.training else "eval"
+            calls, failures = self.accelerator.reduce(
+                torch.tensor([turns.tool_calls if turns else 0, turns.tool_failures if turns else 0], device=device),
+                reduction="sum",
+            ).tolist()
+            rows = len(prompts) * self.accelerator.num_processes
+            self._metrics[mode]["tools/call_frequency"].append(calls / rows)
+            self._metrics[mode]["tools/failure_frequency"].append(failures / calls if calls else 0.0)
+        return prompt_ids, completion_ids, tool_mask, completions, None, {}, None, []
 
     def _roll_out_varying_groups(self, rows: list[dict]) -> Rollout:
         """DAPO's dynamic sampling: keep groups whose rewards vary, roll out fresh prompts until the batch is full
@@ -405,7 +479,7 @@ class GRPOExtTrainer(_BaseTrainer):
         if args.reward_kl_coef > 0:
             coef = self.reward_kl_controller.value if self.reward_kl_controller else args.reward_kl_coef
             kl = sequence_kl(  # (B,)
-                rollout_per_token_logps, rollout.ref_per_token_logps, rollout.completion_mask, args.reward_kl_estimator
+                rollout_per_token_logps, rollout.ref_per_token_logps, rollout.loss_mask, args.reward_kl_estimator
             )
             penalty = penalty + coef * kl
             mean_kl = gather(kl).mean().item()
@@ -434,7 +508,7 @@ class GRPOExtTrainer(_BaseTrainer):
         """
         steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
         micro_batches = rollout.split(steps)
-        tokens = torch.stack([mb.completion_mask.sum() for mb in micro_batches]).float()  # (steps,)
+        tokens = torch.stack([mb.loss_mask.sum() for mb in micro_batches]).float()  # (steps,)
         if steps % accumulation == 0:
             window_tokens = tokens.view(-1, accumulation).sum(1).repeat_interleave(accumulation)  # (steps,)
         else:
@@ -455,7 +529,7 @@ class GRPOExtTrainer(_BaseTrainer):
         if isinstance(inputs, dict):  # a batch built as for trl.GRPOTrainer
             inputs = Rollout.from_dict(inputs, self.args.max_completion_length)
         mode = "train" if self.model.training else "eval"
-        completion_mask = inputs.completion_mask  # (B, C)
+        completion_mask = inputs.loss_mask  # (B, C) the generated tokens (tool results are context, not scored)
         per_token_logps, entropies = score_rollout(  # (B, C) each
             model, inputs, self.args.temperature, self.args.logprob_chunk_size, self.entropy_control.enabled,
             self._length_buckets,
@@ -561,7 +635,7 @@ class GRPOExtTrainer(_BaseTrainer):
 
     def _log_rollout(self, mode, rewards_per_func, rewards, std, rollout: Rollout):
         metrics = self._metrics[mode]
-        prompt_mask, lengths, is_truncated = rollout.prompt_mask, rollout.lengths, rollout.is_truncated
+        prompt_mask, lengths, is_truncated = rollout.prompt_mask, rollout.generated_lengths, rollout.is_truncated
         for k, name in enumerate(self.rewards.names):
             metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, k]).item())
             metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, k]).item())

@@ -1,0 +1,483 @@
+"""Tool calling and environments: completions that call Python functions, and the model going on after the results.
+
+As `trl.GRPOTrainer` (`tools=`, `environment_factory=`, `max_tool_calling_iterations`):
+
+1. Prompts are rendered with each row's tool schema (`apply_chat_template(tools=...)`, built by transformers from the
+   functions' signatures and docstrings).
+2. A completion is parsed with the tokenizer's `response_template` (`tokenizer.parse_response`); a malformed one is
+   plain text. Each tool call of a completion's last turn is run (sync, or async awaited concurrently); a tool that
+   raises, an unknown name or an unsupported call type gives an `{"error": ...}` result and counts as a failure.
+3. The results, as `{"role": "tool", "name": ..., "content": str(result)}` messages, are appended to the completion
+   as the tokens the chat template renders for them (`tool_suffix_ids`: the difference between a dummy conversation
+   with and without them), and the model generates its next turn after them, one completion per row (each row has
+   its own history). Up to `max_tool_calling_iterations` rounds; results that would push a completion past
+   `max_completion_length` (or the model's context) are rolled back and that row stops.
+4. The completion's ids hold every turn and every tool result; `tool_mask` is 0 on the tool-result tokens, which the
+   model did not generate: they are context for the later turns, never scored as actions (loss, log-prob ratios,
+   KL terms, token-mean metrics and lengths count the model's tokens only).
+
+Environments (`Environments`): `environment_factory` is a callable returning an instance, or a dict name -> callable
+(each row's `environment` column then picks one). Each rollout gets its own instance from a pool that grows to the
+largest number a batch needed; `reset(**row)` starts its episode, and a returned string is appended to the last user
+message. The instance's public methods but `reset` and `get_reward` are that row's tools; `get_reward()` makes the
+environment a reward source (weight 1, named after its class). Reward functions receive the instances as
+`environments`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+
+from .rollout import pad_token_lists, token_lists_until_stop
+
+ENVIRONMENT_COLUMN = "environment"
+# Methods of an environment that are not tools
+_ENVIRONMENT_PROTOCOL = ("reset", "get_reward")
+# The prompt of a row when the environment's reset() writes it (training without a dataset)
+EMPTY_PROMPT = [{"role": "user", "content": ""}]
+
+__all__ = [
+    "ENVIRONMENT_COLUMN",
+    "EMPTY_PROMPT",
+    "Environments",
+    "MultiTurn",
+    "ToolCalling",
+    "check_tool_support",
+    "complete_turns",
+    "placeholder_dataset",
+    "environment_tools",
+    "parse_completion",
+    "run_tool_calls",
+    "tool_call_loop",
+    "tool_suffix_ids",
+]
+
+
+# --- Set-up checks ---
+
+
+def check_tool_support(tokenizer, tools: list) -> None:
+    """The chat template must render a tool-calling conversation, keep earlier turns unchanged when more follow (the
+    tool results' tokens are computed as a suffix), and the tokenizer must parse tool calls out of a completion."""
+    from trl.chat_template_utils import add_response_schema, is_chat_template_prefix_preserving, supports_tool_calling
+
+    for index, tool in enumerate(tools):
+        if not callable(tool):
+            raise TypeError(
+                f"tools[{index}] is a {type(tool).__name__}; tools must be Python functions (sync or async)."
+            )
+    if not supports_tool_calling(tokenizer):
+        raise ValueError(
+            "tools / environment_factory: the processing_class's chat template does not render a tool-calling "
+            "conversation (user -> assistant with tool_calls -> tool). Use a model whose template supports tools, or "
+            "set tokenizer.chat_template to one that does."
+        )
+    if not is_chat_template_prefix_preserving(tokenizer):
+        raise ValueError(
+            "tools / environment_factory: the chat template renders earlier turns differently once a tool result "
+            "follows, so a multi-turn completion cannot be built by appending tokens. Set tokenizer.chat_template to "
+            "a prefix-preserving template (trl.chat_template_utils.get_training_chat_template gives one for common "
+            "models)."
+        )
+    if getattr(tokenizer, "response_template", None) is None:
+        try:  # TRL knows the response templates of common chat templates (Qwen, Llama, GLM, ...)
+            add_response_schema(tokenizer)
+        except ValueError as error:
+            raise ValueError(
+                "tools / environment_factory: the processing_class has no `response_template`, so tool calls cannot "
+                "be parsed from completions, and TRL does not know this chat template. Set "
+                "tokenizer.response_template (transformers' response-parsing docs)."
+            ) from error
+
+
+def environment_tools(instance) -> list[Callable]:
+    """The public methods of an environment (bound to it) but `reset` and `get_reward`, read on its class so that
+    properties are not evaluated."""
+    return [
+        getattr(instance, name)
+        for name, _ in inspect.getmembers(type(instance), predicate=inspect.isfunction)
+        if not name.startswith("_") and name not in _ENVIRONMENT_PROTOCOL
+    ]
+
+
+# --- Environments ---
+
+
+class Environments:
+    """`environment_factory` as `{name: factory}` (`None` the one name of a single factory), a pool of instances per
+    name, and the reward functions of the environments that define `get_reward`."""
+
+    def __init__(self, environment_factory):
+        self.multi = isinstance(environment_factory, dict)
+        self.factories = dict(environment_factory) if self.multi else {None: environment_factory}
+        self.pool: dict = {}
+        self.reward_funcs: list[tuple[str, Callable]] = []  # (name, f(environments, **kwargs))
+        for name, factory in self.factories.items():
+            where = f"environment_factory[{name!r}]" if self.multi else "environment_factory"
+            if not callable(factory):
+                raise TypeError(
+                    f"{where} is a {type(factory).__name__}; it must be a callable returning an environment."
+                )
+            instance = factory()  # probed once, then the pool's first instance
+            if not callable(getattr(instance, "reset", None)):
+                raise ValueError(
+                    f"{where} returned a {type(instance).__name__} without a `reset` method. Each environment must "
+                    "define a callable `reset(**row)` (returning None, or a string appended to the last user message)."
+                )
+            self.pool[name] = [instance]
+            kind = type(instance)
+            if callable(getattr(instance, "get_reward", None)) and kind.__name__ not in dict(self.reward_funcs):
+                self.reward_funcs.append((kind.__name__, _environment_reward(kind)))
+
+    def check_dataset(self, dataset, name: str) -> None:
+        """With several environments, every row must name one of them in its `environment` column."""
+        if not self.multi or dataset is None:
+            return
+        if ENVIRONMENT_COLUMN not in dataset.column_names:
+            raise ValueError(
+                f"environment_factory is a dict (several environments) but {name} has no '{ENVIRONMENT_COLUMN}' column "
+                f"(columns: {dataset.column_names}). Add a column naming each row's environment, one of "
+                f"{list(self.factories)}, or pass a single environment factory."
+            )
+        unknown = sorted(set(dataset[ENVIRONMENT_COLUMN]) - set(self.factories), key=str)
+        if unknown:
+            raise ValueError(
+                f"{name} has rows with environment={unknown[0]!r}, which is not among the environments passed to "
+                f"environment_factory: {list(self.factories)}."
+            )
+
+    def draw(self, rows: list[dict]) -> list:
+        """One instance per row, from the pool of the row's environment (grown when a batch needs more)."""
+        handed_out: dict = {}
+        instances = []
+        for row in rows:
+            name = row.get(ENVIRONMENT_COLUMN) if self.multi else None
+            if name not in self.factories:
+                raise ValueError(
+                    f"A row has environment={name!r}, which is not among the environments passed to "
+                    f"environment_factory: {list(self.factories)}."
+                )
+            pool, index = self.pool[name], handed_out.get(name, 0)
+            if index == len(pool):
+                pool.append(self.factories[name]())
+            handed_out[name] = index + 1
+            instances.append(pool[index])
+        return instances
+
+    def reset(self, instances: list, rows: list[dict], prompts: list) -> list:
+        """Start each instance's episode with `reset(**row)`; a string it returns is appended to the prompt's last
+        message (a new list: the dataset's rows are left untouched)."""
+        reset_prompts = []
+        for instance, row, prompt in zip(instances, rows, prompts):
+            kwargs = {k: v for k, v in row.items() if k != ENVIRONMENT_COLUMN} if self.multi else dict(row)
+            observation = instance.reset(**kwargs)
+            if observation is not None:
+                prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + observation}]
+            reset_prompts.append(prompt)
+        return reset_prompts
+
+
+def _environment_reward(kind: type) -> Callable:
+    """A reward function scoring the rollouts whose environment is exactly `kind` with its `get_reward()` (None for
+    the others), sync or async as `get_reward` is."""
+    if inspect.iscoroutinefunction(kind.get_reward):
+
+        async def get_reward(environments, **kwargs):
+            return [await env.get_reward() if type(env) is kind else None for env in environments]
+
+    else:
+
+        def get_reward(environments, **kwargs):
+            return [env.get_reward() if type(env) is kind else None for env in environments]
+
+    get_reward.__name__ = kind.__name__
+    return get_reward
+
+
+# --- One round of tool calls ---
+
+
+def parse_completion(tokenizer, ids: list[int], prefix: list[int], tools: list | None) -> dict:
+    """The assistant message of a completion's ids (`prefix`: the ids before them): with `tool_calls` when the
+    tokenizer's `response_template` finds some; plain text when it has none or the completion is malformed."""
+    if getattr(tokenizer, "response_template", None) is not None:
+        try:
+            message = tokenizer.parse_response(ids, prefix=prefix, tools=tools or None)
+            if message is None:
+                raise ValueError("nothing parsed")
+            message["content"] = (message.get("content") or "").removesuffix(tokenizer.eos_token or "\0")
+            calls = message.get("tool_calls")
+            if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+                raise ValueError("tool calls that are not a list of objects")
+            return message
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass
+    return {"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}
+
+
+def run_tool_calls(tool_calls: list[dict], tools: list[Callable]) -> tuple[list[tuple[str, object]], int]:
+    """Results `(name, value)` of one turn's tool calls, in order, and how many failed: a tool that raises, an unknown
+    name, arguments that are not a mapping or an unsupported call type give `{"error": message}`."""
+    by_name = {tool.__name__: tool for tool in tools}
+    results: list = [None] * len(tool_calls)
+    pending = {}  # index -> (name, coroutine)
+    failures = 0
+    for index, call in enumerate(tool_calls):
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        name = function.get("name", "unknown") if isinstance(function, dict) else "unknown"
+        try:
+            if isinstance(call, dict) and call.get("type", "function") != "function":
+                raise ValueError(f"Unsupported tool call type: {call.get('type')}")
+            if name not in by_name:
+                raise ValueError(f"Tool {name} not found.")
+            arguments = function.get("arguments") or {}
+            value = by_name[name](**arguments)
+            if inspect.iscoroutine(value):
+                pending[index] = (name, value)
+                continue
+            results[index] = (name, value)
+        except Exception as error:
+            failures += 1
+            results[index] = (name, {"error": str(error)})
+    if pending:
+        outcomes = _await_all([coroutine for _, coroutine in pending.values()])
+        for (index, (name, _)), outcome in zip(pending.items(), outcomes):
+            if isinstance(outcome, Exception):
+                failures += 1
+                outcome = {"error": str(outcome)}
+            results[index] = (name, outcome)
+    return results, failures
+
+
+def _await_all(coroutines: list) -> list:
+    """Await coroutines concurrently (exceptions returned, not raised), on a private loop so this also works inside
+    a running one (Jupyter)."""
+
+    async def gather():
+        return await asyncio.gather(*coroutines, return_exceptions=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(gather())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, gather()).result()
+
+
+def tool_suffix_ids(tokenizer, tool_messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+    """The token ids the chat template puts after an assistant turn's end-of-turn token for these tool results, up to
+    and including the next assistant header: a dummy conversation rendered without and with them, the difference."""
+    calls = [{"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}]
+    dummy = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    kwargs = dict(tokenize=True, return_dict=False, **(chat_template_kwargs or {}))
+    before = list(tokenizer.apply_chat_template(dummy, add_generation_prompt=False, **kwargs))
+    after = list(tokenizer.apply_chat_template(dummy + tool_messages, add_generation_prompt=True, **kwargs))
+    # A completion ends at its end-of-turn token: whatever the template puts after it (a newline) belongs to the suffix
+    ends = [i for i, token in enumerate(before) if token == tokenizer.eos_token_id]
+    if ends:
+        before = before[: ends[-1] + 1]
+    if after[: len(before)] != before:
+        raise ValueError(
+            "The chat template renders an assistant turn differently once a tool result follows it; tool results "
+            "cannot be appended as tokens. Use a prefix-preserving chat template."
+        )
+    return after[len(before) :]
+
+
+# --- The loop ---
+
+
+@dataclass
+class MultiTurn:
+    """Completions after the tool-calling rounds, one entry per row."""
+
+    completion_ids: list[list[int]]  # every turn, tool results included
+    tool_mask: list[list[int]]  # aligned with completion_ids: 1 on generated tokens, 0 on tool-result tokens
+    completions: list[list[dict]]  # the messages: assistant, tool, assistant, ...
+    tool_calls: int = 0
+    tool_failures: int = 0
+    rounds: int = 0
+
+
+def tool_call_loop(
+    tokenizer,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    completions: list[dict],
+    row_tools: list[list[Callable]],
+    generate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    eos_token_ids: list[int],
+    max_completion_length: int,
+    max_iterations: int | None,
+    max_positions: int | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> MultiTurn:
+    """Run the tool calls of the first turns (`completions`: one parsed assistant message per row) and let the model
+    go on, until no row calls a tool, or `max_iterations` rounds.
+
+    `generate(prompt_ids, prompt_mask, max_new_tokens)` continues each left-padded history `(b, L)` (prompt +
+    completion so far + tool results) with one completion `(b, C)`; each is cut after its first stop token.
+    """
+    result = MultiTurn(
+        completion_ids=[list(ids) for ids in completion_ids],
+        tool_mask=[[1] * len(ids) for ids in completion_ids],
+        completions=[[message] for message in completions],
+    )
+    active = [i for i, message in enumerate(completions) if message.get("tool_calls")]
+    while active and (max_iterations is None or result.rounds < max_iterations):
+        continuing, histories = [], []  # rows that go on, and their prompt + completion + tool results
+        for i in active:
+            outcomes, failures = run_tool_calls(result.completions[i][-1]["tool_calls"], row_tools[i])
+            result.tool_calls += len(outcomes)
+            result.tool_failures += failures
+            messages = [{"role": "tool", "name": name, "content": str(value)} for name, value in outcomes]
+            suffix = tool_suffix_ids(tokenizer, messages, chat_template_kwargs)
+            so_far = result.completion_ids[i] + suffix
+            too_long = len(so_far) > max_completion_length or (
+                max_positions is not None and len(prompt_ids[i]) + len(so_far) >= max_positions
+            )
+            if too_long:  # the results are dropped: the completion ends with the turn that called the tools
+                continue
+            result.completions[i] += messages
+            result.tool_mask[i] += [0] * len(suffix)
+            result.completion_ids[i] = so_far
+            continuing.append(i)
+            histories.append(prompt_ids[i] + so_far)
+        if not continuing:
+            break
+        room = [max_completion_length - len(result.completion_ids[i]) for i in continuing]
+        turns = [[] for _ in continuing]
+        if max(room) > 0:
+            history_ids, history_mask = pad_token_lists(histories, tokenizer.pad_token_id, "left", device=None)
+            turns = token_lists_until_stop(generate(history_ids, history_mask, max(room)), eos_token_ids)
+        next_active = []
+        for i, history, ids, most in zip(continuing, histories, turns, room):
+            ids = ids[:most]
+            result.completion_ids[i] += ids
+            result.tool_mask[i] += [1] * len(ids)
+            if ids:
+                message = parse_completion(tokenizer, ids, history, row_tools[i])
+                result.completions[i].append(message)
+                if message.get("tool_calls"):
+                    next_active.append(i)
+        active = next_active
+        result.rounds += 1
+    return result
+
+
+class ToolCalling:
+    """Tools and environments of a trainer: checked once, then per rollout each row's environment instance and tools
+    (`start`), and its multi-turn completions (`complete`)."""
+
+    def __init__(self, tokenizer, tools, environment_factory, max_iterations: int | None):
+        self.tokenizer = tokenizer
+        self.tools = list(tools or [])
+        check_tool_support(tokenizer, self.tools)
+        self.environments = Environments(environment_factory) if environment_factory is not None else None
+        self.max_iterations = max_iterations
+        self.row_tools: list[list[Callable]] | None = None  # the current rollout's, per row
+        self.instances: list | None = None  # the current rollout's environments, per row
+
+    @property
+    def reward_funcs(self) -> list[tuple[str, Callable]]:
+        """(name, function) of each environment class that defines `get_reward`."""
+        return self.environments.reward_funcs if self.environments is not None else []
+
+    def check_dataset(self, dataset, name: str) -> None:
+        if dataset is None:
+            return
+        if self.environments is not None:
+            self.environments.check_dataset(dataset, name)
+        if "prompt" in dataset.column_names and len(dataset) and not _is_chat(dataset[0]["prompt"]):
+            raise ValueError(
+                f"tools / environment_factory need conversational prompts, but {name}'s 'prompt' column holds "
+                f"{type(dataset[0]['prompt']).__name__}s. Give each prompt as a list of messages, e.g. "
+                '[{"role": "user", "content": "..."}]: the chat template renders the tools and the tool results.'
+            )
+
+    def start(self, rows: list[dict], prompts: list) -> list:
+        """A new rollout: each row's environment drawn and reset (its observation appended to the prompt), and each
+        row's tools (the standalone tools plus its environment's methods). Returns the prompts to generate from."""
+        if self.environments is None:
+            self.row_tools = [self.tools] * len(rows)
+            return prompts
+        self.instances = self.environments.draw(rows)
+        self.row_tools = [self.tools + environment_tools(instance) for instance in self.instances]
+        return self.environments.reset(self.instances, rows, prompts)
+
+
+def placeholder_dataset(environment_factory, args) -> Dataset:
+    """Training without a dataset: one rollout's worth of empty prompts, which each environment's `reset()` fills
+    (the sampler cycles through them; `max_steps` sets the length of training)."""
+    if isinstance(environment_factory, dict):
+        raise ValueError(
+            "A dict environment_factory (several environments) needs a train_dataset with an 'environment' column to "
+            "route each row to its environment. Provide a dataset, or pass a single environment factory."
+        )
+    if args.max_steps <= 0:
+        raise ValueError(
+            "Training without a train_dataset (the environment's reset() returns each prompt) needs max_steps > 0 to "
+            "set the length of training: GRPOExtConfig(max_steps=...)."
+        )
+    return Dataset.from_dict({"prompt": [EMPTY_PROMPT] * (args.generation_batch_size // args.num_generations)})
+
+
+def _is_chat(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def complete_turns(
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    conversational: bool,
+    eos_token_ids: list[int],
+    tool_calling: ToolCalling | None = None,
+    generate: Callable | None = None,
+    max_completion_length: int | None = None,
+    max_positions: int | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> tuple[list[list[int]], list[list[int]], list[list[int]] | None, list, MultiTurn | None]:
+    """The first turns `(B, C)` of a rollout as `trl.GRPOTrainer._generate` returns them: unpadded prompt and
+    completion ids, the tool mask (None without tools) and the completions (text, or assistant messages parsed with
+    the tokenizer's `response_template` when it has one); with tools, after the tool-calling rounds
+    (`tool_call_loop`, whose counts come back last)."""
+    prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+    completion_lists = token_lists_until_stop(completion_ids, eos_token_ids)
+    if not conversational:
+        return (
+            prompt_lists,
+            completion_lists,
+            None,
+            tokenizer.batch_decode(completion_lists, skip_special_tokens=True),
+            None,
+        )
+    row_tools = tool_calling.row_tools if tool_calling is not None else [None] * len(prompt_lists)
+    messages = [
+        parse_completion(tokenizer, ids, prefix, tools)
+        for ids, prefix, tools in zip(completion_lists, prompt_lists, row_tools)
+    ]
+    if tool_calling is None or not any(row_tools):
+        return prompt_lists, completion_lists, None, [[message] for message in messages], None
+    turns = tool_call_loop(
+        tokenizer,
+        prompt_lists,
+        completion_lists,
+        messages,
+        row_tools,
+        generate,
+        eos_token_ids,
+        max_completion_length,
+        tool_calling.max_iterations,
+        max_positions,
+        chat_template_kwargs,
+    )
+    return prompt_lists, turns.completion_ids, turns.tool_mask, turns.completions, turns
