@@ -529,9 +529,18 @@ class GRPOExtTrainer(_BaseTrainer):
         old_per_token_logps = inputs.old_per_token_logps
         if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
             old_per_token_logps = per_token_logps.detach()
-        entropy_mask = None  # Beyond the 80/20 rule: the policy term on the top_entropy_quantile of tokens only
+        # Masks of the policy term, through TRL's methods (a subclass may change them): Beyond the 80/20 rule's tokens
+        # of top_entropy_quantile, DeepSeek-V3.2's off-policy sequences
+        entropy_mask = policy_mask = None
         if self.args.top_entropy_quantile < 1.0:
             entropy_mask = self.get_high_entropy_mask(entropies, completion_mask, 1.0 - self.args.top_entropy_quantile)
+            policy_mask = entropy_mask  # (B, C)
+        if self.args.off_policy_mask_threshold is not None:
+            advantages = inputs.advantages.unsqueeze(-1) if inputs.advantages.dim() == 1 else inputs.advantages
+            keep = self.get_off_policy_mask(  # (B, 1)
+                advantages, per_token_logps, old_per_token_logps, completion_mask, self.args.off_policy_mask_threshold
+            )
+            policy_mask = keep if policy_mask is None else policy_mask * keep
         terms = grpo_per_token_loss(
             per_token_logps,
             old_per_token_logps,
@@ -544,8 +553,7 @@ class GRPOExtTrainer(_BaseTrainer):
             loss_type=self.args.loss_type,
             params=self.args.surrogate_params(),
             bias_correction_kl=self.args.use_bias_correction_kl,
-            off_policy_mask_threshold=self.args.off_policy_mask_threshold,
-            token_mask=entropy_mask,
+            token_mask=policy_mask,
         )
         if mode == "train":
             # A window cut short at the end of an epoch holds current_gradient_accumulation_steps micro-batches

@@ -188,3 +188,34 @@ def test_trainer_attributes_and_methods_trl_users_and_callbacks_read(tokenizer, 
     assert torch.equal(kept, GRPOTrainer.get_off_policy_mask(advantages, logps, sampling_logps, mask, 0.05))
     kl = ((sampling_logps - logps) * mask).sum(1) / mask.sum(1)
     assert kept[1:3, 0].tolist() == [float(kl[1] <= 0.05), float(kl[2] <= 0.05)]
+
+
+def test_the_loss_takes_its_masks_from_the_overridable_methods(tokenizer, make_args):
+    """As in TRL, compute_loss calls `self.get_high_entropy_mask` and `self.get_off_policy_mask`: a subclass that
+    drops every sequence leaves only the KL term, which is 0 on the first step (policy == reference)."""
+    import torch
+
+    from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+
+    calls = []
+
+    class DropAll(GRPOExtTrainer):
+        def get_high_entropy_mask(self, entropies, mask, threshold):
+            calls.append(("entropy", threshold, tuple(entropies.shape)))
+            return super().get_high_entropy_mask(entropies, mask, threshold)
+
+        @staticmethod
+        def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
+            calls.append(("off_policy", off_policy_threshold, tuple(advantages.shape)))
+            return torch.zeros(advantages.size(0), 1)
+
+    trainer = DropAll(
+        make_tiny_model("qwen2", tokenizer),
+        digit_fraction_reward,
+        args=make_args(max_steps=1, top_entropy_quantile=0.25, off_policy_mask_threshold=0.1),
+        train_dataset=make_prompt_dataset(8),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert calls[0][:2] == ("entropy", 0.75) and calls[1] == ("off_policy", 0.1, (8, 1))
+    assert trainer.state.log_history[0]["loss"] == 0.0
