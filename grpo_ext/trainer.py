@@ -262,7 +262,7 @@ class GRPOExtTrainer(_BaseTrainer):
     ) -> torch.Tensor:
         """DeepSeek-V3.2's off-policy sequence mask `(B, 1)`: 0.0 drops a completion with a negative advantage whose
         mean token KL(pi_sampling || pi_theta) exceeds `off_policy_threshold`, 1.0 keeps it
-        (`objective.off_policy_mask`, which the loss applies itself)."""
+        (`objective.off_policy_mask`). `compute_loss` calls it with the old log-probs as `sampling_per_token_logps`."""
         return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
 
     # --- Data: each prompt G times in a row, one generation batch per rollout ---
@@ -689,14 +689,13 @@ class GRPOExtTrainer(_BaseTrainer):
         """Print a few of the last rollout's completions and send the whole table to wandb / trackio if they run."""
         samples, shown = self._samples, self.args.num_completions_to_print
         rows = list(zip(*samples.values()))
-        extra = [
-            c for c in samples if c not in {"step", "prompt", "completion", "reward", "advantage", *self.rewards.names}
-        ]
+        fixed = {"step", "prompt", "completion", "reward", "advantage", *self.rewards.names}
+        extra = [column for column in samples if column not in fixed]  # columns logged with log_extra
         lines = [f"step {self.state.global_step} completions:"]
         lines += [
             f"  reward {samples['reward'][i]:+.3f} advantage {samples['advantage'][i]:+.2f} | "
             f"{samples['prompt'][i]!r} -> {samples['completion'][i]!r}"
-            + "".join(f" | {column}={samples[column][i]!r}" for column in extra)  # columns logged with log_extra
+            + "".join(f" | {column}={samples[column][i]!r}" for column in extra)
             for i in range(len(rows))[:shown]
         ]
         print("\n".join(lines))
