@@ -7,17 +7,25 @@ through `datasets` the same way.
 `check_dataset` (columns, size, reward-function arguments, then `check_prompts` and `check_prompt_lengths`) runs at
 trainer start, so a bad row is named before any model time is spent: every row of a map-style dataset, the first
 `ITERABLE_ROWS_CHECKED` of an iterable one.
+
+Streams (`datasets.IterableDataset`) follow TRL's rules (`check_streaming_settings`): no sampler can be attached to
+them, so the sampler's order (each prompt `num_generations` times in a row, a generation batch served several times)
+is built into the stream itself (`grouped_stream`).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Iterable
 
 from datasets import Dataset, IterableDataset, load_dataset
+from trl.trainer.utils import repeat_iterable_dataset
 
 from .rollout import prompt_texts
+
+logger = logging.getLogger(__name__)
 
 # DeepSeekMath's chain-of-thought instruction (arXiv 2402.03300, section 2.3 and appendix).
 DEEPSEEKMATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -83,10 +91,15 @@ def to_prompt_answer(
 # --- Checking prompts ---
 
 
+def first_rows(dataset: IterableDataset, limit: int = ITERABLE_ROWS_CHECKED) -> list[dict]:
+    """The first `limit` rows of a stream (fewer if it ends sooner); reading on would consume it."""
+    return list(itertools.islice(iter(dataset), limit))
+
+
 def dataset_prompts(dataset, limit: int = ITERABLE_ROWS_CHECKED) -> list:
     """The `prompt` of every row of a map-style dataset, or of the first `limit` rows of an iterable one."""
     if isinstance(dataset, IterableDataset):
-        return [row["prompt"] for row in itertools.islice(iter(dataset), limit)]
+        return [row["prompt"] for row in first_rows(dataset, limit)]
     return list(dataset["prompt"])
 
 
@@ -190,18 +203,22 @@ def check_dataset(
     every prompt: type, emptiness, chat roles, length."""
     if dataset is None:
         return
-    if isinstance(dataset, IterableDataset):
-        raise NotImplementedError(f"{name} is an IterableDataset; GRPOExtTrainer needs a map-style Dataset.")
-    columns = list(dataset.column_names)
+    streamed = isinstance(dataset, IterableDataset)
+    rows = first_rows(dataset) if streamed else None
+    # A stream's columns may be unknown until it is read; its size is known only when it ends within the rows read
+    columns = list((dataset.column_names or (rows[0] if rows else [])) if streamed else dataset.column_names)
+    num_rows = len(rows) if streamed else len(dataset)
+    size_known = not streamed or num_rows < ITERABLE_ROWS_CHECKED
     if "prompt" not in columns:
         raise ValueError(
             f"{name} has no 'prompt' column (columns: {columns}). Rename the column that holds the prompts, e.g. "
             "dataset = dataset.rename_column('question', 'prompt')."
         )
     prompts_per_rollout = args.generation_batch_size // args.num_generations
-    if name == "train_dataset" and len(dataset) < prompts_per_rollout:
+    if name == "train_dataset" and size_known and num_rows < prompts_per_rollout:
         raise ValueError(
-            f"train_dataset has {len(dataset)} prompts but one rollout takes {prompts_per_rollout} "
+            f"train_dataset {'streams only' if streamed else 'has'} {num_rows} prompts but one rollout takes "
+            f"{prompts_per_rollout} "
             f"(generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}). "
             "Add prompts or lower per_device_train_batch_size / steps_per_generation."
         )
@@ -212,7 +229,7 @@ def check_dataset(
                 f"Reward function '{func_name}' takes {missing} but {name} has no such column (columns: "
                 f"{columns}). Add the column to the dataset or give the argument a default value."
             )
-    prompts = dataset_prompts(dataset)
+    prompts = [row["prompt"] for row in rows] if streamed else list(dataset["prompt"])
     check_prompts(prompts, name)
     if tokenizer is not None:
         check_prompt_lengths(
@@ -237,6 +254,71 @@ def check_eval_batch(args) -> None:
             f"divisible by {name}={group}, so evaluation groups would be split. Set per_device_eval_batch_size to a "
             f"multiple of {group}, or {name} to a divisor of the global eval batch."
         )
+
+
+# --- Streams (IterableDataset) ---
+
+
+def is_streamed(dataset) -> bool:
+    """True for an `IterableDataset`, or a dict of evaluation datasets holding one."""
+    if isinstance(dataset, dict):
+        return any(isinstance(value, IterableDataset) for value in dataset.values())
+    return isinstance(dataset, IterableDataset)
+
+
+def check_dispatch_batches(args) -> None:
+    """A stream is read by every process (`dispatch_batches=False`): dispatching would collate each batch on the main
+    process, and accelerate cannot concatenate the `prompt` column of strings or messages."""
+    if args.accelerator_config.dispatch_batches:
+        raise ValueError(
+            "Iterable datasets require `dispatch_batches=False`, but it is set to `True` in `accelerator_config`. "
+            "Please set it to `False`."
+        )
+
+
+def check_streaming_settings(args, train_dataset, eval_dataset) -> None:
+    """TRL's rules when a dataset is a stream, applied to `args` before the trainer builds its accelerator: no batch
+    dispatching (an error if asked for, else turned off); for a streamed `train_dataset`, `max_steps` set (a stream
+    has no length), one dataloader worker (several would interleave their shards and split the groups of
+    `num_generations` rows; overridden with TRL's warning), and no `dynamic_sampling` (it draws extra prompts by
+    index)."""
+    if not (is_streamed(train_dataset) or is_streamed(eval_dataset)):
+        return
+    check_dispatch_batches(args)
+    args.accelerator_config.dispatch_batches = False
+    if not isinstance(train_dataset, IterableDataset):
+        return
+    if args.max_steps <= 0:
+        raise ValueError(
+            "train_dataset is an IterableDataset: a stream has no length, so the number of training steps cannot be "
+            "inferred. Set max_steps to a positive value (GRPOExtConfig(max_steps=...))."
+        )
+    if args.dynamic_sampling:
+        raise ValueError(
+            "dynamic_sampling draws fresh prompts by index, which a streamed train_dataset (IterableDataset) cannot "
+            "give. Set dynamic_sampling=False, or pass a map-style Dataset (e.g. Dataset.from_list(rows))."
+        )
+    if args.dataloader_num_workers != 0:
+        logger.warning(
+            "Iterable datasets require `dataloader_num_workers=0` to preserve prompt grouping; overriding the "
+            f"provided value ({args.dataloader_num_workers})."
+        )
+        args.dataloader_num_workers = 0
+
+
+def grouped_stream(
+    dataset: IterableDataset,
+    num_generations: int,
+    prompts_per_batch: int = 1,
+    repeat_count: int = 1,
+    shuffle_seed: int | None = None,
+) -> IterableDataset:
+    """The stream in `RepeatSampler`'s order: batches of `prompts_per_batch` prompts, each prompt `num_generations`
+    times in a row, each batch `repeat_count` times (a trailing incomplete batch is dropped, as the sampler drops
+    it). With `shuffle_seed`, a buffered shuffle first: a stream's stand-in for the sampler's permutation."""
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=shuffle_seed)
+    return repeat_iterable_dataset(dataset, num_generations, prompts_per_batch, repeat_count)
 
 
 def collate_rows(features: list[dict]) -> list[dict]:

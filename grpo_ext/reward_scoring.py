@@ -1,7 +1,9 @@
 """Calling reward functions and reward models with TRL's contract, and checking what they return.
 
 A reward function is `f(prompts, completions, completion_ids, **columns) -> list[float | None]`, sync or async;
-`columns` are the dataset's other columns (one value per completion) plus `trainer_state`. `None` means "this
+`columns` are the dataset's other columns (one value per completion) plus, as in TRL, `trainer_state`, `log_metric`
+(`log_metric(name, value)`: a scalar the trainer averages over processes and logs with its metrics) and `log_extra`
+(`log_extra(column, values)`: one value per completion, a column of the completions table). `None` means "this
 function does not score this completion" and becomes NaN, which the advantages skip. A sequence-classification
 reward model, or a string naming one (path or id), is wrapped in `reward_models.NeuralRewardModel`, the one
 reward-model scorer, and called like any other function.
@@ -20,6 +22,7 @@ import inspect
 import logging
 import math
 import numbers
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,11 +35,11 @@ logger = logging.getLogger(__name__)
 
 # What to do with a NaN / +-inf reward: stop with an error naming it, or leave it out like None (and count it).
 NONFINITE_REWARD_POLICIES = ("error", "drop")
-# Arguments passed to every function as they are, not copied: the trainer's live state.
-SHARED_ARGUMENTS = ("trainer_state", "environments")
-# Arguments every reward function receives besides the dataset columns (`environments`: with an environment_factory,
-# the rollouts' environment instances).
-REWARD_FUNCTION_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state", "environments"}
+# Arguments passed to every function as they are, not copied: the trainer's live state, the logging callbacks and,
+# with an environment_factory, the rollouts' environment instances.
+SHARED_ARGUMENTS = ("trainer_state", "environments", "log_extra", "log_metric")
+# Arguments every reward function receives besides the dataset columns.
+REWARD_FUNCTION_ARGUMENTS = {"prompts", "completions", "completion_ids", *SHARED_ARGUMENTS}
 
 
 class RewardFunctionError(ValueError):
@@ -109,7 +112,9 @@ class RewardScorer:
                 f"reward_processing_classes has {len(reward_processing_classes)} entries but there are "
                 f"{len(reward_funcs)} reward functions; give one per reward function (None for plain functions)."
             )
-        self.funcs = []
+        self.funcs = []  # what `score` calls: reward models wrapped in NeuralRewardModel
+        self.reward_funcs = []  # TRL's view: a reward model as its nn.Module, functions as given
+        self.processing_classes = []  # TRL's view: a reward model's tokenizer, else the entry given
         for index, (func, processing_class) in enumerate(zip(reward_funcs, reward_processing_classes)):
             if isinstance(func, (str, nn.Module)):
                 func = NeuralRewardModel(
@@ -119,26 +124,53 @@ class RewardScorer:
                     name=_name_of(func),
                     **(model_init_kwargs or {}) if isinstance(func, str) else {},
                 )
+                self.reward_funcs.append(func.model)
+                self.processing_classes.append(func.tokenizer)
             elif not callable(func):
                 raise TypeError(
                     f"reward_funcs[{index}] is a {type(func).__name__}, not a reward function: pass a callable "
                     "f(prompts, completions, completion_ids, **columns) -> list[float], a reward model, or its path."
                 )
+            else:
+                self.reward_funcs.append(func)
+                self.processing_classes.append(processing_class)
             self.funcs.append(func)
         self.names = [_name_of(func) for func in self.funcs]
-
-        if reward_weights is None:
-            reward_weights = [1.0] * len(self.funcs)
-        if len(reward_weights) != len(self.funcs):
-            raise ValueError(
-                f"reward_weights has {len(reward_weights)} values but there are {len(self.funcs)} reward functions "
-                f"({', '.join(self.names)}); give one weight per function, in the same order."
-            )
+        self.set_weights([1.0] * len(self.funcs) if reward_weights is None else reward_weights)
+        # Reward sources of the environments (their get_reward), weight 1 each, after the user's functions
         self.funcs += [func for _, func in extra_funcs]
         self.names += [name for name, _ in extra_funcs]
-        self.weights = torch.tensor([*reward_weights, *[1.0] * len(extra_funcs)], dtype=torch.float32)  # (K,)
+        self.reward_funcs += [func for _, func in extra_funcs]
+        self.processing_classes += [None] * len(extra_funcs)
+        self.weights = torch.cat([self.weights, torch.ones(len(extra_funcs))])  # (K,)
         # Non-finite rewards each function returned in the last `score` call (dropped when the policy is "drop")
         self.nonfinite_counts = [0] * len(self.funcs)
+        # What the functions logged through `log_metric` / `log_extra` in the last `score` call
+        self.logged_metrics: dict[str, list[float]] = defaultdict(list)
+        self.logged_columns: dict[str, list] = defaultdict(list)
+
+    def set_weights(self, reward_weights) -> None:
+        """One weight per function, in the order of the functions."""
+        weights = torch.as_tensor(reward_weights, dtype=torch.float32).flatten().cpu()  # (K,)
+        if weights.numel() != len(self.funcs):
+            raise ValueError(
+                f"reward_weights has {weights.numel()} values but there are {len(self.funcs)} reward functions "
+                f"({', '.join(self.names)}); give one weight per function, in the same order."
+            )
+        self.weights = weights
+
+    def log_metric(self, name: str, value: float) -> None:
+        """Passed to reward functions as `log_metric`: a scalar for this batch, logged as the metric `name`."""
+        if not isinstance(value, numbers.Real) and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise RewardFunctionError(
+                f"log_metric({name!r}, {value!r}): the value is a {type(value).__name__}; log one float per call."
+            )
+        self.logged_metrics[name].append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        """Passed to reward functions as `log_extra`: one value per completion of the batch, a column of the
+        completions table."""
+        self.logged_columns[column].extend(values)
 
     def required_columns(self) -> dict[str, list[str]]:
         """Per function name: the keyword arguments it needs with no default, which must come from dataset columns."""
@@ -159,11 +191,15 @@ class RewardScorer:
 
         A NaN / +-inf a function returns raises `RewardFunctionError` (`nonfinite_rewards="error"`) or becomes NaN
         (`"drop"`); `nonfinite_counts` then says how many each function returned. Rows no function scored are
-        reported with a warning, as TRL does.
+        reported with a warning, as TRL does. What the functions log with `log_metric` / `log_extra` is then in
+        `logged_metrics` / `logged_columns` (a column must have one value per completion).
         """
         rewards = torch.full((len(prompts), len(self.funcs)), torch.nan, dtype=torch.float32)
         self.nonfinite_counts = [0] * len(self.funcs)
+        self.logged_metrics.clear()
+        self.logged_columns.clear()
         kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        kwargs.update(log_extra=self.log_extra, log_metric=self.log_metric)
         async_calls = []
         for k, func in enumerate(self.funcs):
             if _is_async(func):
@@ -174,7 +210,13 @@ class RewardScorer:
             outputs = self._run_async([self._call_async(k, self.funcs[k], self._own_copy(kwargs)) for k in async_calls])
             for k, output in zip(async_calls, outputs):
                 rewards[:, k] = self._check(k, output, prompts)
-        self._warn_unscored_rows(rewards, kwargs)
+        for column, values in self.logged_columns.items():
+            if len(values) != len(prompts):
+                raise RewardFunctionError(
+                    f"log_extra({column!r}, ...) was given {len(values)} values in all for a batch of {len(prompts)} "
+                    "completions; log exactly one value per completion, in the order received, once per batch."
+                )
+        self._warn_unscored_rows(rewards, prompts, completions, columns)
         return rewards
 
     # --- calling and checking ---
@@ -249,13 +291,15 @@ class RewardScorer:
             [math.nan if value is None or not math.isfinite(value) else value for value in values], dtype=torch.float32
         )
 
-    def _warn_unscored_rows(self, rewards: torch.Tensor, kwargs: dict) -> None:
-        """Warn, with TRL's wording, about completions no function scored: their advantage is 0, they do not train."""
+    def _warn_unscored_rows(self, rewards: torch.Tensor, prompts: list, completions: list, columns: dict) -> None:
+        """Warn, as TRL does (same condition and wording, the first such row's columns, prompt and completion), about
+        completions no function scored: their advantage is 0, they do not train."""
         unscored = torch.isnan(rewards).all(dim=1).nonzero(as_tuple=True)[0].tolist()  # rows
         if not unscored:
             return
         row = unscored[0]
-        row_kwargs = {key: value[row] for key, value in kwargs.items() if key not in SHARED_ARGUMENTS}
+        row_kwargs = {key: value[row] for key, value in columns.items() if key not in SHARED_ARGUMENTS}
+        row_kwargs.update(prompt=prompts[row], completion=completions[row])
         logger.warning(
             f"All reward functions returned None for the following kwargs:\n{row_kwargs}\n"
             "Please ensure that at least one reward function returns a valid reward. "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather, gather_object
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
@@ -34,7 +34,14 @@ from .advantages import (
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
 from .config import GRPOExtConfig
-from .data import check_dataset, check_eval_batch, collate_rows
+from .data import (
+    check_dataset,
+    check_dispatch_batches,
+    check_eval_batch,
+    check_streaming_settings,
+    collate_rows,
+    grouped_stream,
+)
 from .guards import FiniteGuard, gather_1d
 from .hub import (
     CheckpointUploads,
@@ -53,6 +60,7 @@ from .objective import (
     grpo_per_token_loss,
     high_entropy_mask,
     mean_entropy,
+    off_policy_mask,
 )
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
 from .reference import ReferencePolicy, load_reference_copy
@@ -83,7 +91,9 @@ class GRPOExtTrainer(_BaseTrainer):
             (sync or async), a sequence-classification reward model, or the id / path of one.
         args: a `GRPOExtConfig`.
         train_dataset, eval_dataset: datasets with a `prompt` column (text, or a list of chat messages); other
-            columns are passed to the reward functions as keyword arguments.
+            columns are passed to the reward functions as keyword arguments. Either may be a stream
+            (`datasets.IterableDataset`, e.g. `load_dataset(..., streaming=True)`); a streamed train set needs
+            `max_steps`. `eval_dataset` may be a dict of named datasets.
         processing_class: the policy's tokenizer; loaded from the model's path when omitted.
         reward_processing_classes: tokenizers of the reward models, in the order of `reward_funcs`.
         callbacks, optimizers: as in `transformers.Trainer`.
@@ -108,8 +118,8 @@ class GRPOExtTrainer(_BaseTrainer):
         model,
         reward_funcs=None,
         args: GRPOExtConfig | None = None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         processing_class=None,
         reward_processing_classes=None,
         callbacks=None,
@@ -128,6 +138,7 @@ class GRPOExtTrainer(_BaseTrainer):
                 "trl.GRPOConfig: `from grpo_ext import GRPOExtConfig`)."
             )
         set_seed(args.seed)  # before the model is built: PEFT initialises adapters randomly
+        check_streaming_settings(args, train_dataset, eval_dataset)  # before the accelerator reads args
 
         # Model, tokenizer, adapter
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
@@ -246,6 +257,51 @@ class GRPOExtTrainer(_BaseTrainer):
         """True when SIGTERM or Ctrl-C stopped the last `train()` early (after saving a checkpoint)."""
         return self._interrupt.interrupted
 
+    # --- TRL's public surface: reward functions and the loss masks, as trl.GRPOTrainer names them ---
+
+    @property
+    def reward_funcs(self) -> list:
+        """The reward functions, a reward model as its `nn.Module` (as in TRL), in the order given."""
+        return self.rewards.reward_funcs
+
+    @property
+    def reward_func_names(self) -> list[str]:
+        """Their names, as in the metrics (`rewards/<name>/mean`)."""
+        return self.rewards.names
+
+    @property
+    def reward_processing_classes(self) -> list:
+        """Per reward function: a reward model's tokenizer, else the entry given (None by default)."""
+        return self.rewards.processing_classes
+
+    @property
+    def reward_weights(self) -> torch.Tensor:
+        """`(K,)` float32 weights of the reward functions; assigning new ones applies from the next rollout."""
+        return self.rewards.weights
+
+    @reward_weights.setter
+    def reward_weights(self, weights) -> None:
+        self.rewards.set_weights(weights)
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """`(B, C)` bool: completion tokens whose entropy is at least the `threshold` quantile (in [0, 1]) of all
+        processes' completion-token entropies (`objective.high_entropy_mask`). `compute_loss` calls it with
+        `threshold = 1 - top_entropy_quantile`."""
+        return high_entropy_mask(entropies, mask, threshold, functools.partial(gather_1d, self.accelerator))
+
+    @staticmethod
+    def get_off_policy_mask(
+        advantages: torch.Tensor,
+        per_token_logps: torch.Tensor,
+        sampling_per_token_logps: torch.Tensor,
+        mask: torch.Tensor,
+        off_policy_threshold: float,
+    ) -> torch.Tensor:
+        """DeepSeek-V3.2's off-policy sequence mask `(B, 1)`: 0.0 drops a completion with a negative advantage whose
+        mean token KL(pi_sampling || pi_theta) exceeds `off_policy_threshold`, 1.0 keeps it
+        (`objective.off_policy_mask`). `compute_loss` calls it with the old log-probs as `sampling_per_token_logps`."""
+        return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
+
     # --- Data: each prompt G times in a row, one generation batch per rollout ---
 
     def _set_signature_columns_if_needed(self):
@@ -276,6 +332,31 @@ class GRPOExtTrainer(_BaseTrainer):
     def _get_eval_sampler(self, eval_dataset):
         check_eval_batch(self.args)  # also for datasets given to evaluate() directly
         return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        if not isinstance(dataset, IterableDataset):
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        # A stream takes no sampler: the samplers' order is built into the stream, read by one worker on every process
+        # (also for a stream given to evaluate() directly, which __init__ did not see)
+        args, seed = self.args, self.args.seed
+        if is_training:
+            dataset = grouped_stream(
+                dataset,
+                self.num_generations,
+                args.generation_batch_size // self.num_generations,
+                args.num_iterations * args.steps_per_generation,
+                shuffle_seed=seed if args.shuffle_dataset else None,
+            )
+        else:
+            check_eval_batch(args)
+            dataset = grouped_stream(dataset, self.num_generations, shuffle_seed=seed)
+        check_dispatch_batches(args)
+        self.accelerator.dataloader_config.dispatch_batches = False
+        num_workers, args.dataloader_num_workers = args.dataloader_num_workers, 0
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        finally:
+            args.dataloader_num_workers = num_workers
 
     # --- One step ---
 
@@ -359,6 +440,7 @@ class GRPOExtTrainer(_BaseTrainer):
         if self._tool_calling is not None and self._tool_calling.instances is not None:
             columns["environments"] = self._tool_calling.instances
         local_rewards_per_func = self.rewards.score(prompts, completions, completion_ids_list, columns)  # (B, K)
+        extra_columns = self._log_reward_function_logs(mode, len(rows))
         if self.args.nonfinite_rewards == "drop":
             dropped = self.accelerator.reduce(torch.tensor(self.rewards.nonfinite_counts, device=device), "sum")
             for name, count in zip(self.rewards.names, dropped.tolist()):
@@ -386,6 +468,7 @@ class GRPOExtTrainer(_BaseTrainer):
                 "prompt": [str(p) for p in gather_object(prompts)],
                 "completion": gather_object(texts),
                 **{name: rewards_per_func[:, k].tolist() for k, name in enumerate(self.rewards.names)},
+                **extra_columns,
                 "reward": rewards.tolist(),
                 "advantage": advantages.tolist(),
             }
@@ -537,11 +620,18 @@ class GRPOExtTrainer(_BaseTrainer):
         old_per_token_logps = inputs.old_per_token_logps
         if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
             old_per_token_logps = per_token_logps.detach()
-        entropy_mask = None  # Beyond the 80/20 rule: the policy term on the top_entropy_quantile of tokens only
+        # Masks of the policy term, through TRL's methods (a subclass may change them): Beyond the 80/20 rule's tokens
+        # of top_entropy_quantile, DeepSeek-V3.2's off-policy sequences
+        entropy_mask = policy_mask = None
         if self.args.top_entropy_quantile < 1.0:
-            quantile = 1.0 - self.args.top_entropy_quantile
-            gather_all = functools.partial(gather_1d, self.accelerator)  # the quantile is over all processes' tokens
-            entropy_mask = high_entropy_mask(entropies, completion_mask, quantile, gather_all)
+            entropy_mask = self.get_high_entropy_mask(entropies, completion_mask, 1.0 - self.args.top_entropy_quantile)
+            policy_mask = entropy_mask  # (B, C)
+        if self.args.off_policy_mask_threshold is not None:
+            advantages = inputs.advantages.unsqueeze(-1) if inputs.advantages.dim() == 1 else inputs.advantages
+            keep = self.get_off_policy_mask(  # (B, 1)
+                advantages, per_token_logps, old_per_token_logps, completion_mask, self.args.off_policy_mask_threshold
+            )
+            policy_mask = keep if policy_mask is None else policy_mask * keep
         terms = grpo_per_token_loss(
             per_token_logps,
             old_per_token_logps,
@@ -554,8 +644,7 @@ class GRPOExtTrainer(_BaseTrainer):
             loss_type=self.args.loss_type,
             params=self.args.surrogate_params(),
             bias_correction_kl=self.args.use_bias_correction_kl,
-            off_policy_mask_threshold=self.args.off_policy_mask_threshold,
-            token_mask=entropy_mask,
+            token_mask=policy_mask,
         )
         if mode == "train":
             # A window cut short at the end of an epoch holds current_gradient_accumulation_steps micro-batches
@@ -611,6 +700,21 @@ class GRPOExtTrainer(_BaseTrainer):
         for name in names:
             self._metrics[mode][name].append(total / max(count, 1.0))
             self._metric_tokens[mode][name].append(count)
+
+    def _log_reward_function_logs(self, mode: str, batch_size: int) -> dict[str, list]:
+        """What the reward functions logged in this rollout (`log_metric`, `log_extra`): each metric, its mean over the
+        values of all processes, goes to the metrics; the table columns of all processes are returned. Names are
+        sorted so every process gathers them in the same order."""
+        metrics, columns = self.rewards.logged_metrics, self.rewards.logged_columns
+        for name in sorted(set(gather_object(list(metrics)))):
+            values = metrics.get(name, [])
+            totals = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=self.accelerator.device)
+            total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+            self._metrics[mode][name].append(total / count)
+        return {
+            column: gather_object(columns.get(column, [None] * batch_size))
+            for column in sorted(set(gather_object(list(columns))))
+        }
 
     def _log_objective(self, mode, terms, entropies, completion_mask):
         metrics = self._metrics[mode]
@@ -676,12 +780,14 @@ class GRPOExtTrainer(_BaseTrainer):
         """Print a few of the last rollout's completions and send the whole table to wandb / trackio if they run."""
         samples, shown = self._samples, self.args.num_completions_to_print
         rows = list(zip(*samples.values()))
+        fixed = {"step", "prompt", "completion", "reward", "advantage", *self.rewards.names}
+        extra = [column for column in samples if column not in fixed]  # columns logged with log_extra
         lines = [f"step {self.state.global_step} completions:"]
         lines += [
-            f"  reward {reward:+.3f} advantage {advantage:+.2f} | {prompt!r} -> {completion!r}"
-            for prompt, completion, reward, advantage in zip(
-                samples["prompt"][:shown], samples["completion"][:shown], samples["reward"], samples["advantage"]
-            )
+            f"  reward {samples['reward'][i]:+.3f} advantage {samples['advantage'][i]:+.2f} | "
+            f"{samples['prompt'][i]!r} -> {samples['completion'][i]!r}"
+            + "".join(f" | {column}={samples[column][i]!r}" for column in extra)
+            for i in range(len(rows))[:shown]
         ]
         print("\n".join(lines))
         if "wandb" in self.args.report_to:

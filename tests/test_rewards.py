@@ -129,4 +129,72 @@ def test_rows_no_function_scored_are_warned_about_as_trl_does(caplog):
     with caplog.at_level(logging.WARNING, logger="grpo_ext.reward_scoring"):
         RewardScorer(only_first).score(["p0", "p1", "p2"], ["c0", "c1", "c2"], [[1]] * 3, {"answer": ["0", "1", "2"]})
     assert "All reward functions returned None for the following kwargs" in caplog.text
-    assert "'p1'" in caplog.text and "2 of 3 completions" in caplog.text
+    # TRL's condition (every function None on a row) and row: its columns, prompt and completion; no callbacks
+    assert "{'answer': '1', 'prompt': 'p1', 'completion': 'c1'}" in caplog.text and "2 of 3 completions" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grpo_ext.reward_scoring"):
+        RewardScorer([only_first, lambda completions, **kwargs: [0.0] * len(completions)]).score(
+            ["p0", "p1"], ["c0", "c1"], [[1]] * 2, {}
+        )
+    assert "All reward functions returned None" not in caplog.text  # one function scored every row
+
+
+def test_reward_functions_log_metrics_and_table_columns_as_in_trl():
+    """TRL 1.16 passes `log_metric(name, value)` and `log_extra(column, values)` to every reward function; what they
+    log in one `score` call is kept, shared (not copied) between functions, for the trainer to log."""
+
+    def lengths(completions, log_metric, log_extra, **kwargs):
+        log_metric("mean_length", sum(map(len, completions)) / len(completions))
+        log_metric("mean_length", 1.0)  # a second value in the same batch: averaged with the first by the trainer
+        log_extra("length", [len(c) for c in completions])
+        return [0.0] * len(completions)
+
+    async def checker(completions, log_extra, **kwargs):
+        log_extra("is_long", [len(c) > 2 for c in completions])
+        return [1.0] * len(completions)
+
+    scorer = RewardScorer([lengths, checker])
+    scorer.score(["p", "p"], ["ab", "abcd"], [[1], [2]], {})
+    assert scorer.logged_metrics == {"mean_length": [3.0, 1.0]}
+    assert scorer.logged_columns == {"length": [2, 4], "is_long": [False, True]}
+    scorer.score(["p"], ["abc"], [[1]], {})  # each call starts afresh
+    assert scorer.logged_metrics == {"mean_length": [3.0, 1.0]} and scorer.logged_columns["length"] == [3]
+    assert scorer.required_columns() == {"lengths": [], "checker": []}  # not taken for dataset columns
+
+    def bad_metric(completions, log_metric, **kwargs):
+        log_metric("accuracy", [1.0, 0.0])
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardFunctionError, match=r"log_metric\('accuracy', \[1.0, 0.0\]\): the value is a list"):
+        RewardScorer(bad_metric).score(["p"] * 2, ["a", "b"], [[1]] * 2, {})
+
+    def short_column(completions, log_extra, **kwargs):
+        log_extra("note", ["only one"])
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardFunctionError, match=r"log_extra\('note', ...\) was given 1 values .* batch of 2"):
+        RewardScorer(short_column).score(["p"] * 2, ["a", "b"], [[1]] * 2, {})
+
+
+def test_logged_metric_is_averaged_into_the_logs_and_column_added_to_the_completions_table(
+    tokenizer, make_args, monkeypatch
+):
+    from conftest import tiny_trainer
+
+    def logging_reward(completions, trainer_state, log_metric, log_extra, **kwargs):
+        step = trainer_state.global_step
+        log_metric("my_metric", 2.0 * step + 1)
+        log_metric("my_metric", 2.0 * step + 3)  # mean of the rollout: 2 * step + 2
+        log_extra("my_col", [f"len={len(c)}" for c in completions])
+        return [float(len(c)) for c in completions]
+
+    trainer = tiny_trainer(tokenizer, make_args(max_steps=2, log_completions=True), logging_reward)
+    tables = []
+    table = trainer._log_completions_table
+    monkeypatch.setattr(trainer, "_log_completions_table", lambda: (tables.append(dict(trainer._samples)), table()))
+    trainer.train()
+    assert [entry["my_metric"] for entry in trainer.state.log_history[:2]] == [2.0, 4.0]
+    assert len(tables) == 2
+    for samples in tables:
+        assert list(samples)[-4:] == ["logging_reward", "my_col", "reward", "advantage"]  # TRL's order
+        assert samples["my_col"] == [f"len={len(c)}" for c in samples["completion"]]

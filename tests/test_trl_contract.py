@@ -9,7 +9,7 @@ import pytest
 from transformers import Trainer, TrainingArguments
 from trl.trainer.base_config import _BaseConfig
 from trl.trainer.base_trainer import _BaseTrainer
-from trl.trainer.utils import RepeatSampler
+from trl.trainer.utils import RepeatSampler, repeat_iterable_dataset
 
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.config import DEFAULTS_DIFFERING_FROM_TRL, REFUSED_TRL_FIELDS
@@ -30,6 +30,9 @@ def test_private_base_classes_are_where_we_build_on_them():
     ]
     sampler_args = set(inspect.signature(RepeatSampler).parameters)
     assert {"data_source", "mini_repeat_count", "batch_size", "repeat_count", "shuffle", "seed"} <= sampler_args
+    # a stream's stand-in for RepeatSampler (data.grouped_stream)
+    stream_args = list(inspect.signature(repeat_iterable_dataset).parameters)
+    assert stream_args == ["dataset", "mini_repeat_count", "batch_size", "repeat_count"]
 
 
 def test_shared_config_fields_keep_trl_names():
@@ -142,3 +145,77 @@ def test_loss_settings_trl_warns_about_are_warned_about():
 def test_trust_remote_code_reaches_every_loader():
     args = GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, trust_remote_code=True)
     assert args.model_init_kwargs == {"trust_remote_code": True}  # model, tokenizer, reward models, reference copy
+
+
+def test_trainer_attributes_and_methods_trl_users_and_callbacks_read(tokenizer, make_args, tmp_path):
+    """`reward_funcs`, `reward_func_names`, `reward_processing_classes`, `reward_weights`, `get_high_entropy_mask`
+    and `get_off_policy_mask` with trl.GRPOTrainer's names, signatures and values."""
+    import torch
+    from conftest import tiny_trainer
+    from transformers import PreTrainedModel
+    from trl import GRPOTrainer
+
+    from grpo_ext.testing import digit_fraction_reward, save_tiny_reward_model
+
+    for name in ("get_high_entropy_mask", "get_off_policy_mask"):
+        ours = inspect.signature(getattr(GRPOExtTrainer, name), eval_str=True)
+        assert ours == inspect.signature(getattr(GRPOTrainer, name))
+    assert isinstance(inspect.getattr_static(GRPOExtTrainer, "get_off_policy_mask"), staticmethod)
+
+    reward_model = save_tiny_reward_model(tmp_path / "reward_model")
+    trainer = tiny_trainer(tokenizer, make_args(reward_weights=[1.0, 0.5]), [digit_fraction_reward, reward_model])
+    assert trainer.reward_func_names == ["digit_fraction_reward", "reward_model"]
+    assert trainer.reward_funcs[0] is digit_fraction_reward and isinstance(trainer.reward_funcs[1], PreTrainedModel)
+    assert trainer.reward_funcs[1] is trainer.rewards.reward_models[0]  # the module that scores, not a copy
+    reward_tokenizer = trainer.reward_processing_classes[1]
+    assert trainer.reward_processing_classes[0] is None
+    assert reward_tokenizer.pad_token_id == trainer.reward_funcs[1].config.pad_token_id is not None
+    assert trainer.reward_weights.dtype == torch.float32 and trainer.reward_weights.tolist() == [1.0, 0.5]
+    trainer.reward_weights = torch.tensor([2.0, 0.0])  # a callback re-weighting the rewards mid-run
+    assert trainer.rewards.weighted_sum(torch.tensor([[1.0, 3.0]])).tolist() == [2.0]
+    with pytest.raises(ValueError, match="reward_weights has 1 values but there are 2 reward functions"):
+        trainer.reward_weights = [1.0]
+
+    torch.manual_seed(0)
+    entropies, mask = torch.rand(4, 6), (torch.rand(4, 6) > 0.3).float()
+    ours = trainer.get_high_entropy_mask(entropies, mask, 0.8)
+    assert ours.dtype == torch.bool and 0 < ours.sum() < mask.sum()
+    assert torch.equal(ours, GRPOTrainer.get_high_entropy_mask(trainer, entropies, mask, 0.8))
+    advantages = torch.tensor([[1.0], [-1.0], [-1.0], [0.0]])
+    logps, sampling_logps = -torch.rand(4, 6), -torch.rand(4, 6)
+    kept = trainer.get_off_policy_mask(advantages, logps, sampling_logps, mask, off_policy_threshold=0.05)
+    assert kept.shape == (4, 1) and kept[0] == 1 and kept[3] == 1  # A >= 0 is always kept
+    assert torch.equal(kept, GRPOTrainer.get_off_policy_mask(advantages, logps, sampling_logps, mask, 0.05))
+    kl = ((sampling_logps - logps) * mask).sum(1) / mask.sum(1)
+    assert kept[1:3, 0].tolist() == [float(kl[1] <= 0.05), float(kl[2] <= 0.05)]
+
+
+def test_the_loss_takes_its_masks_from_the_overridable_methods(tokenizer, make_args):
+    """As in TRL, compute_loss calls `self.get_high_entropy_mask` and `self.get_off_policy_mask`: a subclass that
+    drops every sequence leaves only the KL term, which is 0 on the first step (policy == reference)."""
+    import torch
+
+    from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+
+    calls = []
+
+    class DropAll(GRPOExtTrainer):
+        def get_high_entropy_mask(self, entropies, mask, threshold):
+            calls.append(("entropy", threshold, tuple(entropies.shape)))
+            return super().get_high_entropy_mask(entropies, mask, threshold)
+
+        @staticmethod
+        def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
+            calls.append(("off_policy", off_policy_threshold, tuple(advantages.shape)))
+            return torch.zeros(advantages.size(0), 1)
+
+    trainer = DropAll(
+        make_tiny_model("qwen2", tokenizer),
+        digit_fraction_reward,
+        args=make_args(max_steps=1, top_entropy_quantile=0.25, off_policy_mask_threshold=0.1),
+        train_dataset=make_prompt_dataset(8),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert calls[0][:2] == ("entropy", 0.75) and calls[1] == ("off_policy", 0.1, (8, 1))
+    assert trainer.state.log_history[0]["loss"] == 0.0
