@@ -16,7 +16,6 @@ completions table) see.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import inspect
 import logging
@@ -30,6 +29,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from reward_models.neural import NeuralRewardModel
+
+from .concurrency import await_all
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class RewardScorer:
             else:
                 rewards[:, k] = self._check(k, self._call(k, func, self._own_copy(kwargs)), prompts)
         if async_calls:
-            outputs = self._run_async([self._call_async(k, self.funcs[k], self._own_copy(kwargs)) for k in async_calls])
+            outputs = await_all([self._call_async(k, self.funcs[k], self._own_copy(kwargs)) for k in async_calls])
             for k, output in zip(async_calls, outputs):
                 rewards[:, k] = self._check(k, output, prompts)
         for column, values in self.logged_columns.items():
@@ -306,18 +307,3 @@ class RewardScorer:
             f"({len(unscored)} of {rewards.size(0)} completions in this batch were scored by no function; they get "
             "advantage 0 and do not train.)"
         )
-
-    def _run_async(self, coroutines: list) -> list:
-        """Await the async functions concurrently, on a private loop so this works inside Jupyter's running loop."""
-
-        async def gather():
-            return await asyncio.gather(*coroutines)
-
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(gather())
-        import concurrent.futures
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, gather()).result()

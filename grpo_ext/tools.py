@@ -26,8 +26,6 @@ environment a reward source (weight 1, named after its class). Reward functions 
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 
+from .concurrency import await_all
 from .rollout import pad_token_lists, token_lists_until_stop
 
 ENVIRONMENT_COLUMN = "environment"
@@ -247,28 +246,13 @@ def run_tool_calls(tool_calls: list[dict], tools: list[Callable]) -> tuple[list[
             failures += 1
             results[index] = (name, {"error": str(error)})
     if pending:
-        outcomes = _await_all([coroutine for _, coroutine in pending.values()])
+        outcomes = await_all([coroutine for _, coroutine in pending.values()], return_exceptions=True)
         for (index, (name, _)), outcome in zip(pending.items(), outcomes):
             if isinstance(outcome, Exception):
                 failures += 1
                 outcome = {"error": str(outcome)}
             results[index] = (name, outcome)
     return results, failures
-
-
-def _await_all(coroutines: list) -> list:
-    """Await coroutines concurrently (exceptions returned, not raised), on a private loop so this also works inside
-    a running one (Jupyter)."""
-
-    async def gather():
-        return await asyncio.gather(*coroutines, return_exceptions=True)
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(gather())
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, gather()).result()
 
 
 def tool_suffix_ids(tokenizer, tool_messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
