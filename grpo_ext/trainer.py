@@ -349,7 +349,7 @@ class GRPOExtTrainer(_BaseTrainer):
             )
         else:
             check_eval_batch(args)
-            dataset = grouped_stream(dataset, self.num_generations, shuffle_seed=seed)
+            dataset = grouped_stream(dataset, self.num_generations_eval, shuffle_seed=seed)
         check_dispatch_batches(args)
         self.accelerator.dataloader_config.dispatch_batches = False
         num_workers, args.dataloader_num_workers = args.dataloader_num_workers, 0

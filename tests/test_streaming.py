@@ -77,6 +77,14 @@ def test_evaluation_on_streams_returns_metrics(tokenizer, make_args):
     assert "eval_loss" in plain.evaluate(distinct_prompts(4).to_iterable_dataset())
     assert len(seen) == 2 and all(batch == [batch[0]] * G + [batch[G]] * G for batch in seen)
 
+    # num_generations_eval groups an evaluation stream too: 4 prompts x 2 completions, one batch of 8
+    pairs = tiny_trainer(
+        tokenizer, make_args(per_device_eval_batch_size=8, num_generations_eval=2), recording_reward(seen := [])
+    )
+    pairs.evaluate(distinct_prompts(4).to_iterable_dataset())
+    assert len(seen) == 1 and sorted(seen[0]) == sorted(f"{i}+1=" for i in range(4) for _ in range(2))
+    assert seen[0][0::2] == seen[0][1::2]  # each prompt twice in a row
+
 
 def test_streaming_rules_of_trl(tokenizer, make_args, caplog):
     stream = distinct_prompts(8).to_iterable_dataset()
