@@ -57,10 +57,6 @@ _VLLM = (
     "prompt prefilled once per group (`prefix_sharing`). Leave the vLLM fields at their defaults; pass generation "
     "options through `generation_kwargs`."
 )
-_CONTINUOUS_BATCHING = (
-    "transformers' continuous batching is not supported: rollouts use `generate` with each prompt's KV cache shared "
-    "by its group (`prefix_sharing`)."
-)
 REFUSED_TRL_FIELDS: dict[str, str] = {
     "use_vllm": _VLLM,
     "vllm_mode": _VLLM,
@@ -82,9 +78,6 @@ REFUSED_TRL_FIELDS: dict[str, str] = {
     "vllm_importance_sampling_cap": _VLLM + " (Deprecated in TRL too.)",
     "use_liger_kernel": "Liger kernels are not supported: grpo-ext never materialises the (B, T, V) logits anyway "
     "(log-probs are computed `logprob_chunk_size` tokens at a time); lower `logprob_chunk_size` to save memory.",
-    "use_transformers_continuous_batching": _CONTINUOUS_BATCHING,
-    "transformers_continuous_batching_config": _CONTINUOUS_BATCHING,
-    "use_transformers_paged": _CONTINUOUS_BATCHING + " (Deprecated in TRL too.)",
     "pad_to_multiple_of": "Padding prompts and completions to a multiple (for Neuron's fixed shapes) is not "
     "implemented; `auto` (TRL's default) and None both mean no padding on CUDA and CPU, which is what grpo-ext does.",
     "router_aux_loss_coef": "The Mixture-of-Experts load-balancing loss is not added: the chunked log-prob pass does "
@@ -276,6 +269,23 @@ class GRPOExtConfig(_RefusedTRLFields):
         "4-bit bitsandbytes model, which is not compileable): it can pay off for long fixed-length completions on a "
         "GPU; on a CPU it measured slower (benchmarks/README.md). With a non-dynamic cache generation runs through "
         "`model.generate` on every row (one warning), while scoring still encodes each prompt once. Same as TRL.",
+    )
+    use_transformers_continuous_batching: bool = _field(
+        False,
+        "Generate with transformers' continuous batching engine (`model.generate_batch`: paged attention, requests "
+        "scheduled as they finish), as TRL does. It replaces grpo-ext's own decoding (no shared prefill, no dropped "
+        "rows; scoring still encodes each prompt once) and does not apply every `generate` setting (e.g. "
+        "`min_new_tokens`). Built for serving on a GPU; on a CPU it measured 3.8x slower than `generate` "
+        "(benchmarks/README.md). Recommended False. Same as TRL.",
+    )
+    transformers_continuous_batching_config: dict[str, Any] | str | None = _field(
+        None,
+        "Keyword arguments for `transformers.generation.ContinuousBatchingConfig`. As in TRL, `max_memory_percent` "
+        "defaults to 0.5 instead of transformers' 0.9, leaving memory for the backward pass.",
+    )
+    use_transformers_paged: bool = _field(
+        False,
+        "Deprecated in TRL (1.2): sets `use_transformers_continuous_batching=True`, with a FutureWarning.",
     )
     ds3_gather_for_generation: bool = _field(
         True,
@@ -538,6 +548,7 @@ class GRPOExtConfig(_RefusedTRLFields):
         "model_init_kwargs",
         "generation_kwargs",
         "chat_template_kwargs",
+        "transformers_continuous_batching_config",
     ]
 
     def __getstate__(self) -> dict:
@@ -571,6 +582,13 @@ class GRPOExtConfig(_RefusedTRLFields):
         )
         self._refuse_unsupported_trl_fields()  # first: the reason, before any check of TrainingArguments
         super().__post_init__()
+        if self.use_transformers_paged:
+            warnings.warn(
+                "`use_transformers_paged` is deprecated (in TRL too): use `use_transformers_continuous_batching`.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.use_transformers_continuous_batching = True
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         if self.trust_remote_code:  # every loader of grpo-ext reads model_init_kwargs

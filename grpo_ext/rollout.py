@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from transformers import GenerationConfig
 
 from . import decoding, prefix_sharing
 from .logprobs import ScoringRequest, score_completions
+from .models import unwrap_causal_lm
 from .objective import Normalisers
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "eos_token_ids",
     "build_generation_config",
     "GenerationPlan",
+    "continuous_batching_config",
     "plan_generation",
     "generate_completions",
     "completion_mask_after_eos",
@@ -268,6 +271,18 @@ def build_generation_config(args, pad_token_id: int, eos_token_ids: list[int]) -
     return GenerationConfig(**settings)
 
 
+def continuous_batching_config(args):
+    """The `ContinuousBatchingConfig` of `use_transformers_continuous_batching`, or None when it is off. As in TRL,
+    `max_memory_percent` defaults to 0.5 (transformers: 0.9) to leave memory for the backward pass."""
+    if not args.use_transformers_continuous_batching:
+        return None
+    from transformers.generation import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(
+        **{"max_memory_percent": 0.5, **(args.transformers_continuous_batching_config or {})}
+    )
+
+
 @dataclass(frozen=True)
 class GenerationPlan:
     """How one rollout is generated and scored, decided once per rollout (`plan_generation`)."""
@@ -275,13 +290,21 @@ class GenerationPlan:
     shared_prefix: bool = False  # each prompt encoded once per group in every scoring pass
     drop_finished_rows: bool = False  # decoding.generate_dropping_finished instead of model.generate
     shared_prefill: bool = False  # each prompt prefilled once per group for generation (needs a DynamicCache)
+    # transformers' continuous batching (`generate_batch`) with this ContinuousBatchingConfig instead of either loop
+    continuous_batching: Any = None
 
 
 def plan_generation(
-    model: nn.Module, generation_config: GenerationConfig, prefix_sharing_wanted: bool, drop_finished_rows_wanted: bool
+    model: nn.Module,
+    generation_config: GenerationConfig,
+    prefix_sharing_wanted: bool,
+    drop_finished_rows_wanted: bool,
+    continuous_batching=None,
 ) -> GenerationPlan:
     """What this rollout can use of what the config asks for (the policy `model`, before it is unwrapped for
-    generation). Each reason not to is warned about once per process."""
+    generation). Each reason not to is warned about once per process. `continuous_batching` (a
+    `ContinuousBatchingConfig`): generation runs on transformers' engine, which neither drops rows our way nor takes a
+    prefilled cache; scoring may still share the prompts."""
 
     def usable(wanted: bool, unsupported_reason, warn, *settings) -> bool:
         reason = unsupported_reason(model, *settings) if wanted else None
@@ -290,6 +313,8 @@ def plan_generation(
         return wanted and reason is None
 
     shared_prefix = usable(prefix_sharing_wanted, prefix_sharing.unsupported_reason, prefix_sharing.warn_plain_path)
+    if continuous_batching is not None:
+        return GenerationPlan(shared_prefix=shared_prefix, continuous_batching=continuous_batching)
     return GenerationPlan(
         shared_prefix=shared_prefix,
         drop_finished_rows=usable(
@@ -314,6 +339,8 @@ def generate_completions(
     plan: GenerationPlan,
 ) -> torch.Tensor:
     """Completion ids `(B, C)` for the `(B, P)` prompts, each prompt repeated G times in a row."""
+    if plan.continuous_batching is not None:
+        return _generate_batch(model, prompt_ids, prompt_mask, generation_config, plan.continuous_batching)
     # An evaluation batch may cut a group across processes: then there is no whole group to prefill once
     unique = prefix_sharing.unique_prompts(prompt_ids, prompt_mask, num_generations) if plan.shared_prefill else None
     cache = prefix_sharing.shared_prompt_cache(model, *unique, num_generations) if unique is not None else None
@@ -326,6 +353,25 @@ def generate_completions(
         **({"cache": cache} if cache is not None else {}),  # generate then feeds only the last prompt token first
     )  # (B, P + C)
     return sequences[:, prompt_ids.size(1) :]
+
+
+def _generate_batch(model, prompt_ids, prompt_mask, generation_config, batching_config) -> torch.Tensor:
+    """transformers' continuous batching on the unpadded prompts; completions right-padded to `(B, C)`."""
+    causal_lm = unwrap_causal_lm(model)
+    was_training = causal_lm.training
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+    outputs = causal_lm.generate_batch(
+        prompts, generation_config=generation_config, continuous_batching_config=batching_config, progress_bar=False
+    )  # {request id: GenerationOutput}, in the order of the prompts
+    causal_lm.train(was_training)  # the engine leaves the model in eval mode
+    completions = [list(output.generated_tokens) for output in outputs.values() if output.error is None]
+    if len(completions) != len(prompts):
+        raise RuntimeError(
+            f"transformers' continuous batching returned {len(completions)} completions for {len(prompts)} prompts "
+            "(see its errors above); set use_transformers_continuous_batching=False to generate with grpo-ext's loop."
+        )
+    completion_ids, _ = pad_token_lists(completions, generation_config.pad_token_id, "right", prompt_ids.device)
+    return completion_ids  # (B, C)
 
 
 def pad_token_lists(

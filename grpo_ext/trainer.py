@@ -69,6 +69,7 @@ from .rollout import (
     GenerationPlan,
     Rollout,
     build_generation_config,
+    continuous_batching_config,
     encode_prompts,
     eos_token_ids,
     generate_completions,
@@ -215,6 +216,7 @@ class GRPOExtTrainer(_BaseTrainer):
             logger.warning("DeepSpeed / FSDP: prefix_sharing and drop_finished_rows are off (untested when sharded).")
         self._prefix_sharing = args.prefix_sharing and not sharded
         self._drop_finished_rows = args.drop_finished_rows and not sharded
+        self._batching = continuous_batching_config(args)  # transformers' engine instead of grpo-ext's loop, or None
         self._length_buckets = self.accelerator.num_processes == 1  # its forward count follows this rank's lengths
         self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
         self._interrupt = SaveOnInterruptCallback()
@@ -411,7 +413,9 @@ class GRPOExtTrainer(_BaseTrainer):
         prompts = [row["prompt"] for row in rows]
         if self._tool_calling is not None:  # each row's environment drawn and reset, each row's tools
             prompts = self._tool_calling.start(rows, prompts)
-        self._plan = plan_generation(self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows)
+        self._plan = plan_generation(
+            self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows, self._batching
+        )
         prompt_ids, completion_ids_list, tool_mask, completions, *_ = self._generate(prompts)
         rollout = Rollout.of_token_lists(
             prompt_ids,
@@ -481,7 +485,7 @@ class GRPOExtTrainer(_BaseTrainer):
         without tools, `logprobs` None (no vLLM), no images. A subclass may override it; the rollout goes through it.
         """
         plan = self._plan or plan_generation(
-            self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows
+            self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows, self._batching
         )
         tool_calling = self._tool_calling
         device, config = self.accelerator.device, self.generation_config
@@ -507,7 +511,9 @@ class GRPOExtTrainer(_BaseTrainer):
             def go_on(history_ids, history_mask, max_new_tokens):  # later turns: one completion per history
                 later = copy.deepcopy(config)
                 later.max_new_tokens = max_new_tokens
-                one_each = GenerationPlan(drop_finished_rows=plan.drop_finished_rows)
+                one_each = GenerationPlan(
+                    drop_finished_rows=plan.drop_finished_rows, continuous_batching=plan.continuous_batching
+                )
                 return generate_completions(
                     unwrapped_model, history_ids.to(device), history_mask.to(device), 1, later, one_each
                 )

@@ -134,3 +134,55 @@ def test_cache_implementation_reaches_generate_and_scoring_still_shares(tokenize
         rollout = trainer._generate_and_score(rows, "train")
     assert seen == {"cache": None, "config": "static"}
     assert rollout.shared_prefix and rollout.completion_ids.shape == (8, 6)
+
+
+def test_continuous_batching_generates_what_generate_does_greedily(tokenizer):
+    from transformers.generation import ContinuousBatchingConfig
+
+    model = make_tiny_model("llama", tokenizer)
+    prompts = tokenizer(["1+2=", "33+4="], return_tensors="pt", padding=True, padding_side="left")
+    prompt_ids = prompts["input_ids"].repeat_interleave(G, 0)
+    prompt_mask = prompts["attention_mask"].repeat_interleave(G, 0)
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
+    batching = ContinuousBatchingConfig(max_memory_percent=0.5)
+    plan = plan_generation(model, greedy, True, True, batching)
+    assert plan == GenerationPlan(shared_prefix=True, continuous_batching=batching)  # its own engine for generation
+    model.train()
+    batched = generate_completions(model, prompt_ids, prompt_mask, G, greedy, plan)
+    assert model.training  # put back as it was
+    plain = generate_completions(model.eval(), prompt_ids, prompt_mask, G, greedy, GenerationPlan())
+    assert batched.shape == plain.shape == (2 * G, 5) and torch.equal(batched, plain)
+
+
+def test_continuous_batching_config_follows_trl(make_args):
+    from grpo_ext.rollout import continuous_batching_config
+
+    assert continuous_batching_config(make_args()) is None
+    config = continuous_batching_config(make_args(use_transformers_continuous_batching=True))
+    assert config.max_memory_percent == 0.5  # TRL's training-aware default
+    config = continuous_batching_config(
+        make_args(
+            use_transformers_continuous_batching=True,
+            transformers_continuous_batching_config='{"max_memory_percent": 0.3}',
+        )
+    )
+    assert config.max_memory_percent == 0.3
+    with pytest.warns(FutureWarning, match="use_transformers_paged"):
+        assert make_args(use_transformers_paged=True).use_transformers_continuous_batching
+
+
+def test_the_trainer_generates_with_continuous_batching_when_asked(tokenizer, make_args, monkeypatch):
+    from conftest import tiny_trainer
+
+    trainer = tiny_trainer(tokenizer, make_args(use_transformers_continuous_batching=True, max_steps=1))
+    calls = []
+    generate_batch = type(trainer.model).generate_batch
+
+    def recording(self, inputs, **kwargs):
+        calls.append((len(inputs), kwargs["continuous_batching_config"].max_memory_percent))
+        return generate_batch(self, inputs, **kwargs)
+
+    monkeypatch.setattr(type(trainer.model), "generate_batch", recording)
+    trainer.train()
+    assert calls == [(8, 0.5)]  # one rollout of 2 prompts x G = 4, unpadded, TRL's memory share
+    assert trainer.state.log_history[0]["completions/mean_length"] > 0
