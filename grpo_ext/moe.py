@@ -5,11 +5,12 @@ Transformer, arXiv 2101.03961, eqs. 4-6) grows when the router sends most tokens
 causal LMs compute it in their forward, from the router logits the backbone returns with `output_router_logits=True`.
 grpo-ext's scoring pass calls the backbone itself (logprobs.py), so it asks the backbone for the router logits and
 computes the loss with the model's own `load_balancing_loss_func` (from its modelling module), over the tokens of the
-attention mask: the value the model's own forward returns as `aux_loss` for the same prompt + completion batch.
+attention mask: the value the model's own forward returns as `aux_loss` for the same prompt + completion batch (also
+through prefix sharing's two passes, prefix_sharing.py).
 
 Which models have one, and the coefficient (`router_aux_coef`), follow TRL: a model whose config has an
 `output_router_logits` attribute is a MoE model; the coefficient is `router_aux_loss_coef` when set, else the model
-config's own.
+config's own. Generation asks for no router logits (`without_router_logits`).
 """
 
 from __future__ import annotations

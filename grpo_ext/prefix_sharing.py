@@ -13,7 +13,9 @@ scoring pass (old, reference, policy) re-encodes it G times. Here the prompt goe
   tokens against a read-only cache that hands every completion its group's prompt keys/values in front of its own
   (attention over `P + C` keys, exactly what the plain pass computes for completion tokens). The first completion
   token is predicted from the prompt pass's last hidden state. Gradients flow into the prompt pass through the shared
-  keys/values, so log-probs and their gradients equal the plain path's up to float rounding.
+  keys/values, so log-probs and their gradients equal the plain path's up to float rounding. A MoE model's
+  load-balancing loss (`router_aux_loss`) is computed over the tokens of the plain pass: each prompt's router logits
+  repeated for every completion of its group, then the completion's own.
 
 Why a cache and not one packed row `[prompt, c1, ..., cG]` with a 4D block mask (Prefix Grouper, arXiv 2506.05433):
 transformers 5 takes a 4D mask as is (`masking_utils._preprocess_mask_arguments`), but sdpa and eager then compute
