@@ -78,14 +78,6 @@ REFUSED_TRL_FIELDS: dict[str, str] = {
     "vllm_importance_sampling_cap": _VLLM + " (Deprecated in TRL too.)",
     "use_liger_kernel": "Liger kernels are not supported: grpo-ext never materialises the (B, T, V) logits anyway "
     "(log-probs are computed `logprob_chunk_size` tokens at a time); lower `logprob_chunk_size` to save memory.",
-    "pad_to_multiple_of": "Padding prompts and completions to a multiple (for Neuron's fixed shapes) is not "
-    "implemented; `auto` (TRL's default) and None both mean no padding on CUDA and CPU, which is what grpo-ext does.",
-    "router_aux_loss_coef": "The Mixture-of-Experts load-balancing loss is not added: the chunked log-prob pass does "
-    "not request router logits. Leave it None (grpo-ext then adds no auxiliary loss, also for MoE models).",
-    "log_unique_prompts": "Not implemented: the completions table (`log_completions`) lists every completion with "
-    "its prompt.",
-    "log_completions_hub_repo": "Uploading completions to a Hub dataset is not implemented: with "
-    "`log_completions=True` they are printed and logged as a table to wandb / trackio (`report_to`).",
 }
 # `trl.GRPOConfig` fields grpo-ext implements with another default, and why (README, "Drop-in for TRL").
 DEFAULTS_DIFFERING_FROM_TRL: dict[str, str] = {
@@ -94,8 +86,6 @@ DEFAULTS_DIFFERING_FROM_TRL: dict[str, str] = {
     "use_bias_correction_kl": "False, DeepSeekMath's plain k3 term (TRL True)",
     "num_completions_to_print": "4 (TRL None: all)",
 }
-# Values accepted besides TRL's default: the same behaviour under another spelling.
-_REFUSED_FIELDS_ALSO_ACCEPT = {"pad_to_multiple_of": (None, "none", "null")}
 
 
 def _trl_field_defaults() -> dict[str, Any]:
@@ -195,6 +185,13 @@ class GRPOExtConfig(_RefusedTRLFields):
     shuffle_dataset: bool = _field(
         True,
         "Whether to shuffle the training prompts.",
+    )
+    pad_to_multiple_of: int | str | None = _field(
+        "auto",
+        "Pad the prompt ids (on the left) and the completion ids (on the right) of each rollout, and of each "
+        "micro-batch cut from it, to a multiple of this many tokens, as TRL does: fewer distinct shapes for compilers "
+        "that build one graph per input shape. The padding is masked, so log-probs and the loss are unchanged. "
+        "`auto` (the default, as TRL): 128 on Neuron (AWS Trainium), no padding elsewhere; None: no padding.",
     )
     generation_batch_size: int | None = _field(
         None,
@@ -307,6 +304,14 @@ class GRPOExtConfig(_RefusedTRLFields):
         0.04,
         "Coefficient of the KL(pi_theta || pi_ref) term in the loss (k3 estimator). DeepSeekMath uses 0.04, which is "
         "this default; TRL's default is 0.0. With 0.0 no reference pass is run and no reference model is held.",
+    )
+    router_aux_loss_coef: float | None = _field(
+        None,
+        "Weight of the load-balancing loss of Mixture-of-Experts models (Switch Transformer, arXiv 2101.03961, eqs. "
+        "4-6, computed by the model's own `load_balancing_loss_func` from the router logits of the policy's scoring "
+        "pass), added to the GRPO loss and logged as `aux_loss`. None (the default, as TRL): the coefficient the "
+        "model config declares (`router_aux_loss_coef`, e.g. 0.001 for Qwen3-MoE); 0.0 turns it off. A non-zero value "
+        "for a dense model is an error. Same as TRL.",
     )
     num_iterations: int = _field(
         1,
@@ -532,11 +537,24 @@ class GRPOExtConfig(_RefusedTRLFields):
     # --- Logging ---
     log_completions: bool = _field(
         False,
-        "Print a sample of (prompt, completion, reward) every `logging_steps`.",
+        "Every `logging_steps`: print a sample of (prompt, completion, reward), write the last rollout's table to "
+        "`output_dir/completions/completions_<step>.parquet` and send it to wandb / trackio when they run (as TRL).",
     )
     num_completions_to_print: int | None = _field(
         4,
         "How many completions `log_completions` prints; None prints all. TRL's default is None.",
+    )
+    log_unique_prompts: bool = _field(
+        False,
+        "Show each prompt once in the completions table sent to wandb / trackio (its first completion), instead of "
+        "one row per completion. The printed sample and the parquet files keep every row. Same as TRL.",
+    )
+    log_completions_hub_repo: str | None = _field(
+        None,
+        "Hub dataset repository (`user/name`, or `name` in your namespace) the completions tables are uploaded to: "
+        "each logging step's `output_dir/completions/completions_<step>.parquet`, every 2 minutes in the background "
+        "and once more at the end of training, with a dataset card. Needs `log_completions=True`. The repository is "
+        "public unless `hub_private_repo=True` (or your organisation's default is private). Same as TRL.",
     )
     log_multimodal: bool = _field(
         True,
@@ -589,6 +607,7 @@ class GRPOExtConfig(_RefusedTRLFields):
                 stacklevel=3,
             )
             self.use_transformers_continuous_batching = True
+        self._resolve_pad_to_multiple_of()
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         if self.trust_remote_code:  # every loader of grpo-ext reads model_init_kwargs
@@ -599,6 +618,19 @@ class GRPOExtConfig(_RefusedTRLFields):
         if self.do_eval and self.eval_strategy != "no":  # as TRL; the trainer checks again when given eval data
             check_eval_batch(self)
         self._warn_slow_bf16_on_cpu()
+
+    def _resolve_pad_to_multiple_of(self) -> None:
+        """As TRL: the command line gives a string ("64", "none"); `auto` pads to 128 on Neuron only, which compiles
+        once per input shape."""
+        value = self.pad_to_multiple_of
+        if isinstance(value, str) and value != "auto":
+            try:
+                value = None if value.lower() in ("none", "null") else int(value)
+            except ValueError:
+                raise ValueError(f"pad_to_multiple_of={value!r} must be an int >= 1, 'auto' or None.") from None
+        if value == "auto":
+            value = 128 if self.device.type == "neuron" else None
+        self.pad_to_multiple_of = value
 
     def surrogate_params(self) -> SurrogateParams:
         """The hyperparameters of the loss types' surrogates (`objective.SurrogateParams`), from the fields of the same
@@ -611,7 +643,7 @@ class GRPOExtConfig(_RefusedTRLFields):
         defaults = _trl_field_defaults()
         for name, reason in REFUSED_TRL_FIELDS.items():
             value, default = getattr(self, name, None), defaults.get(name)
-            if value == default or value in _REFUSED_FIELDS_ALSO_ACCEPT.get(name, ()):
+            if value == default:
                 continue
             raise ValueError(
                 f"{name}={value!r} is not supported by GRPOExtConfig (TRL's default {default!r} is accepted). {reason}"
@@ -779,6 +811,21 @@ class GRPOExtConfig(_RefusedTRLFields):
                 "adapter would need a second copy). Use ref_model_mode='snapshot_adapter' with a PEFT adapter, "
                 "'copy' for full fine-tuning, or 'auto' (picks one of them).",
             )
+        require(
+            self.pad_to_multiple_of is None
+            or (isinstance(self.pad_to_multiple_of, int) and self.pad_to_multiple_of >= 1),
+            f"pad_to_multiple_of={self.pad_to_multiple_of!r} must be an int >= 1, 'auto' or None.",
+        )
+        require(
+            self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0,
+            f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0 (0.0 turns the load-balancing loss off; "
+            "None takes the model config's coefficient).",
+        )
+        require(
+            self.log_completions_hub_repo is None or self.log_completions,
+            "log_completions_hub_repo is set, but log_completions is False: enable log_completions to upload the "
+            "completions to the Hub, or unset log_completions_hub_repo.",
+        )
         require(self.max_sampling_rounds >= 1, f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
         if self.gpu_memory_budget is not None:

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from .logprobs import position_ids_from_mask
 from .models import unwrap_causal_lm, uses_prompt_learning
+from .moe import without_router_logits
 
 # Reasons already warned about: each fallback is announced once per process, not once per step.
 _WARNED: set[str] = set()
@@ -119,6 +120,7 @@ def generate_dropping_finished(
     pad_id = int(config._pad_token_tensor)
     forward_parameters = inspect.signature(causal_lm.forward).parameters
     keep_one = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}  # no (B, P, V) prefill logits
+    keep_one |= without_router_logits(causal_lm)
 
     completions = input_ids.new_full((input_ids.size(0), config.max_new_tokens), pad_id)  # (B, max_new_tokens)
     rows = torch.arange(input_ids.size(0), device=input_ids.device)  # (b,) batch index of each row still going

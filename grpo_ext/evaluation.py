@@ -11,6 +11,7 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
+from .moe import without_router_logits
 from .rollout import completion_mask_after_eos, eos_token_ids, prompt_texts
 
 
@@ -40,6 +41,7 @@ def generate_completions(model, tokenizer, prompts, num_samples=1, max_new_token
             num_return_sequences=num_samples,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stop_ids,
+            **without_router_logits(model),
         )
         completion_ids = sampled[:, batch["input_ids"].size(1) :]  # (b * k, C)
         mask, _ = completion_mask_after_eos(completion_ids, stop_ids)

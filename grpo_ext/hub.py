@@ -7,6 +7,10 @@ from templates/model_card.md) and the training curves.
 
     save_training_config(trainer.args, output_dir)
     push_adapter_to_hub(output_dir, "user/qwen-math-grpo-lora", token=...)
+
+With `log_completions_hub_repo`, the completions tables (completions.py) go to a Hub *dataset* repository while
+training runs: `start_completions_uploads` creates it with a card and uploads new parquet files every 2 minutes in the
+background; `finish_completions_uploads` pushes the last ones at the end of training.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitScheduler,
+    DatasetCard,
+    DatasetCardData,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+)
 
 from .plot import CURVES_FILE, TRAINER_STATE_NAME, load_log_history, plot_training_curves
 
@@ -30,6 +42,8 @@ TRAINING_CONFIG = "training_config.json"
 MODEL_CARD = "README.md"
 CARD_MARKER = "<!-- grpo-ext model card -->"  # tells our card from PEFT's template `save_pretrained` writes
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+COMPLETIONS_CARD_TEMPLATE = Path(__file__).parent / "templates" / "completions_dataset_card.md"
+COMPLETIONS_UPLOAD_MINUTES = 2  # as TRL's log_completions_hub_repo
 
 TOKENIZER_FILES = tuple(
     "tokenizer.json tokenizer_config.json special_tokens_map.json added_tokens.json chat_template.jinja "
@@ -338,4 +352,67 @@ def _attempt(folder: str, upload: Callable[[], object], failure: str) -> bool:
         return True
     except Exception as error:
         logger.warning(failure, folder, type(error).__name__, error)
+        return False
+
+
+# --- Completions tables, uploaded to a dataset repository during training ---
+
+
+def completions_dataset_card(repo_id: str, model_repo_id: str | None = None) -> str:
+    """The README.md of the completions dataset, from templates/completions_dataset_card.md."""
+    card_data = DatasetCardData(pretty_name="GRPO completions", tags=["grpo", "grpo-ext", "trl", "completions"])
+    card = DatasetCard.from_template(
+        card_data, template_path=str(COMPLETIONS_CARD_TEMPLATE), repo_id=repo_id, model_repo_id=model_repo_id
+    )
+    return f"{card}\n"
+
+
+def start_completions_uploads(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    model_repo_id: str | None = None,
+    api: HfApi | None = None,
+) -> CommitScheduler:
+    """Create the dataset repository `repo_id` (`private` if new), upload its card, and return huggingface_hub's
+    `CommitScheduler` that uploads the parquet files of `folder` new or changed since its last commit, every
+    `COMPLETIONS_UPLOAD_MINUTES` minutes in a background thread (a failed upload is logged and retried at the next
+    one). `api`: the `HfApi` to use (tests record its calls)."""
+    api = api if api is not None else HfApi(token=token)
+    repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=token).repo_id
+    api.upload_file(
+        path_or_fileobj=completions_dataset_card(repo_id, model_repo_id).encode("utf-8"),
+        path_in_repo=MODEL_CARD,
+        repo_id=repo_id,
+        repo_type="dataset",
+        token=token,
+        commit_message="Dataset card",
+    )
+    return CommitScheduler(
+        repo_id=repo_id,
+        repo_type="dataset",
+        folder_path=folder,
+        every=COMPLETIONS_UPLOAD_MINUTES,
+        allow_patterns=["*.parquet"],
+        token=token,
+        hf_api=api,
+    )
+
+
+def finish_completions_uploads(scheduler: CommitScheduler) -> bool:
+    """Upload the parquet files written since the scheduler's last commit and wait for it (end of training); a
+    failure is a warning. True when it worked."""
+    try:
+        scheduler.trigger().result()
+        return True
+    except Exception as error:
+        logger.warning(
+            "Uploading the completions to the Hub dataset %s failed (%s: %s). They are saved in %s.",
+            scheduler.repo_id,
+            type(error).__name__,
+            error,
+            scheduler.folder_path,
+        )
         return False

@@ -27,14 +27,17 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
 from .models import unwrap_causal_lm
+from .moe import load_balancing_loss
 
 
 @dataclass
 class CompletionScores(ModelOutput):
-    """`logps`, `entropies`: `(B, C)` each, 0 where the completion is padding."""
+    """`logps`, `entropies`: `(B, C)` each, 0 where the completion is padding; `aux_loss`: the MoE load-balancing
+    loss of the pass (a scalar), when the request asked for it."""
 
     logps: torch.Tensor | None = None
     entropies: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 def _logit_transform(config):
@@ -115,17 +118,24 @@ class ScoringRequest:
     temperature: float = 1.0
     chunk_size: int = 1024
     entropy_gradients: bool = False  # entropies with a gradient, for an entropy bonus in the loss
+    router_aux_loss: bool = False  # also the MoE load-balancing loss of this pass (moe.py)
+
+    def backbone_kwargs(self) -> dict:
+        """Extra keywords of the backbone calls: the router logits, when the load-balancing loss is asked for."""
+        return {"output_router_logits": True} if self.router_aux_loss else {}
 
     def run(self, causal_lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> CompletionScores:
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
         input_ids = torch.cat([prompt_ids, self.completion_ids], dim=1)  # (N, P+C)
         attention_mask = torch.cat([prompt_mask, self.completion_mask], dim=1)  # (N, P+C)
-        hidden_states = backbone(
+        outputs = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
-        ).last_hidden_state  # (N, P+C, H)
+            **self.backbone_kwargs(),
+        )
+        hidden_states = outputs.last_hidden_state  # (N, P+C, H)
         completion_length = self.completion_ids.size(1)
         hidden_states = hidden_states[:, -completion_length - 1 : -1]  # (N, C, H): position t predicts token t + 1
         logps, entropies = score_hidden_states(
@@ -137,7 +147,10 @@ class ScoringRequest:
             self.chunk_size,
             self.entropy_gradients,
         )
-        return CompletionScores(logps=logps, entropies=entropies)
+        aux_loss = None
+        if self.router_aux_loss:
+            aux_loss = load_balancing_loss(causal_lm, outputs.router_logits, attention_mask)
+        return CompletionScores(logps=logps, entropies=entropies, aux_loss=aux_loss)
 
 
 def _add_scoring(model: nn.Module) -> None:
@@ -159,12 +172,13 @@ def _add_scoring(model: nn.Module) -> None:
 
 def score_completions(
     model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, request: ScoringRequest
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropies `(N, C)` of `request`'s completions after the left-padded prompts `(N, P)`, through
-    `model`'s own forward (which may be wrapped: DDP, PEFT, accelerate, or a PEFT model in `disable_adapter()`)."""
+) -> CompletionScores:
+    """Log-probs and entropies `(N, C)` of `request`'s completions after the left-padded prompts `(N, P)` (and the
+    load-balancing loss when asked), through `model`'s own forward (which may be wrapped: DDP, PEFT, accelerate, or a
+    PEFT model in `disable_adapter()`)."""
     _add_scoring(model)
     scores = model(input_ids=prompt_ids, attention_mask=prompt_mask, score_completions=request)
-    return scores["logps"], scores["entropies"]
+    return CompletionScores(logps=scores["logps"], entropies=scores["entropies"], aux_loss=scores.get("aux_loss"))
 
 
 def completion_logps_and_entropies(
@@ -183,7 +197,8 @@ def completion_logps_and_entropies(
     prompt_ids, completion_ids = input_ids[:, :-logits_to_keep], input_ids[:, -logits_to_keep:]
     prompt_mask, completion_mask = attention_mask[:, :-logits_to_keep], attention_mask[:, -logits_to_keep:]
     request = ScoringRequest(completion_ids, completion_mask, temperature, chunk_size)
-    return score_completions(model, prompt_ids, prompt_mask, request)
+    scores = score_completions(model, prompt_ids, prompt_mask, request)
+    return scores.logps, scores.entropies
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ eq. 3-4, DAPO (arXiv 2503.14476), Dr. GRPO (arXiv 2503.20783), GSPO (arXiv 2507.
 arXiv 2506.13585), SAPO (arXiv 2511.20347), LUSPO (arXiv 2602.05261), VESPO (arXiv 2602.10693), two-sided clipping
 (INTELLECT-2, arXiv 2505.07291), off-policy sequence masking and bias-corrected KL (DeepSeek-V3.2,
 arXiv 2512.02556), high-entropy token selection (Beyond the 80/20 rule, arXiv 2506.01939), adaptive entropy control
-(Skywork-OR1, arXiv 2505.22312); see docs/architecture.md.
+(Skywork-OR1, arXiv 2505.22312), the MoE load-balancing term (Switch Transformer, arXiv 2101.03961); see
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -330,6 +331,16 @@ def aggregate_loss(
         max_completion_length=max_completion_length,
     )
     return LOSS_TYPES[loss_type].aggregate(per_token_loss * completion_mask, completion_mask, normalisers)
+
+
+# --- MoE load-balancing term ---
+
+
+def router_aux_loss_term(aux_loss: torch.Tensor, coef: float, micro_batches: int) -> torch.Tensor:
+    """`coef x aux_loss`, the Mixture-of-Experts load-balancing loss (Switch Transformer, arXiv 2101.03961) of one
+    micro-batch weighted as in TRL, divided by the `micro_batches` summed into one optimizer step (1 in evaluation):
+    the policy loss is already scaled for gradient accumulation, so the window's sum holds the mean of its terms."""
+    return coef * aux_loss / micro_batches
 
 
 # --- Entropy bonus ---

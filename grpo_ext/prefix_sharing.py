@@ -13,7 +13,9 @@ scoring pass (old, reference, policy) re-encodes it G times. Here the prompt goe
   tokens against a read-only cache that hands every completion its group's prompt keys/values in front of its own
   (attention over `P + C` keys, exactly what the plain pass computes for completion tokens). The first completion
   token is predicted from the prompt pass's last hidden state. Gradients flow into the prompt pass through the shared
-  keys/values, so log-probs and their gradients equal the plain path's up to float rounding.
+  keys/values, so log-probs and their gradients equal the plain path's up to float rounding. A MoE model's
+  load-balancing loss (`router_aux_loss`) is computed over the tokens of the plain pass: each prompt's router logits
+  repeated for every completion of its group, then the completion's own.
 
 Why a cache and not one packed row `[prompt, c1, ..., cG]` with a 4D block mask (Prefix Grouper, arXiv 2506.05433):
 transformers 5 takes a 4D mask as is (`masking_utils._preprocess_mask_arguments`), but sdpa and eager then compute
@@ -52,6 +54,7 @@ from .logprobs import (
     score_hidden_states,
 )
 from .models import unwrap_causal_lm, uses_prompt_learning
+from .moe import load_balancing_loss, without_router_logits
 
 __all__ = [
     "unsupported_reason",
@@ -201,6 +204,7 @@ def _generate_repeated(model, input_ids, attention_mask, num_generations, genera
         input_ids=input_ids.repeat_interleave(num_generations, dim=0),  # (B*G, P)
         attention_mask=attention_mask.repeat_interleave(num_generations, dim=0),
         generation_config=generation_config,
+        **without_router_logits(model),
         **generate_kwargs,
     )  # (B*G, P + C)
     return sequences[:, input_ids.size(1) :]
@@ -318,11 +322,10 @@ class SharedPrefixScoring(ScoringRequest):
         _, group_sizes = prompt_groups(prompt_ids, prompt_mask)  # (U,)
         if bool((group_sizes == 1).all()):  # nothing shared in this micro-batch: the plain pass is as cheap
             return super().run(causal_lm, prompt_ids, prompt_mask)
-        logps, entropies = _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, self)
-        return CompletionScores(logps=logps, entropies=entropies)
+        return _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, self)
 
 
-def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPrefixScoring):
+def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPrefixScoring) -> CompletionScores:
     """Prompt pass on the unique prompts, completion pass on every completion against the shared prompt cache."""
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     completion_ids, completion_mask = request.completion_ids, request.completion_mask  # (N, C)
@@ -335,25 +338,29 @@ def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPr
 
     with _CheckpointWithReadOnlyCache(backbone):
         recorder = Cache(layer_class_to_replicate=_RecordPromptLayer)
-        prompt_hidden = backbone(
+        prompt_outputs = backbone(
             input_ids=prompt_ids[starts],
             attention_mask=prompt_mask[starts],
             position_ids=position_ids[starts, :prompt_length],
             cache=recorder,
             use_cache=False,  # the cache is passed explicitly; use_cache only asks the backbone to create one
-        ).last_hidden_state  # (U, P, H)
+            **request.backbone_kwargs(),
+        )
         shared = Cache(layers=[_SharedPromptLayer(*layer.recorded, group_sizes) for layer in recorder.layers])
-        completion_hidden = backbone(
+        completion_outputs = backbone(
             input_ids=completion_ids,
             attention_mask=full_mask,
             position_ids=position_ids[:, prompt_length:],
             cache=shared,
             use_cache=False,
-        ).last_hidden_state  # (N, C, H)
+            **request.backbone_kwargs(),
+        )
+    prompt_hidden = prompt_outputs.last_hidden_state  # (U, P, H)
+    completion_hidden = completion_outputs.last_hidden_state  # (N, C, H)
 
     last_prompt_hidden = prompt_hidden[:, -1:].repeat_interleave(group_sizes, dim=0)  # (N, 1, H): left padding
     hidden_states = torch.cat([last_prompt_hidden, completion_hidden[:, :-1]], dim=1)  # (N, C, H): t predicts t+1
-    return score_hidden_states(
+    logps, entropies = score_hidden_states(
         causal_lm,
         hidden_states,
         completion_ids,
@@ -362,6 +369,25 @@ def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPr
         request.chunk_size,
         request.entropy_gradients,
     )
+    aux_loss = None
+    if request.router_aux_loss:  # over the tokens of the plain pass: each prompt once per completion
+        router_logits = _router_logits_per_completion(
+            prompt_outputs.router_logits, completion_outputs.router_logits, group_sizes, completion_ids.size(1)
+        )
+        aux_loss = load_balancing_loss(causal_lm, router_logits, full_mask)
+    return CompletionScores(logps=logps, entropies=entropies, aux_loss=aux_loss)
+
+
+def _router_logits_per_completion(prompt_logits, completion_logits, group_sizes, completion_length):
+    """Each layer's router logits `(N*(P+C), E)`, rows as the plain pass orders them: the prompt's `(U*P, E)` repeated
+    for each completion of its group, then the completion's own `(N*C, E)`."""
+    per_layer = []
+    for prompt_layer, completion_layer in zip(prompt_logits, completion_logits):
+        experts = prompt_layer.size(-1)
+        prompt_layer = prompt_layer.view(group_sizes.numel(), -1, experts).repeat_interleave(group_sizes, dim=0)
+        completion_layer = completion_layer.view(-1, completion_length, experts)  # (N, C, E)
+        per_layer.append(torch.cat([prompt_layer, completion_layer], dim=1).flatten(0, 1))  # (N*(P+C), E)
+    return tuple(per_layer)
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -415,9 +441,9 @@ def _self_check(model: nn.Module, atol: float = 0.05) -> str:
                 torch.cat([prompt_mask, completion_mask], 1),
                 completion_ids.size(1),
             )
-            shared, _ = _shared_prefix_forward(
+            shared = _shared_prefix_forward(
                 causal_lm, prompt_ids, prompt_mask, SharedPrefixScoring(completion_ids, completion_mask, 1.0, 1024)
-            )
+            ).logps
             _prefill_shared_cache(causal_lm, prompt_ids[::2, :-1], prompt_mask[::2, :-1], 2)  # generation's cache
         error = (plain - shared).abs().max().item()
     except Exception as exception:  # an architecture the two-pass forward does not fit
@@ -461,4 +487,5 @@ def shared_prefix_logps(
             chunk_size=chunk_size,
         )
     request = SharedPrefixScoring(completion_ids, completion_mask, temperature, chunk_size)
-    return score_completions(model, prompt_ids, prompt_mask, request)
+    scores = score_completions(model, prompt_ids, prompt_mask, request)
+    return scores.logps, scores.entropies

@@ -22,8 +22,9 @@ from torch import nn
 from transformers import GenerationConfig
 
 from . import decoding, prefix_sharing
-from .logprobs import ScoringRequest, score_completions
+from .logprobs import CompletionScores, ScoringRequest, score_completions
 from .models import unwrap_causal_lm
+from .moe import without_router_logits
 from .objective import Normalisers
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "is_conversational",
     "prompt_texts",
     "encode_prompts",
+    "pad_to_multiple",
     "eos_token_ids",
     "build_generation_config",
     "GenerationPlan",
@@ -68,6 +70,7 @@ class Rollout:
     group_std: torch.Tensor | None = None  # (B,) std of each completion's group rewards (dynamic sampling)
     normalisers: Normalisers | None = None  # what the loss divides by, set on micro-batches for training
     tool_mask: torch.Tensor | None = None  # (B, C) with tools: 1 on generated tokens, 0 on tool results and padding
+    pad_to_multiple_of: int | None = None  # prompt and completion widths kept a multiple of it (`padded`)
 
     @classmethod
     def of_completions(
@@ -163,12 +166,30 @@ class Rollout:
         size = len(self) // parts
         return [self.rows(i * size, (i + 1) * size).trimmed() for i in range(parts)]
 
+    def padded(self, multiple: int | None, pad_token_id: int) -> Rollout:
+        """Prompts padded on the left and completions (with their per-token tensors) on the right to a multiple of
+        `multiple` columns (TRL's `pad_to_multiple_of`); `trimmed` micro-batches then keep widths that are multiples.
+        Exact: the padding is masked out, and a causal model never lets a token see the padding after it."""
+        if multiple is None:
+            return self
+        prompts = {
+            "prompt_ids": pad_to_multiple(self.prompt_ids, multiple, pad_token_id, "left"),
+            "prompt_mask": pad_to_multiple(self.prompt_mask, multiple, 0, "left"),
+        }
+        per_token = {name: t for name, t in self._tensors().items() if name in _PER_TOKEN}
+        values = {"completion_ids": pad_token_id}  # masks and log-probs pad with 0
+        per_token = {name: pad_to_multiple(t, multiple, values.get(name, 0), "right") for name, t in per_token.items()}
+        return dataclasses.replace(self, **prompts, **per_token, pad_to_multiple_of=multiple)
+
     def trimmed(self) -> Rollout:
         """The same rollout without the completion columns that are padding in every row: a micro-batch of short
         completions then costs its own length in the scoring passes, not the rollout's longest. Exact: a causal model
-        never lets a token see the padding after it, and the loss only reads masked-in positions."""
+        never lets a token see the padding after it, and the loss only reads masked-in positions. The width stays a
+        multiple of `pad_to_multiple_of` when set."""
         in_use = self.completion_mask.any(0).nonzero()  # columns with at least one scored token
         width = int(in_use[-1]) + 1 if in_use.numel() else 1
+        if self.pad_to_multiple_of is not None:
+            width = min(-(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of, self.completion_ids.size(1))
         if width == self.completion_ids.size(1):
             return self
         per_token = {name: t[:, :width] for name, t in self._tensors().items() if name in _PER_TOKEN}
@@ -190,6 +211,15 @@ class Rollout:
         first = rollouts[0]
         merged = {name: stack(name, [getattr(r, name) for r in rollouts]) for name in first._tensors()}
         return dataclasses.replace(first, **merged)
+
+
+def pad_to_multiple(tensor: torch.Tensor, multiple: int | None, value: int | float, side: str) -> torch.Tensor:
+    """`tensor` `(B, T)` with columns of `value` added on `side` ("left" or "right") up to a multiple of `multiple`
+    columns `(B, ceil(T / multiple) * multiple)`; as it is when `multiple` is None."""
+    missing = -tensor.size(1) % multiple if multiple else 0
+    if missing == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (missing, 0) if side == "left" else (0, missing), value=value)
 
 
 # --- Prompts ---
@@ -226,9 +256,10 @@ def encode_prompts(
     max_prompt_length: int | None,
     device,
     tools: list[list] | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask `(B, P)` of the prompts, left-padded (generation appends on the right), keeping
-    each prompt's last `max_prompt_length` tokens."""
+    each prompt's last `max_prompt_length` tokens; `P` a multiple of `pad_to_multiple_of` when given."""
     encoded = tokenizer(
         prompt_texts(prompts, tokenizer, chat_template_kwargs, tools),
         return_tensors="pt",
@@ -239,6 +270,8 @@ def encode_prompts(
     prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)  # (B, P)
     if max_prompt_length is not None:  # left-padded: the last columns hold each prompt's last tokens
         prompt_ids, prompt_mask = prompt_ids[:, -max_prompt_length:], prompt_mask[:, -max_prompt_length:]
+    prompt_ids = pad_to_multiple(prompt_ids, pad_to_multiple_of, tokenizer.pad_token_id, "left")
+    prompt_mask = pad_to_multiple(prompt_mask, pad_to_multiple_of, 0, "left")
     return prompt_ids, prompt_mask
 
 
@@ -351,6 +384,7 @@ def generate_completions(
         attention_mask=prompt_mask,
         generation_config=generation_config,
         **({"cache": cache} if cache is not None else {}),  # generate then feeds only the last prompt token first
+        **without_router_logits(model),
     )  # (B, P + C)
     return sequences[:, prompt_ids.size(1) :]
 
@@ -423,32 +457,37 @@ def score_rollout(
     chunk_size: int,
     entropy_gradients: bool = False,
     length_buckets: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    router_aux_loss: bool = False,
+) -> CompletionScores:
     """Per-token log-probs and entropies `(B, C)` of the rollout's completions under `model` (policy, or the
-    reference), by the path the rollout was generated with. Entropies carry a gradient with `entropy_gradients`.
+    reference), by the path the rollout was generated with. Entropies carry a gradient with `entropy_gradients`; with
+    `router_aux_loss`, the scores also hold the MoE load-balancing loss of the whole rollout (moe.py).
 
     With `length_buckets`, rows of very uneven lengths are scored in a few passes of similar lengths
     (`length_buckets_of`), each as wide as its own longest completion, instead of one pass as wide as the longest of
     all: the same values (each row is scored on its own; a causal model never lets a token see the padding after it),
     fewer padding tokens. Leave it off with several processes: the number of forwards then depends on each process's lengths, and
     wrappers that synchronise in the forward (FSDP, ZeRO-3) or allow one forward per backward (DDP) need them equal.
+    The load-balancing loss is not a sum over rows, so with `router_aux_loss` the rollout is scored in one pass.
     """
     request_type = prefix_sharing.SharedPrefixScoring if rollout.shared_prefix else ScoringRequest
 
-    def score(part: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        request = request_type(part.completion_ids, part.completion_mask, temperature, chunk_size, entropy_gradients)
+    def score(part: Rollout) -> CompletionScores:
+        request = request_type(
+            part.completion_ids, part.completion_mask, temperature, chunk_size, entropy_gradients, router_aux_loss
+        )
         return score_completions(model, part.prompt_ids, part.prompt_mask, request)
 
-    buckets = length_buckets_of(rollout.completion_mask) if length_buckets else []
+    buckets = length_buckets_of(rollout.completion_mask) if length_buckets and not router_aux_loss else []
     if len(buckets) <= 1:
         return score(rollout)
     width = rollout.completion_ids.size(1)
-    scored = [score(rollout.select(rows).trimmed()) for rows in buckets]  # ((b, w_b), (b, w_b)) per bucket
+    scored = [score(rollout.select(rows).trimmed()) for rows in buckets]  # (b, w_b) tensors per bucket
     order = torch.cat(buckets).argsort()  # row i of the rollout is row order[i] of the buckets stacked
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.size(1)))  # noqa: E731 - back to (b, C), zeros
-    logps = torch.cat([pad(logps) for logps, _ in scored])[order]  # (B, C)
-    entropies = torch.cat([pad(entropies) for _, entropies in scored])[order]  # (B, C)
-    return logps, entropies
+    logps = torch.cat([pad(scores.logps) for scores in scored])[order]  # (B, C)
+    entropies = torch.cat([pad(scores.entropies) for scores in scored])[order]  # (B, C)
+    return CompletionScores(logps=logps, entropies=entropies)
 
 
 def length_buckets_of(completion_mask: torch.Tensor, most: int = 4, saving: float = 0.2) -> list[torch.Tensor]:

@@ -119,6 +119,10 @@ def _tiny_config(architecture: str, tokenizer: PreTrainedTokenizerFast, **overri
         return Qwen2Config(**common)
     if architecture == "llama":
         return LlamaConfig(**common)
+    if architecture == "qwen3_moe":  # not in TINY_ARCHITECTURES: for tests of the MoE load-balancing loss
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **common)
     if architecture == "gemma2":  # not in TINY_ARCHITECTURES: for tests of Gemma's logit soft-capping
         from transformers import Gemma2Config
 

@@ -33,6 +33,7 @@ from .advantages import (
 )
 from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
+from .completions import completions_folder, table_rows, write_parquet
 from .config import GRPOExtConfig
 from .data import (
     check_dataset,
@@ -46,13 +47,16 @@ from .guards import FiniteGuard, gather_1d
 from .hub import (
     CheckpointUploads,
     HubPushError,
+    finish_completions_uploads,
     model_card_for_output_dir,
     push_adapter_to_hub,
     save_card_assets,
+    start_completions_uploads,
     training_config_dict,
 )
 from .logprobs import check_against_full_logits
 from .models import cast_lm_head_to_fp32, prepare_policy
+from .moe import router_aux_coef
 from .objective import (
     EntropyController,
     Normalisers,
@@ -61,6 +65,7 @@ from .objective import (
     high_entropy_mask,
     mean_entropy,
     off_policy_mask,
+    router_aux_loss_term,
 )
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
 from .reference import ReferencePolicy, load_reference_copy
@@ -146,6 +151,9 @@ class GRPOExtTrainer(_BaseTrainer):
         self._model_path = str(model_path or "")  # recorded in checkpoints, compared on resume
         model, processing_class = prepare_policy(model, args, processing_class, peft_config, quantization_config)
         self.eos_token_ids = eos_token_ids(model, processing_class)
+        # MoE load-balancing loss (TRL's names): the coefficient given, else the model config's; 0.0 for dense models
+        self.router_aux_loss_coef = router_aux_coef(model, args.router_aux_loss_coef)
+        self.aux_loss_enabled = self.router_aux_loss_coef != 0.0
 
         # Tools and environments (grpo_ext.tools); an environment with get_reward is a reward source
         self._tool_calling, placeholder = None, None
@@ -219,6 +227,9 @@ class GRPOExtTrainer(_BaseTrainer):
         self._batching = continuous_batching_config(args)  # transformers' engine instead of grpo-ext's loop, or None
         self._length_buckets = self.accelerator.num_processes == 1  # its forward count follows this rank's lengths
         self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
+        self._completions_uploads = None  # log_completions_hub_repo: the completions tables, in the background
+        if args.log_completions_hub_repo is not None and self.accelerator.is_main_process:
+            self._completions_uploads = self._start_completions_uploads()
         self._interrupt = SaveOnInterruptCallback()
         self.add_callback(self._interrupt)
         if self.reference.mode == "snapshot_adapter" or args.sync_ref_model:  # alpha = 1: the snapshot's reset
@@ -401,10 +412,10 @@ class GRPOExtTrainer(_BaseTrainer):
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self.compute_loss_context_manager(),
         ):
-            logps, _ = score_rollout(
+            scores = score_rollout(
                 model, rollout, self.args.temperature, self.args.logprob_chunk_size, length_buckets=self._length_buckets
             )
-        return logps
+        return scores.logps
 
     def _generate_and_score(self, rows: list[dict], mode: str) -> Rollout:
         """Roll out G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
@@ -426,7 +437,7 @@ class GRPOExtTrainer(_BaseTrainer):
             self.args.mask_truncated_completions,
             self._plan.shared_prefix,
             device,
-        )
+        ).padded(self.args.pad_to_multiple_of, self.processing_class.pad_token_id)
         texts = self.processing_class.batch_decode(completion_ids_list, skip_special_tokens=True)
 
         old_needed = mode == "train" and self._policy_moves_during_rollout
@@ -496,6 +507,7 @@ class GRPOExtTrainer(_BaseTrainer):
             self.args.max_prompt_length,
             device,
             tools=tool_calling.row_tools if tool_calling is not None else None,
+            pad_to_multiple_of=self.args.pad_to_multiple_of,
         )  # (B, P)
         with unwrap_model_for_generation(
             self.model_wrapped,
@@ -619,10 +631,11 @@ class GRPOExtTrainer(_BaseTrainer):
             inputs = Rollout.from_dict(inputs, self.args.max_completion_length)
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs.loss_mask  # (B, C) the generated tokens (tool results are context, not scored)
-        per_token_logps, entropies = score_rollout(  # (B, C) each
+        scores = score_rollout(
             model, inputs, self.args.temperature, self.args.logprob_chunk_size, self.entropy_control.enabled,
-            self._length_buckets,
+            self._length_buckets, router_aux_loss=self.aux_loss_enabled,
         )  # fmt: skip
+        per_token_logps, entropies = scores.logps, scores.entropies  # (B, C) each
         old_per_token_logps = inputs.old_per_token_logps
         if old_per_token_logps is None:  # the policy has not moved since the rollout: pi_old == pi_theta
             old_per_token_logps = per_token_logps.detach()
@@ -674,6 +687,10 @@ class GRPOExtTrainer(_BaseTrainer):
         if self.entropy_control.enabled:
             bonus_mask = completion_mask if entropy_mask is None else completion_mask * entropy_mask
             loss = self._add_entropy_bonus(mode, loss, entropies, bonus_mask)
+        if self.aux_loss_enabled:  # the MoE load-balancing loss of this micro-batch, as TRL adds and logs it
+            micro_batches = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
+            loss = loss + router_aux_loss_term(scores.aux_loss, self.router_aux_loss_coef, micro_batches)
+            self._metrics[mode]["aux_loss"].append(gather(scores.aux_loss.detach().reshape(1)).mean().item())
         self._log_objective(mode, terms, entropies.detach(), completion_mask)
         return loss
 
@@ -783,9 +800,11 @@ class GRPOExtTrainer(_BaseTrainer):
             self._samples = {}  # logged once, not again with the end-of-training summary
 
     def _log_completions_table(self) -> None:
-        """Print a few of the last rollout's completions and send the whole table to wandb / trackio if they run."""
+        """Print a few of the last rollout's completions, write the whole table as this step's parquet file
+        (uploaded with `log_completions_hub_repo`), and send it to wandb / trackio if they run."""
         samples, shown = self._samples, self.args.num_completions_to_print
-        rows = list(zip(*samples.values()))
+        write_parquet(samples, self.args.output_dir, self.state.global_step)
+        rows = table_rows(samples, unique_prompts=self.args.log_unique_prompts)
         fixed = {"step", "prompt", "completion", "reward", "advantage", *self.rewards.names}
         extra = [column for column in samples if column not in fixed]  # columns logged with log_extra
         lines = [f"step {self.state.global_step} completions:"]
@@ -824,6 +843,27 @@ class GRPOExtTrainer(_BaseTrainer):
             )
         finally:
             self._interrupt.restore_handlers()
+            if self._completions_uploads is not None:  # the tables written since the last scheduled upload
+                finish_completions_uploads(self._completions_uploads)
+
+    def _start_completions_uploads(self):
+        """The dataset repository and background uploads of `log_completions_hub_repo` (hub.py); an unreachable Hub
+        is a warning, not a stop: the tables stay in `output_dir/completions`."""
+        folder, repo_id = completions_folder(self.args.output_dir), self.args.log_completions_hub_repo
+        try:
+            return start_completions_uploads(
+                folder,
+                repo_id,
+                token=self.args.hub_token,
+                private=self.args.hub_private_repo,
+                model_repo_id=self.args.hub_model_id,
+            )
+        except Exception as error:
+            logger.warning(
+                f"Could not create or reach the Hub dataset repository {repo_id} ({type(error).__name__}: {error}). "
+                f"Training goes on without uploading completions; they are saved in {folder}."
+            )
+            return None
 
     def _run_settings(self) -> dict:
         """Settings a checkpoint is tied to (checkpoints.RESUME_MUST_MATCH / RESUME_SHOULD_MATCH)."""

@@ -305,3 +305,54 @@ def test_trainer_push_to_hub_uploads_the_adapter_and_card_only(tmp_path, monkeyp
     assert not any(secret.encode() in data for data in uploaded.values())
     card = uploaded["README.md"].decode()
     assert "digit_fraction_reward" in card and "synthetic/sums" in card and "PeftModel" in card
+
+
+def test_completions_tables_are_uploaded_to_a_hub_dataset(tmp_path, monkeypatch):
+    """log_completions_hub_repo: a dataset repository with a card, then each logging step's parquet file, uploaded
+    with the run's token; what is uploaded is the table the run wrote."""
+    import pandas as pd
+
+    import grpo_ext.hub as hub
+    from grpo_ext import GRPOExtConfig, GRPOExtTrainer
+    from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset
+
+    apis = []
+
+    class Api(RecordingHfApi):
+        def __init__(self, token=None):
+            super().__init__()
+            apis.append(self)
+
+    monkeypatch.setattr(hub, "HfApi", Api)
+    secret = "hf_NOTAREALTOKEN0123456789"
+    args = GRPOExtConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+        max_steps=1, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True, logging_steps=1, log_completions=True, log_completions_hub_repo="someone/grpo-completions",
+        hub_token=secret, hub_private_repo=True, hub_model_id="someone/tiny-grpo",
+    )  # fmt: skip
+    trainer = GRPOExtTrainer(
+        make_tiny_model("qwen2"), digit_fraction_reward, args=args, train_dataset=make_prompt_dataset(8),
+        processing_class=make_tokenizer(),
+    )  # fmt: skip
+    try:
+        trainer.train()
+    finally:
+        trainer._completions_uploads.stop()
+    (api,) = apis
+    repo = {"repo_id": "someone/grpo-completions", "repo_type": "dataset", "private": True, "token": secret}
+    assert [{key: r.get(key) for key in repo} for r in api.repos][0] == repo
+    assert all(commit["repo_id"] == "someone/grpo-completions" for commit in api.commits)
+    uploaded = {}
+    for commit in api.commits:
+        for operation in commit["operations"]:
+            with operation.as_file() as file:
+                uploaded[operation.path_in_repo] = file.read()
+    assert set(uploaded) == {"README.md", "completions_00001.parquet"}
+    card = uploaded["README.md"].decode()
+    assert 'load_dataset("someone/grpo-completions")' in card and "huggingface.co/someone/tiny-grpo" in card
+    local = tmp_path / "out" / "completions" / "completions_00001.parquet"
+    assert uploaded["completions_00001.parquet"] == local.read_bytes()
+    table = pd.read_parquet(local)
+    assert list(table.columns) == ["step", "prompt", "completion", "digit_fraction_reward", "reward", "advantage"]
+    assert len(table) == 8 and (table["step"] == 0).all()

@@ -9,7 +9,7 @@ import torch
 from transformers import GenerationConfig
 
 from grpo_ext import prefix_sharing
-from grpo_ext.logprobs import completion_logps_and_entropies
+from grpo_ext.logprobs import CompletionScores, completion_logps_and_entropies
 from grpo_ext.prefix_sharing import generate_with_shared_prefix, shared_prefix_logps, unique_prompts
 from grpo_ext.testing import TINY_ARCHITECTURES, make_tiny_model
 
@@ -286,8 +286,8 @@ def test_architecture_failing_the_self_check_falls_back(tokenizer, monkeypatch):
     original = prefix_sharing._shared_prefix_forward
 
     def off_by_one(causal_lm, prompt_ids, prompt_mask, request):
-        logps, entropies = original(causal_lm, prompt_ids, prompt_mask, request)
-        return logps + 1.0, entropies
+        scores = original(causal_lm, prompt_ids, prompt_mask, request)
+        return CompletionScores(logps=scores.logps + 1.0, entropies=scores.entropies)
 
     monkeypatch.setattr(prefix_sharing, "_shared_prefix_forward", off_by_one)
     model = make_tiny_model("qwen2", tokenizer)

@@ -1,5 +1,6 @@
 """rollout.py: the Rollout's slicing and trimming, scoring by the path the rollout chose, and the one-time choice."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ from grpo_ext import decoding, prefix_sharing
 from grpo_ext.rollout import (
     GenerationPlan,
     Rollout,
+    encode_prompts,
     generate_completions,
     length_buckets_of,
     plan_generation,
@@ -53,11 +55,59 @@ def test_a_trimmed_rollout_scores_as_the_padded_one(tokenizer, shared_prefix):
     model = make_tiny_model("qwen2", tokenizer)
     rollout = _rollout(tokenizer, shared_prefix)
     with torch.no_grad():
-        padded, _ = score_rollout(model, rollout, temperature=0.7, chunk_size=3)
-        trimmed, _ = score_rollout(model, rollout.trimmed(), temperature=0.7, chunk_size=3)
+        padded = score_rollout(model, rollout, temperature=0.7, chunk_size=3).logps
+        trimmed = score_rollout(model, rollout.trimmed(), temperature=0.7, chunk_size=3).logps
     assert padded[:, 4:].abs().max() == 0  # padding columns score 0
     torch.testing.assert_close(trimmed, padded[:, :4], atol=1e-5, rtol=1e-5)
     assert (trimmed * rollout.completion_mask[:, :4]).abs().sum() > 0  # real log-probs were compared
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_pad_to_multiple_of_pads_rollout_and_micro_batches_and_scores_the_same(tokenizer, shared_prefix):
+    model = make_tiny_model("qwen2", tokenizer)
+    rollout = _rollout(tokenizer, shared_prefix)  # P = 5, C = 6
+    padded = rollout.padded(4, tokenizer.pad_token_id)
+    assert padded.prompt_ids.shape == (4, 8) and padded.completion_ids.shape == (4, 8)
+    assert padded.old_per_token_logps.shape == (4, 8) and padded.old_per_token_logps[:, 6:].abs().sum() == 0
+    assert torch.equal(padded.prompt_ids[:, 3:], rollout.prompt_ids) and (padded.prompt_ids[:, :3] == 0).all()
+    assert padded.prompt_mask[:, :3].sum() == 0 and padded.completion_mask[:, 6:].sum() == 0
+    assert [h.completion_ids.size(1) for h in rollout.split(2)] == [3, 4]
+    assert [h.completion_ids.size(1) for h in padded.split(2)] == [4, 4]  # trimmed to multiples of 4
+    with torch.no_grad():
+        expected = score_rollout(model, rollout, 0.7, 3, length_buckets=False).logps
+        scores = score_rollout(model, padded, 0.7, 3, length_buckets=True)  # buckets are trimmed to multiples too
+    torch.testing.assert_close(scores.logps[:, :6], expected, atol=1e-5, rtol=1e-5)
+    assert scores.logps[:, 6:].abs().max() == 0 and rollout.padded(None, 0) is rollout
+
+
+def test_encode_prompts_pads_to_a_multiple_on_the_left(tokenizer):
+    plain, plain_mask = encode_prompts(tokenizer, ["1+2=", "33+4="], None, None, "cpu")
+    ids, mask = encode_prompts(tokenizer, ["1+2=", "33+4="], None, None, "cpu", pad_to_multiple_of=4)
+    assert plain.shape == (2, 5) and ids.shape == (2, 8)
+    assert torch.equal(ids[:, 3:], plain) and torch.equal(mask[:, 3:], plain_mask) and mask[:, :3].sum() == 0
+    assert (ids[:, :3] == tokenizer.pad_token_id).all()
+
+
+def test_trainer_loss_is_the_same_with_pad_to_multiple_of(tokenizer, make_args):
+    """The trainer's rollout and its micro-batches have widths that are multiples, and the loss does not change."""
+    from conftest import tiny_trainer
+
+    trainer = tiny_trainer(tokenizer, make_args(pad_to_multiple_of=16, beta=0.0))
+    trainer.model.train()
+    rollout = trainer._generate_and_score(trainer.train_dataset.select(range(8)).to_list(), mode="train")
+    assert rollout.prompt_ids.size(1) % 16 == 0 and rollout.completion_ids.size(1) == 16  # max_completion_length 6
+    (micro_batch,) = trainer._split_into_micro_batches(rollout)
+    assert micro_batch.completion_ids.size(1) == 16
+    unpadded = dataclasses.replace(micro_batch, pad_to_multiple_of=None).trimmed()
+    prompt_columns = int(unpadded.prompt_mask.any(0).nonzero()[0])  # the first column some prompt uses
+    unpadded = dataclasses.replace(
+        unpadded,
+        prompt_ids=unpadded.prompt_ids[:, prompt_columns:],
+        prompt_mask=unpadded.prompt_mask[:, prompt_columns:],
+    )
+    assert unpadded.completion_ids.size(1) <= 6 and unpadded.prompt_ids.size(1) < rollout.prompt_ids.size(1)
+    loss = trainer.compute_loss(trainer.model, micro_batch)
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, unpadded), loss, atol=1e-6, rtol=1e-5)
 
 
 def test_the_plan_is_made_once_and_generation_follows_it(tokenizer, monkeypatch):
@@ -101,7 +151,8 @@ def test_scoring_in_length_buckets_gives_the_same_values_and_gradients(tokenizer
     results = []
     for buckets in (False, True):
         model.zero_grad()
-        logps, entropies = score_rollout(model, rollout, 0.7, 3, length_buckets=buckets)
+        scores = score_rollout(model, rollout, 0.7, 3, length_buckets=buckets)
+        logps, entropies = scores.logps, scores.entropies
         (logps * weights).sum().backward()
         results.append((logps.detach(), entropies, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (plain_logps, plain_entropies, plain_grads), (bucket_logps, bucket_entropies, bucket_grads) = results

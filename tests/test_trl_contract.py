@@ -95,7 +95,7 @@ def test_every_trl_field_is_implemented_or_refused_by_name():
 
 def _other_value(name: str, default):
     """A value of the field's type that is not TRL's default."""
-    special = {"vllm_mode": "server", "vllm_model_impl": "transformers", "pad_to_multiple_of": 64}
+    special = {"vllm_mode": "server", "vllm_model_impl": "transformers"}
     special |= {"multi_objective_aggregation": "normalize_then_sum", "vllm_importance_sampling_mode": "token_mask"}
     special |= {"transformers_continuous_batching_config": {"max_batch_tokens": 64}, "cache_implementation": "static"}
     special |= {"vllm_structured_outputs_regex": "[0-9]+", "vllm_server_base_url": "http://localhost:8000"}
@@ -125,8 +125,25 @@ def test_a_config_with_every_trl_field_at_trl_defaults_loads():
     values = {name: _default(f) for name, f in _trl_fields().items() if name not in inherited}
     args = GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, **values)
     assert (args.beta, args.loss_type, args.use_bias_correction_kl) == (0.0, "dapo", True)
-    assert args.pad_to_multiple_of == "auto" and not args.use_vllm
-    GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, pad_to_multiple_of=None)  # what "auto" means off Neuron
+    assert args.pad_to_multiple_of is None and not args.use_vllm  # TRL's "auto": no padding off Neuron
+
+
+def test_pad_to_multiple_of_is_read_as_trl_reads_it():
+    def value(given):
+        return GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, pad_to_multiple_of=given).pad_to_multiple_of
+
+    assert [value(v) for v in ("auto", None, "none", "null", "64", 16)] == [None, None, None, None, 64, 16]
+    with pytest.raises(ValueError, match="pad_to_multiple_of='x' must be an int >= 1"):
+        value("x")
+    with pytest.raises(ValueError, match="pad_to_multiple_of=0 must be an int >= 1"):
+        value(0)
+
+
+def test_log_completions_hub_repo_and_router_aux_loss_coef_are_checked():
+    with pytest.raises(ValueError, match="log_completions_hub_repo is set, but log_completions is False"):
+        GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, log_completions_hub_repo="someone/completions")
+    with pytest.raises(ValueError, match="router_aux_loss_coef=-0.1 must be >= 0"):
+        GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, router_aux_loss_coef=-0.1)
 
 
 def test_loss_settings_trl_warns_about_are_warned_about():

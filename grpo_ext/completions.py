@@ -1,0 +1,43 @@
+"""The completions table of `log_completions`: one row per completion of the last rollout (step, prompt, completion,
+each reward function's reward, the weighted reward, the advantage).
+
+Where it goes, as in TRL: a few rows printed; every row written to `output_dir/completions/completions_<step>.parquet`
+at each logging step (what `log_completions_hub_repo` uploads, hub.py); the table logged to wandb / trackio, with
+each prompt shown once (its first completion) under `log_unique_prompts`.
+"""
+
+from __future__ import annotations
+
+import os
+
+COMPLETIONS_FOLDER = "completions"  # inside output_dir
+
+
+def table_rows(samples: dict[str, list], unique_prompts: bool = False) -> list[tuple]:
+    """The rows of the table (values in the order of `samples`' columns); with `unique_prompts`, only the first row of
+    each prompt (prompts compared by their text, as TRL compares conversations)."""
+    rows = list(zip(*samples.values()))
+    if not unique_prompts:
+        return rows
+    prompt_column, seen, kept = list(samples).index("prompt"), set(), []
+    for row in rows:
+        prompt = str(row[prompt_column])
+        if prompt not in seen:
+            seen.add(prompt)
+            kept.append(row)
+    return kept
+
+
+def completions_folder(output_dir: str | os.PathLike) -> str:
+    return os.path.join(os.fspath(output_dir), COMPLETIONS_FOLDER)
+
+
+def write_parquet(samples: dict[str, list], output_dir: str | os.PathLike, step: int) -> str:
+    """Every row of the table as `output_dir/completions/completions_<step, 5 digits>.parquet`; returns the path."""
+    import pandas as pd  # installed with datasets
+
+    folder = completions_folder(output_dir)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"completions_{step:05d}.parquet")
+    pd.DataFrame(samples).to_parquet(path)
+    return path
