@@ -417,6 +417,37 @@ def _is_chat(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
 
 
+ROLLOUT_FUNC_KEYS = ("prompt_ids", "completion_ids", "logprobs")
+
+
+def custom_rollout(rollout_func: Callable, prompts: list, trainer, tokenizer) -> tuple:
+    """TRL's `rollout_func(prompts, trainer)` as `trl.GRPOTrainer._generate` returns it: `(prompt_ids,
+    completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images)`. The function returns
+    unpadded `prompt_ids` / `completion_ids`, one row per prompt it was given (the rollout's rows, each prompt G times),
+    and `logprobs`; `env_mask` (1 on the tokens the model generated) becomes the tool mask; other keys are passed on
+    to the reward functions."""
+    output = rollout_func(prompts, trainer)
+    missing = sorted(set(ROLLOUT_FUNC_KEYS) - set(output))
+    if missing:
+        raise ValueError(f"rollout_func must return keys {missing} in its output dict (it returned {sorted(output)}).")
+    extra_fields = {key: value for key, value in output.items() if key not in ROLLOUT_FUNC_KEYS}
+    tool_mask = extra_fields.pop("env_mask", None)
+    prompt_ids = [list(ids) for ids in output["prompt_ids"]]
+    completion_ids = [list(ids) for ids in output["completion_ids"]]
+    if not len(prompt_ids) == len(completion_ids) == len(prompts):
+        raise ValueError(
+            f"rollout_func returned {len(prompt_ids)} prompt_ids and {len(completion_ids)} completion_ids for "
+            f"{len(prompts)} prompts: return one row per prompt it receives (each prompt comes num_generations times)."
+        )
+    if _is_chat(prompts[0]):
+        completions = [
+            [parse_completion(tokenizer, ids, prefix, None)] for ids, prefix in zip(completion_ids, prompt_ids)
+        ]
+    else:
+        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return prompt_ids, completion_ids, tool_mask, completions, output["logprobs"], extra_fields, None, []
+
+
 def complete_turns(
     tokenizer,
     prompt_ids: torch.Tensor,

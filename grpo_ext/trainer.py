@@ -83,7 +83,7 @@ from .rollout import (
     score_rollout,
     varying_groups,
 )
-from .tools import ToolCalling, complete_turns, placeholder_dataset
+from .tools import ToolCalling, complete_turns, custom_rollout, placeholder_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ class GRPOExtTrainer(_BaseTrainer):
         processing_class: the policy's tokenizer; loaded from the model's path when omitted.
         reward_processing_classes: tokenizers of the reward models, in the order of `reward_funcs`.
         callbacks, optimizers: as in `transformers.Trainer`.
-        peft_config: a `peft.PeftConfig` to train an adapter instead of the full model.
         quantization_config: a `BitsAndBytesConfig` used when `model` is a string (QLoRA with `peft_config`).
+        peft_config: a `peft.PeftConfig` to train an adapter instead of the full model.
         tools: Python functions (sync or async) the model may call; their signatures and docstrings are the schema
             the chat template shows it. Tool results are part of the completion but not scored (`grpo_ext.tools`).
         environment_factory: a callable returning an environment (its public methods are tools, `reset(**row)`
@@ -112,6 +112,11 @@ class GRPOExtTrainer(_BaseTrainer):
             row's `environment` column. `reward_funcs` may be None when an environment owns the reward, and
             `train_dataset` may be None with a single environment whose `reset` returns the prompt (then set
             `max_steps`).
+        rollout_func: TRL's custom rollout, `rollout_func(prompts, trainer) -> dict` with `prompt_ids`,
+            `completion_ids` (unpadded lists, one row per completion: `num_generations` per prompt) and `logprobs`;
+            any other key is passed to the reward functions (a list: one value per row), and `env_mask` (1 on tokens
+            the model generated) keeps other tokens out of the loss. The sampling `logprobs` are not used (no vLLM
+            importance-sampling correction here).
     """
 
     # Tags on the model, as TRL's trainers add them (transformers' own pushes carry them); the model card is grpo-ext's
@@ -130,9 +135,10 @@ class GRPOExtTrainer(_BaseTrainer):
         reward_processing_classes=None,
         callbacks=None,
         optimizers=(None, None),
-        peft_config=None,
         quantization_config=None,
+        peft_config=None,
         tools=None,
+        rollout_func=None,
         environment_factory=None,
     ):
         if args is None:
@@ -156,6 +162,9 @@ class GRPOExtTrainer(_BaseTrainer):
         self.aux_loss_enabled = self.router_aux_loss_coef != 0.0
 
         # Tools and environments (grpo_ext.tools); an environment with get_reward is a reward source
+        self.rollout_func = rollout_func  # TRL's custom rollout (tools.custom_rollout), or None
+        if rollout_func is not None and (tools or environment_factory is not None):
+            raise ValueError("rollout_func replaces generation, tools and environments: pass either, not both.")
         self._tool_calling, placeholder = None, None
         if tools or environment_factory is not None:
             self._tool_calling = ToolCalling(
@@ -175,7 +184,8 @@ class GRPOExtTrainer(_BaseTrainer):
             nonfinite_rewards=args.nonfinite_rewards,
         )
         max_positions = getattr(model.config, "max_position_embeddings", None)
-        required_columns = self.rewards.required_columns()
+        # a rollout_func may supply reward arguments itself (its extra fields): then no column is required up front
+        required_columns = self.rewards.required_columns() if rollout_func is None else {}
         datasets = [("train_dataset", train_dataset)]
         for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
             datasets.append((f"eval_dataset[{split!r}]" if split else "eval_dataset", dataset))
@@ -427,7 +437,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self._plan = plan_generation(
             self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows, self._batching
         )
-        prompt_ids, completion_ids_list, tool_mask, completions, *_ = self._generate(prompts)
+        prompt_ids, completion_ids_list, tool_mask, completions, _, extra_fields, *_ = self._generate(prompts)
         rollout = Rollout.of_token_lists(
             prompt_ids,
             completion_ids_list,
@@ -452,6 +462,8 @@ class GRPOExtTrainer(_BaseTrainer):
         # Rewards of the whole group are needed for its advantages: gather them from every process.
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         columns["trainer_state"] = self.state
+        for key, values in extra_fields.items():  # a rollout_func's extra fields: a list holds one value per row
+            columns[key] = values if isinstance(values, list) else [values] * len(rows)
         if self._tool_calling is not None and self._tool_calling.instances is not None:
             columns["environments"] = self._tool_calling.instances
         local_rewards_per_func = self.rewards.score(prompts, completions, completion_ids_list, columns)  # (B, K)
@@ -494,7 +506,10 @@ class GRPOExtTrainer(_BaseTrainer):
         tool-calling rounds when the trainer has tools. Returns, per row, unpadded lists: `(prompt_ids,
         completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images)`, `tool_mask` None
         without tools, `logprobs` None (no vLLM), no images. A subclass may override it; the rollout goes through it.
+        With a `rollout_func`, its rollout (`tools.custom_rollout`).
         """
+        if self.rollout_func is not None:
+            return custom_rollout(self.rollout_func, prompts, self, self.processing_class)
         plan = self._plan or plan_generation(
             self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows, self._batching
         )

@@ -422,3 +422,37 @@ def test_constructor_errors(tool_tokenizer, tokenizer, make_args):
         make_trainer(no_parser, make_args, tools=[noop])
     with pytest.raises(TypeError, match="tools\\[0\\]"):
         make_trainer(tool_tokenizer, make_args, tools=["noop"])
+
+
+def test_rollout_func_replaces_generation_and_feeds_the_rewards(tokenizer, make_args):
+    """TRL's rollout_func: its completions are the rollout's, env_mask keeps tokens out of the loss, other keys reach
+    the reward functions (one value per row), a missing key is an error naming it."""
+    seen = {}
+
+    def rollout_func(prompts, trainer):
+        seen["prompts"] = list(prompts)
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        completion_ids = [tokenizer("12", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]] * len(
+            prompts
+        )
+        env_mask = [[1, 0, 1]] * len(prompts)  # the "2" came from the environment
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None, "env_mask": env_mask,
+                "judge": [float(i) for i in range(len(prompts))]}  # fmt: skip
+
+    def reward(completions, judge, **kwargs):
+        seen["completions"], seen["judge"] = list(completions), list(judge)
+        return judge
+
+    trainer = GRPOExtTrainer(make_tiny_model("qwen2", tokenizer), reward, args=make_args(max_steps=1),
+                             train_dataset=make_prompt_dataset(8), processing_class=tokenizer, rollout_func=rollout_func)  # fmt: skip
+    rows = [trainer.train_dataset[i] for i in range(2) for _ in range(4)]
+    rollout = trainer._generate_and_score(rows, "train")
+    assert seen["prompts"] == [row["prompt"] for row in rows]
+    assert seen["completions"] == ["12"] * 8 and seen["judge"] == [float(i) for i in range(8)]
+    assert rollout.completion_mask[:, :3].tolist() == [[1, 1, 1]] * 8
+    assert rollout.loss_mask[:, :3].tolist() == [[1, 0, 1]] * 8
+    assert torch.allclose(rollout.advantages[:4], torch.tensor([-1.1619, -0.3873, 0.3873, 1.1619]), atol=1e-4)
+
+    trainer.rollout_func = lambda prompts, trainer: {"prompt_ids": [], "completion_ids": []}
+    with pytest.raises(ValueError, match=r"rollout_func must return keys \['logprobs'\]"):
+        trainer._generate_and_score(rows, "train")
