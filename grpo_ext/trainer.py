@@ -165,6 +165,11 @@ class GRPOExtTrainer(_BaseTrainer):
         self.rollout_func = rollout_func  # TRL's custom rollout (tools.custom_rollout), or None
         if rollout_func is not None and (tools or environment_factory is not None):
             raise ValueError("rollout_func replaces generation, tools and environments: pass either, not both.")
+        if train_dataset is None and environment_factory is None:
+            raise ValueError(
+                "train_dataset is required unless an environment_factory is provided (its reset() then writes each "
+                "prompt). Pass a datasets.Dataset or IterableDataset with a `prompt` column."
+            )
         self._tool_calling, placeholder = None, None
         if tools or environment_factory is not None:
             self._tool_calling = ToolCalling(

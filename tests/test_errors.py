@@ -16,6 +16,13 @@ def test_missing_prompt_column(tokenizer, make_args):
         _trainer(tokenizer, make_args(), dataset=dataset)
 
 
+def test_no_train_dataset_without_an_environment(tokenizer, make_args):
+    for tools in (None, [len]):  # tools alone write no prompt either
+        with pytest.raises(ValueError, match=r"train_dataset is required unless an environment_factory is provided"):
+            GRPOExtTrainer(make_tiny_model("qwen2", tokenizer), digit_fraction_reward, args=make_args(),
+                           processing_class=tokenizer, tools=tools)  # fmt: skip
+
+
 def test_reward_function_needing_a_missing_column(tokenizer, make_args):
     def accuracy(completions, solution, **kwargs):
         return [0.0] * len(completions)

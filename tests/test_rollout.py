@@ -223,17 +223,23 @@ def test_continuous_batching_config_follows_trl(make_args):
 
 
 def test_the_trainer_generates_with_continuous_batching_when_asked(tokenizer, make_args, monkeypatch):
+    from types import SimpleNamespace
+
     from conftest import tiny_trainer
 
     trainer = tiny_trainer(tokenizer, make_args(use_transformers_continuous_batching=True, max_steps=1))
     calls = []
-    generate_batch = type(trainer.model).generate_batch
 
-    def recording(self, inputs, **kwargs):
-        calls.append((len(inputs), kwargs["continuous_batching_config"].max_memory_percent))
-        return generate_batch(self, inputs, **kwargs)
+    def generate_batch(self, inputs, generation_config, continuous_batching_config, **kwargs):  # the engine, faked
+        calls.append((inputs, continuous_batching_config.max_memory_percent))
+        answer = tokenizer("12", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return {f"req_{i}": SimpleNamespace(generated_tokens=answer, error=None) for i in range(len(inputs))}
 
-    monkeypatch.setattr(type(trainer.model), "generate_batch", recording)
-    trainer.train()
-    assert calls == [(8, 0.5)]  # one rollout of 2 prompts x G = 4, unpadded, TRL's memory share
-    assert trainer.state.log_history[0]["completions/mean_length"] > 0
+    monkeypatch.setattr(type(trainer.model), "generate_batch", generate_batch)
+    rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(4)]  # 2 groups of G = 4
+    rollout = trainer._generate_and_score(rows, "train")
+    prompts = [tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] for row in rows]
+    assert calls == [(prompts, 0.5)]  # the rollout's rows, unpadded; TRL's memory share
+    answer = [*tokenizer("12", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    assert rollout.completion_ids.tolist() == [answer] * 8 and rollout.lengths.tolist() == [3] * 8
+    assert rollout.shared_prefix  # scoring still shares the prompts
