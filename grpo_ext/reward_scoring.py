@@ -25,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -172,6 +173,22 @@ class RewardScorer:
         """Passed to reward functions as `log_extra`: one value per completion of the batch, a column of the
         completions table."""
         self.logged_columns[column].extend(values)
+
+    def gather_logs(self, accelerator, batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
+        """What the functions logged in the last `score` call, from every process: each `log_metric` name with the
+        mean of all its values, and each `log_extra` column over all processes' completions (None where a process
+        logged none). Names are sorted so every process gathers them in the same order."""
+        metrics = {}
+        for name in sorted(set(gather_object(list(self.logged_metrics)))):
+            values = self.logged_metrics.get(name, [])
+            totals = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=accelerator.device)
+            total, count = accelerator.reduce(totals, reduction="sum").tolist()
+            metrics[name] = total / count
+        columns = {
+            column: gather_object(self.logged_columns.get(column, [None] * batch_size))
+            for column in sorted(set(gather_object(list(self.logged_columns))))
+        }
+        return metrics, columns
 
     def required_columns(self) -> dict[str, list[str]]:
         """Per function name: the keyword arguments it needs with no default, which must come from dataset columns."""

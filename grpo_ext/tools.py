@@ -290,6 +290,17 @@ class MultiTurn:
     rounds: int = 0
 
 
+def tool_metrics(turns: MultiTurn | None, rows: int, accelerator) -> dict[str, float]:
+    """TRL's tool metrics over all processes: `tools/call_frequency` (tool calls per completion) and
+    `tools/failure_frequency` (failed calls per call; 0 without calls). `rows`: this process's completions."""
+    counts = [turns.tool_calls, turns.tool_failures] if turns is not None else [0, 0]
+    calls, failures = accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum").tolist()
+    return {
+        "tools/call_frequency": calls / (rows * accelerator.num_processes),
+        "tools/failure_frequency": failures / calls if calls else 0.0,
+    }
+
+
 def tool_call_loop(
     tokenizer,
     prompt_ids: list[list[int]],

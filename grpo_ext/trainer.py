@@ -83,7 +83,7 @@ from .rollout import (
     score_rollout,
     varying_groups,
 )
-from .tools import ToolCalling, complete_turns, custom_rollout, placeholder_dataset
+from .tools import ToolCalling, complete_turns, custom_rollout, placeholder_dataset, tool_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -472,7 +472,9 @@ class GRPOExtTrainer(_BaseTrainer):
         if self._tool_calling is not None and self._tool_calling.instances is not None:
             columns["environments"] = self._tool_calling.instances
         local_rewards_per_func = self.rewards.score(prompts, completions, completion_ids_list, columns)  # (B, K)
-        extra_columns = self._log_reward_function_logs(mode, len(rows))
+        logged_metrics, extra_columns = self.rewards.gather_logs(self.accelerator, len(rows))  # log_metric, log_extra
+        for name, value in logged_metrics.items():
+            self._metrics[mode][name].append(value)
         if self.args.nonfinite_rewards == "drop":
             dropped = self.accelerator.reduce(torch.tensor(self.rewards.nonfinite_counts, device=device), "sum")
             for name, count in zip(self.rewards.names, dropped.tolist()):
@@ -557,13 +559,8 @@ class GRPOExtTrainer(_BaseTrainer):
             )  # fmt: skip
         if tool_calling is not None:
             mode = "train" if self.model.training else "eval"
-            calls, failures = self.accelerator.reduce(
-                torch.tensor([turns.tool_calls if turns else 0, turns.tool_failures if turns else 0], device=device),
-                reduction="sum",
-            ).tolist()
-            rows = len(prompts) * self.accelerator.num_processes
-            self._metrics[mode]["tools/call_frequency"].append(calls / rows)
-            self._metrics[mode]["tools/failure_frequency"].append(failures / calls if calls else 0.0)
+            for name, value in tool_metrics(turns, len(prompts), self.accelerator).items():
+                self._metrics[mode][name].append(value)
         return prompt_ids, completion_ids, tool_mask, completions, None, {}, None, []
 
     def _roll_out_varying_groups(self, rows: list[dict]) -> Rollout:
@@ -743,21 +740,6 @@ class GRPOExtTrainer(_BaseTrainer):
         for name in names:
             self._metrics[mode][name].append(total / max(count, 1.0))
             self._metric_tokens[mode][name].append(count)
-
-    def _log_reward_function_logs(self, mode: str, batch_size: int) -> dict[str, list]:
-        """What the reward functions logged in this rollout (`log_metric`, `log_extra`): each metric, its mean over the
-        values of all processes, goes to the metrics; the table columns of all processes are returned. Names are
-        sorted so every process gathers them in the same order."""
-        metrics, columns = self.rewards.logged_metrics, self.rewards.logged_columns
-        for name in sorted(set(gather_object(list(metrics)))):
-            values = metrics.get(name, [])
-            totals = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=self.accelerator.device)
-            total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
-            self._metrics[mode][name].append(total / count)
-        return {
-            column: gather_object(columns.get(column, [None] * batch_size))
-            for column in sorted(set(gather_object(list(columns))))
-        }
 
     def _log_objective(self, mode, terms, entropies, completion_mask):
         metrics = self._metrics[mode]

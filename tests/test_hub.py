@@ -68,6 +68,19 @@ class RecordingHfApi(HfApi):
         return {op.path_in_repo: _bytes_of(op) for op in self.commits[0]["operations"]}
 
 
+def record_hub_apis(monkeypatch, hub_module) -> list[RecordingHfApi]:
+    """Replace `hub_module.HfApi` by `RecordingHfApi`; the list fills with every instance the code under test makes."""
+    apis = []
+
+    class Api(RecordingHfApi):
+        def __init__(self, token=None):
+            super().__init__()
+            apis.append(self)
+
+    monkeypatch.setattr(hub_module, "HfApi", Api)
+    return apis
+
+
 def _bytes_of(operation: CommitOperationAdd) -> bytes:
     if isinstance(operation.path_or_fileobj, bytes):
         return operation.path_or_fileobj
@@ -279,14 +292,7 @@ def test_trainer_push_to_hub_uploads_the_adapter_and_card_only(tmp_path, monkeyp
     from grpo_ext import GRPOExtConfig, GRPOExtTrainer
     from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, save_tiny_model
 
-    apis = []
-
-    class Api(RecordingHfApi):
-        def __init__(self):
-            super().__init__()
-            apis.append(self)
-
-    monkeypatch.setattr(hub, "HfApi", Api)
+    apis = record_hub_apis(monkeypatch, hub)
     secret = "hf_NOTAREALTOKEN0123456789"
     args = GRPOExtConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
@@ -316,14 +322,7 @@ def test_completions_tables_are_uploaded_to_a_hub_dataset(tmp_path, monkeypatch)
     from grpo_ext import GRPOExtConfig, GRPOExtTrainer
     from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset
 
-    apis = []
-
-    class Api(RecordingHfApi):
-        def __init__(self, token=None):
-            super().__init__()
-            apis.append(self)
-
-    monkeypatch.setattr(hub, "HfApi", Api)
+    apis = record_hub_apis(monkeypatch, hub)
     secret = "hf_NOTAREALTOKEN0123456789"
     args = GRPOExtConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
