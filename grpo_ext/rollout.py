@@ -42,7 +42,6 @@ __all__ = [
     "completion_mask_after_eos",
     "pad_token_lists",
     "token_lists_until_stop",
-    "decode_completions",
     "score_rollout",
     "length_buckets_of",
     "varying_groups",
@@ -71,24 +70,6 @@ class Rollout:
     normalisers: Normalisers | None = None  # what the loss divides by, set on micro-batches for training
     tool_mask: torch.Tensor | None = None  # (B, C) with tools: 1 on generated tokens, 0 on tool results and padding
     pad_to_multiple_of: int | None = None  # prompt and completion widths kept a multiple of it (`padded`)
-
-    @classmethod
-    def of_completions(
-        cls,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        completion_ids: torch.Tensor,
-        eos_token_ids: list[int],
-        mask_truncated_completions: bool = False,
-        shared_prefix: bool = False,
-    ) -> Rollout:
-        """The rollout of freshly generated `(B, C)` completions: masked after their first stop token, and entirely
-        when truncated with `mask_truncated_completions` (DAPO: no gradient from a completion cut off mid-way)."""
-        completion_mask, is_truncated = completion_mask_after_eos(completion_ids, eos_token_ids)  # (B, C), (B,)
-        lengths = completion_mask.sum(1)  # (B,)
-        if mask_truncated_completions:
-            completion_mask = completion_mask * (~is_truncated).unsqueeze(1)
-        return cls(prompt_ids, prompt_mask, completion_ids, completion_mask, lengths, is_truncated, shared_prefix)
 
     @classmethod
     def of_token_lists(
@@ -439,15 +420,6 @@ def completion_mask_after_eos(
     positions = torch.arange(completion_ids.size(1), device=completion_ids.device)  # (C,)
     completion_mask = (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (B, C)
     return completion_mask, ~has_eos
-
-
-def decode_completions(rollout: Rollout, tokenizer) -> tuple[list[list[int]], list[str]]:
-    """Each completion's token ids up to its stop token, and its text without special tokens."""
-    completion_ids = [ids[: int(n)].tolist() for ids, n in zip(rollout.completion_ids, rollout.lengths)]
-    return completion_ids, tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-
-
-# --- Scoring ---
 
 
 def score_rollout(

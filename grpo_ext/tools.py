@@ -369,7 +369,7 @@ def tool_call_loop(
 
 class ToolCalling:
     """Tools and environments of a trainer: checked once, then per rollout each row's environment instance and tools
-    (`start`), and its multi-turn completions (`complete`)."""
+    (`start`); `complete_turns` runs their multi-turn completions."""
 
     def __init__(self, tokenizer, tools, environment_factory, max_iterations: int | None):
         self.tokenizer = tokenizer
