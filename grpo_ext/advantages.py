@@ -35,16 +35,16 @@ def group_relative_advantages(
     """
     grouped = rewards.view(-1, num_generations)  # (N/G, G)
     group_mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)  # (N,)
-    if scale_rewards == "batch":
-        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)  # (N,)
-    elif num_generations > 1:
-        std = nanstd(grouped, dim=1).repeat_interleave(num_generations)  # (N,)
-    else:
-        std = torch.zeros_like(rewards)  # (N,)
+    std = batch_std(rewards) if scale_rewards == "batch" else group_std(rewards, num_generations)  # (N,)
     advantages = rewards - group_mean
     if scale_rewards != "none":
         advantages = advantages / (std + STD_EPSILON)
     return torch.nan_to_num(advantages, nan=0.0), std
+
+
+def batch_std(rewards: torch.Tensor) -> torch.Tensor:
+    """Std of all the rewards, for each completion `(N,)` (0 for a batch of one)."""
+    return nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
 
 
 def group_std(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -68,6 +68,6 @@ def group_normalized_rewards(rewards_per_func: torch.Tensor, num_generations: in
 def batch_normalized_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A_i = (r_i - mean_batch(r)) / (std_batch(r) + 1e-4), `(N,)`, and the batch std `(N,)`: the last step of
     `normalize_then_sum`. NaN rewards are left out of the statistics and get advantage 0."""
-    std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)  # (N,)
+    std = batch_std(rewards)  # (N,)
     advantages = (rewards - torch.nanmean(rewards)) / (std + STD_EPSILON)
     return torch.nan_to_num(advantages, nan=0.0), std

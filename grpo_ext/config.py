@@ -24,7 +24,7 @@ from .data import check_eval_batch
 from .models import model_dtype
 from .objective import KL_ESTIMATORS, LOSS_TYPES, TOKEN_SUMMED_LOSS_TYPES, SurrogateParams
 from .plan import parse_memory
-from .reference import REFERENCE_MODES
+from .reference import MIXABLE_MODES, REFERENCE_MODES
 from .reward_scoring import NONFINITE_REWARD_POLICIES
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -805,7 +805,7 @@ class GRPOExtConfig(_RefusedTRLFields):
                 "to synchronize. Set sync_ref_model=False, or beta > 0.",
             )
             require(
-                self.ref_model_mode not in ("disabled_adapter", "none"),
+                self.ref_model_mode in (*MIXABLE_MODES, "auto"),
                 f"sync_ref_model=True mixes the policy's weights into the reference's, and ref_model_mode="
                 f"{self.ref_model_mode!r} has no reference weights of its own (the base model under the disabled "
                 "adapter would need a second copy). Use ref_model_mode='snapshot_adapter' with a PEFT adapter, "

@@ -73,16 +73,18 @@ __all__ = [
 _WARNED: set[str] = set()
 
 
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=4)  # the caller of warn_plain_path / warn_plain_prefill
+
+
 def warn_plain_path(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"Prefix sharing is off, using the plain path: {reason}", stacklevel=3)
+    _warn_once(f"Prefix sharing is off, using the plain path: {reason}")
 
 
 def warn_plain_prefill(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"Generation prefills every row (scoring still shares the prompts): {reason}", stacklevel=3)
+    _warn_once(f"Generation prefills every row (scoring still shares the prompts): {reason}")
 
 
 # --- Groups of identical prompts ---

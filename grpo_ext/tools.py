@@ -34,7 +34,7 @@ import torch
 from datasets import Dataset
 
 from .concurrency import await_all
-from .rollout import pad_token_lists, token_lists_until_stop
+from .rollout import is_conversational, pad_token_lists, token_lists_until_stop
 
 ENVIRONMENT_COLUMN = "environment"
 # Methods of an environment that are not tools
@@ -52,6 +52,7 @@ __all__ = [
     "complete_turns",
     "placeholder_dataset",
     "environment_tools",
+    "first_turns",
     "parse_completion",
     "run_tool_calls",
     "tool_call_loop",
@@ -390,7 +391,7 @@ class ToolCalling:
             return
         if self.environments is not None:
             self.environments.check_dataset(dataset, name)
-        if "prompt" in dataset.column_names and len(dataset) and not _is_chat(dataset[0]["prompt"]):
+        if "prompt" in dataset.column_names and len(dataset) and not is_conversational(dataset[0]["prompt"]):
             raise ValueError(
                 f"tools / environment_factory need conversational prompts, but {name}'s 'prompt' column holds "
                 f"{type(dataset[0]['prompt']).__name__}s. Give each prompt as a list of messages, e.g. "
@@ -424,10 +425,6 @@ def placeholder_dataset(environment_factory, args) -> Dataset:
     return Dataset.from_dict({"prompt": [EMPTY_PROMPT] * (args.generation_batch_size // args.num_generations)})
 
 
-def _is_chat(prompt) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
-
-
 ROLLOUT_FUNC_KEYS = ("prompt_ids", "completion_ids", "logprobs")
 
 
@@ -450,13 +447,22 @@ def custom_rollout(rollout_func: Callable, prompts: list, trainer, tokenizer) ->
             f"rollout_func returned {len(prompt_ids)} prompt_ids and {len(completion_ids)} completion_ids for "
             f"{len(prompts)} prompts: return one row per prompt it receives (each prompt comes num_generations times)."
         )
-    if _is_chat(prompts[0]):
-        completions = [
-            [parse_completion(tokenizer, ids, prefix, None)] for ids, prefix in zip(completion_ids, prompt_ids)
-        ]
-    else:
-        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = first_turns(tokenizer, prompt_ids, completion_ids, is_conversational(prompts[0]))
     return prompt_ids, completion_ids, tool_mask, completions, output["logprobs"], extra_fields, None, []
+
+
+def first_turns(
+    tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]], conversational: bool, row_tools=None
+) -> list:
+    """What reward functions receive as `completions`: each completion's text, or for conversational prompts its
+    assistant message in a list (`parse_completion`, with the row's tools when given)."""
+    if not conversational:
+        return tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    row_tools = row_tools or [None] * len(completion_ids)
+    return [
+        [parse_completion(tokenizer, ids, prefix, tools)]
+        for ids, prefix, tools in zip(completion_ids, prompt_ids, row_tools)
+    ]
 
 
 def complete_turns(
@@ -478,26 +484,15 @@ def complete_turns(
     (`tool_call_loop`, whose counts come back last)."""
     prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
     completion_lists = token_lists_until_stop(completion_ids, eos_token_ids)
-    if not conversational:
-        return (
-            prompt_lists,
-            completion_lists,
-            None,
-            tokenizer.batch_decode(completion_lists, skip_special_tokens=True),
-            None,
-        )
-    row_tools = tool_calling.row_tools if tool_calling is not None else [None] * len(prompt_lists)
-    messages = [
-        parse_completion(tokenizer, ids, prefix, tools)
-        for ids, prefix, tools in zip(completion_lists, prompt_lists, row_tools)
-    ]
-    if tool_calling is None or not any(row_tools):
-        return prompt_lists, completion_lists, None, [[message] for message in messages], None
+    row_tools = tool_calling.row_tools if tool_calling is not None else None
+    completions = first_turns(tokenizer, prompt_lists, completion_lists, conversational, row_tools)
+    if not conversational or row_tools is None or not any(row_tools):
+        return prompt_lists, completion_lists, None, completions, None
     turns = tool_call_loop(
         tokenizer,
         prompt_lists,
         completion_lists,
-        messages,
+        [messages[0] for messages in completions],  # each row's first assistant message
         row_tools,
         generate,
         eos_token_ids,
