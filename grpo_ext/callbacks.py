@@ -1,4 +1,5 @@
-"""Trainer callbacks: refreshing the snapshot reference, and saving a checkpoint when the run is interrupted."""
+"""Trainer callbacks: refreshing the snapshot reference, keeping the logs of an evaluation before training, and saving a
+checkpoint when the run is interrupted."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ class ReferenceSyncCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.sync_steps == 0:
             self.reference.sync(self.policy, self.alpha)
+
+
+class PreTrainingLogsCallback(TrainerCallback):
+    """Keeps what `evaluate()` logged before `train()` (step 0: the base model's task metrics) at the head of the log
+    history, which `train()` starts anew, so the curves and the model card show where the run started. A resumed run
+    has them already, in its checkpoint's history."""
+
+    def __init__(self):
+        self.entries = []  # set by the trainer's train()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            state.log_history[:0] = self.entries
+        self.entries = []
 
 
 class SaveOnInterruptCallback(TrainerCallback):

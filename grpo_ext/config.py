@@ -534,6 +534,32 @@ class GRPOExtConfig(_RefusedTRLFields):
         "keeps the batch as given. Not in TRL.",
     )
 
+    # --- Task evaluation: is the model getting better at the task, not only at the reward? ---
+    eval_reward_funcs: list[str] | None = _field(
+        None,
+        "Task metrics measured on the eval set at each evaluation (`eval_strategy` / `eval_steps`, and "
+        "`trainer.evaluate()`): reward functions that return 1.0 for a correct completion, named as one of this "
+        "trainer's reward functions (its name in `rewards/<name>/mean`), a `reward_models` registry name (`accuracy`, "
+        "`answer_line`) or a dotted import path (`my_pkg.rewards:correct`). Each eval prompt is answered greedily, "
+        "logged as `eval_pass@1/<name>` (DeepSeekMath's top-1 accuracy), and with `eval_num_samples=k > 1` also k "
+        "times by sampling: `eval_sampled_pass@1/<name>`, `eval_pass@k/<name>`, `eval_maj@k/<name>`. Keep the best "
+        "checkpoint on one with `metric_for_best_model='eval_pass@1/<name>'` and `load_best_model_at_end=True`. "
+        "Rewards can rise while the task does not (reward hacking): a task metric is the check. None (the default): "
+        "TRL's evaluation only. Not in TRL.",
+    )
+    eval_num_samples: int = _field(
+        1,
+        "Samples per eval prompt for the sampled task metrics (`eval_pass@k`, `eval_maj@k`; DeepSeekMath reports "
+        "maj@64); 1 measures the greedy `eval_pass@1` only. Sampled with the training generation settings "
+        "(`temperature`, ...). Not in TRL.",
+    )
+    eval_task_metrics_only: bool = _field(
+        False,
+        "Evaluations measure the task metrics (`eval_reward_funcs`) only, skipping TRL's evaluation rollout "
+        "(`num_generations_eval` sampled completions per prompt, their rewards and loss), which costs several times "
+        "more than one greedy answer per prompt. Not in TRL.",
+    )
+
     # --- Logging ---
     log_completions: bool = _field(
         False,
@@ -740,6 +766,14 @@ class GRPOExtConfig(_RefusedTRLFields):
         require(
             self.num_generations_eval is None or self.num_generations_eval >= 1,
             f"num_generations_eval={self.num_generations_eval} must be >= 1, or None to use num_generations.",
+        )
+        require(
+            self.eval_num_samples >= 1,
+            f"eval_num_samples={self.eval_num_samples} must be >= 1 (1: greedy pass@1 only; k: pass@k and maj@k too).",
+        )
+        require(
+            not self.eval_task_metrics_only or bool(self.eval_reward_funcs),
+            "eval_task_metrics_only=True needs task metrics: set eval_reward_funcs (e.g. ['accuracy']).",
         )
         require(
             self.multi_objective_aggregation in MULTI_OBJECTIVE_AGGREGATIONS,

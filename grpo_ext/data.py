@@ -245,7 +245,10 @@ def check_dataset(
 
 def check_eval_batch(args) -> None:
     """Evaluation groups must not be split across batches: the eval batch on all processes holds whole groups of
-    `num_generations_eval` (None: `num_generations`) completions."""
+    `num_generations_eval` (None: `num_generations`) completions. With `eval_task_metrics_only` there is no
+    evaluation rollout, so no group to keep whole."""
+    if getattr(args, "eval_task_metrics_only", False):
+        return
     group = args.num_generations_eval or args.num_generations
     name = "num_generations_eval" if args.num_generations_eval else "num_generations"
     if (args.per_device_eval_batch_size * args.world_size) % group:

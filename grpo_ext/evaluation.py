@@ -1,55 +1,167 @@
-"""Accuracy of a policy on a dataset split: pass@1 (greedy) and maj@k (majority vote over k samples).
+"""Task metrics: how often a policy solves held-out problems, as opposed to the rewards it is trained on.
 
-Used by `recipes/evaluate.py` and by the training recipe before and after training (DeepSeekMath reports greedy
-top-1 accuracy and maj@64; arXiv 2402.03300, section 4.2).
+A *task metric* is a reward function (TRL's contract) that returns 1.0 for a correct completion and 0.0 (or None)
+otherwise, e.g. `reward_models.accuracy_reward`. Each problem is answered greedily once and, with k > 1, k times by
+sampling; from the scores:
+
+- `pass@1`: the greedy answer's score, averaged over problems (DeepSeekMath's top-1 accuracy, arXiv 2402.03300,
+  section 4.2);
+- `sampled_pass@1`: the mean score of the k samples;
+- `pass@k`: the chance that at least one of k samples is correct, Chen et al.'s unbiased estimator
+  `1 - C(n - c, k) / C(n, k)` over the n samples drawn (arXiv 2107.03374), which is "any of the k" when n = k;
+- `maj@k`: the score of the answer most samples agree on (DeepSeekMath's maj@64), the vote taken over final answers
+  (`answer_key`, by default the number or expression `reward_models.accuracy.extract_answer` finds).
+
+A score of None counts as 0 (not solved), a score above 0.5 as solved for pass@k. Generation goes through the
+rollout engine (`rollout.generate_completions`: prefix sharing, finished rows dropped) with the training stop rule.
+The trainer evaluates during training with these functions (`GRPOExtTrainer.evaluate` with `eval_reward_funcs`),
+sharding the problems over processes; `evaluate_accuracy` is the same for a model alone (`recipes/evaluate.py`).
+Single-turn only: tool calls are not run here.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .moe import without_router_logits
-from .rollout import completion_mask_after_eos, eos_token_ids, prompt_texts
+from .rollout import (
+    GenerationPlan,
+    encode_prompts,
+    eos_token_ids,
+    generate_completions,
+    is_conversational,
+    plan_generation,
+    token_lists_until_stop,
+)
+from .tools import first_turns
+
+SOLVED = 0.5  # a score above this counts as a solved problem for pass@k
+
+
+# --- The metrics, from scores ---
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Chen et al.'s unbiased pass@k from n samples of which c are correct: `1 - C(n - c, k) / C(n, k)`."""
+    if k > num_samples:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {num_samples}.")
+    if num_samples - num_correct < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+def majority_index(answer_keys: list) -> int:
+    """The sample that casts the winning vote: the first one giving the most frequent non-empty answer (ties go to the
+    answer seen first); sample 0 when no sample has an answer."""
+    votes = Counter(key for key in answer_keys if key)
+    if not votes:
+        return 0
+    return answer_keys.index(votes.most_common(1)[0][0])
+
+
+def sampled_metrics(scores: list[list[float]], answer_keys: list[list] | None = None) -> dict[str, float]:
+    """`sampled_pass@1`, `pass@k` and (with answer keys) `maj@k` over problems, from k scores per problem."""
+    k = len(scores[0])
+    solved = [sum(score > SOLVED for score in problem) for problem in scores]
+    metrics = {
+        "sampled_pass@1": _mean([sum(problem) / k for problem in scores]),
+        f"pass@{k}": _mean([pass_at_k(k, c, k) for c in solved]),
+    }
+    if answer_keys is not None:
+        metrics[f"maj@{k}"] = _mean([problem[majority_index(keys)] for problem, keys in zip(scores, answer_keys)])
+    return metrics
+
+
+def task_metrics(
+    names: list[str],
+    greedy_scores: torch.Tensor | None,
+    sampled_scores: torch.Tensor | None = None,
+    answer_keys: list[list] | None = None,
+) -> dict[str, float]:
+    """Metrics per task metric, named `<metric>/<name>`: `pass@1` from the greedy scores `(N, K)` of N problems and
+    K task metrics, the sampled ones from `(N, k, K)` (NaN, a None score, counts as 0)."""
+    metrics = {}
+    for j, name in enumerate(names):
+        if greedy_scores is not None:
+            metrics[f"pass@1/{name}"] = _mean(greedy_scores[:, j].nan_to_num(0.0).tolist())
+        if sampled_scores is not None:
+            per_problem = sampled_scores[:, :, j].nan_to_num(0.0).tolist()  # (N, k)
+            for metric, value in sampled_metrics(per_problem, answer_keys).items():
+                metrics[f"{metric}/{name}"] = value
+    return metrics
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def default_answer_key() -> Callable[[str], str]:
+    """The final answer of a completion text for the majority vote: `reward_models.accuracy.extract_answer`."""
+    from reward_models.accuracy import extract_answer
+
+    return lambda text: (extract_answer(text) or "").strip()
+
+
+def completion_text(completion) -> str:
+    """A completion as text: itself, or its last message's content (conversational)."""
+    if isinstance(completion, list):
+        return str(completion[-1].get("content", "")) if completion else ""
+    return completion
+
+
+# --- Generation: k answers per problem through the rollout engine ---
+
+
+def greedy_config(generation_config):
+    """The sampling config made greedy, everything else (length, stop tokens, cache) kept."""
+    greedy = copy.deepcopy(generation_config)
+    greedy.do_sample = False
+    for name in ("temperature", "top_p", "top_k", "min_p"):
+        setattr(greedy, name, None)
+    return greedy
 
 
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, batch_size=32):
-    """`num_samples` completions (greedy when 1) for each prompt: a list of lists of strings."""
-    model.eval()
-    stop_ids = eos_token_ids(model, tokenizer)  # the same stop rule as training rollouts
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: list,
+    num_samples: int,
+    generation_config,
+    plan: GenerationPlan,
+    stop_token_ids: list[int],
+    chat_template_kwargs: dict | None = None,
+    max_prompt_length: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[list[list[int]], list]:
+    """`num_samples` completions of each prompt (in a row): their ids up to the first stop token, and the completions
+    as reward functions receive them (text, or an assistant message for chat prompts). `batch_size` counts
+    completions per `generate` call (whole groups)."""
     device = next(model.parameters()).device
-    texts = prompt_texts(list(prompts), tokenizer)
-    completions = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="Evaluating", unit="batch"):
-        batch = tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,
-        ).to(device)
-        sampled = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=num_samples > 1,
-            temperature=temperature if num_samples > 1 else None,
-            top_p=None,
-            top_k=None,
-            num_return_sequences=num_samples,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_ids,
-            **without_router_logits(model),
-        )
-        completion_ids = sampled[:, batch["input_ids"].size(1) :]  # (b * k, C)
-        mask, _ = completion_mask_after_eos(completion_ids, stop_ids)
-        decoded = tokenizer.batch_decode(
-            [ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True
-        )
-        completions += [decoded[i : i + num_samples] for i in range(0, len(decoded), num_samples)]
-    return completions
+    if num_samples == 1:  # nothing to share between the rows of a group of one
+        plan = dataclasses.replace(plan, shared_prefill=False)
+    prompts_per_batch = max(batch_size // num_samples, 1)
+    completion_ids, completions = [], []
+    starts = range(0, len(prompts), prompts_per_batch)
+    for start in tqdm(starts, desc="Evaluating", unit="batch", disable=not progress):
+        rows = [prompt for prompt in prompts[start : start + prompts_per_batch] for _ in range(num_samples)]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, rows, chat_template_kwargs, max_prompt_length, device)
+        generated = generate_completions(model, prompt_ids, prompt_mask, num_samples, generation_config, plan)
+        batch_ids = token_lists_until_stop(generated, stop_token_ids)  # (b * k) lists
+        prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+        completions += first_turns(tokenizer, prompt_lists, batch_ids, is_conversational(rows[0]))
+        completion_ids += batch_ids
+    return completion_ids, completions
+
+
+# --- A model alone (recipes/evaluate.py) ---
 
 
 def evaluate_accuracy(
@@ -63,35 +175,89 @@ def evaluate_accuracy(
     answer_key=None,
     reward_funcs: dict | None = None,
 ) -> dict:
-    """`{"pass@1": ..., "maj@k": ..., "num_problems": n}` on a dataset with `prompt` and `answer` columns.
+    """Task metrics of `model` on a dataset with `prompt` and `answer` columns, in one pass: greedy with
+    `num_samples == 1`, k samples otherwise.
 
-    With num_samples == 1, pass@1 is greedy accuracy; with k > 1 it is the mean accuracy of the k samples and
-    maj@k scores the most frequent final answer (`answer_key`: text -> hashable, groups equal answers for the vote).
-    `reward_funcs` (name -> reward function returning 1.0 for a correct completion) choose the metric: the first one
-    gives pass@1 and maj@k, and each one its own `pass@1/<name>`. The default is `reward_models.accuracy_reward`
-    (math-verify).
+    `reward_funcs` (name -> task metric) default to `{"accuracy": reward_models.accuracy_reward}` (math-verify). The
+    result has `pass@1/<name>` (greedy, or the samples' mean) and with k > 1 `pass@k/<name>` and `maj@k/<name>` for
+    each, the first metric's also as `pass@1` and `maj@k`, and `num_problems`. `answer_key` (text -> hashable) groups
+    equal final answers for the vote (default `default_answer_key()`).
     """
-    from reward_models.accuracy import accuracy_reward, extract_answer
+    from transformers import GenerationConfig
 
-    reward_funcs = reward_funcs or {"accuracy": accuracy_reward}
-    answer_key = answer_key or (lambda text: (extract_answer(text) or "").strip())
-    completions = generate_completions(
-        model, tokenizer, dataset["prompt"], num_samples, max_new_tokens, temperature, batch_size
+    from reward_models.accuracy import accuracy_reward
+
+    scorer = task_scorer(reward_funcs or {"accuracy": accuracy_reward})
+    answer_key = answer_key or default_answer_key()
+    model.eval()
+    stop_ids = eos_token_ids(model, tokenizer)  # the same stop rule as training rollouts
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_ids,
     )
-    # The majority vote does not depend on the metric: per problem, the first sample that gives the winning answer
-    voted = []
-    for samples in completions:
-        keys = [answer_key(text) for text in samples]
-        voted.append(keys.index(Counter(keys).most_common(1)[0][0]))
-    n = max(len(completions), 1)
-    results = {}
-    for name, reward_func in reward_funcs.items():
-        pass_scores, majority_scores = [], []
-        for samples, gold, winner in zip(completions, dataset["answer"], voted):
-            scores = [score or 0.0 for score in reward_func(samples, answer=[gold] * len(samples))]
-            pass_scores.append(sum(scores) / len(scores))
-            majority_scores.append(scores[winner])
-        if not results:
-            results = {"pass@1": sum(pass_scores) / n, f"maj@{num_samples}": sum(majority_scores) / n}
-        results[f"pass@1/{name}"] = sum(pass_scores) / n
-    return {**results, "num_problems": len(completions)}
+    if num_samples == 1:
+        config = greedy_config(config)
+    plan = plan_generation(model, config, prefix_sharing_wanted=True, drop_finished_rows_wanted=True)
+    prompts = list(dataset["prompt"])
+    completion_ids, completions = generate_answers(
+        model, tokenizer, prompts, num_samples, config, plan, stop_ids, batch_size=batch_size, progress=True
+    )
+    rows = [prompt for prompt in prompts for _ in range(num_samples)]
+    answers = [answer for answer in dataset["answer"] for _ in range(num_samples)]
+    scores = scorer.score(rows, completions, completion_ids, {"answer": answers})  # (N * k, K)
+    scores = scores.view(len(prompts), num_samples, -1)  # (N, k, K)
+    keys = [
+        [answer_key(completion_text(c)) for c in completions[i : i + num_samples]]
+        for i in range(0, len(rows), num_samples)
+    ]
+    if num_samples == 1:
+        results = task_metrics(scorer.names, scores[:, 0])
+    else:
+        results = task_metrics(scorer.names, None, scores, keys)
+        results = {key.replace("sampled_pass@1", "pass@1"): value for key, value in results.items()}
+    first = scorer.names[0]
+    headline = {"pass@1": results[f"pass@1/{first}"]}
+    if num_samples > 1:
+        headline[f"maj@{num_samples}"] = results[f"maj@{num_samples}/{first}"]
+    return {**headline, **results, "num_problems": len(prompts)}
+
+
+# --- Task metrics by name ---
+
+
+def task_scorer(metrics: dict[str, Callable]):
+    """A `RewardScorer` of the task metrics (name -> function) under the names given: TRL's calling contract, None
+    and non-finite scores kept out (as NaN, counted as 0 by `task_metrics`)."""
+    from .reward_scoring import RewardScorer
+
+    scorer = RewardScorer(list(metrics.values()), nonfinite_rewards="drop")
+    scorer.names = list(metrics)  # the names the user wrote, which the metric names carry
+    return scorer
+
+
+def resolve_task_metrics(names: list, reward_funcs: dict[str, Callable]) -> dict[str, Callable]:
+    """name -> task metric for `eval_reward_funcs`: one of the trainer's reward functions (`reward_funcs`, by the name
+    in `rewards/<name>/mean`), else a `reward_models` registry name or dotted import path; a callable is taken as
+    it is (named by its `__name__`)."""
+    from reward_models.registry import get_reward_funcs
+
+    resolved = {}
+    for entry in names:
+        if callable(entry):
+            resolved[getattr(entry, "__name__", type(entry).__name__)] = entry
+        elif entry in reward_funcs:
+            resolved[entry] = reward_funcs[entry]
+        else:
+            try:
+                resolved[entry] = get_reward_funcs([entry], warn_unused=False)[0]
+            except (ValueError, TypeError, ImportError) as error:
+                raise ValueError(
+                    f"eval_reward_funcs: {entry!r} is not a reward function of this trainer ({', '.join(reward_funcs)}) "
+                    f"and could not be loaded: {error}"
+                ) from error
+    return resolved

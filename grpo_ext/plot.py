@@ -23,8 +23,10 @@ CURVES_FILE = "training_curves.png"
 
 # One panel per concept: (title, metrics drawn in it). A panel whose metrics were never logged is left out, so a run
 # without a KL penalty or without shaping gets no empty axes.
+# A name ending in "*" stands for every logged metric it starts.
 PANELS = (
     ("Reward", ("reward", "reward_shaped")),
+    ("Held-out task metric (greedy pass@1)", ("eval_pass@1/*",)),
     ("KL to the reference", ("kl", "penalty/reward_kl")),
     ("Mean completion length (tokens)", ("completions/mean_length",)),
     ("Entropy (nats per token)", ("entropy",)),
@@ -68,13 +70,15 @@ def load_log_history(output_dir_or_state_json: str | os.PathLike) -> list[dict]:
 def collect_curves(log_history: list[dict]) -> list[tuple[str, dict[str, tuple[list[int], list[float]]]]]:
     """`[(panel title, {metric: (steps, values)})]` for the panels with at least one logged value.
 
-    Evaluation entries carry `eval_`-prefixed names and so are not mixed into the training curves. Values that are
-    not finite numbers (a NaN reward when every reward function skipped a batch) are dropped rather than drawn.
+    Evaluation entries carry `eval_`-prefixed names and so are not mixed into the training curves; the task metrics
+    of evaluations (`eval_pass@1/<name>`) have their own panel. Values that are not finite numbers (a NaN reward when
+    every reward function skipped a batch) are dropped rather than drawn.
     """
+    logged = list(dict.fromkeys(key for entry in log_history for key in entry))
     panels = []
-    for title, metrics in PANELS:
+    for title, patterns in PANELS:
         curves = {}
-        for metric in metrics:
+        for metric in _expand(patterns, logged):
             points = [
                 (entry["step"], float(entry[metric]))
                 for entry in log_history
@@ -88,12 +92,21 @@ def collect_curves(log_history: list[dict]) -> list[tuple[str, dict[str, tuple[l
     return panels
 
 
+def _expand(patterns: tuple[str, ...], logged: list[str]) -> list[str]:
+    """The metric names a panel draws: each pattern as it is, or for `prefix*` the logged names that start so."""
+    names = []
+    for pattern in patterns:
+        names += [key for key in logged if key.startswith(pattern[:-1])] if pattern.endswith("*") else [pattern]
+    return names
+
+
 def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def plot_training_curves(output_dir_or_state_json: str | os.PathLike, path: str | os.PathLike | None = None) -> str:
-    """Draw reward, KL, completion length and entropy against the optimizer step into a PNG; return its path.
+    """Draw reward, the held-out task metric, KL, completion length and entropy against the optimizer step into a
+    PNG; return its path.
 
     Args:
         output_dir_or_state_json: a run's output folder, one of its checkpoint folders, or a `trainer_state.json`.

@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import os
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, HubStrategy
 from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
@@ -31,7 +33,7 @@ from .advantages import (
     group_std,
     nanstd,
 )
-from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
+from .callbacks import PreTrainingLogsCallback, ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
 from .completions import completions_folder, table_rows, write_parquet
 from .config import GRPOExtConfig
@@ -42,6 +44,15 @@ from .data import (
     check_streaming_settings,
     collate_rows,
     grouped_stream,
+)
+from .evaluation import (
+    completion_text,
+    default_answer_key,
+    generate_answers,
+    greedy_config,
+    resolve_task_metrics,
+    task_metrics,
+    task_scorer,
 )
 from .guards import FiniteGuard, gather_1d
 from .hub import (
@@ -188,9 +199,21 @@ class GRPOExtTrainer(_BaseTrainer):
             chat_template_kwargs=args.chat_template_kwargs,
             nonfinite_rewards=args.nonfinite_rewards,
         )
+        # Task metrics of evaluations (evaluation.py), resolved now: a name that loads nothing fails before training
+        self.task_metrics = None
+        if args.eval_reward_funcs:
+            if self._tool_calling is not None or rollout_func is not None:
+                raise ValueError(
+                    "eval_reward_funcs measures single-turn answers; with tools, an environment_factory or a "
+                    "rollout_func it is not supported yet. Score the task in a reward function and read "
+                    "eval_rewards/<name>/mean instead."
+                )
+            named = dict(zip(self.rewards.names, self.rewards.reward_funcs))
+            self.task_metrics = task_scorer(resolve_task_metrics(args.eval_reward_funcs, named))
         max_positions = getattr(model.config, "max_position_embeddings", None)
         # a rollout_func may supply reward arguments itself (its extra fields): then no column is required up front
         required_columns = self.rewards.required_columns() if rollout_func is None else {}
+        task_columns = self.task_metrics.required_columns() if self.task_metrics is not None else {}
         datasets = [("train_dataset", train_dataset)]
         for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
             datasets.append((f"eval_dataset[{split!r}]" if split else "eval_dataset", dataset))
@@ -198,7 +221,8 @@ class GRPOExtTrainer(_BaseTrainer):
             if self._tool_calling is not None:
                 self._tool_calling.check_dataset(dataset, name)
             if dataset is not placeholder:
-                check_dataset(dataset, name, args, required_columns, processing_class, max_positions)
+                needed = required_columns if name == "train_dataset" else {**required_columns, **task_columns}
+                check_dataset(dataset, name, args, needed, processing_class, max_positions)
         if eval_dataset is not None:
             check_eval_batch(args)
 
@@ -247,6 +271,8 @@ class GRPOExtTrainer(_BaseTrainer):
             self._completions_uploads = self._start_completions_uploads()
         self._interrupt = SaveOnInterruptCallback()
         self.add_callback(self._interrupt)
+        self._pre_training_logs = PreTrainingLogsCallback()
+        self.add_callback(self._pre_training_logs)
         if self.reference.mode == "snapshot_adapter" or args.sync_ref_model:  # alpha = 1: the snapshot's reset
             alpha = args.ref_model_mixup_alpha if args.sync_ref_model else 1.0
             self.add_callback(ReferenceSyncCallback(self.reference, self.model, args.ref_model_sync_steps, alpha))
@@ -273,6 +299,7 @@ class GRPOExtTrainer(_BaseTrainer):
         # then token means over everything since the last log, whatever the micro-batch and process split.
         self._metric_tokens = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
+        self._task_dataset = None  # the set the evaluation under way measures the task metrics on
         self._buffered_inputs = None
         self._plan = None  # how the current rollout generates (rollout.plan_generation), set per rollout
         self._step = 0  # micro-steps taken, to know when to roll out again
@@ -725,6 +752,95 @@ class GRPOExtTrainer(_BaseTrainer):
             self._metrics[mode]["entropy_coef"].append(self.entropy_control.coef)
         return loss
 
+    # --- Evaluation: TRL's (rewards and loss of sampled completions) and the task metrics (evaluation.py) ---
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`, plus the task metrics of `eval_reward_funcs` (`eval_pass@1/<name>`, ...) in the same
+        log line and the returned metrics, where `metric_for_best_model`, `load_best_model_at_end` and
+        `EarlyStoppingCallback` read them; `eval_task_metrics_only` skips TRL's evaluation rollout."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # transformers' own call for one named set of an eval dict
+            dataset = self.eval_dataset[dataset]
+        if self.task_metrics is None or isinstance(dataset, dict):  # a dict: called again for each of its sets
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self._task_dataset = dataset  # for evaluation_loop, which transformers times, logs and reports
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._task_dataset = None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
+        if self._task_dataset is None:
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        task = {f"{prefix}_{key}": value for key, value in self._evaluate_task(self._task_dataset).items()}
+        if self.args.eval_task_metrics_only:
+            num_problems = int(task[f"{prefix}_task_problems"])
+            return EvalLoopOutput(predictions=None, label_ids=None, metrics=task, num_samples=num_problems)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
+        output.metrics.update(task)  # before transformers logs them and hands them to the callbacks
+        return output
+
+    def _evaluate_task(self, dataset) -> dict[str, float]:
+        """Task metrics of the policy on `dataset`: its prompts shared out over processes (each process the same
+        number of rows, so generation runs the same forwards everywhere), answered greedily and with
+        `eval_num_samples` samples, scored, gathered; `task_runtime` is what it took (seconds)."""
+        start_time = time.perf_counter()
+        args, k = self.args, self.args.eval_num_samples
+        rows = list(dataset) if isinstance(dataset, IterableDataset) else None
+        num_rows = len(rows) if rows is not None else len(dataset)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        indices = list(range(rank, num_rows, world))  # this process's problems
+        padded = indices + [0] * (math.ceil(num_rows / world) - len(indices))  # repeats of row 0, dropped below
+        rows = [(rows[i] if rows is not None else dataset[i]) for i in padded]
+        prompts = [row["prompt"] for row in rows]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        self.model.eval()
+        greedy = greedy_config(self.generation_config)
+        settings = dict(
+            stop_token_ids=self.eos_token_ids,
+            chat_template_kwargs=args.chat_template_kwargs,
+            max_prompt_length=args.max_prompt_length,
+            batch_size=args.per_device_eval_batch_size,
+        )
+        with unwrap_model_for_generation(
+            self.model_wrapped,
+            self.accelerator,
+            gather_deepspeed3_params=args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        ) as model:
+            plan = plan_generation(self.model, greedy, self._prefix_sharing, self._drop_finished_rows, self._batching)
+            answers = generate_answers(model, self.processing_class, prompts, 1, greedy, plan, **settings)
+            if k > 1:
+                config = self.generation_config
+                plan = plan_generation(
+                    self.model, config, self._prefix_sharing, self._drop_finished_rows, self._batching
+                )
+                samples = generate_answers(model, self.processing_class, prompts, k, config, plan, **settings)
+        greedy_scores = self.task_metrics.score(prompts, answers[1], answers[0], columns)  # (n, K)
+        sampled_scores = keys = None
+        if k > 1:
+            repeated = {key: [value for value in values for _ in range(k)] for key, values in columns.items()}
+            prompts_k = [prompt for prompt in prompts for _ in range(k)]
+            sampled_scores = self.task_metrics.score(prompts_k, samples[1], samples[0], repeated)  # (n * k, K)
+            sampled_scores = sampled_scores.view(len(prompts), k, -1)  # (n, k, K)
+            answer_key = default_answer_key()
+            texts = [answer_key(completion_text(completion)) for completion in samples[1]]
+            keys = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+        # Every process's real problems, in dataset order
+        mine = [
+            (index, greedy_scores[i], None if k == 1 else sampled_scores[i], None if k == 1 else keys[i])
+            for i, index in enumerate(indices)
+        ]
+        problems = sorted(gather_object(mine), key=lambda problem: problem[0])
+        metrics = task_metrics(
+            self.task_metrics.names,
+            torch.stack([problem[1] for problem in problems]).cpu(),  # (N, K)
+            torch.stack([problem[2] for problem in problems]).cpu() if k > 1 else None,  # (N, k, K)
+            [problem[3] for problem in problems] if k > 1 else None,
+        )
+        return {**metrics, "task_problems": float(len(problems)), "task_runtime": time.perf_counter() - start_time}
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -839,6 +955,7 @@ class GRPOExtTrainer(_BaseTrainer):
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             check_resume_settings(read_state(checkpoint).get("run", {}), self._run_settings(), checkpoint)
+        self._pre_training_logs.entries = [entry for entry in self.state.log_history if entry.get("step") == 0]
         try:
             return super().train(
                 resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs

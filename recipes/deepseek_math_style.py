@@ -4,7 +4,7 @@
         recipes/deepseek_math_style.py --config recipes/configs/qwen2.5-math-1.5b-gsm8k-24gb.yaml
 
 Any field of the YAML can be overridden on the command line (`--learning_rate 2e-5`). The script reads top to
-bottom: parse, data, model, rewards, trainer, evaluate, train, save, evaluate, push. All algorithm lives in grpo_ext.
+bottom: parse, data, model, rewards, trainer, evaluate, train (evaluating every eval_steps), save, evaluate, push. All algorithm lives in grpo_ext.
 """
 
 import dataclasses
@@ -22,7 +22,6 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.config import check_config_file_types
 from grpo_ext.data import DEEPSEEKMATH_INSTRUCTION, R1_SYSTEM_PROMPT, load_split, to_prompt_answer
-from grpo_ext.evaluation import evaluate_accuracy
 from grpo_ext.models import load_tokenizer
 from reward_models import get_reward_funcs
 
@@ -61,11 +60,6 @@ class ScriptArguments:
     eval_before_training: bool = field(default=False, metadata={"help": "Evaluate the base model first."})
     eval_after_training: bool = field(default=True, metadata={"help": "Evaluate the trained model."})
     eval_max_problems: int | None = field(default=None, metadata={"help": "Evaluate on the first N problems only."})
-    eval_num_samples: int = field(default=1, metadata={"help": "1: greedy pass@1; k > 1: sampled pass@1 and maj@k."})
-    eval_reward_funcs: list[str] = field(
-        default_factory=lambda: ["accuracy"],
-        metadata={"help": "Rewards that score held-out completions (1.0 = correct); the first is the headline metric."},
-    )
 
 
 def main():
@@ -117,9 +111,10 @@ def main():
         soft_punish_cache=training_args.max_completion_length // 4,
     )
 
-    eval_reward_funcs = dict(
-        zip(script_args.eval_reward_funcs, get_reward_funcs(script_args.eval_reward_funcs, warn_unused=False))
-    )
+    # Task metrics on the held-out set (eval_reward_funcs, 1.0 = correct): before and after training, and every
+    # eval_steps when eval_strategy is set, where metric_for_best_model can keep the best checkpoint
+    if test_dataset is not None and not training_args.eval_reward_funcs:
+        training_args.eval_reward_funcs = ["accuracy"]
 
     # Trainer
     trainer = GRPOExtTrainer(
@@ -127,24 +122,18 @@ def main():
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=test_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         quantization_config=quantization_config,
     )
 
     def evaluate(stage):
-        results = evaluate_accuracy(
-            trainer.model,
-            tokenizer,
-            test_dataset,
-            num_samples=script_args.eval_num_samples,
-            max_new_tokens=training_args.max_completion_length,
-            temperature=training_args.temperature,
-            batch_size=training_args.per_device_eval_batch_size * 8,
-            reward_funcs=eval_reward_funcs,
-        )
+        results = trainer.evaluate()
         if is_main:
-            print(f"[{stage}] held-out accuracy on {results['num_problems']} problems: {results}")
+            task = {key: value for key, value in results.items() if "@" in key}
+            shown = ", ".join(f"{key.removeprefix('eval_')} {value:.1%}" for key, value in task.items())
+            print(f"[{stage}] held-out task metrics on {int(results['eval_task_problems'])} problems: {shown}")
         return results
 
     results = {}
@@ -157,21 +146,22 @@ def main():
         print("Interrupted: resume with --resume_from_checkpoint true")
         return
 
+    # Evaluate what is delivered (the best checkpoint with load_best_model_at_end), logged at the last step
+    if test_dataset is not None and script_args.eval_after_training:
+        results["after"] = evaluate("after training")
+
     # Save: the adapter (or model), the tokenizer, the resolved config, the training state and curves
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if is_main:
         save_resolved_config(training_args.output_dir, script_args, training_args, model_args)
         save_curves(training_args.output_dir)
-
-    if test_dataset is not None and script_args.eval_after_training:
-        results["after"] = evaluate("after training")
     if is_main and results:
         with open(os.path.join(training_args.output_dir, "eval_results.json"), "w") as file:
             json.dump(results, file, indent=2)
         if "before" in results and "after" in results:
-            for name in script_args.eval_reward_funcs:
-                before, after = results["before"][f"pass@1/{name}"], results["after"][f"pass@1/{name}"]
+            for name in training_args.eval_reward_funcs:
+                before, after = results["before"][f"eval_pass@1/{name}"], results["after"][f"eval_pass@1/{name}"]
                 print(
                     f"held-out pass@1 ({name}): {before:.1%} before -> {after:.1%} after GRPO ({after - before:+.1%})"
                 )

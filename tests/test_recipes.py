@@ -72,6 +72,7 @@ def test_recipe_runs_end_to_end_and_evaluate_py_reads_its_adapter(tmp_path):
         "--output_dir", output_dir,
         "--max_steps", "2",
         "--save_steps", "1",
+        "--eval_steps", "1",
         "--eval_max_problems", "8",
         "--disable_tqdm", "true",
     )  # fmt: skip
@@ -83,7 +84,12 @@ def test_recipe_runs_end_to_end_and_evaluate_py_reads_its_adapter(tmp_path):
     resolved = yaml.safe_load((output_dir / "resolved_config.yaml").read_text())
     assert resolved["max_steps"] == 2 and resolved["lora_r"] == 16 and resolved["load_in_4bit"] is True
     results = json.loads((output_dir / "eval_results.json").read_text())
-    assert results["before"]["num_problems"] == results["after"]["num_problems"] == 8
+    assert results["before"]["eval_task_problems"] == results["after"]["eval_task_problems"] == 8
+    # evaluated during training too: the task metric in the log at steps 1 and 2, the best checkpoint kept
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    evaluated_steps = [entry["step"] for entry in state["log_history"] if "eval_pass@1/accuracy" in entry]
+    assert evaluated_steps == [0, 1, 2, 2]  # before training, at each eval step, the delivered model after
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{state['best_global_step']}")
 
     evaluated = run(
         ROOT / "recipes" / "evaluate.py",
