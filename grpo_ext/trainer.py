@@ -300,6 +300,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self._metric_tokens = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
         self._task_dataset = None  # the set the evaluation under way measures the task metrics on
+        self._unscored_task_metrics = set()  # warned about once
         self._buffered_inputs = None
         self._plan = None  # how the current rollout generates (rollout.plan_generation), set per rollout
         self._step = 0  # micro-steps taken, to know when to roll out again
@@ -817,10 +818,13 @@ class GRPOExtTrainer(_BaseTrainer):
                     self.model, config, self._prefix_sharing, self._drop_finished_rows, self._batching
                 )
                 samples = generate_answers(model, self.processing_class, prompts, k, config, plan, **settings)
-        greedy_scores = self.task_metrics.score(prompts, answers[1], answers[0], columns)  # (n, K)
+        shared = {"trainer_state": self.state}  # as reward functions get it
+        greedy_scores = self.task_metrics.score(prompts, answers[1], answers[0], {**columns, **shared})  # (n, K)
+        self._warn_unscored_task_metrics(greedy_scores[: len(indices)], num_rows, list(rows[0]))
         sampled_scores = keys = None
         if k > 1:
             repeated = {key: [value for value in values for _ in range(k)] for key, values in columns.items()}
+            repeated.update(shared)
             prompts_k = [prompt for prompt in prompts for _ in range(k)]
             sampled_scores = self.task_metrics.score(prompts_k, samples[1], samples[0], repeated)  # (n * k, K)
             sampled_scores = sampled_scores.view(len(prompts), k, -1)  # (n, k, K)
@@ -840,6 +844,19 @@ class GRPOExtTrainer(_BaseTrainer):
             [problem[3] for problem in problems] if k > 1 else None,
         )
         return {**metrics, "task_problems": float(len(problems)), "task_runtime": time.perf_counter() - start_time}
+
+    def _warn_unscored_task_metrics(self, scores: torch.Tensor, num_rows: int, columns: list[str]) -> None:
+        """Once per metric: a task metric that returned None for every problem (a missing column it reads, most
+        often) would report 0 at each evaluation without a word."""
+        scored = self.accelerator.reduce((~scores.isnan()).sum(0).to(self.accelerator.device), "sum")  # (K,)
+        for name, count in zip(self.task_metrics.names, scored.tolist()):
+            if count == 0 and name not in self._unscored_task_metrics:
+                self._unscored_task_metrics.add(name)
+                logger.warning(
+                    f"Task metric {name!r} (eval_reward_funcs) scored none of the {num_rows} eval problems: it "
+                    f"returned None for each, so it is reported as 0. Does the eval set have the column it reads? "
+                    f"Its columns: {columns}."
+                )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -237,6 +237,21 @@ def test_metrics_are_reduced_across_processes(runs, case):
         assert rank0[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.parametrize(
+    "case", [c for c in COMPARED if ONE_PROCESS_TWIN.get(c, c) == "generation" and "part" not in c]
+)
+def test_task_metrics_are_gathered_from_every_process(runs, case):
+    """evaluate()'s task metrics: 3 prompts shared out 2 / 1 (the short rank pads), gathered: the same on every rank
+    as in one process."""
+    one = _result(runs, "one", "generation")["task_metrics"]
+    rank0, rank1 = (_result(runs, "two", case, rank)["task_metrics"] for rank in (0, 1))
+    assert one["eval_task_problems"] == rank0["eval_task_problems"] == rank1["eval_task_problems"] == 3
+    for metric in ["pass@1", "sampled_pass@1", "pass@2", "maj@2"]:
+        key = f"eval_{metric}/__main__:completion_length_score"
+        assert rank0[key] == rank1[key] == pytest.approx(one[key], abs=1e-6), key
+    assert one["eval_pass@1/__main__:completion_length_score"] > 0.0
+
+
 def test_token_means_do_not_depend_on_the_micro_batch_split(runs):
     """kl / entropy / clip ratios are token means over the whole logging window (weighted by tokens in log())."""
     one, two = (

@@ -63,19 +63,20 @@ CASES = {
     "bnpo": dict(loss_type="bnpo", num_generations=4),  # control: a per-process token mean, expected to differ
     # Real sampling (top_k=1: deterministic) on a model warmed up to answer sums then stop: the two prompts of a step
     # get answers of different lengths, so the ranks finish generating at different steps and must keep in sync.
-    "generation": dict(loss_type="grpo", num_generations=4, real_generation=True),
+    # ... and then the task metrics of 3 held-out prompts (greedy and 2 samples each), shared out 2 / 1 over the ranks
+    "generation": dict(loss_type="grpo", num_generations=4, real_generation=True, task_eval=True),
     # sharded engines (only in the two-process run; each is compared with its one-process twin, see the test)
     "fsdp": dict(loss_type="grpo", num_generations=4, fsdp=True, save=True),  # grpo, sharded with FSDP2
     "fsdp_lora": dict(loss_type="grpo", num_generations=4, fsdp=True, lora=True),
     "fsdp_qlora": dict(loss_type="grpo", num_generations=4, fsdp=True, **QLORA),
-    "fsdp_generation": dict(loss_type="grpo", num_generations=4, fsdp=True, real_generation=True),
+    "fsdp_generation": dict(loss_type="grpo", num_generations=4, fsdp=True, real_generation=True, task_eval=True),
     "zero2": dict(loss_type="grpo", num_generations=4, zero_stage=2, save=True),
     "zero2_lora": dict(loss_type="grpo", num_generations=4, zero_stage=2, lora=True),
     "zero2_qlora": dict(loss_type="grpo", num_generations=4, zero_stage=2, **QLORA),
     "zero3": dict(loss_type="grpo", num_generations=4, zero_stage=3, save=True),  # reference re-loaded, not copied
     "zero3_lora": dict(loss_type="grpo", num_generations=4, zero_stage=3, lora=True, save=True),
     "zero3_qlora": dict(loss_type="grpo", num_generations=4, zero_stage=3, **QLORA),
-    "zero3_generation": dict(loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True),
+    "zero3_generation": dict(loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True, task_eval=True),
     # ds3_gather_for_generation=False: generation with the weights left partitioned, each layer gathered as it runs
     "zero3_generation_partitioned": dict(
         loss_type="grpo", num_generations=4, zero_stage=3, real_generation=True, ds3_gather_for_generation=False
@@ -94,6 +95,7 @@ DEEPSPEED_AUTO = dict.fromkeys(
     ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"], "auto"
 )  # filled in from the training arguments
 GENERATION_PROMPTS = ["1+2=", "9+9="]  # answers of one and two digits: generations that end at different steps
+EVAL_PROMPTS = ["1+2=", "9+9=", "4+5="]  # an odd count: one rank gets a padding row
 
 
 def completion_ids_for(prompt: str, k: int, tokenizer) -> list[int]:
@@ -105,6 +107,11 @@ def completion_ids_for(prompt: str, k: int, tokenizer) -> list[int]:
     if length < MAX_COMPLETION_LENGTH or rng.random() < 0.5:  # most end with EOS, full-length ones may be truncated
         ids[-1] = tokenizer.eos_token_id
     return ids + [tokenizer.pad_token_id] * (MAX_COMPLETION_LENGTH - length)
+
+
+def completion_length_score(completions, **kwargs) -> list[float]:
+    """A task metric that tells completions apart whatever the (one-step-trained) model writes: their length."""
+    return [len(completion) / MAX_COMPLETION_LENGTH for completion in completions]
 
 
 class InjectedGeneration:
@@ -186,6 +193,9 @@ def build_trainer(
         extra["ds3_gather_for_generation"] = case["ds3_gather_for_generation"]
     if case.get("real_generation"):
         extra["top_k"] = 1  # sampling from the single most likely token: the same completions in every run
+    if case.get("task_eval"):
+        metric = "__main__:completion_length_score"  # this script runs as __main__ in every process
+        extra |= dict(eval_reward_funcs=[metric], eval_num_samples=2, eval_task_metrics_only=True)
     else:  # completions are injected through GenerationMixin.generate: decode with it
         extra["drop_finished_rows"] = False
     settings = dict(
@@ -305,6 +315,8 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, world_
         "gradient": {k: v.flatten().tolist() for k, v in update.gradients.items()},
         "update": {k: (update.before[k] - update.after[k]).flatten().tolist() for k in update.before},
     }
+    if case.get("task_eval"):
+        result["task_metrics"] = trainer.evaluate(Dataset.from_dict({"prompt": EVAL_PROMPTS}))
     _write(out / name, rank, result)
 
 
