@@ -588,6 +588,81 @@ class GRPOExtConfig(_RefusedTRLFields):
         "completions it logs hold no multimodal content whatever the value; accepted so TRL configs load.",
     )
 
+    # --- Run doctor: live diagnosis (grpo_ext/diagnosis.py) ---
+    doctor_live: bool = _field(
+        True,
+        "While training, read the logged metrics and say once, in plain words with the numbers, the step and the fix, "
+        "when the run is not learning: groups without reward spread, truncation or length running away, heavy PPO "
+        "clipping, entropy collapse, KL explosion, the training reward rising while the eval task metric falls "
+        "(reward hacking); and, the first time the loss is 0, why. Each signal is also logged as `doctor/<signal>` "
+        "(1.0 while it fires, else 0.0) so trackers chart it. Cheap: it only reads the metrics already logged. It "
+        "restarts counting after a resume. Not in TRL.",
+    )
+    doctor_patience: int = _field(
+        5,
+        "Logging steps in a row a condition must hold before the run doctor reports it (zero-spread groups, "
+        "truncation, length growth, PPO clipping, entropy collapse), and the window over which `doctor_kl_growth` is "
+        "measured. 5: long enough for one odd batch not to count, short enough to warn before much compute is spent. "
+        ">= 1.",
+    )
+    doctor_zero_std_threshold: float = _field(
+        0.9,
+        "Report when `frac_reward_zero_std`, the share of groups whose completions all got the same reward (zero "
+        "advantages: no gradient), stays above this for `doctor_patience` logs. 0.9: only a tenth of the batch still "
+        "teaches anything. Fixes: `dynamic_sampling=True`, easier or harder data, a larger `num_generations`. In "
+        "[0, 1]; 1 turns it off.",
+    )
+    doctor_clipped_ratio_threshold: float = _field(
+        0.5,
+        "Report when `completions/clipped_ratio`, the share of completions cut at `max_completion_length` before a "
+        "stop token, stays above this for `doctor_patience` logs. 0.5: half the rewards then score unfinished "
+        "answers. In [0, 1]; 1 turns it off.",
+    )
+    doctor_length_fraction: float = _field(
+        0.8,
+        "Report when `completions/mean_length` rose on `doctor_patience` logs in a row and reached this fraction of "
+        "`max_completion_length`: truncation is coming. 0.8 leaves time to act before completions are cut. In "
+        "(0, 1].",
+    )
+    doctor_clip_ratio_threshold: float = _field(
+        0.2,
+        "Report when `clip_ratio/region_mean`, the share of tokens whose ratio pi_theta / pi_old PPO clipped, stays "
+        "above this for `doctor_patience` logs: the policy moves too far per rollout, and clipped tokens give no "
+        "gradient. It is 0 when each rollout serves one optimizer step; at 0.2 a fifth of the tokens no longer steer "
+        "the update. In [0, 1]; 1 turns it off.",
+    )
+    doctor_entropy_floor: float = _field(
+        0.05,
+        "Report an entropy collapse when the mean per-token `entropy` stays below this many nats for "
+        "`doctor_patience` logs: the policy is then nearly greedy, a group's completions are alike and exploration "
+        "stops. >= 0; 0 turns this rule off.",
+    )
+    doctor_entropy_drop: float = _field(
+        0.1,
+        "Report an entropy collapse too when `entropy` stays below this fraction of its first logged value for "
+        "`doctor_patience` logs: 0.1 is a tenfold fall, well beyond the slow decline of a run that learns. In [0, 1]; "
+        "0 turns this rule off.",
+    )
+    doctor_kl_threshold: float = _field(
+        1.0,
+        "Report a KL explosion when the logged `kl` (mean per-token KL to the reference, logged when `beta` > 0) goes "
+        "above this many nats: a run that learns usually stays far below 1 nat per token; above it the policy has "
+        "left the reference behind. > 0.",
+    )
+    doctor_kl_growth: float = _field(
+        10.0,
+        "Report a KL explosion too when `kl` grew more than this many times over the last `doctor_patience` logs "
+        "and is above `doctor_kl_threshold / doctor_kl_growth` (0.1 nats by default), so the early many-fold climb "
+        "from 0 does not count. > 1.",
+    )
+    doctor_hacking_patience: int = _field(
+        2,
+        "Report reward hacking when, at this many evaluations in a row, the mean training `reward` logged since the "
+        "previous evaluation rose while the eval task metric fell. The task metric is `metric_for_best_model` when "
+        "set (not the loss, 0 by design in GRPO), else the first `eval_pass@1/...` metric logged. 2: one fall can "
+        "be noise, two while the reward climbs are a pattern. >= 1.",
+    )
+
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + [
         "model_init_kwargs",
         "generation_kwargs",
@@ -877,6 +952,28 @@ class GRPOExtConfig(_RefusedTRLFields):
             f"reward_weights={self.reward_weights} must be a list of numbers.",
         )
         require(
+            self.doctor_patience >= 1 and self.doctor_hacking_patience >= 1,
+            f"doctor_patience={self.doctor_patience} and doctor_hacking_patience={self.doctor_hacking_patience} must "
+            "each be >= 1 (logs, evaluations in a row).",
+        )
+        for name in (
+            "doctor_zero_std_threshold",
+            "doctor_clipped_ratio_threshold",
+            "doctor_clip_ratio_threshold",
+            "doctor_entropy_drop",
+        ):
+            require(0.0 <= getattr(self, name) <= 1.0, f"{name}={getattr(self, name)} must be in [0, 1] (a fraction).")
+        require(
+            0.0 < self.doctor_length_fraction <= 1.0,
+            f"doctor_length_fraction={self.doctor_length_fraction} must be in (0, 1] (of max_completion_length).",
+        )
+        require(self.doctor_entropy_floor >= 0, f"doctor_entropy_floor={self.doctor_entropy_floor} must be >= 0.")
+        require(
+            self.doctor_kl_threshold > 0 and self.doctor_kl_growth > 1,
+            f"doctor_kl_threshold={self.doctor_kl_threshold} must be > 0 and doctor_kl_growth="
+            f"{self.doctor_kl_growth} > 1 (a growth factor).",
+        )
+        require(
             not self.auto_find_batch_size,
             "auto_find_batch_size=True is not supported: shrinking the batch on OOM would split prompt groups. "
             "Set it to False and lower per_device_train_batch_size instead.",
@@ -927,6 +1024,7 @@ _SECTION_STARTS = {
     "ref_model_mode": "Reference policy",
     "logprob_chunk_size": "Memory",
     "log_completions": "Logging",
+    "doctor_live": "Run doctor: live diagnosis",
 }
 
 

@@ -45,6 +45,7 @@ from .data import (
     collate_rows,
     grouped_stream,
 )
+from .diagnosis import RunDiagnosis
 from .evaluation import (
     completion_text,
     default_answer_key,
@@ -301,6 +302,10 @@ class GRPOExtTrainer(_BaseTrainer):
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
         self._task_dataset = None  # the set the evaluation under way measures the task metrics on
         self._unscored_task_metrics = set()  # warned about once
+        # Run doctor: reads each log, adds doctor/* metrics, warns on the main process only (said once, not N times)
+        self._doctor = (
+            RunDiagnosis.from_config(args, speak=self.accelerator.is_main_process) if args.doctor_live else None
+        )
         self._buffered_inputs = None
         self._plan = None  # how the current rollout generates (rollout.plan_generation), set per rollout
         self._step = 0  # micro-steps taken, to know when to roll out again
@@ -927,7 +932,10 @@ class GRPOExtTrainer(_BaseTrainer):
                 metrics[key] = sum(values) / len(values)
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
-        super().log({**logs, **metrics}, start_time)
+        logs = {**logs, **metrics}
+        if self._doctor is not None:  # before super().log, so every tracker gets the doctor/* metrics too
+            logs.update(self._doctor.observe(logs, self.state.global_step, mode))
+        super().log(logs, start_time)
         self._metrics[mode].clear()
         self._metric_tokens[mode].clear()
         if self.args.log_completions and mode == "train" and self._samples and self.accelerator.is_main_process:

@@ -125,3 +125,28 @@ def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_about(monkeypatch, tmp_pat
         GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[])
     slow = [w for w in caught if "without native bf16 support" in str(w.message)]
     assert len(slow) == (0 if fast_bf16 else 1)  # only bf16=True on a CPU without the kernels
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("doctor_patience", 0, r"doctor_patience=0 and doctor_hacking_patience=2 must each be >= 1"),
+        ("doctor_hacking_patience", 0, r"doctor_hacking_patience=0 must each be >= 1"),
+        ("doctor_zero_std_threshold", 1.5, r"doctor_zero_std_threshold=1.5 must be in \[0, 1\]"),
+        ("doctor_clipped_ratio_threshold", -0.1, r"doctor_clipped_ratio_threshold=-0.1 must be in \[0, 1\]"),
+        ("doctor_clip_ratio_threshold", 2.0, r"doctor_clip_ratio_threshold=2.0 must be in \[0, 1\]"),
+        ("doctor_entropy_drop", 1.5, r"doctor_entropy_drop=1.5 must be in \[0, 1\]"),
+        ("doctor_length_fraction", 0.0, r"doctor_length_fraction=0.0 must be in \(0, 1\]"),
+        ("doctor_entropy_floor", -1.0, r"doctor_entropy_floor=-1.0 must be >= 0"),
+        ("doctor_kl_threshold", 0.0, r"doctor_kl_threshold=0.0 must be > 0"),
+        ("doctor_kl_growth", 1.0, r"doctor_kl_growth=1.0 > 1"),
+    ],
+)
+def test_run_doctor_fields_are_documented_and_checked(field, value, message):
+    args = GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False)
+    assert args.doctor_live is True and (args.doctor_patience, args.doctor_zero_std_threshold) == (5, 0.9)
+    assert "    > Run doctor: live diagnosis" in GRPOExtConfig.__doc__
+    default = GRPOExtConfig.__dataclass_fields__[field].default
+    assert f"    {field} (*optional*, defaults to `{default!r}`):" in GRPOExtConfig.__doc__
+    with pytest.raises(ValueError, match=message):
+        GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, **{field: value})
