@@ -232,3 +232,35 @@ def test_an_evaluation_before_training_stays_in_the_log_history(tokenizer, make_
     assert (
         first["step"] == 0 and first["eval_pass@1/digit_fraction_reward"] == before["eval_pass@1/digit_fraction_reward"]
     )
+
+
+# --- reward hacking seen by the run doctor through the task metric ---
+
+
+def rising_reward(completions, trainer_state, **kwargs):
+    """The training reward climbs step after step (with some spread, so groups have a signal)."""
+    return [0.2 * trainer_state.global_step + 0.01 * (i % 2) for i in range(len(completions))]
+
+
+def falling_task(completions, trainer_state, **kwargs):
+    """... while the held-out task metric falls."""
+    return [1.0 - 0.2 * trainer_state.global_step] * len(completions)
+
+
+def test_reward_rising_while_the_task_metric_falls_is_called_reward_hacking(tokenizer, make_args, caplog):
+    args = make_args(
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        eval_reward_funcs=["test_evaluation:falling_task"],
+        eval_task_metrics_only=True,
+        metric_for_best_model="eval_pass@1/test_evaluation:falling_task",
+    )
+    trainer = tiny_trainer(tokenizer, args, reward_funcs=rising_reward, eval_dataset=make_prompt_dataset(4, seed=5))
+    with caplog.at_level("WARNING", logger="grpo_ext.diagnosis"):
+        trainer.train()
+
+    flags = [e["doctor/reward_hacking"] for e in trainer.state.log_history if "doctor/reward_hacking" in e]
+    assert flags[-1] == 1.0 and flags[0] == 0.0  # fires after two evaluations in a row saw it
+    (warning,) = [r.getMessage() for r in caplog.records if "reward hacking" in r.getMessage()]
+    assert "eval_pass@1/test_evaluation:falling_task" in warning and "0.6" in warning  # the metric and its values
