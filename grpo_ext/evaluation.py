@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
+from datasets import IterableDataset
 from tqdm.auto import tqdm
 
 from .rollout import (
@@ -80,7 +81,7 @@ def sampled_metrics(scores: list[list[float]], answer_keys: list[list] | None = 
 
 def task_metrics(
     names: list[str],
-    greedy_scores: torch.Tensor | None,
+    greedy_scores: torch.Tensor,
     sampled_scores: torch.Tensor | None = None,
     answer_keys: list[list] | None = None,
 ) -> dict[str, float]:
@@ -88,8 +89,7 @@ def task_metrics(
     K task metrics, the sampled ones from `(N, k, K)` (NaN, a None score, counts as 0)."""
     metrics = {}
     for j, name in enumerate(names):
-        if greedy_scores is not None:
-            metrics[f"pass@1/{name}"] = _mean(greedy_scores[:, j].nan_to_num(0.0).tolist())
+        metrics[f"pass@1/{name}"] = _mean(greedy_scores[:, j].nan_to_num(0.0).tolist())
         if sampled_scores is not None:
             per_problem = sampled_scores[:, :, j].nan_to_num(0.0).tolist()  # (N, k)
             for metric, value in sampled_metrics(per_problem, answer_keys).items():
@@ -161,6 +161,51 @@ def generate_answers(
     return completion_ids, completions
 
 
+# --- Sharing problems out over processes, and scoring their answers ---
+
+
+def process_share(dataset, rank: int, world: int) -> tuple[list[int], list[dict]]:
+    """This process's problems `rank, rank + world, ...` of `dataset` (a stream is read whole), and their rows padded
+    with row 0 to the same count on every process, so every process runs the same generation forwards."""
+    rows = list(dataset) if isinstance(dataset, IterableDataset) else None
+    num_rows = len(rows) if rows is not None else len(dataset)
+    indices = list(range(rank, num_rows, world))
+    padded = indices + [0] * (math.ceil(num_rows / world) - len(indices))  # repeats of row 0, dropped when gathered
+    return indices, [(rows[i] if rows is not None else dataset[i]) for i in padded]
+
+
+def score_answers(
+    scorer, rows: list[dict], answers, samples=None, shared: dict | None = None, answer_key=None
+) -> list[tuple]:
+    """Per problem `(greedy scores (K,), sampled scores (k, K) or None, the samples' final answers or None)`, from the
+    `(completion_ids, completions)` of `generate_answers` (one answer each, and k samples each); `shared` arguments
+    (`trainer_state`) go to every metric as they are; `answer_key` (text -> hashable, default `default_answer_key()`)
+    finds the final answers the majority vote compares."""
+    prompts = [row["prompt"] for row in rows]
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+    greedy = scorer.score(prompts, answers[1], answers[0], {**columns, **(shared or {})})  # (n, K)
+    if samples is None:
+        return [(scores, None, None) for scores in greedy]
+    k = len(samples[0]) // len(rows)
+    repeated = {key: [value for value in values for _ in range(k)] for key, values in columns.items()}
+    prompts_k = [prompt for prompt in prompts for _ in range(k)]
+    sampled = scorer.score(prompts_k, samples[1], samples[0], {**repeated, **(shared or {})})  # (n * k, K)
+    answer_key = answer_key or default_answer_key()
+    keys = [answer_key(completion_text(completion)) for completion in samples[1]]
+    return [(greedy[i], sampled[i * k : (i + 1) * k], keys[i * k : (i + 1) * k]) for i in range(len(rows))]
+
+
+def metrics_of_problems(names: list[str], problems: list[tuple]) -> dict[str, float]:
+    """`task_metrics` of the problems `score_answers` scored (gathered from every process)."""
+    sampled = problems[0][1] is not None
+    return task_metrics(
+        names,
+        torch.stack([problem[0] for problem in problems]).cpu(),  # (N, K)
+        torch.stack([problem[1] for problem in problems]).cpu() if sampled else None,  # (N, k, K)
+        [problem[2] for problem in problems] if sampled else None,
+    )
+
+
 # --- A model alone (recipes/evaluate.py) ---
 
 
@@ -175,23 +220,22 @@ def evaluate_accuracy(
     answer_key=None,
     reward_funcs: dict | None = None,
 ) -> dict:
-    """Task metrics of `model` on a dataset with `prompt` and `answer` columns, in one pass: greedy with
-    `num_samples == 1`, k samples otherwise.
+    """Task metrics of `model` on a dataset with `prompt` and `answer` columns, as the trainer measures them: one
+    greedy answer per problem and, with `num_samples=k > 1`, k samples at `temperature`.
 
     `reward_funcs` (name -> task metric) default to `{"accuracy": reward_models.accuracy_reward}` (math-verify). The
-    result has `pass@1/<name>` (greedy, or the samples' mean) and with k > 1 `pass@k/<name>` and `maj@k/<name>` for
-    each, the first metric's also as `pass@1` and `maj@k`, and `num_problems`. `answer_key` (text -> hashable) groups
-    equal final answers for the vote (default `default_answer_key()`).
+    result has `pass@1/<name>` (greedy) and with k > 1 `sampled_pass@1/<name>`, `pass@k/<name>`, `maj@k/<name>` for
+    each, the first metric's also as `pass@1` and `maj@k`, and `num_problems`. `answer_key` (text -> hashable) finds
+    the final answers the vote compares (default `default_answer_key()`).
     """
     from transformers import GenerationConfig
 
     from reward_models.accuracy import accuracy_reward
 
     scorer = task_scorer(reward_funcs or {"accuracy": accuracy_reward})
-    answer_key = answer_key or default_answer_key()
     model.eval()
     stop_ids = eos_token_ids(model, tokenizer)  # the same stop rule as training rollouts
-    config = GenerationConfig(
+    sampling = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=True,
         temperature=temperature,
@@ -200,26 +244,18 @@ def evaluate_accuracy(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop_ids,
     )
-    if num_samples == 1:
-        config = greedy_config(config)
-    plan = plan_generation(model, config, prefix_sharing_wanted=True, drop_finished_rows_wanted=True)
     prompts = list(dataset["prompt"])
-    completion_ids, completions = generate_answers(
-        model, tokenizer, prompts, num_samples, config, plan, stop_ids, batch_size=batch_size, progress=True
-    )
-    rows = [prompt for prompt in prompts for _ in range(num_samples)]
-    answers = [answer for answer in dataset["answer"] for _ in range(num_samples)]
-    scores = scorer.score(rows, completions, completion_ids, {"answer": answers})  # (N * k, K)
-    scores = scores.view(len(prompts), num_samples, -1)  # (N, k, K)
-    keys = [
-        [answer_key(completion_text(c)) for c in completions[i : i + num_samples]]
-        for i in range(0, len(rows), num_samples)
-    ]
-    if num_samples == 1:
-        results = task_metrics(scorer.names, scores[:, 0])
-    else:
-        results = task_metrics(scorer.names, None, scores, keys)
-        results = {key.replace("sampled_pass@1", "pass@1"): value for key, value in results.items()}
+
+    def generate(k, config):
+        plan = plan_generation(model, config, prefix_sharing_wanted=True, drop_finished_rows_wanted=True)
+        return generate_answers(
+            model, tokenizer, prompts, k, config, plan, stop_ids, batch_size=batch_size, progress=True
+        )
+
+    answers = generate(1, greedy_config(sampling))
+    samples = generate(num_samples, sampling) if num_samples > 1 else None
+    rows = [{"prompt": prompt, "answer": answer} for prompt, answer in zip(prompts, dataset["answer"])]
+    results = metrics_of_problems(scorer.names, score_answers(scorer, rows, answers, samples, answer_key=answer_key))
     first = scorer.names[0]
     headline = {"pass@1": results[f"pass@1/{first}"]}
     if num_samples > 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import math
 import os
 import random
 import time
@@ -47,12 +46,12 @@ from .data import (
 )
 from .diagnosis import RunDiagnosis
 from .evaluation import (
-    completion_text,
-    default_answer_key,
     generate_answers,
     greedy_config,
+    metrics_of_problems,
+    process_share,
     resolve_task_metrics,
-    task_metrics,
+    score_answers,
     task_scorer,
 )
 from .guards import FiniteGuard, gather_1d
@@ -788,77 +787,48 @@ class GRPOExtTrainer(_BaseTrainer):
         return output
 
     def _evaluate_task(self, dataset) -> dict[str, float]:
-        """Task metrics of the policy on `dataset`: its prompts shared out over processes (each process the same
-        number of rows, so generation runs the same forwards everywhere), answered greedily and with
-        `eval_num_samples` samples, scored, gathered; `task_runtime` is what it took (seconds)."""
+        """Task metrics of the policy on `dataset` (evaluation.py): its problems shared out over processes, answered
+        greedily and with `eval_num_samples` samples, scored, gathered; `task_runtime` is what it took (seconds)."""
         start_time = time.perf_counter()
         args, k = self.args, self.args.eval_num_samples
-        rows = list(dataset) if isinstance(dataset, IterableDataset) else None
-        num_rows = len(rows) if rows is not None else len(dataset)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        indices = list(range(rank, num_rows, world))  # this process's problems
-        padded = indices + [0] * (math.ceil(num_rows / world) - len(indices))  # repeats of row 0, dropped below
-        rows = [(rows[i] if rows is not None else dataset[i]) for i in padded]
+        indices, rows = process_share(dataset, self.accelerator.process_index, self.accelerator.num_processes)
         prompts = [row["prompt"] for row in rows]
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        self.model.eval()
-        greedy = greedy_config(self.generation_config)
         settings = dict(
             stop_token_ids=self.eos_token_ids,
             chat_template_kwargs=args.chat_template_kwargs,
             max_prompt_length=args.max_prompt_length,
             batch_size=args.per_device_eval_batch_size,
         )
+        self.model.eval()
         with unwrap_model_for_generation(
             self.model_wrapped,
             self.accelerator,
             gather_deepspeed3_params=args.ds3_gather_for_generation,
             gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
         ) as model:
-            plan = plan_generation(self.model, greedy, self._prefix_sharing, self._drop_finished_rows, self._batching)
-            answers = generate_answers(model, self.processing_class, prompts, 1, greedy, plan, **settings)
-            if k > 1:
-                config = self.generation_config
+
+            def generate(num_samples, config):  # (completion_ids, completions), num_samples per prompt in a row
                 plan = plan_generation(
                     self.model, config, self._prefix_sharing, self._drop_finished_rows, self._batching
                 )
-                samples = generate_answers(model, self.processing_class, prompts, k, config, plan, **settings)
-        shared = {"trainer_state": self.state}  # as reward functions get it
-        greedy_scores = self.task_metrics.score(prompts, answers[1], answers[0], {**columns, **shared})  # (n, K)
-        self._warn_unscored_task_metrics(greedy_scores[: len(indices)], num_rows, list(rows[0]))
-        sampled_scores = keys = None
-        if k > 1:
-            repeated = {key: [value for value in values for _ in range(k)] for key, values in columns.items()}
-            repeated.update(shared)
-            prompts_k = [prompt for prompt in prompts for _ in range(k)]
-            sampled_scores = self.task_metrics.score(prompts_k, samples[1], samples[0], repeated)  # (n * k, K)
-            sampled_scores = sampled_scores.view(len(prompts), k, -1)  # (n, k, K)
-            answer_key = default_answer_key()
-            texts = [answer_key(completion_text(completion)) for completion in samples[1]]
-            keys = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
-        # Every process's real problems, in dataset order
-        mine = [
-            (index, greedy_scores[i], None if k == 1 else sampled_scores[i], None if k == 1 else keys[i])
-            for i, index in enumerate(indices)
-        ]
-        problems = sorted(gather_object(mine), key=lambda problem: problem[0])
-        metrics = task_metrics(
-            self.task_metrics.names,
-            torch.stack([problem[1] for problem in problems]).cpu(),  # (N, K)
-            torch.stack([problem[2] for problem in problems]).cpu() if k > 1 else None,  # (N, k, K)
-            [problem[3] for problem in problems] if k > 1 else None,
-        )
+                return generate_answers(model, self.processing_class, prompts, num_samples, config, plan, **settings)
+
+            answers = generate(1, greedy_config(self.generation_config))
+            samples = generate(k, self.generation_config) if k > 1 else None
+        problems = score_answers(self.task_metrics, rows, answers, samples, shared={"trainer_state": self.state})
+        problems = gather_object(problems[: len(indices)])  # every process's real problems
+        self._warn_unscored_task_metrics(torch.stack([problem[0] for problem in problems]), list(rows[0]))
+        metrics = metrics_of_problems(self.task_metrics.names, problems)
         return {**metrics, "task_problems": float(len(problems)), "task_runtime": time.perf_counter() - start_time}
 
-    def _warn_unscored_task_metrics(self, scores: torch.Tensor, num_rows: int, columns: list[str]) -> None:
-        """Once per metric: a task metric that returned None for every problem (a missing column it reads, most
-        often) would report 0 at each evaluation without a word."""
-        scored = self.accelerator.reduce((~scores.isnan()).sum(0).to(self.accelerator.device), "sum")  # (K,)
-        for name, count in zip(self.task_metrics.names, scored.tolist()):
-            if count == 0 and name not in self._unscored_task_metrics:
+    def _warn_unscored_task_metrics(self, scores: torch.Tensor, columns: list[str]) -> None:
+        """Once per metric: a task metric that returned None (NaN) for every problem `(N, K)` (a missing column it
+        reads, most often) would report 0 at each evaluation without a word."""
+        for name, scored in zip(self.task_metrics.names, (~scores.isnan()).any(0).tolist()):
+            if not scored and name not in self._unscored_task_metrics:
                 self._unscored_task_metrics.add(name)
                 logger.warning(
-                    f"Task metric {name!r} (eval_reward_funcs) scored none of the {num_rows} eval problems: it "
+                    f"Task metric {name!r} (eval_reward_funcs) scored none of the {scores.size(0)} eval problems: it "
                     f"returned None for each, so it is reported as 0. Does the eval set have the column it reads? "
                     f"Its columns: {columns}."
                 )

@@ -1,4 +1,5 @@
-"""Held-out accuracy of a base model, or a base model plus a trained adapter: pass@1 and maj@k, as JSON.
+"""Held-out accuracy of a base model, or a base model plus a trained adapter: greedy pass@1, and pass@k / maj@k from k
+samples, as JSON (the task metrics the trainer logs during training, grpo_ext.evaluation).
 
     python recipes/evaluate.py --model Qwen/Qwen2.5-Math-1.5B --adapter outputs/qwen-math-grpo \
         --dataset openai/gsm8k --dataset_config main --split test --num_samples 8 --output results.json
@@ -28,7 +29,7 @@ def main():
     parser.add_argument("--instruction", default=DEEPSEEKMATH_INSTRUCTION, help="Appended to questions; '' for none.")
     parser.add_argument("--plain_prompts", action="store_true", help="Plain text prompts instead of chat messages.")
     parser.add_argument("--max_problems", type=int, default=None)
-    parser.add_argument("--num_samples", type=int, default=1, help="1: greedy; k: sampled pass@1 and maj@k.")
+    parser.add_argument("--num_samples", type=int, default=1, help="1: greedy pass@1; k: also pass@k, maj@k.")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=32)
