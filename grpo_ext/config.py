@@ -652,8 +652,8 @@ class GRPOExtConfig(_RefusedTRLFields):
     doctor_kl_growth: float = _field(
         10.0,
         "Report a KL explosion too when `kl` grew more than this many times over the last `doctor_patience` logs "
-        "and is above `doctor_kl_threshold / doctor_kl_growth` (0.1 nats by default), so the early many-fold climb "
-        "from 0 does not count. > 1.",
+        "from at least 0.05 nats per token, so the early many-fold climb from 0 (the policy starts as the reference) "
+        "does not count. > 1.",
     )
     doctor_hacking_patience: int = _field(
         2,

@@ -12,7 +12,7 @@ says once, through `logging`, what was seen, the numbers, the step and the fix. 
 | `doctor/length_growth` | `completions/mean_length` rose on `patience` logs in a row, to `length_fraction` of the limit |
 | `doctor/clipping` | `clip_ratio/region_mean` > `clip_ratio_threshold` on `patience` logs in a row |
 | `doctor/entropy_collapse` | `entropy` < `entropy_floor`, or < `entropy_drop` x its first value, on `patience` logs |
-| `doctor/kl_explosion` | `kl` > `kl_threshold`, or grew `kl_growth` times over `patience` logs (on this log) |
+| `doctor/kl_explosion` | `kl` > `kl_threshold`, or grew `kl_growth` times over `patience` logs from at least `KL_GROWTH_FLOOR` |
 | `doctor/reward_hacking` | (eval logs) mean train `reward` rose and the eval task metric fell, `hacking_patience` times |
 
 A metric is 1.0 while its signal fires and 0.0 otherwise, and is only returned when the metric it reads is in the
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # |loss| below this is "0": the policy term of an on-policy GRPO step is 0 up to float rounding.
 ZERO = 1e-6
 TASK_METRIC_PREFIX = "eval_pass@1/"
+KL_GROWTH_FLOOR = 0.05  # nats per token: growth from below it is KL's normal climb from 0, not an explosion
 
 # The value of each loss type's policy term on on-policy data (ratio pi_theta / pi_old = 1), where advantages have
 # zero mean within each group (objective.LOSS_TYPES has the formulas). `cispo` and `vespo` weight log pi by the
@@ -305,8 +306,9 @@ class RunDiagnosis:
         t = self.thresholds
         self._kl_history = [*self._kl_history, (step, kl)][-(t.patience + 1) :]
         earlier_step, earlier = self._kl_history[0]
-        # The growth rule ignores small values: KL starts at 0 (policy == reference) and its early climb is many-fold
-        grew = kl > t.kl_threshold / t.kl_growth and kl > t.kl_growth * earlier
+        # The growth rule starts from KL_GROWTH_FLOOR: KL starts at 0 (policy == reference) and its early climb is
+        # many-fold in every healthy run
+        grew = earlier >= KL_GROWTH_FLOOR and kl > t.kl_growth * earlier
         if not (kl > t.kl_threshold or grew):
             return {"doctor/kl_explosion": 0.0}
         seen = (

@@ -157,15 +157,15 @@ def test_kl_above_the_threshold(caplog):
 
 def test_kl_growing_tenfold_over_patience_logs(caplog):
     doctor = RunDiagnosis(DoctorThresholds(patience=5))
-    values = [0.02, 0.03, 0.05, 0.1, 0.2, 0.3]
+    values = [0.06, 0.1, 0.2, 0.4, 0.6, 0.7]
     flags = observe_all(doctor, {step: {"kl": kl} for step, kl in enumerate(values, start=1)}, signal="kl_explosion")
-    assert flags == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # step 5: 0.2 is exactly 10 x 0.02, not more
+    assert flags == [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # step 5: 0.6 is exactly 10 x 0.06, not more
     (message,) = doctor_warnings(caplog)
-    assert "is 0.3 at step 6, up from 0.02 at step 1, more than doctor_kl_growth=10.0 times" in message
+    assert "is 0.7 at step 6, up from 0.06 at step 1, more than doctor_kl_growth=10.0 times" in message
 
 
 def test_the_early_climb_of_kl_from_zero_is_not_an_explosion(caplog):
-    values = [0.0, 1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.09]  # many-fold, but below kl_threshold / kl_growth = 0.1
+    values = [0.0, 1e-6, 1e-4, 1e-3, 0.01, 0.12, 0.3]  # many-fold, but from below KL_GROWTH_FLOOR = 0.05
     flags = observe_all(
         RunDiagnosis(), {step: {"kl": kl} for step, kl in enumerate(values, start=1)}, signal="kl_explosion"
     )
