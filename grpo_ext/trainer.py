@@ -20,7 +20,7 @@ from datasets import Dataset, IterableDataset
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
-from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, unwrap_model_for_generation
+from trl.models.utils import prepare_deepspeed
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
@@ -55,7 +55,7 @@ from .hub import (
     training_config_dict,
 )
 from .logprobs import check_against_full_logits
-from .models import cast_lm_head_to_fp32, prepare_policy
+from .models import activation_checkpointing_off, cast_lm_head_to_fp32, prepare_policy, unwrapped_for_generation
 from .moe import router_aux_coef
 from .objective import (
     EntropyController,
@@ -424,7 +424,7 @@ class GRPOExtTrainer(_BaseTrainer):
             rollout = Rollout.from_dict(rollout, self.args.max_completion_length)
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            activation_checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
             self.compute_loss_context_manager(),
         ):
             scores = score_rollout(
@@ -531,11 +531,11 @@ class GRPOExtTrainer(_BaseTrainer):
             tools=tool_calling.row_tools if tool_calling is not None else None,
             pad_to_multiple_of=self.args.pad_to_multiple_of,
         )  # (B, P)
-        with unwrap_model_for_generation(
+        with unwrapped_for_generation(
             self.model_wrapped,
             self.accelerator,
             gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
         ) as unwrapped_model:
             num_generations = self.num_generations if self.model.training else self.num_generations_eval
             completion_ids = generate_completions(
