@@ -86,16 +86,23 @@ def cpu_dtype(dtype, checkpoint_dtype=None):
     counts as bfloat16, the dtype of nearly every recent checkpoint.
     """
     if dtype == "auto":
-        if auto_is_float32(checkpoint_dtype):
-            checkpoint = _dtype_name(checkpoint_dtype) or "bfloat16"
-            _say_once(
-                logging.WARNING,
-                f"dtype='auto' would load the checkpoint in {checkpoint}, which this CPU has no native kernels for "
-                "(several times slower than float32): loading in float32 instead. Pass dtype='bfloat16' (or "
-                "--dtype bfloat16) to keep it anyway.",
+        if not auto_is_float32(checkpoint_dtype):
+            return dtype
+        checkpoint = _dtype_name(checkpoint_dtype)
+        if checkpoint:
+            message = (
+                f"dtype='auto' would load this {checkpoint} checkpoint in {checkpoint}, which this CPU has no native "
+                f"kernels for (several times slower than float32): loading in float32 instead. Pass "
+                f"dtype='{checkpoint}' (--dtype {checkpoint}) to keep it."
             )
-            return "float32"
-        return dtype
+        else:
+            message = (
+                "dtype='auto' on a CPU without native bf16 kernels: loading in float32, as the checkpoint's dtype is "
+                "not known before loading and bf16 would run several times slower. Pass an explicit dtype (--dtype "
+                "bfloat16) to choose."
+            )
+        _say_once(logging.WARNING, message)
+        return "float32"
     if slow_on_this_cpu(dtype):
         _say_once(
             logging.WARNING,

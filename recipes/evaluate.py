@@ -11,13 +11,10 @@ import argparse
 import json
 import logging
 
-import torch
-
 from grpo_ext.cpu import set_torch_threads
-from grpo_ext.data import DEEPSEEKMATH_INSTRUCTION, load_split, to_prompt_answer
-from grpo_ext.evaluation import evaluate_accuracy
-from grpo_ext.models import load_causal_lm, load_tokenizer, peft_checkpointing_read_ignored
-from reward_models import get_reward_funcs
+
+# torch, transformers, datasets and the reward functions are imported once the arguments are parsed, so `--help`
+# answers at once.
 
 
 def main():
@@ -27,7 +24,11 @@ def main():
     parser.add_argument("--dataset", default="openai/gsm8k", help="Hub dataset id or local data file.")
     parser.add_argument("--dataset_config", default=None)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--instruction", default=DEEPSEEKMATH_INSTRUCTION, help="Appended to questions; '' for none.")
+    parser.add_argument(
+        "--instruction",
+        default=None,
+        help="Appended to questions; '' for none (default: DeepSeekMath's, grpo_ext.data.DEEPSEEKMATH_INSTRUCTION).",
+    )
     parser.add_argument("--plain_prompts", action="store_true", help="Plain text prompts instead of chat messages.")
     parser.add_argument("--max_problems", type=int, default=None)
     parser.add_argument("--num_samples", type=int, default=1, help="1: greedy; k: sampled pass@1 and maj@k.")
@@ -51,10 +52,15 @@ def main():
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("grpo_ext").setLevel(logging.INFO)  # grpo-ext's one-time notes: threads, dtype
     set_torch_threads()
+    from grpo_ext.data import DEEPSEEKMATH_INSTRUCTION, load_split, to_prompt_answer
+    from grpo_ext.evaluation import evaluate_accuracy
+    from grpo_ext.models import load_tokenizer
+    from reward_models import get_reward_funcs
 
+    instruction = DEEPSEEKMATH_INSTRUCTION if cli.instruction is None else cli.instruction
     dataset = to_prompt_answer(
         load_split(cli.dataset, cli.dataset_config, cli.split),
-        instruction=cli.instruction or None,
+        instruction=instruction or None,
         conversational=not cli.plain_prompts,
     )
     if cli.max_problems:
@@ -83,6 +89,10 @@ def load_model(name: str, adapter: str | None = None, dtype: str = "auto"):
     """The base model (a model id, a folder or a .gguf file), with `adapter` on top if given, on CUDA when there is
     one. On the CPU, `auto` is float32 when the checkpoint's bf16 / fp16 has no native kernels there
     (`models.load_causal_lm`)."""
+    import torch
+
+    from grpo_ext.models import load_causal_lm, peft_checkpointing_read_ignored
+
     on_cuda = torch.cuda.is_available()
     model = load_causal_lm(name, {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}, on_cpu=not on_cuda)
     if adapter:
