@@ -676,8 +676,7 @@ class GRPOExtConfig(_RefusedTRLFields):
     def _warn_slow_bf16_on_cpu(self) -> None:
         """`bf16` defaults to True (TRL's `_BaseConfig`). Training on a CPU without native bf16 kernels then runs every
         matmul through bf16 emulation: one SmolLM2-135M GRPO step took 187 s instead of 14 s in fp32 on an AVX2 CPU."""
-        on_cpu = self.use_cpu or not cpu.accelerator_available()
-        if self.bf16 and on_cpu and not cpu.cpu_has_fast_bf16():
+        if self.bf16 and cpu.trains_on_cpu(self) and not cpu.cpu_has_fast_bf16():
             warnings.warn(
                 "bf16=True (TRL's default) on a CPU without native bf16 support: training will be several times slower "
                 "than in float32. Set bf16=False (--bf16 false) for CPU runs.",

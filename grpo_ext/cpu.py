@@ -61,6 +61,11 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
+def trains_on_cpu(args) -> bool:
+    """Whether a run with these `TrainingArguments` computes on the CPU: `use_cpu`, or no GPU in sight."""
+    return bool(args.use_cpu) or not accelerator_available()
+
+
 def _dtype_name(dtype) -> str | None:
     return None if dtype is None else str(dtype).replace("torch.", "")
 

@@ -330,8 +330,7 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     model_init_kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
         model_init_kwargs["quantization_config"] = quantization_config
-    on_cpu = args.use_cpu or not cpu.accelerator_available()
-    model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs, on_cpu))
+    model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs, cpu.trains_on_cpu(args)))
     if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
         print(fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False)))
     tokenizer = processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)

@@ -35,6 +35,7 @@ from .callbacks import ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
 from .completions import completions_folder, table_rows, write_parquet
 from .config import GRPOExtConfig
+from .cpu import trains_on_cpu
 from .data import (
     check_dataset,
     check_dispatch_batches,
@@ -203,13 +204,14 @@ class GRPOExtTrainer(_BaseTrainer):
             check_eval_batch(args)
 
         zero3 = is_deepspeed_zero3_enabled()  # set by args.deepspeed: from_pretrained has partitioned the weights
+        load_copy = functools.partial(
+            load_reference_copy, model_path, args.model_init_kwargs, quantization_config, trains_on_cpu(args)
+        )
         self.reference = ReferencePolicy.build(
             model,
             args.ref_model_mode,
             needed=args.beta > 0 or args.reward_kl_coef > 0,
-            load_copy=functools.partial(load_reference_copy, model_path, args.model_init_kwargs, quantization_config)
-            if zero3
-            else None,
+            load_copy=load_copy if zero3 else None,
             partitioned=zero3,
             mixed=args.sync_ref_model,
         )

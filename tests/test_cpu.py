@@ -17,6 +17,7 @@ from peft import LoraConfig
 from grpo_ext import cpu
 from grpo_ext.models import load_causal_lm, prepare_policy, unwrap_causal_lm
 from grpo_ext.plan import settings_from_config
+from grpo_ext.reference import load_reference_copy
 from grpo_ext.testing import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,8 @@ def test_training_loads_auto_in_float32_on_a_slow_cpu(monkeypatch, bf16_checkpoi
     assert model.dtype == torch.float32
     model, _ = prepare_policy(bf16_checkpoint, make_args(model_init_kwargs={"dtype": "bfloat16"}), tokenizer)
     assert model.dtype == torch.bfloat16  # an explicit request is honoured
+    reference = load_reference_copy(bf16_checkpoint, {"dtype": "auto"}, on_cpu=True)  # ZeRO-3's frozen copy
+    assert reference.dtype == torch.float32
 
 
 def test_evaluate_py_loads_auto_in_float32_on_a_slow_cpu(monkeypatch, bf16_checkpoint):
