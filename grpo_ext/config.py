@@ -19,26 +19,16 @@ from typing import Any
 
 from trl.trainer.base_config import _BaseConfig
 
-from .advantages import MULTI_OBJECTIVE_AGGREGATIONS
-from .data import check_eval_batch
-from .models import model_dtype
-from .objective import KL_ESTIMATORS, LOSS_TYPES, TOKEN_SUMMED_LOSS_TYPES, SurrogateParams
-from .plan import parse_memory
-from .reference import MIXABLE_MODES, REFERENCE_MODES
-from .reward_scoring import NONFINITE_REWARD_POLICIES
+from . import cpu
+
+# The value tables the checks read (LOSS_TYPES, REFERENCE_MODES, ...) stay in their modules and are imported inside
+# the methods that use them: most of grpo-ext imports this module, and those modules pull in the trainer's stack
+# (datasets, reward models), which a config, a `--help` or the planner do not need.
+if typing.TYPE_CHECKING:
+    from .objective import SurrogateParams
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX), as oneDNN reports it."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
-        return False
 
 
 def _field(default: Any, help: str, **kwargs):
@@ -700,6 +690,13 @@ class GRPOExtConfig(_RefusedTRLFields):
             self.scale_rewards, self.scale_rewards
         )
         self._refuse_unsupported_trl_fields()  # first: the reason, before any check of TrainingArguments
+        # TRL's fields keep the names transformers 5.24 deprecated (`gradient_checkpointing*`, TRL's default True).
+        # Passed on to the new names here, as transformers does itself when only the old one is set, they load
+        # without a FutureWarning for every config built; the old names keep mirroring the new ones.
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing
+        if self.activation_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
         super().__post_init__()
         if self.use_transformers_paged:
             warnings.warn(
@@ -717,6 +714,8 @@ class GRPOExtConfig(_RefusedTRLFields):
         self._warn_like_trl()
         self._resolve_generation_batch()
         if self.do_eval and self.eval_strategy != "no":  # as TRL; the trainer checks again when given eval data
+            from .data import check_eval_batch
+
             check_eval_batch(self)
         self._warn_slow_bf16_on_cpu()
 
@@ -736,6 +735,8 @@ class GRPOExtConfig(_RefusedTRLFields):
     def surrogate_params(self) -> SurrogateParams:
         """The hyperparameters of the loss types' surrogates (`objective.SurrogateParams`), from the fields of the same
         names (`epsilon_low` is `epsilon`)."""
+        from .objective import SurrogateParams
+
         names = [f.name for f in dataclasses.fields(SurrogateParams) if f.name != "epsilon_low"]
         return SurrogateParams(epsilon_low=self.epsilon, **{name: getattr(self, name) for name in names})
 
@@ -752,6 +753,8 @@ class GRPOExtConfig(_RefusedTRLFields):
 
     def _warn_like_trl(self) -> None:
         """The warnings trl.GRPOTrainer gives for loss settings that run but are probably not what was meant."""
+        from .objective import TOKEN_SUMMED_LOSS_TYPES
+
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             warnings.warn(
                 "loss_type='luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper's setup).",
@@ -774,10 +777,7 @@ class GRPOExtConfig(_RefusedTRLFields):
     def _warn_slow_bf16_on_cpu(self) -> None:
         """`bf16` defaults to True (TRL's `_BaseConfig`). Training on a CPU without native bf16 kernels then runs every
         matmul through bf16 emulation: one SmolLM2-135M GRPO step took 187 s instead of 14 s in fp32 on an AVX2 CPU."""
-        import torch
-
-        on_cpu = self.use_cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
-        if self.bf16 and on_cpu and not cpu_has_fast_bf16():
+        if self.bf16 and cpu.trains_on_cpu(self) and not cpu.cpu_has_fast_bf16():
             warnings.warn(
                 "bf16=True (TRL's default) on a CPU without native bf16 support: training will be several times slower "
                 "than in float32. Set bf16=False (--bf16 false) for CPU runs.",
@@ -785,6 +785,13 @@ class GRPOExtConfig(_RefusedTRLFields):
             )
 
     def _check_values(self):
+        from .advantages import MULTI_OBJECTIVE_AGGREGATIONS
+        from .models import model_dtype
+        from .objective import KL_ESTIMATORS, LOSS_TYPES
+        from .plan import parse_memory
+        from .reference import MIXABLE_MODES, REFERENCE_MODES
+        from .reward_scoring import NONFINITE_REWARD_POLICIES
+
         def require(condition: bool, message: str):
             if not condition:
                 raise ValueError(message)

@@ -6,14 +6,18 @@ python -m grpo_ext.models MODEL.gguf OUTPUT_DIR   # a GGUF checkpoint, dequantis
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import types
+import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .plan import fit_batch_size
+from . import cpu
+from .plan import fit_batch_size, load_model_config
 
 MODEL_DTYPES = ("bfloat16", "float16", "float32", "auto")  # the strings `model_init_kwargs["dtype"]` accepts, as TRL
 
@@ -34,10 +38,26 @@ def model_dtype(model_init_kwargs: dict) -> torch.dtype | str | None:
     )
 
 
-def _resolve_dtype(kwargs: dict) -> dict:
-    """`from_pretrained` keywords with the dtype resolved by TRL's rule (`model_dtype`)."""
+def _resolve_dtype(model: str, kwargs: dict, on_cpu: bool) -> dict:
+    """`from_pretrained` keywords with the dtype resolved by TRL's rule (`model_dtype`); on the CPU, `"auto"` is
+    float32 when the checkpoint's half-precision dtype has no native kernels there (`cpu.cpu_dtype`)."""
     dtype = model_dtype(kwargs)
+    if on_cpu:
+        checkpoint_dtype = _checkpoint_dtype(model, kwargs) if dtype == "auto" else None
+        dtype = model_dtype({"dtype": cpu.cpu_dtype(dtype, checkpoint_dtype)})
     return {**{key: value for key, value in kwargs.items() if key != "torch_dtype"}, "dtype": dtype}
+
+
+def _checkpoint_dtype(model: str, kwargs: dict) -> str | None:
+    """The `dtype` in the checkpoint's config.json when it is at hand (a local folder, the Hugging Face cache), else
+    None. Only `"auto"` needs it; nothing is downloaded for it."""
+    if gguf_source(model, kwargs) is not None:  # the dtype is inside the GGUF file
+        return None
+    try:
+        config, _ = load_model_config(model)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def gguf_source(model: str, model_init_kwargs: dict | None = None) -> tuple[str, str] | None:
@@ -66,6 +86,59 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def activation_checkpointing_off(model: nn.Module, checkpointing_kwargs: dict | None = None):
+    """Activation (gradient) checkpointing off inside the block, back on after it with `checkpointing_kwargs`
+    (`args.activation_checkpointing_kwargs`, split as transformers' Trainer splits them): no-grad passes and
+    generation have nothing to recompute. TRL's `disable_gradient_checkpointing` does the same through the names
+    transformers 5.24 deprecated, a FutureWarning at every call; this uses the current ones."""
+    causal_lm = unwrap_causal_lm(model)
+    was_on = getattr(causal_lm, "is_activation_checkpointing", False)
+    if was_on:
+        causal_lm.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            kwargs = dict(checkpointing_kwargs or {})
+            every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+            causal_lm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+            )
+
+
+@contextmanager
+def unwrapped_for_generation(model: nn.Module, accelerator, gather_deepspeed3_params=True, checkpointing_kwargs=None):
+    """TRL's `unwrap_model_for_generation` (the model inside the DDP / DeepSpeed wrapper, activation checkpointing
+    off, ZeRO-3 weights gathered unless `gather_deepspeed3_params=False`), through transformers' current names."""
+    from trl.distributed import DistributedBackend
+
+    unwrapped = accelerator.unwrap_model(model)
+    with activation_checkpointing_off(unwrapped, checkpointing_kwargs):
+        if not (DistributedBackend(accelerator).is_zero3 and gather_deepspeed3_params):
+            yield unwrapped
+            return
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(model.parameters()):
+            remove_hooks(model)
+            try:
+                yield unwrapped
+            finally:
+                add_hooks(model)
+
+
+@contextmanager
+def peft_checkpointing_read_ignored():
+    """peft (0.21) reads the deprecated `is_gradient_checkpointing` when it wraps a model, a FutureWarning on
+    transformers 5.24 the user can do nothing about; grpo-ext prepares the inputs for checkpointing itself
+    (`apply_peft`), so that one warning is dropped, and only it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def uses_prompt_learning(model: nn.Module) -> bool:
     """Whether a PEFT prompt-learning adapter (prefix / prompt tuning) is on the model: it puts its own keys and values
     in the KV cache, so a cache built or cut by grpo-ext would not hold them."""
@@ -75,15 +148,22 @@ def uses_prompt_learning(model: nn.Module) -> bool:
     return any(getattr(config, "is_prompt_learning", False) for config in peft_config.values())
 
 
-def load_causal_lm(model: str | nn.Module, model_init_kwargs: dict | None = None) -> nn.Module:
+def load_causal_lm(
+    model: str | nn.Module, model_init_kwargs: dict | None = None, on_cpu: bool | None = None
+) -> nn.Module:
     """The policy: `model` itself when it is already a module, else `AutoModelForCausalLM.from_pretrained(model)`.
+
+    `on_cpu` (default: no GPU in sight) says the model will run on the CPU, where `dtype="auto"` means float32 if the
+    CPU has no native kernels for the checkpoint's bf16 / fp16 (`cpu.cpu_dtype`).
 
     A GGUF checkpoint (a `.gguf` path, or `gguf_file` in `model_init_kwargs`) is dequantised into a dense, trainable
     model (transformers' GGUF support, needs the `gguf` package: `pip install 'grpo-ext[gguf]'`).
     """
     if not isinstance(model, str):
         return model
-    kwargs = _resolve_dtype(model_init_kwargs or {})
+    if on_cpu is None:
+        on_cpu = not cpu.accelerator_available()
+    kwargs = _resolve_dtype(model, model_init_kwargs or {}, on_cpu)
     source = gguf_source(model, kwargs)
     if source is None:
         return AutoModelForCausalLM.from_pretrained(model, **kwargs)
@@ -191,7 +271,8 @@ def apply_peft(model: PreTrainedModel, peft_config, gradient_checkpointing: bool
             "The model already has a PEFT adapter and peft_config was given too: pass either the PeftModel (and no "
             "peft_config) or the base model with peft_config."
         )
-    model = get_peft_model(model, peft_config)
+    with peft_checkpointing_read_ignored():
+        model = get_peft_model(model, peft_config)
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return model
@@ -249,7 +330,7 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     model_init_kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
         model_init_kwargs["quantization_config"] = quantization_config
-    model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs))
+    model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs, cpu.trains_on_cpu(args)))
     if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
         print(fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False)))
     tokenizer = processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
@@ -257,8 +338,8 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     if peft_config is not None:
-        model = apply_peft(model, peft_config, args.gradient_checkpointing)
-    elif hasattr(model, "peft_config") and args.gradient_checkpointing:
+        model = apply_peft(model, peft_config, args.activation_checkpointing)
+    elif hasattr(model, "peft_config") and args.activation_checkpointing:
         model.enable_input_require_grads()
     if args.disable_dropout:
         disable_dropout(model)
@@ -272,6 +353,9 @@ def main() -> None:
     parser.add_argument("gguf_path", help="the .gguf file")
     parser.add_argument("output_dir")
     cli = parser.parse_args()
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("grpo_ext").setLevel(logging.INFO)
+    cpu.set_torch_threads()  # dequantising runs on the CPU
     print(f"saved {save_dense_copy(cli.gguf_path, cli.output_dir)}")
 
 

@@ -34,6 +34,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .cpu import auto_is_float32
+
 GiB = 2**30
 MiB = 2**20
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)  # CUDA context + cuBLAS / kernels, as torch reports it on consumer cards
@@ -419,13 +421,20 @@ def _value(values, name, default):
     return default if value is None else value
 
 
-def settings_from_config(values, prompt_length: int | None = None, **overrides) -> StepSettings:
+def settings_from_config(
+    values, prompt_length: int | None = None, checkpoint_dtype: str | None = None, **overrides
+) -> StepSettings:
     """StepSettings from a recipe's values: a YAML mapping, or GRPOExtConfig / ModelConfig objects merged with `|`
-    (GRPOExtConfig and TRL ModelConfig field names; TRL's defaults where a field is absent)."""
+    (GRPOExtConfig and TRL ModelConfig field names; TRL's defaults where a field is absent). `checkpoint_dtype`, the
+    model config's `dtype`, is what `dtype: auto` loads, except on a CPU without native kernels for it (float32 there,
+    as `models.load_causal_lm` loads it)."""
     b = int(_value(values, "per_device_train_batch_size", 8))
     steps = _value(values, "steps_per_generation", None) or _value(values, "gradient_accumulation_steps", 1)
     rollout = int(_value(values, "generation_batch_size", b * steps))
+    device = "cpu" if _value(values, "use_cpu", False) else "cuda"
     dtype = _value(values, "dtype", None)
+    if dtype == "auto" and device == "cpu" and auto_is_float32(checkpoint_dtype):
+        dtype = "float32"
     bf16 = bool(_value(values, "bf16", False))
     dtype_bytes = 2 if bf16 else _DTYPE_BYTES.get(dtype, 2)
     use_peft = bool(_value(values, "use_peft", False))
@@ -451,7 +460,7 @@ def settings_from_config(values, prompt_length: int | None = None, **overrides) 
         lora_targets=targets,
         lora_dropout=float(_value(values, "lora_dropout", 0.05)) > 0,
         reference=reference,
-        device="cpu" if _value(values, "use_cpu", False) else "cuda",
+        device=device,
     )
     return settings.replace(**overrides)
 
@@ -511,7 +520,8 @@ def plan_config_file(
     config, source = load_model_config(model)
     shape = ModelShape.from_config(config, source)
     rewards = tuple(ModelShape.from_config(*load_model_config(r)) for r in reward_models)
-    return shape, settings_from_config(values, prompt_length, reward_model_shapes=rewards)
+    checkpoint_dtype = config.get("dtype") or config.get("torch_dtype")
+    return shape, settings_from_config(values, prompt_length, checkpoint_dtype, reward_model_shapes=rewards)
 
 
 def main(argv=None) -> int:

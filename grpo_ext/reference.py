@@ -38,8 +38,11 @@ def _adapter_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Paramete
     return {name.replace(marker, "."): p for name, p in model.named_parameters() if marker in name}
 
 
-def load_reference_copy(model_path: str, model_init_kwargs: dict | None, quantization_config=None) -> nn.Module:
-    """pi_ref under ZeRO-3: loaded again from where the policy came from (its weights are partitioned already)."""
+def load_reference_copy(
+    model_path: str, model_init_kwargs: dict | None, quantization_config=None, on_cpu: bool | None = None
+) -> nn.Module:
+    """pi_ref under ZeRO-3: loaded again from where the policy came from (its weights are partitioned already), in
+    the policy's dtype (`on_cpu` as the policy was loaded)."""
     if not model_path:
         raise ValueError(
             "Under DeepSpeed ZeRO-3 the frozen reference is loaded again from the policy's path, and this model "
@@ -48,7 +51,7 @@ def load_reference_copy(model_path: str, model_init_kwargs: dict | None, quantiz
     model_init_kwargs = dict(model_init_kwargs or {})
     if quantization_config is not None:
         model_init_kwargs["quantization_config"] = quantization_config
-    return load_causal_lm(model_path, model_init_kwargs)
+    return load_causal_lm(model_path, model_init_kwargs, on_cpu)
 
 
 class ReferencePolicy:

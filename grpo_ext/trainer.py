@@ -21,7 +21,7 @@ from datasets import Dataset, IterableDataset
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, HubStrategy
-from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, unwrap_model_for_generation
+from trl.models.utils import prepare_deepspeed
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
@@ -36,6 +36,7 @@ from .callbacks import PreTrainingLogsCallback, ReferenceSyncCallback, SaveOnInt
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
 from .completions import completions_folder, table_rows, write_parquet
 from .config import GRPOExtConfig
+from .cpu import trains_on_cpu
 from .data import (
     check_dataset,
     check_dispatch_batches,
@@ -66,7 +67,7 @@ from .hub import (
     training_config_dict,
 )
 from .logprobs import check_against_full_logits
-from .models import cast_lm_head_to_fp32, prepare_policy
+from .models import activation_checkpointing_off, cast_lm_head_to_fp32, prepare_policy, unwrapped_for_generation
 from .moe import router_aux_coef
 from .objective import (
     EntropyController,
@@ -227,13 +228,14 @@ class GRPOExtTrainer(_BaseTrainer):
             check_eval_batch(args)
 
         zero3 = is_deepspeed_zero3_enabled()  # set by args.deepspeed: from_pretrained has partitioned the weights
+        load_copy = functools.partial(
+            load_reference_copy, model_path, args.model_init_kwargs, quantization_config, trains_on_cpu(args)
+        )
         self.reference = ReferencePolicy.build(
             model,
             args.ref_model_mode,
             needed=args.beta > 0 or args.reward_kl_coef > 0,
-            load_copy=functools.partial(load_reference_copy, model_path, args.model_init_kwargs, quantization_config)
-            if zero3
-            else None,
+            load_copy=load_copy if zero3 else None,
             partitioned=zero3,
             mixed=args.sync_ref_model,
         )
@@ -456,7 +458,7 @@ class GRPOExtTrainer(_BaseTrainer):
             rollout = Rollout.from_dict(rollout, self.args.max_completion_length)
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            activation_checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
             self.compute_loss_context_manager(),
         ):
             scores = score_rollout(
@@ -563,11 +565,11 @@ class GRPOExtTrainer(_BaseTrainer):
             tools=tool_calling.row_tools if tool_calling is not None else None,
             pad_to_multiple_of=self.args.pad_to_multiple_of,
         )  # (B, P)
-        with unwrap_model_for_generation(
+        with unwrapped_for_generation(
             self.model_wrapped,
             self.accelerator,
             gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
         ) as unwrapped_model:
             num_generations = self.num_generations if self.model.training else self.num_generations_eval
             completion_ids = generate_completions(
@@ -800,7 +802,7 @@ class GRPOExtTrainer(_BaseTrainer):
             batch_size=args.per_device_eval_batch_size,
         )
         self.model.eval()
-        with unwrap_model_for_generation(
+        with unwrapped_for_generation(
             self.model_wrapped,
             self.accelerator,
             gather_deepspeed3_params=args.ds3_gather_for_generation,

@@ -9,6 +9,7 @@ bottom: parse, data, model, rewards, trainer, evaluate, train (evaluating every 
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.config import check_config_file_types
+from grpo_ext.cpu import set_torch_threads
 from grpo_ext.data import DEEPSEEKMATH_INSTRUCTION, R1_SYSTEM_PROMPT, load_split, to_prompt_answer
 from grpo_ext.models import load_tokenizer
 from reward_models import get_reward_funcs
@@ -69,6 +71,9 @@ def main():
     script_args, training_args, model_args = parser.parse_args_and_config()
     set_seed(training_args.seed)
     is_main = PartialState().is_main_process
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("grpo_ext").setLevel(logging.INFO)  # grpo-ext's one-time notes: threads, dtype, plan
+    set_torch_threads()  # the cores this process may use, not every core of the machine
 
     # Data: prompt + answer columns
     system_prompt = R1_SYSTEM_PROMPT if script_args.system_prompt == "r1" else script_args.system_prompt

@@ -116,9 +116,9 @@ def test_config_values_the_parser_accepts_pass():
 def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_about(monkeypatch, tmp_path, fast_bf16):
     import warnings
 
-    import grpo_ext.config as config_module
+    from grpo_ext import cpu
 
-    monkeypatch.setattr(config_module, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(cpu, "cpu_has_fast_bf16", lambda: fast_bf16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[])

@@ -209,7 +209,7 @@ def test_lora_policy_and_disabled_adapter_reference(tokenizer):
 def test_gradient_checkpointing_in_training_mode(tokenizer):
     """Non-reentrant checkpointing replays layers in the backward; the shared prompt cache must read the same."""
     model = _lora(make_tiny_model("qwen2", tokenizer))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
     adapters = [p for p in model.parameters() if p.requires_grad]
@@ -226,7 +226,7 @@ def test_qlora_with_gradient_checkpointing(tokenizer, tmp_path):
 
     config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     model = apply_peft(_four_bit(tmp_path), config, gradient_checkpointing=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     batch = _batch(tokenizer)
     with no_fallback():
@@ -274,7 +274,7 @@ def test_sliding_window_model_falls_back(tokenizer):
 
 def test_reentrant_checkpointing_falls_back(tokenizer):
     model = make_tiny_model("qwen2", tokenizer)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     with pytest.warns(UserWarning, match="reentrant"):  # (reentrant checkpointing refuses autograd.grad: values only)
         plain, shared = _score_both_ways(model, _batch(tokenizer))

@@ -138,17 +138,17 @@ def test_4bit_weights_keep_their_trainable_layout_after_a_no_grad_pass(tmp_path)
 @pytest.mark.parametrize("gather", [True, False])
 def test_ds3_gather_for_generation_reaches_the_unwrapping(tokenizer, make_args, monkeypatch, gather):
     """The flag decides whether ZeRO-3 gathers the whole policy for generation (tests/test_distributed.py runs both
-    under two processes); here: the trainer hands it to TRL's unwrap_model_for_generation."""
+    under two processes); here: the trainer hands it to the unwrapping (models.unwrapped_for_generation)."""
     import grpo_ext.trainer as trainer_module
 
     seen = []
-    unwrap = trainer_module.unwrap_model_for_generation
+    unwrap = trainer_module.unwrapped_for_generation
 
     def recording_unwrap(*args, **kwargs):
         seen.append(kwargs["gather_deepspeed3_params"])
         return unwrap(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "unwrap_model_for_generation", recording_unwrap)
+    monkeypatch.setattr(trainer_module, "unwrapped_for_generation", recording_unwrap)
     trainer = GRPOExtTrainer(
         make_tiny_model("qwen2", tokenizer),
         digit_fraction_reward,

@@ -274,7 +274,10 @@ def test_trainer_casts_the_policy_and_reference_heads(tokenizer, make_args):
         ({"dtype": torch.float16}, torch.float16),
     ],
 )
-def test_model_dtype_as_trl_loads_it(tmp_path, tokenizer, kwargs, dtype):
+def test_model_dtype_as_trl_loads_it(monkeypatch, tmp_path, tokenizer, kwargs, dtype):
+    from grpo_ext import cpu
+
+    monkeypatch.setattr(cpu, "cpu_has_fast_bf16", lambda: True)  # TRL's rule; a slow CPU's `auto` is in test_cpu.py
     path = tmp_path / "bf16-model"
     make_tiny_model("qwen2", tokenizer).to(torch.bfloat16).save_pretrained(path)
     assert load_causal_lm(str(path), kwargs).dtype == dtype
