@@ -806,7 +806,7 @@ class GRPOExtTrainer(_BaseTrainer):
             self.model_wrapped,
             self.accelerator,
             gather_deepspeed3_params=args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            checkpointing_kwargs=args.activation_checkpointing_kwargs,
         ) as model:
 
             def generate(num_samples, config):  # (completion_ids, completions), num_samples per prompt in a row
