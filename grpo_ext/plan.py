@@ -465,11 +465,11 @@ def settings_from_config(
     return settings.replace(**overrides)
 
 
-def fit_batch_size(args, model_config, peft_config=None, load_in_4bit: bool = False) -> str:
-    """`gpu_memory_budget`: set `args.per_device_train_batch_size` to the largest micro-batch whose predicted step
-    fits, keeping the rollout (`generation_batch_size`) and so the completions per optimizer step; returns the line
-    the trainer logs. Raises with the planner's suggestions when even one completion per micro-batch does not fit."""
-    budget = parse_memory(args.gpu_memory_budget)
+def run_step_inputs(
+    args, model_config, peft_config=None, load_in_4bit: bool = False
+) -> tuple[ModelShape, StepSettings]:
+    """The model shape and step settings of a trainer's run: its config (`GRPOExtConfig`, as resolved), the loaded
+    model's config (a `PretrainedConfig` or dict) and its LoRA config (None: full fine-tuning)."""
     config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
     shape = ModelShape.from_config(config, "the model's config")
     peft = {}
@@ -484,7 +484,15 @@ def fit_batch_size(args, model_config, peft_config=None, load_in_4bit: bool = Fa
     values = {**{f.name: getattr(args, f.name) for f in dataclasses.fields(args)}, **peft}
     values["generation_batch_size"] = args.generation_batch_size // args.world_size
     values["dtype"] = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
-    settings = settings_from_config(values, load_in_4bit=load_in_4bit, double_quant=True)
+    return shape, settings_from_config(values, load_in_4bit=load_in_4bit, double_quant=True)
+
+
+def fit_batch_size(args, model_config, peft_config=None, load_in_4bit: bool = False) -> str:
+    """`gpu_memory_budget`: set `args.per_device_train_batch_size` to the largest micro-batch whose predicted step
+    fits, keeping the rollout (`generation_batch_size`) and so the completions per optimizer step; returns the line
+    the trainer logs. Raises with the planner's suggestions when even one completion per micro-batch does not fit."""
+    budget = parse_memory(args.gpu_memory_budget)
+    shape, settings = run_step_inputs(args, model_config, peft_config, load_in_4bit)
     b = largest_fitting_batch(shape, settings, budget)
     if b is None:
         plan = plan_step(shape, settings.replace(per_device_train_batch_size=1))

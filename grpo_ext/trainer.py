@@ -947,11 +947,14 @@ class GRPOExtTrainer(_BaseTrainer):
         from the newest *complete* checkpoint of `output_dir`, skipping with a warning folders a killed process left
         half-written; a checkpoint made with another `num_generations` or `loss_type` is refused, one made from
         another model path warned about; and the SIGTERM / Ctrl-C handlers installed for training are put back when
-        `train()` returns or raises.
+        `train()` returns or raises. With `doctor_steps`, a fresh run (not a resumed one) first logs the pre-flight
+        check of the untrained model (`grpo_ext.doctor`), which never stops training.
         """
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             check_resume_settings(read_state(checkpoint).get("run", {}), self._run_settings(), checkpoint)
+        elif self.args.doctor_steps > 0:
+            self._log_preflight_check()
         self._pre_training_logs.entries = [entry for entry in self.state.log_history if entry.get("step") == 0]
         try:
             return super().train(
@@ -961,6 +964,28 @@ class GRPOExtTrainer(_BaseTrainer):
             self._interrupt.restore_handlers()
             if self._completions_uploads is not None:  # the tables written since the last scheduled upload
                 finish_completions_uploads(self._completions_uploads)
+
+    def _log_preflight_check(self) -> None:
+        """`doctor_steps`: the pre-flight check's report and verdict, logged (a warning when something needs a look).
+        A failing check is a warning too: it must never stop the run it checks."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # weights are sharded only once train() prepares them
+            logger.warning(
+                "doctor_steps: the pre-flight check does not run under DeepSpeed / FSDP; run "
+                "`python -m grpo_ext.doctor --config X.yaml` on one process instead."
+            )
+            return
+        # Imported here: `python -m grpo_ext.doctor` runs that module as __main__, after the package imports this one
+        from .doctor import preflight
+
+        try:
+            report = preflight(self, self.args.doctor_steps)
+        except Exception as error:
+            logger.warning(
+                f"doctor_steps: the pre-flight check failed ({type(error).__name__}: {error}); training goes on."
+            )
+            return
+        if self.accelerator.is_main_process:
+            logger.log(logging.WARNING if report.needs_attention else logging.INFO, "%s", report.text())
 
     def _start_completions_uploads(self):
         """The dataset repository and background uploads of `log_completions_hub_repo` (hub.py); an unreachable Hub

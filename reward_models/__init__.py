@@ -8,13 +8,14 @@ columns such as `answer` / `solution` arrive as keyword arguments; None means "n
 * `answer_line_reward`: the same check on a last line `Answer: <x>` only (a strict accuracy for prompts that ask
   for that line).
 * `r1_format_reward`, `tag_count_reward`: DeepSeek-R1's `<think>` / `<answer>` layout.
+* `answer_format_reward`: a last line `Answer: <number>`, right or wrong (the form alone: a surface-only reward).
 * `get_cosine_scaled_reward` (arXiv 2502.03373), `get_soft_overlong_reward` (DAPO, arXiv 2503.14476): factories.
 * `NeuralRewardModel`: a sequence-classification reward model (optionally with a LoRA adapter) as a reward function.
 * `REWARD_FUNCS`, `get_reward_funcs`: look rewards up by name or dotted import path.
 """
 
 from .accuracy import accuracy_reward, answer_line_reward
-from .format import r1_format_reward, tag_count_reward
+from .format import answer_format_reward, r1_format_reward, tag_count_reward
 from .length import get_cosine_scaled_reward, get_soft_overlong_reward
 from .registry import REWARD_FUNCS, get_reward_funcs
 
@@ -22,6 +23,7 @@ __all__ = [
     "REWARD_FUNCS",
     "NeuralRewardModel",
     "accuracy_reward",
+    "answer_format_reward",
     "answer_line_reward",
     "get_cosine_scaled_reward",
     "get_reward_funcs",

@@ -14,12 +14,13 @@ import warnings
 from collections.abc import Callable
 
 from .accuracy import accuracy_reward, answer_line_reward
-from .format import r1_format_reward, tag_count_reward
+from .format import answer_format_reward, r1_format_reward, tag_count_reward
 from .length import get_cosine_scaled_reward, get_soft_overlong_reward
 
 REWARD_FUNCS: dict[str, Callable] = {
     "accuracy": accuracy_reward,
     "answer_line": answer_line_reward,
+    "answer_format": answer_format_reward,
     "format": r1_format_reward,
     "tag_count": tag_count_reward,
     "cosine": get_cosine_scaled_reward,

@@ -13,6 +13,7 @@ from reward_models import (
     REWARD_FUNCS,
     NeuralRewardModel,
     accuracy_reward,
+    answer_format_reward,
     get_cosine_scaled_reward,
     get_reward_funcs,
     get_soft_overlong_reward,
@@ -143,6 +144,24 @@ def test_tag_count_reward(completion, expected):
     assert tag_count_reward([completion]) == [expected]
 
 
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("6 * 4 = 24\nAnswer: 24", 1.0),
+        ("Answer: 12", 1.0),  # any number: the form alone
+        (chat("x\nAnswer: 7\n"), 1.0),
+        ("**Answer:** -3.5", 1.0),
+        ("answer: 1,000.", 1.0),
+        ("The answer is 12", 0.0),
+        ("Answer: twelve", 0.0),
+        ("Answer: 12\nbye", 0.0),  # not the last line
+        ("", 0.0),
+    ],
+)
+def test_answer_format_reward_pays_for_the_form_alone(completion, expected):
+    assert answer_format_reward([completion], answer=["99"]) == [expected]
+
+
 # --- length ---
 
 
@@ -198,7 +217,15 @@ def test_soft_overlong_reward_values():
 
 
 def test_registry_names():
-    assert set(REWARD_FUNCS) == {"accuracy", "answer_line", "format", "tag_count", "cosine", "soft_overlong"}
+    assert set(REWARD_FUNCS) == {
+        "accuracy",
+        "answer_line",
+        "answer_format",
+        "format",
+        "tag_count",
+        "cosine",
+        "soft_overlong",
+    }
     funcs = get_reward_funcs(
         ["accuracy", "format", "tag_count", "cosine", "soft_overlong"],
         max_len=50,
