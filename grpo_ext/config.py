@@ -1047,6 +1047,7 @@ _SECTION_STARTS = {
     "reward_kl_coef": "Reward-side penalties",
     "ref_model_mode": "Reference policy",
     "logprob_chunk_size": "Memory",
+    "eval_reward_funcs": "Task evaluation: is the model getting better at the task, not only at the reward?",
     "doctor_steps": "Pre-flight check",
     "log_completions": "Logging",
     "doctor_live": "Run doctor: live diagnosis",
