@@ -298,6 +298,22 @@ class GRPOExtConfig(_RefusedTRLFields):
         "would push it past max_completion_length (then they are dropped). Tool-result tokens count toward "
         "max_completion_length but are not scored. Set it (e.g. 2-5) to bound a rollout's cost.",
     )
+    tool_timeout: float | None = _field(
+        60.0,
+        "Seconds a tool call (a function of `tools`, or an environment's method) may run before it is abandoned: the "
+        "model then gets an error result, counted in `tools/failure_frequency` and `tools/timeout_frequency`, and the "
+        "rollout goes on. 60 (the default) leaves room for slow tools while a tool that hangs costs a minute, not the "
+        "run. None: no limit. A sync tool cannot be killed in Python: it runs in a worker thread that is left running "
+        "when the deadline passes (code that needs the main thread, such as `signal.alarm`, fails there: use None "
+        "for it); an async tool is cancelled. Not in TRL (which waits forever).",
+    )
+    environment_reset_timeout: float | None = _field(
+        300.0,
+        "Seconds an environment's `reset(**row)` may run (with `environment_factory`) before the step stops with an "
+        "error naming the environment and the row, instead of hanging. 300 (the default) allows for starting a "
+        "sandbox or container. None: no limit. With a limit, `reset` runs in a worker thread, abandoned when the "
+        "deadline passes. Not in TRL.",
+    )
 
     # --- Objective ---
     beta: float = _field(
@@ -394,6 +410,15 @@ class GRPOExtConfig(_RefusedTRLFields):
         "advantages and then every weight into NaN. `drop`: leave the value out of that function's reward, as if the "
         "function had returned None (the weighted sum skips it), and log the count as `rewards/<name>/nonfinite`. "
         "Not in TRL.",
+    )
+    reward_timeout: float | None = _field(
+        600.0,
+        "Seconds a reward function (sync or async, an environment's `get_reward` included; not a reward model) may "
+        "take on one batch before the step stops with an error naming it, instead of hanging. 600 (the default) "
+        "leaves room for an API judge over a large batch. None: no limit, and sync functions run on the calling "
+        "thread. With a limit a sync function runs in a worker thread (it cannot be killed: it is abandoned when the "
+        "deadline passes; code that needs the main thread, such as `signal.alarm`, fails there: use None for it); an "
+        "async one is cancelled. Not in TRL (which waits forever).",
     )
     mask_truncated_completions: bool = _field(
         False,
@@ -802,6 +827,12 @@ class GRPOExtConfig(_RefusedTRLFields):
             self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
             f"max_tool_calling_iterations={self.max_tool_calling_iterations} must be None (no limit) or >= 0.",
         )
+        for name in ("tool_timeout", "environment_reset_timeout", "reward_timeout"):
+            value = getattr(self, name)
+            require(
+                value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                f"{name}={value!r} must be a number of seconds > 0, or None for no limit.",
+            )
         require(
             self.max_prompt_length is None or self.max_prompt_length >= 1,
             f"max_prompt_length={self.max_prompt_length} must be >= 1, or None to check prompts without cutting them.",

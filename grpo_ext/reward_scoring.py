@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 
 from reward_models.neural import NeuralRewardModel
 
-from .concurrency import await_all
+from .concurrency import UserCodeTimeout, await_all, call_with_deadline, loop_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,12 @@ class RewardScorer:
         chat_template_kwargs: dict | None = None,
         nonfinite_rewards: str = "error",
         extra_funcs: Sequence[tuple[str, Callable]] = (),
+        timeout: float | None = None,
     ):
         """`extra_funcs`: (name, function) reward sources after `reward_funcs`, weight 1 each (environments'
-        `get_reward`)."""
+        `get_reward`). `timeout`: seconds a reward function (not a reward model, grpo-ext's own code) may run on a
+        batch before it is abandoned with a `RewardFunctionError`; None: no limit."""
+        self.timeout = timeout
         if nonfinite_rewards not in NONFINITE_REWARD_POLICIES:
             raise ValueError(f"nonfinite_rewards={nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}.")
         self.nonfinite_rewards = nonfinite_rewards
@@ -225,8 +228,22 @@ class RewardScorer:
             else:
                 rewards[:, k] = self._check(k, self._call(k, func, self._own_copy(kwargs)), prompts)
         if async_calls:
-            outputs = await_all([self._call_async(k, self.funcs[k], self._own_copy(kwargs)) for k in async_calls])
+            coroutines = [self._call_async(k, self.funcs[k], self._own_copy(kwargs)) for k in async_calls]
+            try:
+                outputs = await_all(coroutines, return_exceptions=True, timeout=self.timeout)
+            except UserCodeTimeout as error:  # the event loop itself was blocked
+                names = ", ".join(repr(self.names[k]) for k in async_calls)
+                raise RewardFunctionError(
+                    f"The async reward functions {names} had not finished {loop_deadline(self.timeout):g} s after "
+                    f"their start, although each is cancelled at reward_timeout={self.timeout:g} s: one of them blocks "
+                    "the event loop (a sync call such as time.sleep or blocking I/O inside `async def`), so it cannot "
+                    "be cancelled. Use awaitable calls (asyncio.sleep, an async client), or make the function sync."
+                ) from error
             for k, output in zip(async_calls, outputs):
+                if isinstance(output, UserCodeTimeout):
+                    raise self._timed_out(k, len(prompts)) from output
+                if isinstance(output, BaseException):
+                    raise output
                 rewards[:, k] = self._check(k, output, prompts)
         for column, values in self.logged_columns.items():
             if len(values) != len(prompts):
@@ -245,8 +262,12 @@ class RewardScorer:
         return {key: value if key in SHARED_ARGUMENTS else copy.deepcopy(value) for key, value in kwargs.items()}
 
     def _call(self, k: int, func: Callable, kwargs: dict):
+        """`func(**kwargs)` under `timeout` (reward models, grpo-ext's own code, without one)."""
+        timeout = None if isinstance(func, NeuralRewardModel) else self.timeout
         try:
-            return func(**kwargs)
+            return call_with_deadline(lambda: func(**kwargs), timeout, f"reward function '{self.names[k]}'")
+        except UserCodeTimeout as error:
+            raise self._timed_out(k, len(kwargs["prompts"])) from error
         except Exception as error:
             raise self._failure(k, kwargs, error) from error
 
@@ -256,13 +277,29 @@ class RewardScorer:
         except Exception as error:
             raise self._failure(k, kwargs, error) from error
 
+    def _timed_out(self, k: int, batch: int) -> RewardFunctionError:
+        sync = "a sync function keeps running in a background thread; " if not _is_async(self.funcs[k]) else ""
+        return RewardFunctionError(
+            f"Reward function '{self.names[k]}' did not return within reward_timeout={self.timeout:g} s on a batch "
+            f"of {batch} completions; it was abandoned ({sync}the step is stopped rather than frozen). Make it return "
+            "sooner (a timeout of its own on what it waits for: an API, a sandbox), or raise reward_timeout (None: "
+            "no limit)."
+        )
+
     def _failure(self, k: int, kwargs: dict, error: Exception) -> RewardFunctionError:
         """The function's name and its exception. The function is not called again row by row to find the row: a
         call may be slow, costly or have side effects (an API, a sandbox); the traceback points into the function."""
+        hint = ""
+        if self.timeout is not None and ("main thread" in str(error) or "threaded environment" in str(error)):
+            hint = (
+                f" With reward_timeout={self.timeout:g} a sync reward function runs in a worker thread, where "
+                "signal-based code (signal.alarm, math-verify's own timeouts) cannot run: set reward_timeout=None to "
+                "call it on the main thread, or turn its signal-based timeout off."
+            )
         return RewardFunctionError(
             f"Reward function '{self.names[k]}' raised {type(error).__name__}: {error} (on a batch of "
             f"{len(kwargs['prompts'])} completions; see the traceback above for where). Fix the function, or return "
-            "None for completions it cannot score (they are then left out of that function's reward)."
+            f"None for completions it cannot score (they are then left out of that function's reward).{hint}"
         )
 
     def _check(self, k: int, output, prompts: list) -> torch.Tensor:

@@ -184,7 +184,12 @@ class GRPOExtTrainer(_BaseTrainer):
         self._tool_calling, placeholder = None, None
         if tools or environment_factory is not None:
             self._tool_calling = ToolCalling(
-                processing_class, tools, environment_factory, args.max_tool_calling_iterations
+                processing_class,
+                tools,
+                environment_factory,
+                args.max_tool_calling_iterations,
+                tool_timeout=args.tool_timeout,
+                reset_timeout=args.environment_reset_timeout,
             )
             if train_dataset is None:  # the environment's reset() writes each prompt
                 train_dataset = placeholder = placeholder_dataset(environment_factory, args)
@@ -198,6 +203,7 @@ class GRPOExtTrainer(_BaseTrainer):
             model_init_kwargs=args.model_init_kwargs,
             chat_template_kwargs=args.chat_template_kwargs,
             nonfinite_rewards=args.nonfinite_rewards,
+            timeout=args.reward_timeout,
         )
         # Task metrics of evaluations (evaluation.py), resolved now: a name that loads nothing fails before training
         self.task_metrics = None

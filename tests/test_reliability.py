@@ -1,0 +1,130 @@
+"""Nothing hangs, nothing is silently wrong: user code that never returns (tools, rewards, environments' reset), loss
+settings that shrink the gradient without a word, logging that fails, user callables that fail or return the wrong
+type, tools and environments with streams, bad rows deep in a stream, files and command lines given bad input, and
+the leftovers of resuming, decoding settings and interrupted recipes.
+
+A timeout test gives a tiny limit (0.2 s) to a function sleeping 30 s and checks the error or the metric, never the
+elapsed time. A sync function is abandoned in a daemon thread, which keeps sleeping in the background.
+"""
+
+import asyncio
+import logging
+import time
+
+import pytest
+from test_tools import call, make_trainer, rows_of, scripted
+
+from grpo_ext.concurrency import UserCodeTimeout, await_all, call_with_deadline
+from grpo_ext.reward_scoring import RewardFunctionError, RewardScorer
+from grpo_ext.testing import make_tokenizer
+from grpo_ext.tools import EnvironmentCallError, Environments, run_tool_calls
+
+
+@pytest.fixture
+def tool_tokenizer():
+    return make_tokenizer(tool_calling=True)
+
+
+def sleeps(completions=None, **kwargs):
+    """A tool or reward function that never returns in time."""
+    time.sleep(30)
+
+
+async def sleeps_async(completions=None, **kwargs):
+    await asyncio.sleep(30)
+
+
+async def blocks_the_loop(completions=None, **kwargs):
+    time.sleep(30)  # sync sleep inside async def: nothing can cancel it
+
+
+# --- 1. Timeouts of user code ---
+
+
+def test_a_call_past_its_deadline_is_abandoned_and_named():
+    with pytest.raises(UserCodeTimeout, match="slow thing did not return within 0.2 s"):
+        call_with_deadline(sleeps, 0.2, "slow thing")
+    assert call_with_deadline(lambda: 7, 0.2, "quick") == 7
+    with pytest.raises(KeyError, match="raised in the worker"):  # the function's own error, unchanged
+        call_with_deadline(lambda: {}["raised in the worker"], 0.2, "raising")
+    outcomes = await_all([sleeps_async(), asyncio.sleep(0, result=3)], return_exceptions=True, timeout=0.2)
+    assert isinstance(outcomes[0], UserCodeTimeout) and outcomes[1] == 3
+
+
+def test_tools_that_never_return_give_the_model_an_error_result():
+    def fast(x: int) -> int:
+        return x + 1
+
+    calls = [{"function": {"name": name, "arguments": {}}} for name in ("sleeps", "sleeps_async")]
+    calls.append({"function": {"name": "fast", "arguments": {"x": 1}}})
+    results, failures, timeouts = run_tool_calls(calls, [sleeps, sleeps_async, fast], timeout=0.2)
+    assert results == [
+        ("sleeps", {"error": "Tool sleeps did not return within 0.2 seconds."}),
+        ("sleeps_async", {"error": "Tool sleeps_async did not return within 0.2 seconds."}),
+        ("fast", 2),
+    ]
+    assert (failures, timeouts) == (2, 2)
+    # An async tool blocking the event loop cannot be cancelled: the loop is abandoned, its calls time out
+    blocked = [{"function": {"name": "blocks_the_loop", "arguments": {}}}]
+    results, failures, timeouts = run_tool_calls(blocked, [blocks_the_loop], timeout=0.2)
+    assert results == [("blocks_the_loop", {"error": "Tool blocks_the_loop did not return within 0.2 seconds."})]
+    assert (failures, timeouts) == (1, 1)
+
+
+def test_a_hanging_tool_in_a_rollout_is_counted_and_warned_about_once(tool_tokenizer, make_args, monkeypatch, caplog):
+    def lookup(key: str) -> str:
+        """Look a key up.
+
+        Args:
+            key: the key
+        """
+        time.sleep(30)
+
+    scripted(monkeypatch, tool_tokenizer, [call("lookup", key="a") + "<|im_end|>", "done<|im_end|>"])
+    trainer = make_trainer(
+        tool_tokenizer, make_args, tools=[lookup], args=dict(tool_timeout=0.2, max_completion_length=300)
+    )
+    seen = []
+    trainer.rewards.funcs[0] = lambda completions, **kw: seen.extend(completions) or [0.0] * len(completions)
+    with caplog.at_level(logging.WARNING, logger="grpo_ext.tools"):
+        trainer._generate_and_score(rows_of(trainer), mode="train")
+        trainer._generate_and_score(rows_of(trainer), mode="train")
+    assert seen[0][1] == {"role": "tool", "name": "lookup", "content": str({"error": _late("lookup")})}
+    metrics = trainer._metrics["train"]
+    assert metrics["tools/timeout_frequency"] == [1.0, 1.0] and metrics["tools/failure_frequency"] == [1.0, 1.0]
+    assert caplog.text.count("Tool 'lookup' did not return within tool_timeout=0.2 s") == 1
+
+
+def _late(name: str) -> str:
+    return f"Tool {name} did not return within 0.2 seconds."
+
+
+@pytest.mark.parametrize("function", [sleeps, sleeps_async], ids=["sync", "async"])
+def test_a_reward_function_that_never_returns_is_a_named_error(function):
+    scorer = RewardScorer(function, timeout=0.2)
+    with pytest.raises(RewardFunctionError, match=r"'sleeps(_async)?' did not return within reward_timeout=0.2 s"):
+        scorer.score(["p"] * 2, ["a", "b"], [[1]] * 2, {})
+
+
+def test_an_async_reward_function_blocking_its_event_loop_is_named():
+    with pytest.raises(RewardFunctionError, match=r"'blocks_the_loop' had not finished .* blocks the event loop"):
+        RewardScorer(blocks_the_loop, timeout=0.2).score(["p"], ["a"], [[1]], {})
+
+
+def test_an_environment_reset_that_never_returns_is_a_named_error():
+    class Sandbox:
+        def reset(self, **row):
+            time.sleep(30)
+
+    environments = Environments(Sandbox)
+    prompt = [{"role": "user", "content": "go"}]
+    with pytest.raises(EnvironmentCallError, match=r"Sandbox.reset\(\*\*row\) did not return within "):
+        environments.reset(environments.draw([{}]), [{}], [prompt], timeout=0.2)
+
+
+def test_timeouts_are_config_fields_with_defaults(make_args):
+    args = make_args()
+    assert (args.tool_timeout, args.environment_reset_timeout, args.reward_timeout) == (60.0, 300.0, 600.0)
+    assert make_args(tool_timeout=None).tool_timeout is None
+    with pytest.raises(ValueError, match=r"reward_timeout=0 must be a number of seconds > 0, or None"):
+        make_args(reward_timeout=0)
