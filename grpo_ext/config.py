@@ -28,6 +28,20 @@ from .reference import MIXABLE_MODES, REFERENCE_MODES
 from .reward_scoring import NONFINITE_REWARD_POLICIES
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# Loss types whose clipping settings are meant to be far from the defaults (PPO's 0.2): field -> (recommended value,
+# where it comes from, what the default does instead). A field left at its default with such a loss type is warned
+# about at config time; a value set explicitly, even the default's, is taken as meant.
+RECOMMENDED_CLIPPING: dict[str, dict[str, tuple[float, str, str]]] = {
+    "cispo": {
+        "epsilon_high": (
+            5.0,
+            "the ScaleRL paper's epsilon_max for CISPO (arXiv 2510.13786), the value TRL's GRPOConfig recommends",
+            "CISPO's token weight is min(ratio, epsilon_high) and the ratio starts near 1, so the default (epsilon_high "
+            "= epsilon = 0.2) caps every token's weight at 0.2 and shrinks the whole gradient about 5x instead of "
+            "capping only the outliers",
+        ),
+    },
+}
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -340,7 +354,9 @@ class GRPOExtConfig(_RefusedTRLFields):
     epsilon_high: float | None = _field(
         None,
         "Upper clipping range: the ratio is clipped at 1 + epsilon_high. Defaults to `epsilon`. DAPO "
-        "(arXiv 2503.14476) recommends 0.28 ('clip-higher').",
+        "(arXiv 2503.14476) recommends 0.28 ('clip-higher'). With `loss_type='cispo'` it is the cap of the token "
+        "weight itself (epsilon_max), for which ScaleRL (arXiv 2510.13786) and TRL recommend 5.0; left unset with "
+        "cispo, a warning says so.",
     )
     delta: float | None = _field(
         None,
@@ -734,6 +750,7 @@ class GRPOExtConfig(_RefusedTRLFields):
             )
             self.use_transformers_continuous_batching = True
         self._resolve_pad_to_multiple_of()
+        self._warn_default_clipping()  # before epsilon_high takes epsilon's value
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         if self.trust_remote_code:  # every loader of grpo-ext reads model_init_kwargs
@@ -795,6 +812,18 @@ class GRPOExtConfig(_RefusedTRLFields):
                 "per-sequence objective. For GSPO's setup set loss_type='grpo'.",
                 stacklevel=3,
             )
+
+    def _warn_default_clipping(self) -> None:
+        """A loss type whose recommended clipping differs from the default left in place (`RECOMMENDED_CLIPPING`):
+        it trains, but not as meant (TRL says nothing)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, (value, source, effect) in RECOMMENDED_CLIPPING.get(self.loss_type, {}).items():
+            if getattr(self, name) == defaults[name]:
+                warnings.warn(
+                    f"loss_type={self.loss_type!r} with {name} left at its default: {effect}. Set {name}={value} "
+                    f"({source}), or set {name} explicitly to keep a smaller cap.",
+                    stacklevel=4,
+                )
 
     def _warn_slow_bf16_on_cpu(self) -> None:
         """`bf16` defaults to True (TRL's `_BaseConfig`). Training on a CPU without native bf16 kernels then runs every

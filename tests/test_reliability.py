@@ -10,6 +10,7 @@ elapsed time. A sync function is abandoned in a daemon thread, which keeps sleep
 import asyncio
 import logging
 import time
+import warnings
 
 import pytest
 from test_tools import call, make_trainer, rows_of, scripted
@@ -128,3 +129,18 @@ def test_timeouts_are_config_fields_with_defaults(make_args):
     assert make_args(tool_timeout=None).tool_timeout is None
     with pytest.raises(ValueError, match=r"reward_timeout=0 must be a number of seconds > 0, or None"):
         make_args(reward_timeout=0)
+
+
+# --- 9. Loss-type settings ---
+
+
+def test_cispo_with_the_default_upper_bound_is_warned_about(make_args):
+    with pytest.warns(UserWarning, match=r"loss_type='cispo' with epsilon_high left at its default.* epsilon_high=5.0"):
+        args = make_args(loss_type="cispo")
+    assert args.epsilon_high == 0.2  # the default still applies, as in TRL
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_args(loss_type="cispo", epsilon_high=5.0)  # set: no warning
+        make_args(loss_type="cispo", epsilon_high=0.2)  # set to the default's value on purpose: no warning
+        make_args(loss_type="dapo")  # the default is meant for the clipped loss types
+    assert not [w for w in caught if "left at its default" in str(w.message)]
