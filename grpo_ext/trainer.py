@@ -34,7 +34,7 @@ from .advantages import (
 )
 from .callbacks import PreTrainingLogsCallback, ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
-from .completions import completions_folder, table_rows, write_parquet
+from .completions import completions_folder, parquet_path, table_rows, write_parquet
 from .config import GRPOExtConfig
 from .data import (
     check_dataset,
@@ -80,6 +80,7 @@ from .objective import (
 )
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
 from .reference import ReferencePolicy, load_reference_copy
+from .reporting import LoggingGuard
 from .reward_scoring import RewardScorer
 from .rollout import (
     GenerationPlan,
@@ -305,6 +306,9 @@ class GRPOExtTrainer(_BaseTrainer):
         # then token means over everything since the last log, whatever the micro-batch and process split.
         self._metric_tokens = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
+        # A failing tracker or completions file is a warning, not the end of the run (reporting.py)
+        self._logging = LoggingGuard()
+        self._logging.guard_trackers(self.callback_handler.callbacks)
         self._task_dataset = None  # the set the evaluation under way measures the task metrics on
         self._unscored_task_metrics = set()  # warned about once
         # Run doctor: reads each log, adds doctor/* metrics, warns on the main process only (said once, not N times)
@@ -915,18 +919,22 @@ class GRPOExtTrainer(_BaseTrainer):
         self._metrics[mode].clear()
         self._metric_tokens[mode].clear()
         if self.args.log_completions and mode == "train" and self._samples and self.accelerator.is_main_process:
-            self._log_completions_table()
-            self._samples = {}  # logged once, not again with the end-of-training summary
+            try:
+                self._log_completions_table()
+            finally:
+                self._samples = {}  # logged once, not again with the end-of-training summary
 
     def _log_completions_table(self) -> None:
         """Print a few of the last rollout's completions, write the whole table as this step's parquet file
-        (uploaded with `log_completions_hub_repo`), and send it to wandb / trackio if they run."""
-        samples, shown = self._samples, self.args.num_completions_to_print
-        write_parquet(samples, self.args.output_dir, self.state.global_step)
+        (uploaded with `log_completions_hub_repo`), and send it to wandb / trackio if they run. A write or a tracker
+        that fails is a warning (`reporting.LoggingGuard`): logging never ends a run."""
+        samples, shown, step = self._samples, self.args.num_completions_to_print, self.state.global_step
+        files = f"the completions files ({os.path.dirname(parquet_path(self.args.output_dir, step))})"
+        self._logging.run(files, lambda: write_parquet(samples, self.args.output_dir, step))
         rows = table_rows(samples, unique_prompts=self.args.log_unique_prompts)
         fixed = {"step", "prompt", "completion", "reward", "advantage", *self.rewards.names}
         extra = [column for column in samples if column not in fixed]  # columns logged with log_extra
-        lines = [f"step {self.state.global_step} completions:"]
+        lines = [f"step {step} completions:"]
         lines += [
             f"  reward {samples['reward'][i]:+.3f} advantage {samples['advantage'][i]:+.2f} | "
             f"{samples['prompt'][i]!r} -> {samples['completion'][i]!r}"
@@ -938,11 +946,13 @@ class GRPOExtTrainer(_BaseTrainer):
             import wandb
 
             if wandb.run is not None:
-                wandb.log({"completions": wandb.Table(columns=list(samples), data=rows)}, step=self.state.global_step)
+                table = lambda: wandb.log({"completions": wandb.Table(columns=list(samples), data=rows)}, step=step)  # noqa: E731
+                self._logging.run("wandb (the completions table)", table)
         if "trackio" in self.args.report_to:
             import trackio
 
-            trackio.log({"completions": trackio.Table(columns=list(samples), data=rows)}, step=self.state.global_step)
+            table = lambda: trackio.log({"completions": trackio.Table(columns=list(samples), data=rows)}, step=step)  # noqa: E731
+            self._logging.run("trackio (the completions table)", table)
 
     # --- Training, checkpoints and resume ---
 

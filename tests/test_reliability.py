@@ -9,10 +9,13 @@ elapsed time. A sync function is abandoned in a daemon thread, which keeps sleep
 
 import asyncio
 import logging
+import os
 import time
 import warnings
+from pathlib import Path
 
 import pytest
+from conftest import tiny_trainer
 from test_tools import call, make_trainer, rows_of, scripted
 
 from grpo_ext.concurrency import UserCodeTimeout, await_all, call_with_deadline
@@ -144,3 +147,34 @@ def test_cispo_with_the_default_upper_bound_is_warned_about(make_args):
         make_args(loss_type="cispo", epsilon_high=0.2)  # set to the default's value on purpose: no warning
         make_args(loss_type="dapo")  # the default is meant for the clipped loss types
     assert not [w for w in caught if "left at its default" in str(w.message)]
+
+
+# --- 5. Logging never ends a run ---
+
+
+def test_failing_completions_files_and_trackers_are_warnings_and_training_goes_on(tokenizer, make_args, caplog):
+    from transformers.integrations import TensorBoardCallback
+
+    class UnreachableTracker(TensorBoardCallback):  # a tracker whose every log fails, as on a network error
+        def __init__(self):
+            self.tb_writer = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise ConnectionError("tracker unreachable")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            raise ConnectionError("tracker unreachable")
+
+    args = make_args(log_completions=True)
+    os.makedirs(args.output_dir)
+    Path(args.output_dir, "completions").write_text("a file where the folder should be")  # every write fails
+    trainer = tiny_trainer(tokenizer, args, callbacks=[UnreachableTracker()])
+    with caplog.at_level(logging.WARNING, logger="grpo_ext.reporting"):
+        trainer.train()
+    assert trainer.state.global_step == 2  # the run went on, both steps
+    files = f"the completions files ({os.path.join(args.output_dir, 'completions')})"
+    assert caplog.text.count(f"Logging to {files} failed (FileExistsError: [Errno 17] File exists") == 1
+    tracker = "the UnreachableTracker tracker"
+    assert caplog.text.count(f"Logging to {tracker} failed (ConnectionError: tracker unreachable)") == 1
+    # both steps' files; the tracker's start, two steps and the end-of-training summary
+    assert trainer._logging.failures == {files: 2, tracker: 4}
