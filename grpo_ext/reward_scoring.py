@@ -175,6 +175,13 @@ class RewardScorer:
     def log_extra(self, column: str, values: list) -> None:
         """Passed to reward functions as `log_extra`: one value per completion of the batch, a column of the
         completions table."""
+        if isinstance(values, torch.Tensor):
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)):
+            raise RewardFunctionError(
+                f"log_extra({column!r}, {values!r}): the values are a {type(values).__name__}; log a list with one "
+                "value per completion of the batch, in the order received (log_metric logs one number)."
+            )
         self.logged_columns[column].extend(values)
 
     def gather_logs(self, accelerator, batch_size: int) -> tuple[dict[str, float], dict[str, list]]:

@@ -598,7 +598,19 @@ def custom_rollout(rollout_func: Callable, prompts: list, trainer, tokenizer) ->
     unpadded `prompt_ids` / `completion_ids`, one row per prompt it was given (the rollout's rows, each prompt G times),
     and `logprobs`; `env_mask` (1 on the tokens the model generated) becomes the tool mask; other keys are passed on
     to the reward functions."""
-    output = rollout_func(prompts, trainer)
+    name = getattr(rollout_func, "__name__", type(rollout_func).__name__)
+    try:
+        output = rollout_func(prompts, trainer)
+    except Exception as error:
+        raise RuntimeError(
+            f"rollout_func '{name}' raised {type(error).__name__}: {error} (on {len(prompts)} prompts; see the "
+            "traceback above for where)."
+        ) from error
+    if not isinstance(output, dict):
+        raise TypeError(
+            f"rollout_func '{name}' returned a {type(output).__name__}; it must return a dict with keys "
+            f"{list(ROLLOUT_FUNC_KEYS)} (and optionally env_mask and extra fields for the reward functions)."
+        )
     missing = sorted(set(ROLLOUT_FUNC_KEYS) - set(output))
     if missing:
         raise ValueError(f"rollout_func must return keys {missing} in its output dict (it returned {sorted(output)}).")

@@ -178,3 +178,69 @@ def test_failing_completions_files_and_trackers_are_warnings_and_training_goes_o
     assert caplog.text.count(f"Logging to {tracker} failed (ConnectionError: tracker unreachable)") == 1
     # both steps' files; the tracker's start, two steps and the end-of-training summary
     assert trainer._logging.failures == {files: 2, tracker: 4}
+
+
+# --- 3. Every user callable is named when it fails ---
+
+
+class Quiz:
+    """An environment whose methods fail on demand."""
+
+    def reset(self, answer, **row):
+        self.answer = answer
+        return {"bad": "type"} if answer == "dict" else " Go."
+
+    def get_reward(self) -> float:
+        return 1.0 / (self.answer != "zero")
+
+
+def test_environment_methods_are_named_with_the_row_when_they_fail():
+    environments = Environments(Quiz)
+    prompt = [{"role": "user", "content": "1+1="}]
+    rows = [{"answer": "2"}, {"question": "no answer column"}]
+    with pytest.raises(EnvironmentCallError) as caught:
+        environments.reset(environments.draw(rows), rows, [prompt] * 2)
+    assert str(caught.value).startswith(
+        "Quiz.reset(**row) raised TypeError: Quiz.reset() missing 1 required positional argument: 'answer' on row 1 "
+        "of the batch (prompt \"[{'role': 'user', 'content': '1+1='}]\"); it received the keyword arguments "
+        "['question']"
+    )
+    assert isinstance(caught.value.__cause__, TypeError)
+
+    rows = [{"answer": "dict"}]
+    with pytest.raises(EnvironmentCallError, match=r"Quiz.reset\(\*\*row\) returned \{'bad': 'type'\} \(dict\) on "):
+        environments.reset(environments.draw(rows), rows, [prompt])
+
+    instances = environments.draw([{"answer": "2"}, {"answer": "zero"}])
+    environments.reset(instances, [{"answer": "2"}, {"answer": "zero"}], [prompt] * 2)
+    scorer = RewardScorer(None, extra_funcs=environments.reward_funcs)
+    with pytest.raises(RewardFunctionError, match=r"'Quiz' raised EnvironmentCallError: Quiz.get_reward\(\) raised "
+                       r"ZeroDivisionError: float division by zero on row 1 of the batch"):  # fmt: skip
+        scorer.score(["p"] * 2, ["a", "b"], [[1]] * 2, {"environments": instances})
+
+    def broken_factory():
+        raise OSError("sandbox image missing")
+
+    with pytest.raises(EnvironmentCallError, match=r"environment_factory \(.*broken_factory\) raised OSError: "):
+        Environments(broken_factory)
+
+
+def test_log_extra_given_a_scalar_names_log_extra_not_a_type_error_of_the_function():
+    def scalar_column(completions, log_extra, **kwargs):
+        log_extra("score", 3)
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardFunctionError, match=r"log_extra\('score', 3\): the values are a int; log a list"):
+        RewardScorer(scalar_column).score(["p"] * 2, ["a", "b"], [[1]] * 2, {})
+
+
+def test_a_failing_rollout_func_is_named(tokenizer, make_args):
+    def my_rollout(prompts, trainer):
+        raise KeyError("server")
+
+    trainer = tiny_trainer(tokenizer, make_args(), rollout_func=my_rollout)
+    with pytest.raises(RuntimeError, match=r"rollout_func 'my_rollout' raised KeyError: 'server' \(on 8 prompts"):
+        trainer._generate_and_score([trainer.train_dataset[0]] * 8, mode="train")
+    trainer.rollout_func = lambda prompts, trainer: [1, 2]
+    with pytest.raises(TypeError, match=r"rollout_func '<lambda>' returned a list; it must return a dict with keys"):
+        trainer._generate_and_score([trainer.train_dataset[0]] * 8, mode="train")
