@@ -309,7 +309,8 @@ class GRPOExtConfig(_RefusedTRLFields):
         "Maximum number of tool-calling rounds per completion when the trainer has `tools` or an "
         "`environment_factory` (an agent): after each round the tool results are appended and the model generates its "
         "next turn. None (TRL's default): no limit; a completion stops when a turn calls no tool or when tool results "
-        "would push it past max_completion_length (then they are dropped). Tool-result tokens count toward "
+        "would push it past max_completion_length (then they are dropped, counted as failed calls and in "
+        "`tools/truncated_frequency`, and warned about once). Tool-result tokens count toward "
         "max_completion_length but are not scored. Set it (e.g. 2-5) to bound a rollout's cost.",
     )
     tool_timeout: float | None = _field(

@@ -6,12 +6,15 @@ As `trl.GRPOTrainer` (`tools=`, `environment_factory=`, `max_tool_calling_iterat
    functions' signatures and docstrings).
 2. A completion is parsed with the tokenizer's `response_template` (`tokenizer.parse_response`); a malformed one is
    plain text. Each tool call of a completion's last turn is run (sync, or async awaited concurrently); a tool that
-   raises, an unknown name or an unsupported call type gives an `{"error": ...}` result and counts as a failure.
+   raises or times out, an unknown name or an unsupported call type gives an `{"error": ...}` result and counts as a
+   failure.
 3. The results, as `{"role": "tool", "name": ..., "content": str(result)}` messages, are appended to the completion
    as the tokens the chat template renders for them (`tool_suffix_ids`: the difference between a dummy conversation
    with and without them), and the model generates its next turn after them, one completion per row (each row has
    its own history). Up to `max_tool_calling_iterations` rounds; results that would push a completion past
-   `max_completion_length` (or the model's context) are rolled back and that row stops.
+   `max_completion_length` (or the model's context) are rolled back and that row stops (as TRL does): those calls
+   count as failed (`tools/failure_frequency`) and dropped (`tools/truncated_frequency`), with one warning.
+   A tool still running after `tool_timeout` seconds gives an error result (`tools/timeout_frequency`).
 4. The completion's ids hold every turn and every tool result; `tool_mask` is 0 on the tool-result tokens, which the
    model did not generate: they are context for the later turns, never scored as actions (loss, log-prob ratios,
    KL terms, token-mean metrics and lengths count the model's tokens only).

@@ -244,3 +244,33 @@ def test_a_failing_rollout_func_is_named(tokenizer, make_args):
     trainer.rollout_func = lambda prompts, trainer: [1, 2]
     with pytest.raises(TypeError, match=r"rollout_func '<lambda>' returned a list; it must return a dict with keys"):
         trainer._generate_and_score([trainer.train_dataset[0]] * 8, mode="train")
+
+
+# --- 2. Truthful tool accounting ---
+
+
+def test_a_tool_result_that_does_not_fit_is_dropped_counted_and_warned_about_once(
+    tool_tokenizer, make_args, monkeypatch, caplog
+):
+    def echo(x: int) -> str:
+        """Echo.
+
+        Args:
+            x: value
+        """
+        return "a long tool result " * 5
+
+    first = call("echo", x=1) + "<|im_end|>"
+    scripted(monkeypatch, tool_tokenizer, [first, "no<|im_end|>"])
+    length = len(tool_tokenizer(first)["input_ids"])
+    trainer = make_trainer(tool_tokenizer, make_args, tools=[echo], args=dict(max_completion_length=length + 20))
+    with caplog.at_level(logging.WARNING, logger="grpo_ext.tools"):
+        for _ in range(2):
+            rollout = trainer._generate_and_score(rows_of(trainer), mode="train")
+    assert rollout.lengths.tolist() == [length] * 4  # the documented rule: the whole round's results are dropped
+    metrics = trainer._metrics["train"]
+    assert metrics["tools/call_frequency"] == [1.0, 1.0]  # the calls ran...
+    assert metrics["tools/truncated_frequency"] == [1.0, 1.0]  # ...their results were dropped...
+    assert metrics["tools/failure_frequency"] == [1.0, 1.0]  # ...so none succeeded as far as the model knows
+    assert metrics["tools/timeout_frequency"] == [0.0, 0.0]
+    assert caplog.text.count("The results of 4 tool call(s) did not fit in max_completion_length") == 1
