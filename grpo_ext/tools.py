@@ -36,9 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
 from .concurrency import UserCodeTimeout, await_all, call_with_deadline
+from .data import first_rows
 from .rollout import is_conversational, pad_token_lists, token_lists_until_stop
 
 logger = logging.getLogger(__name__)
@@ -174,17 +175,18 @@ class Environments:
                 "instance. Fix the factory (it is called with no arguments, once per instance the pool needs)."
             ) from error
 
-    def check_dataset(self, dataset, name: str) -> None:
-        """With several environments, every row must name one of them in its `environment` column."""
-        if not self.multi or dataset is None:
+    def check_dataset(self, columns: list[str], environments: list | None, name: str) -> None:
+        """With several environments, every row must name one of them in its `environment` column (`environments`:
+        that column's values, None when there is none)."""
+        if not self.multi:
             return
-        if ENVIRONMENT_COLUMN not in dataset.column_names:
+        if environments is None:
             raise ValueError(
                 f"environment_factory is a dict (several environments) but {name} has no '{ENVIRONMENT_COLUMN}' column "
-                f"(columns: {dataset.column_names}). Add a column naming each row's environment, one of "
+                f"(columns: {columns}). Add a column naming each row's environment, one of "
                 f"{list(self.factories)}, or pass a single environment factory."
             )
-        unknown = sorted(set(dataset[ENVIRONMENT_COLUMN]) - set(self.factories), key=str)
+        unknown = sorted(set(environments) - set(self.factories), key=str)
         if unknown:
             raise ValueError(
                 f"{name} has rows with environment={unknown[0]!r}, which is not among the environments passed to "
@@ -532,14 +534,26 @@ class ToolCalling:
         return self.environments.reward_funcs if self.environments is not None else []
 
     def check_dataset(self, dataset, name: str) -> None:
+        """Conversational prompts, and with several environments an `environment` column naming known ones: every
+        row of a map-style dataset, the first `ITERABLE_ROWS_CHECKED` of a stream (its later rows are checked as they
+        are read: `data.checked_stream`, and `Environments.draw`)."""
         if dataset is None:
             return
+        if isinstance(dataset, IterableDataset):
+            rows = first_rows(dataset)
+            columns = list(dataset.column_names or (rows[0] if rows else []))
+            environments = [row.get(ENVIRONMENT_COLUMN) for row in rows]
+            first = rows[0] if rows else None
+        else:
+            columns = list(dataset.column_names)
+            environments = dataset[ENVIRONMENT_COLUMN] if ENVIRONMENT_COLUMN in columns else None
+            first = dataset[0] if len(dataset) else None
         if self.environments is not None:
-            self.environments.check_dataset(dataset, name)
-        if "prompt" in dataset.column_names and len(dataset) and not is_conversational(dataset[0]["prompt"]):
+            self.environments.check_dataset(columns, environments if ENVIRONMENT_COLUMN in columns else None, name)
+        if first is not None and "prompt" in first and not is_conversational(first["prompt"]):
             raise ValueError(
                 f"tools / environment_factory need conversational prompts, but {name}'s 'prompt' column holds "
-                f"{type(dataset[0]['prompt']).__name__}s. Give each prompt as a list of messages, e.g. "
+                f"{type(first['prompt']).__name__}s. Give each prompt as a list of messages, e.g. "
                 '[{"role": "user", "content": "..."}]: the chat template renders the tools and the tool results.'
             )
 

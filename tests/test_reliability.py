@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_trainer
-from test_tools import call, make_trainer, rows_of, scripted
+from test_tools import G, call, make_trainer, rows_of, scripted
 
+from grpo_ext import GRPOExtTrainer
 from grpo_ext.concurrency import UserCodeTimeout, await_all, call_with_deadline
 from grpo_ext.reward_scoring import RewardFunctionError, RewardScorer
-from grpo_ext.testing import make_tokenizer
+from grpo_ext.testing import make_prompt_dataset, make_tiny_model, make_tokenizer
 from grpo_ext.tools import EnvironmentCallError, Environments, run_tool_calls
 
 
@@ -274,3 +275,64 @@ def test_a_tool_result_that_does_not_fit_is_dropped_counted_and_warned_about_onc
     assert metrics["tools/failure_frequency"] == [1.0, 1.0]  # ...so none succeeded as far as the model knows
     assert metrics["tools/timeout_frequency"] == [0.0, 0.0]
     assert caplog.text.count("The results of 4 tool call(s) did not fit in max_completion_length") == 1
+
+
+# --- 4. Documented combinations: tools and environments with streams, environments without a dataset ---
+
+
+class Echo:
+    """An environment with one tool and a reward."""
+
+    def reset(self, **row):
+        return " Go."
+
+    def shout(self, text: str) -> str:
+        """Shout.
+
+        Args:
+            text: what to shout
+        """
+        return text.upper()
+
+    def get_reward(self) -> float:
+        return 1.0
+
+
+def test_tools_and_environments_train_on_a_stream(tool_tokenizer, make_args):
+    def noop(x: int) -> int:
+        """Nothing.
+
+        Args:
+            x: value
+        """
+        return x
+
+    stream = make_prompt_dataset(4, conversational=True).add_column("environment", ["echo"] * 4).to_iterable_dataset()
+    for kwargs in (dict(tools=[noop]), dict(environment_factory={"echo": Echo})):
+        trainer = make_trainer(tool_tokenizer, make_args, dataset=stream, args=dict(max_completion_length=20), **kwargs)
+        trainer.train()
+        assert trainer.state.global_step == 1 and "tools/call_frequency" in trainer.state.log_history[0]
+    unknown = make_prompt_dataset(4, conversational=True).add_column("environment", ["echo", "x"] * 2)
+    with pytest.raises(ValueError, match=r"train_dataset has rows with environment='x'"):
+        make_trainer(
+            tool_tokenizer, make_args, dataset=unknown.to_iterable_dataset(), environment_factory={"echo": Echo}
+        )
+    text = make_prompt_dataset(4).to_iterable_dataset()
+    with pytest.raises(
+        ValueError, match=r"need conversational prompts, but train_dataset's 'prompt' column holds strs"
+    ):
+        make_trainer(tool_tokenizer, make_args, dataset=text, tools=[noop])
+
+
+def test_an_environment_without_a_dataset_must_write_the_prompt(tool_tokenizer, make_args):
+    class Silent(Echo):
+        def reset(self, **row):
+            return None
+
+    trainer = GRPOExtTrainer(
+        make_tiny_model("qwen2", tool_tokenizer), None, processing_class=tool_tokenizer, environment_factory=Silent,
+        args=make_args(per_device_train_batch_size=4, num_generations=G, max_completion_length=20, max_steps=1),
+    )  # fmt: skip
+    with pytest.raises(EnvironmentCallError, match=r"Silent.reset\(\*\*row\) returned None on row 0 .* the prompt is "
+                       "still empty: without a train_dataset .* reset must return the prompt's text"):  # fmt: skip
+        trainer.train()
