@@ -569,7 +569,8 @@ class GRPOExtConfig(_RefusedTRLFields):
     )
     gpu_memory_budget: str | None = _field(
         None,
-        "Memory of the GPU to fit, e.g. `'8GiB'` or `'24GB'` (GB read as GiB). When set, the trainer picks the "
+        "Memory of the GPU to fit, with its unit, e.g. `'8GiB'` or `'24GB'` (GB read as GiB); a bare number or a size "
+        "<= 0 is refused. When set, the trainer picks the "
         "largest `per_device_train_batch_size` whose step the memory planner (`python -m grpo_ext.plan`) predicts to "
         "fit, keeping `generation_batch_size` (and so the completions per optimizer step) by raising "
         "`gradient_accumulation_steps`; the choice and the predicted peak are logged at start. None (the default) "

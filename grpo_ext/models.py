@@ -53,6 +53,59 @@ def gguf_source(model: str, model_init_kwargs: dict | None = None) -> tuple[str,
     return (model, gguf_file) if gguf_file else None
 
 
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
+
+
+def _gguf_origin(model: str, model_init_kwargs: dict | None) -> str:
+    """Where a GGUF path came from, in the trainer's terms (the CLI passes its own)."""
+    if model.lower().endswith(".gguf"):
+        return f"model={model!r}"
+    return f"model={model!r} with model_init_kwargs['gguf_file']={(model_init_kwargs or {}).get('gguf_file')!r}"
+
+
+def check_gguf_file(path: str, what: str) -> None:
+    """A local GGUF checkpoint is a file, not empty, starting with the `GGUF` magic, whose header and tensor table
+    fit in it (read with the gguf package's `GGUFReader`, which maps the file, not its weights into memory). Checked
+    before transformers sees the path: for a missing file it reports Hub "repo id" errors, for a truncated one a
+    numpy reshape error, neither naming the file. `what` says where the path came from (the trainer's argument or
+    config field, the command line's argument); the errors name it and the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{what}: the GGUF file {path} does not exist (relative paths start from {os.getcwd()}). Check the path."
+        )
+    if not os.path.isfile(path):
+        raise ValueError(f"{what}: {path} is not a file (a folder?); give the path of the .gguf file itself.")
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        magic = file.read(len(GGUF_MAGIC))
+    if size == 0:
+        raise ValueError(f"{what}: the GGUF file {path} is empty (0 bytes): download or copy it again.")
+    if magic != GGUF_MAGIC:
+        raise ValueError(
+            f"{what}: {path} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r} (a Git LFS pointer or "
+            "an error page saved under that name?). Download the .gguf file itself."
+        )
+    _require_gguf()
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as error:
+        raise ValueError(
+            f"{what}: the GGUF file {path} ({size} bytes) is truncated or corrupt: its tensors do not fit in it "
+            f"({type(error).__name__}: {error}). Download or copy it again."
+        ) from error
+
+
+def _check_local_gguf(model: str, source: tuple[str, str], what: str) -> None:
+    """`check_gguf_file` on a GGUF source on this machine: a `.gguf` path always, a folder with `gguf_file` when it
+    is a path rather than a Hub repository id (whose file only the Hub can check)."""
+    folder, file = source
+    hub_id = not os.path.exists(folder) and folder.count("/") <= 1 and not folder.startswith((".", "/", "~"))
+    if model.lower().endswith(".gguf") or not hub_id:
+        check_gguf_file(os.path.join(folder, file), what)
+
+
 def unwrap_distributed(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (a `PeftModel` stays a `PeftModel`). The one place wrappers are unwrapped."""
     return getattr(model, "module", model)
@@ -94,6 +147,7 @@ def load_causal_lm(model: str | nn.Module, model_init_kwargs: dict | None = None
             "OUTPUT_DIR as the model."
         )
     _require_gguf()
+    _check_local_gguf(model, source, _gguf_origin(model, kwargs))
     from transformers import GgufConfig
 
     folder, file = source
@@ -137,6 +191,7 @@ def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None
     source = gguf_source(name, model_init_kwargs)
     if source is not None:
         _require_gguf()
+        _check_local_gguf(name, source, _gguf_origin(name, model_init_kwargs))
         name, kwargs["gguf_file"] = source
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
@@ -267,11 +322,17 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     return model, tokenizer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Convert a GGUF checkpoint to a dense safetensors folder.")
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m grpo_ext.models", description="Convert a GGUF checkpoint to a dense safetensors folder."
+    )
     parser.add_argument("gguf_path", help="the .gguf file")
     parser.add_argument("output_dir")
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
+    try:
+        check_gguf_file(cli.gguf_path, f"GGUF_PATH {cli.gguf_path}")
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     print(f"saved {save_dense_copy(cli.gguf_path, cli.output_dir)}")
 
 

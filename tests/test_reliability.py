@@ -10,6 +10,7 @@ elapsed time. A sync function is abandoned in a daemon thread, which keeps sleep
 import asyncio
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +24,8 @@ from grpo_ext.concurrency import UserCodeTimeout, await_all, call_with_deadline
 from grpo_ext.reward_scoring import RewardFunctionError, RewardScorer
 from grpo_ext.testing import make_prompt_dataset, make_tiny_model, make_tokenizer
 from grpo_ext.tools import EnvironmentCallError, Environments, run_tool_calls
+
+RECIPE_CONFIG = Path(__file__).parent.parent / "recipes" / "configs" / "qwen2.5-math-1.5b-gsm8k-8gb.yaml"
 
 
 @pytest.fixture
@@ -336,3 +339,80 @@ def test_an_environment_without_a_dataset_must_write_the_prompt(tool_tokenizer, 
     with pytest.raises(EnvironmentCallError, match=r"Silent.reset\(\*\*row\) returned None on row 0 .* the prompt is "
                        "still empty: without a train_dataset .* reset must return the prompt's text"):  # fmt: skip
         trainer.train()
+
+
+# --- 7. Files and command lines ---
+
+
+def write_gguf(path) -> bytes:
+    """A tiny valid GGUF file (one tensor); returns its bytes."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path).read_bytes()
+
+
+def test_gguf_files_are_checked_and_named_before_transformers_sees_them(tmp_path, tokenizer, make_args, capsys):
+    from grpo_ext.models import check_gguf_file
+    from grpo_ext.models import main as models_cli
+
+    data = write_gguf(tmp_path / "good.gguf")
+    check_gguf_file(str(tmp_path / "good.gguf"), "model")  # a complete file passes
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    (tmp_path / "pointer.gguf").write_text("version https://git-lfs.github.com/spec/v1\n")
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 100])
+    (tmp_path / "folder.gguf").mkdir()
+    cases = {
+        "missing.gguf": (FileNotFoundError, "the GGUF file {} does not exist"),
+        "folder.gguf": (ValueError, "{} is not a file"),
+        "empty.gguf": (ValueError, "the GGUF file {} is empty"),
+        "pointer.gguf": (ValueError, "{} is not a GGUF file: it starts with b'vers', not b'GGUF'"),
+        "cut.gguf": (ValueError, f"the GGUF file {{}} \\({len(data) - 100} bytes\\) is truncated or corrupt"),
+    }
+    for name, (error, message) in cases.items():
+        path = str(tmp_path / name)
+        with pytest.raises(error, match="model: " + message.format(re.escape(path))):
+            check_gguf_file(path, "model")
+    # The trainer speaks of its argument; the command line of its own
+    cut = str(tmp_path / "cut.gguf")
+    with pytest.raises(ValueError, match=f"model={re.escape(repr(cut))}: the GGUF file .* is truncated"):
+        GRPOExtTrainer(cut, lambda completions, **kw: [0.0], args=make_args(), train_dataset=make_prompt_dataset(8))
+    missing = str(tmp_path / "missing.gguf")
+    with pytest.raises(FileNotFoundError, match=f"model={re.escape(repr(missing))}: the GGUF file"):
+        GRPOExtTrainer(missing, lambda completions, **kw: [0.0], args=make_args(), train_dataset=make_prompt_dataset(8))
+    with pytest.raises(SystemExit) as exit_info:
+        models_cli([cut, str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert (
+        f"error: GGUF_PATH {cut}: the GGUF file {cut} ({len(data) - 100} bytes) is truncated" in capsys.readouterr().err
+    )
+
+
+def test_memory_sizes_need_a_unit_and_must_be_positive(make_args, capsys):
+    from grpo_ext.plan import GiB, fit_batch_size, parse_memory
+    from grpo_ext.plan import main as plan_cli
+
+    assert parse_memory("24GB") == parse_memory("24 GiB") == 24 * GiB and parse_memory("1e9B") == 10**9
+    with pytest.raises(ValueError, match=r"'24' has no unit: write e.g. '24GiB'"):
+        parse_memory("24")
+    with pytest.raises(ValueError, match=r"'0GiB' is not a positive memory size"):
+        parse_memory("0GiB")
+    with pytest.raises(ValueError, match=r"gpu_memory_budget='24': '24' has no unit"):  # the config speaks in fields
+        make_args(gpu_memory_budget="24")
+    for flag, message in (("0", "'0' has no unit"), ("0GB", "'0GB' is not a positive memory size")):
+        with pytest.raises(SystemExit) as exit_info:  # the command line in flags
+            plan_cli(["--config", str(RECIPE_CONFIG), "--gpu-memory", flag])
+        assert exit_info.value.code == 2 and f"error: --gpu-memory {flag}: {message}" in capsys.readouterr().err
+    # An architecture the planner cannot model: the trainer's user is told about fields, not --model-config
+    with pytest.raises(ValueError) as caught:
+        fit_batch_size(make_args(gpu_memory_budget="8GiB"), {"model_type": "mamba", "hidden_size": 64})
+    message = str(caught.value)
+    assert message.startswith("gpu_memory_budget='8GiB': the model's config (mamba architecture) has no ")
+    assert "unset gpu_memory_budget and set per_device_train_batch_size" in message and "--" not in message
