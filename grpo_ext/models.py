@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import types
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -63,37 +64,47 @@ def _gguf_origin(model: str, model_init_kwargs: dict | None) -> str:
     return f"model={model!r} with model_init_kwargs['gguf_file']={(model_init_kwargs or {}).get('gguf_file')!r}"
 
 
-def check_gguf_file(path: str, what: str) -> None:
-    """A local GGUF checkpoint is a file, not empty, starting with the `GGUF` magic, whose header and tensor table
-    fit in it (read with the gguf package's `GGUFReader`, which maps the file, not its weights into memory). Checked
-    before transformers sees the path: for a missing file it reports Hub "repo id" errors, for a truncated one a
-    numpy reshape error, neither naming the file. `what` says where the path came from (the trainer's argument or
-    config field, the command line's argument); the errors name it and the file."""
+def check_gguf_file(path: str, what: str, read_tensor_table: bool = False) -> None:
+    """A local GGUF checkpoint is a file, not empty, starting with the `GGUF` magic; with `read_tensor_table`, its
+    header and tensor table must fit in it too (read with the gguf package's `GGUFReader`, a few seconds for a
+    tokenizer's vocabulary; loaders instead name the file when transformers' own reading fails,
+    `named_gguf_errors`). Checked before transformers sees the path: for a missing file it reports Hub "repo id"
+    errors, for a truncated one a numpy reshape error, neither naming the file. `what` says where the path came from
+    (the trainer's argument or config field, the command line's argument); the errors name it and the file."""
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{what}: the GGUF file {path} does not exist (relative paths start from {os.getcwd()}). Check the path."
         )
     if not os.path.isfile(path):
         raise ValueError(f"{what}: {path} is not a file (a folder?); give the path of the .gguf file itself.")
-    size = os.path.getsize(path)
     with open(path, "rb") as file:
         magic = file.read(len(GGUF_MAGIC))
-    if size == 0:
+    if not magic:
         raise ValueError(f"{what}: the GGUF file {path} is empty (0 bytes): download or copy it again.")
     if magic != GGUF_MAGIC:
         raise ValueError(
             f"{what}: {path} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r} (a Git LFS pointer or "
             "an error page saved under that name?). Download the .gguf file itself."
         )
-    _require_gguf()
-    from gguf import GGUFReader
+    if read_tensor_table:
+        _require_gguf()
+        from gguf import GGUFReader
 
+        with named_gguf_errors(path, what):
+            GGUFReader(path)
+
+
+@contextmanager
+def named_gguf_errors(path: str, what: str):
+    """Reading a GGUF file that is cut short fails deep in numpy (a reshape, an index out of bounds): say which file
+    and where it came from."""
     try:
-        GGUFReader(path)
-    except Exception as error:
+        yield
+    except (ValueError, IndexError) as error:
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
         raise ValueError(
-            f"{what}: the GGUF file {path} ({size} bytes) is truncated or corrupt: its tensors do not fit in it "
-            f"({type(error).__name__}: {error}). Download or copy it again."
+            f"{what}: reading the GGUF file {path} ({size} bytes) failed ({type(error).__name__}: {error}). A "
+            "truncated or corrupt file fails this way: download or copy it again."
         ) from error
 
 
@@ -101,9 +112,13 @@ def _check_local_gguf(model: str, source: tuple[str, str], what: str) -> None:
     """`check_gguf_file` on a GGUF source on this machine: a `.gguf` path always, a folder with `gguf_file` when it
     is a path rather than a Hub repository id (whose file only the Hub can check)."""
     folder, file = source
-    hub_id = not os.path.exists(folder) and folder.count("/") <= 1 and not folder.startswith((".", "/", "~"))
-    if model.lower().endswith(".gguf") or not hub_id:
+    if _is_local_gguf(model, folder):
         check_gguf_file(os.path.join(folder, file), what)
+
+
+def _is_local_gguf(model: str, folder: str) -> bool:
+    hub_id = not os.path.exists(folder) and folder.count("/") <= 1 and not folder.startswith((".", "/", "~"))
+    return model.lower().endswith(".gguf") or not hub_id
 
 
 def unwrap_distributed(model: nn.Module) -> nn.Module:
@@ -152,7 +167,8 @@ def load_causal_lm(model: str | nn.Module, model_init_kwargs: dict | None = None
 
     folder, file = source
     kwargs.update(gguf_file=file, quantization_config=GgufConfig(dequantize=True))  # packed GGUF blocks cannot train
-    loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    with named_gguf_errors(os.path.join(folder, file), _gguf_origin(model, kwargs)):
+        loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     return _as_dense(loaded, os.path.join(folder, file))
 
 
@@ -191,8 +207,10 @@ def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None
     source = gguf_source(name, model_init_kwargs)
     if source is not None:
         _require_gguf()
-        _check_local_gguf(name, source, _gguf_origin(name, model_init_kwargs))
-        name, kwargs["gguf_file"] = source
+        what = _gguf_origin(name, model_init_kwargs)
+        _check_local_gguf(name, source, what)
+        with named_gguf_errors(os.path.join(*source), what):
+            return AutoTokenizer.from_pretrained(source[0], **kwargs, gguf_file=source[1])
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
 
@@ -330,7 +348,7 @@ def main(argv=None) -> None:
     parser.add_argument("output_dir")
     cli = parser.parse_args(argv)
     try:
-        check_gguf_file(cli.gguf_path, f"GGUF_PATH {cli.gguf_path}")
+        check_gguf_file(cli.gguf_path, f"GGUF_PATH {cli.gguf_path}", read_tensor_table=True)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     print(f"saved {save_dense_copy(cli.gguf_path, cli.output_dir)}")
