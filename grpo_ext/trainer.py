@@ -41,6 +41,7 @@ from .data import (
     check_dispatch_batches,
     check_eval_batch,
     check_streaming_settings,
+    checked_stream,
     collate_rows,
     grouped_stream,
 )
@@ -232,6 +233,12 @@ class GRPOExtTrainer(_BaseTrainer):
                 check_dataset(dataset, name, args, needed, processing_class, max_positions)
         if eval_dataset is not None:
             check_eval_batch(args)
+        # A stream's later rows are checked as they are read, as its first ones were now (data.checked_stream)
+        self._stream_checks = {
+            "train": required_columns,
+            "eval": {**required_columns, **task_columns},
+            "max_positions": max_positions,
+        }
 
         zero3 = is_deepspeed_zero3_enabled()  # set by args.deepspeed: from_pretrained has partitioned the weights
         self.reference = ReferencePolicy.build(
@@ -408,7 +415,12 @@ class GRPOExtTrainer(_BaseTrainer):
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
         # A stream takes no sampler: the samplers' order is built into the stream, read by one worker on every process
         # (also for a stream given to evaluate() directly, which __init__ did not see)
-        args, seed = self.args, self.args.seed
+        args, seed, checks = self.args, self.args.seed, self._stream_checks
+        name = "train_dataset" if is_training else "eval_dataset"
+        dataset = checked_stream(
+            dataset, name, args, checks["train" if is_training else "eval"], self.processing_class,
+            checks["max_positions"],
+        )  # fmt: skip
         if is_training:
             dataset = grouped_stream(
                 dataset,

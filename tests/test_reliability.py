@@ -419,3 +419,51 @@ def test_memory_sizes_need_a_unit_and_must_be_positive(make_args, capsys):
     message = str(caught.value)
     assert message.startswith("gpu_memory_budget='8GiB': the model's config (mamba architecture) has no ")
     assert "unset gpu_memory_budget and set per_device_train_batch_size" in message and "--" not in message
+
+
+# --- 6. Streams: a bad row anywhere is named ---
+
+
+def _error(function, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as caught:
+        function(*args, **kwargs)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "bad_row",
+    [
+        {"prompt": " ", "answer": "1"},  # empty
+        {"prompt": [{"role": "robot", "content": "hi"}], "answer": "1"},  # a chat prompt after text rows, unknown role
+        {"prompt": 7, "answer": "1"},  # not a prompt at all
+        {"prompt": "1+1=", "solution": "2"},  # the column the reward function takes is missing
+    ],
+    ids=["empty", "role", "type", "column"],
+)
+def test_a_bad_row_deep_in_a_stream_is_named_as_the_start_check_names_it(tokenizer, make_args, bad_row):
+    from datasets import Dataset, IterableDataset
+
+    from grpo_ext.data import check_dataset, checked_stream
+
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(5)]
+    rows.insert(3, bad_row)
+    needed = {"reward": ["answer"]}
+    stream = IterableDataset.from_generator(lambda: iter(rows))
+    late = _error(list, checked_stream(stream, "train_dataset", make_args(), needed, tokenizer, 64, checked_at_start=2))
+    early = _error(check_dataset, IterableDataset.from_generator(lambda: iter(rows)), "train_dataset", make_args(),
+                   needed, tokenizer, 64)  # fmt: skip
+    assert late == early and ("train_dataset row 3: the prompt" in late or "train_dataset row 3 has no" in late)
+    if bad_row["prompt"] == " ":  # a map-style set says the same as well
+        assert late == _error(check_dataset, Dataset.from_list(rows), "train_dataset", make_args(), needed)
+
+
+def test_the_trainer_checks_a_stream_past_its_first_rows(tokenizer, make_args):
+    from datasets import Dataset
+
+    prompts = [f"{i % 10}+1=" for i in range(1004)]
+    prompts[1002] = ""
+    stream = Dataset.from_dict({"prompt": prompts}).to_iterable_dataset()
+    trainer = tiny_trainer(tokenizer, make_args(shuffle_dataset=False), dataset=stream)  # the first 1000 pass
+    with pytest.raises(ValueError, match=r"^train_dataset row 1002: the prompt is unusable: it is empty"):
+        for _ in trainer.get_train_dataloader():
+            pass
