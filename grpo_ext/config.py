@@ -240,7 +240,10 @@ class GRPOExtConfig(_RefusedTRLFields):
     )
     generation_kwargs: dict[str, Any] | str | None = _field(
         None,
-        "Extra `transformers.GenerationConfig` arguments; they override the fields above.",
+        "Extra `transformers.GenerationConfig` arguments; they override the fields above. Refused: "
+        "`num_return_sequences` (the trainer repeats each prompt `num_generations` times) and a `temperature` other "
+        "than the field's (scoring divides the logits by the field's). Greedy decoding (`do_sample=False`) is warned "
+        "about: a group's completions are then identical and nothing is learned.",
     )
     chat_template_kwargs: dict[str, Any] | str | None = _field(
         None,
@@ -928,6 +931,7 @@ class GRPOExtConfig(_RefusedTRLFields):
             self.scale_rewards in SCALE_REWARDS, f"scale_rewards={self.scale_rewards!r} is not one of {SCALE_REWARDS}."
         )
         require(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
+        self._check_generation_kwargs(require)
         require(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables top-k).")
         require(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1].")
@@ -1039,6 +1043,31 @@ class GRPOExtConfig(_RefusedTRLFields):
             not self.auto_find_batch_size,
             "auto_find_batch_size=True is not supported: shrinking the batch on OOM would split prompt groups. "
             "Set it to False and lower per_device_train_batch_size instead.",
+        )
+
+    def _check_generation_kwargs(self, require) -> None:
+        """`generation_kwargs` override the sampling fields: not with settings that break GRPO's group. Greedy
+        decoding there is allowed (reproducible rollouts for tests and debugging) but warned about: it trains
+        nothing."""
+        kwargs = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
+        if kwargs.get("do_sample", True) is False:
+            warnings.warn(
+                f"generation_kwargs={kwargs}: greedy decoding gives the num_generations completions of a prompt the "
+                "same tokens, so every advantage is 0 and nothing is learned (temperature=0 is refused for the same "
+                "reason). Fine for reproducible test rollouts; to train, remove do_sample from generation_kwargs "
+                "and lower temperature (e.g. 0.6) for less random samples.",
+                stacklevel=4,
+            )
+        require(
+            kwargs.get("num_return_sequences", 1) == 1,
+            f"generation_kwargs={kwargs}: num_return_sequences is set by the trainer, which repeats each prompt "
+            "num_generations times itself. Remove it and set num_generations instead.",
+        )
+        require(
+            kwargs.get("temperature", self.temperature) == self.temperature,
+            f"generation_kwargs={kwargs} samples at another temperature than temperature={self.temperature}, which "
+            "scoring divides the logits by, so the log-probs and ratios of the loss would not be those of the "
+            "sampling policy. Set the field temperature instead and remove it from generation_kwargs.",
         )
 
     def _resolve_generation_batch(self):

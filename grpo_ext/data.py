@@ -88,6 +88,25 @@ def to_prompt_answer(
     return dataset.map(shape, remove_columns=[c for c in columns if c not in ("prompt", "answer")])
 
 
+def as_dataset(dataset, name: str):
+    """`dataset` as the trainer takes it: a `Dataset`, an `IterableDataset` or None as given, a plain list of row
+    dicts turned into a `Dataset` (`Dataset.from_list`); anything else is refused naming `name` and the fix."""
+    if dataset is None or isinstance(dataset, (Dataset, IterableDataset)):
+        return dataset
+    if isinstance(dataset, (list, tuple)):
+        for row, value in enumerate(dataset):
+            if not isinstance(value, dict):
+                raise TypeError(
+                    f"{name} is a list whose row {row} is {value!r} ({type(value).__name__}); a list dataset holds "
+                    "one dict per row, e.g. [{'prompt': '1+1=', 'answer': '2'}, ...]."
+                )
+        return Dataset.from_list(list(dataset))
+    raise TypeError(
+        f"{name} is a {type(dataset).__name__}; pass a datasets.Dataset or IterableDataset (e.g. Dataset.from_list, "
+        "Dataset.from_pandas, load_dataset(...)), or a list of row dicts."
+    )
+
+
 # --- Checking prompts ---
 
 

@@ -326,8 +326,18 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
         print(fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False)))
     tokenizer = processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    declared = model.generation_config.eos_token_id
+    declared = [declared] if isinstance(declared, int) else list(declared or [])
+    if tokenizer.eos_token_id is None and not declared:
+        raise ValueError(
+            "Neither the tokenizer (processing_class) has an eos_token nor the model's generation_config an "
+            "eos_token_id: a completion would have no stop token, so none could end before max_completion_length "
+            "and GRPO's masks (each completion up to its first stop token) would be wrong. Set one, e.g. "
+            "tokenizer.eos_token = '<|endoftext|>' (a token of its vocabulary) or "
+            "model.generation_config.eos_token_id = <id>, before building the trainer."
+        )
+    if tokenizer.pad_token is None:  # padding is masked: any token does, the first stop token as in TRL
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(declared[0])
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     if peft_config is not None:
         model = apply_peft(model, peft_config, args.gradient_checkpointing)

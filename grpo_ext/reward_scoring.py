@@ -21,6 +21,7 @@ import inspect
 import logging
 import math
 import numbers
+import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -79,6 +80,28 @@ def _required_arguments(func) -> list[str]:
     ]
 
 
+def _check_reward_model_name(name: str, where: str) -> None:
+    """A string in `reward_funcs` is a reward model's path or Hub id. Refuse, before the Hub is asked, a name of
+    grpo-ext's reward registry or a dotted import path (the recipe's `--reward_funcs` reads those, the trainer takes
+    functions), and a path that does not exist."""
+    from reward_models.registry import REWARD_FUNCS
+
+    dotted = "." in name and "/" not in name and not os.path.exists(name)
+    if name in REWARD_FUNCS or dotted:
+        raise ValueError(
+            f"{where}={name!r} is a reward function's name, but the trainer reads a string in reward_funcs as a "
+            "reward model's path or Hub id. Pass the function itself: `from reward_models import get_reward_funcs; "
+            f"reward_funcs=get_reward_funcs([{name!r}])` (registry names: {', '.join(sorted(REWARD_FUNCS))}; "
+            "dotted import paths work too)."
+        )
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"{where}={name!r}: no such reward model folder (relative paths start from {os.getcwd()}). Give the "
+            "folder of a sequence-classification model (its config.json and weights), or a Hub id 'owner/name'."
+        )
+
+
 class RewardScorer:
     """Holds the reward functions, their names and weights, and scores a batch of completions: `(B, K)` rewards."""
 
@@ -121,6 +144,8 @@ class RewardScorer:
         self.reward_funcs = []  # TRL's view: a reward model as its nn.Module, functions as given
         self.processing_classes = []  # TRL's view: a reward model's tokenizer, else the entry given
         for index, (func, processing_class) in enumerate(zip(reward_funcs, reward_processing_classes)):
+            if isinstance(func, str):
+                _check_reward_model_name(func, f"reward_funcs[{index}]")
             if isinstance(func, (str, nn.Module)):
                 func = NeuralRewardModel(
                     func,

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
-from transformers import set_seed
+from transformers import TrainerState, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, HubStrategy
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, HubStrategy, TrainOutput
 from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
@@ -33,10 +34,19 @@ from .advantages import (
     nanstd,
 )
 from .callbacks import PreTrainingLogsCallback, ReferenceSyncCallback, SaveOnInterruptCallback
-from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
+from .checkpoints import (
+    check_checkpoint_weights,
+    check_output_dir,
+    check_resume_settings,
+    explain_full_disk,
+    read_state,
+    resolve_checkpoint,
+    write_state,
+)
 from .completions import completions_folder, parquet_path, table_rows, write_parquet
 from .config import GRPOExtConfig
 from .data import (
+    as_dataset,
     check_dataset,
     check_dispatch_batches,
     check_eval_batch,
@@ -163,7 +173,14 @@ class GRPOExtTrainer(_BaseTrainer):
                 "trl.GRPOConfig: `from grpo_ext import GRPOExtConfig`)."
             )
         set_seed(args.seed)  # before the model is built: PEFT initialises adapters randomly
+        train_dataset = as_dataset(train_dataset, "train_dataset")  # a plain list of rows becomes a Dataset
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: as_dataset(value, f"eval_dataset[{key!r}]") for key, value in eval_dataset.items()}
+        else:
+            eval_dataset = as_dataset(eval_dataset, "eval_dataset")
         check_streaming_settings(args, train_dataset, eval_dataset)  # before the accelerator reads args
+        if args.should_save:  # a folder that cannot be written would lose the work at the first save
+            check_output_dir(args.output_dir)
 
         # Model, tokenizer, adapter
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
@@ -333,6 +350,12 @@ class GRPOExtTrainer(_BaseTrainer):
     def interrupted(self) -> bool:
         """True when SIGTERM or Ctrl-C stopped the last `train()` early (after saving a checkpoint)."""
         return self._interrupt.interrupted
+
+    @property
+    def interrupted_exit_code(self) -> int:
+        """What a script should exit with after `train()`: 0, or 128 + the signal that stopped it early (143 for
+        SIGTERM), so that a scheduler requeueing pre-empted jobs does not take the run for finished."""
+        return self._interrupt.exit_code
 
     # --- TRL's public surface: reward functions and the loss masks, as trl.GRPOTrainer names them ---
 
@@ -977,7 +1000,10 @@ class GRPOExtTrainer(_BaseTrainer):
         """
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
+            check_checkpoint_weights(checkpoint, hasattr(self.accelerator.unwrap_model(self.model), "peft_config"))
             check_resume_settings(read_state(checkpoint).get("run", {}), self._run_settings(), checkpoint)
+        if checkpoint is not None and self._finished(checkpoint):
+            return self._finished_output(checkpoint)
         self._pre_training_logs.entries = [entry for entry in self.state.log_history if entry.get("step") == 0]
         try:
             return super().train(
@@ -987,6 +1013,22 @@ class GRPOExtTrainer(_BaseTrainer):
             self._interrupt.restore_handlers()
             if self._completions_uploads is not None:  # the tables written since the last scheduled upload
                 finish_completions_uploads(self._completions_uploads)
+
+    def _finished(self, checkpoint: str) -> bool:
+        """Whether `checkpoint` is already at `max_steps`: transformers would train one step more before noticing."""
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        return self.args.max_steps > 0 and state.global_step >= self.args.max_steps
+
+    def _finished_output(self, checkpoint: str) -> TrainOutput:
+        """A finished run resumed (a requeued job, say): its weights and state are loaded, nothing is trained."""
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        self._load_from_checkpoint(checkpoint)
+        logger.warning(
+            f"{checkpoint} is at step {self.state.global_step} and max_steps={self.args.max_steps}: the run is "
+            "finished, so nothing is trained (its weights are loaded). Raise max_steps to train further."
+        )
+        losses = [entry["train_loss"] for entry in self.state.log_history if "train_loss" in entry]
+        return TrainOutput(self.state.global_step, losses[-1] if losses else 0.0, {})
 
     def _start_completions_uploads(self):
         """The dataset repository and background uploads of `log_completions_hub_repo` (hub.py); an unreachable Hub

@@ -467,3 +467,140 @@ def test_the_trainer_checks_a_stream_past_its_first_rows(tokenizer, make_args):
     with pytest.raises(ValueError, match=r"^train_dataset row 1002: the prompt is unusable: it is empty"):
         for _ in trainer.get_train_dataloader():
             pass
+
+
+# --- 8. Leftovers: clear errors or documented fallbacks, before step 1 ---
+
+
+def constant_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_at_init(tokenizer, make_args, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(NotADirectoryError, match=f"output_dir={re.escape(repr(str(taken)))} is a file, not a folder"):
+        tiny_trainer(tokenizer, make_args(output_dir=str(taken)))
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders: the permission case needs another user")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(PermissionError, match=r"cannot be written .* would be lost at the first save"):
+        tiny_trainer(tokenizer, make_args(output_dir=str(locked / "run")))
+
+
+def test_resuming_corrupt_finished_or_other_kind_checkpoints(tokenizer, make_args, caplog):
+    from peft import LoraConfig
+
+    args = lambda **kw: make_args(save_strategy="steps", save_steps=1, **kw)  # noqa: E731
+    tiny_trainer(tokenizer, args()).train()  # checkpoint-1, checkpoint-2 of a full-model run
+    out = Path(args().output_dir)
+
+    calls = []
+    counted = lambda completions, **kw: calls.append(1) or [0.0] * len(completions)  # noqa: E731
+    finished = tiny_trainer(tokenizer, args(), counted)
+    with caplog.at_level(logging.WARNING, logger="grpo_ext.trainer"):
+        output = finished.train(resume_from_checkpoint=True)
+    assert output.global_step == finished.state.global_step == 2 and calls == []  # no third step
+    assert "checkpoint-2 is at step 2 and max_steps=2: the run is finished, so nothing is trained" in caplog.text
+
+    lora = tiny_trainer(tokenizer, args(), peft_config=LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"checkpoint-2: it holds a full model's weights .* trains a PEFT adapter"):
+        lora.train(resume_from_checkpoint=True)
+
+    (out / "checkpoint-2" / "grpo_ext_state.json").write_text('{"run": {"num_gen')  # cut off
+    with pytest.raises(ValueError) as caught:
+        tiny_trainer(tokenizer, args()).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert str(caught.value).startswith(
+        f"Cannot resume from {out / 'checkpoint-2'}: grpo_ext_state.json is unreadable (JSONDecodeError"
+    )
+    assert f"The newest complete one there is {out / 'checkpoint-1'}." in str(caught.value)
+    with pytest.warns(UserWarning, match=r"Skipping .*checkpoint-2 on resume: .*grpo_ext_state.json is unreadable"):
+        resumed = tiny_trainer(tokenizer, args(), counted)
+        resumed.train(resume_from_checkpoint=True)  # falls back to checkpoint-1 and trains step 2
+    assert resumed.state.global_step == 2 and calls == [1]
+
+
+def test_generation_kwargs_that_break_the_group(make_args):
+    with pytest.warns(
+        UserWarning, match=r"greedy decoding gives the num_generations completions .* nothing is learned"
+    ):
+        make_args(generation_kwargs={"do_sample": False})
+    with pytest.raises(ValueError, match=r"num_return_sequences is set by the trainer, .* set num_generations instead"):
+        make_args(generation_kwargs={"num_return_sequences": 4})
+    with pytest.raises(ValueError, match=r"samples at another temperature than temperature=1.0, which scoring divides"):
+        make_args(generation_kwargs={"temperature": 0.7})
+
+
+def test_a_model_and_tokenizer_without_any_eos_are_refused(make_args):
+    tokenizer = make_tokenizer()
+    model = make_tiny_model("qwen2", tokenizer)
+    tokenizer.eos_token = None
+    model.generation_config.eos_token_id = None
+    with pytest.raises(ValueError, match=r"Neither the tokenizer \(processing_class\) has an eos_token nor the model"):
+        GRPOExtTrainer(model, constant_reward, args=make_args(), train_dataset=make_prompt_dataset(8),
+                       processing_class=tokenizer)  # fmt: skip
+
+
+def test_reward_model_strings_that_are_not_models_are_named(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"reward_funcs\[1\]='accuracy' is a reward function's name, .* get_reward_funcs"
+    ):
+        RewardScorer([constant_reward, "accuracy"])
+    with pytest.raises(ValueError, match=r"reward_funcs\[0\]='reward_models.accuracy.accuracy_reward' is a reward"):
+        RewardScorer(["reward_models.accuracy.accuracy_reward"])
+    missing = str(tmp_path / "rm")
+    with pytest.raises(
+        FileNotFoundError, match=f"reward_funcs\\[0\\]={re.escape(repr(missing))}: no such reward model"
+    ):
+        RewardScorer([missing])
+
+
+def test_a_list_of_rows_is_a_dataset(tokenizer, make_args):
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+    trainer = tiny_trainer(tokenizer, make_args(max_steps=1), dataset=rows)
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.train_dataset.column_names == ["prompt", "answer"]
+    with pytest.raises(TypeError, match=r"train_dataset is a list whose row 1 is '2\+1=' \(str\); a list dataset"):
+        tiny_trainer(tokenizer, make_args(), dataset=[{"prompt": "1+1="}, "2+1="])
+
+
+def test_the_recipe_stopped_by_sigterm_saves_then_exits_143(tmp_path):
+    """A scheduler that requeues pre-empted jobs reads the exit status: 143 (128 + SIGTERM), never 0, after the
+    checkpoint is saved."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from grpo_ext.testing import make_arithmetic_splits, save_tiny_model
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in make_arithmetic_splits(num_test=10)[0].select(range(8))))
+    config = {
+        "model_name_or_path": save_tiny_model(tmp_path / "base"), "dtype": "float32", "dataset_name": str(data),
+        "dataset_config": None, "dataset_test_split": None, "instruction": "", "conversational": False,
+        "reward_funcs": ["accuracy"], "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8,
+        "num_generations": 4, "max_completion_length": 4, "max_steps": 100000, "save_strategy": "steps",
+        "save_steps": 1, "logging_steps": 1, "bf16": False, "gradient_checkpointing": False, "use_cpu": True,
+        "report_to": "none", "disable_tqdm": True, "beta": 0.0,
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    process = subprocess.Popen(
+        [sys.executable, str(root / "recipes" / "deepseek_math_style.py"), "--config", str(tmp_path / "config.yaml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root,
+    )  # fmt: skip
+    first = tmp_path / "out" / "checkpoint-1" / "trainer_state.json"
+    while not first.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-3000:]
+    assert "Interrupted: resume with --resume_from_checkpoint true" in out
+    saved = sorted((tmp_path / "out").glob("checkpoint-*/trainer_state.json"))
+    assert len(saved) >= 2  # the one it was interrupted at, saved before exiting
