@@ -1056,7 +1056,7 @@ class GRPOExtConfig(_RefusedTRLFields):
                 "same tokens, so every advantage is 0 and nothing is learned (temperature=0 is refused for the same "
                 "reason). Fine for reproducible test rollouts; to train, remove do_sample from generation_kwargs "
                 "and lower temperature (e.g. 0.6) for less random samples.",
-                stacklevel=4,
+                stacklevel=5,
             )
         require(
             kwargs.get("num_return_sequences", 1) == 1,

@@ -7,7 +7,6 @@ little, losing the step that was just computed costs the run.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable
 
@@ -35,9 +34,8 @@ class LoggingGuard:
             if self.failures[destination] == 1:
                 logger.warning(
                     f"Logging to {destination} failed ({type(error).__name__}: {error}). Training goes on without "
-                    "it; only this first failure is reported (failures are counted in "
-                    "trainer._logging.failures). Fix the cause (permissions, disk space, the tracker's network or "
-                    "credentials) to get this logging back."
+                    "it; only this first failure is reported (trainer.logging_failures counts them all). Fix the "
+                    "cause (permissions, disk space, the tracker's network or credentials) to get this logging back."
                 )
             return False
 
@@ -48,9 +46,9 @@ class LoggingGuard:
             if not isinstance(callback, TRACKER_CALLBACKS):
                 continue
             destination = f"the {type(callback).__name__.removesuffix('Callback')} tracker"
-            for name, method in inspect.getmembers(callback, inspect.ismethod):
-                if name.startswith("on_"):
-                    setattr(callback, name, self._guarded(destination, method))
+            for name in dir(type(callback)):  # on the class: an instance's properties are not evaluated
+                if name.startswith("on_") and callable(getattr(type(callback), name)):
+                    setattr(callback, name, self._guarded(destination, getattr(callback, name)))
 
     def _guarded(self, destination: str, method: Callable) -> Callable:
         @functools.wraps(method)

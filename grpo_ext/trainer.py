@@ -352,6 +352,12 @@ class GRPOExtTrainer(_BaseTrainer):
         return self._interrupt.interrupted
 
     @property
+    def logging_failures(self) -> dict[str, int]:
+        """How many times logging to each destination (the completions files, a tracker) failed; the first failure of
+        each was a warning, the others are only counted (`reporting.LoggingGuard`)."""
+        return dict(self._logging.failures)
+
+    @property
     def interrupted_exit_code(self) -> int:
         """What a script should exit with after `train()`: 0, or 128 + the signal that stopped it early (143 for
         SIGTERM), so that a scheduler requeueing pre-empted jobs does not take the run for finished."""

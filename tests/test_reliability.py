@@ -181,7 +181,7 @@ def test_failing_completions_files_and_trackers_are_warnings_and_training_goes_o
     tracker = "the UnreachableTracker tracker"
     assert caplog.text.count(f"Logging to {tracker} failed (ConnectionError: tracker unreachable)") == 1
     # both steps' files; the tracker's start, two steps and the end-of-training summary
-    assert trainer._logging.failures == {files: 2, tracker: 4}
+    assert trainer.logging_failures == {files: 2, tracker: 4}
 
 
 # --- 3. Every user callable is named when it fails ---
