@@ -52,12 +52,22 @@ class SaveOnInterruptCallback(TrainerCallback):
 
     def __init__(self):
         self.interrupted = False
+        self.signal: int | None = None  # the signal this process received (None: stopped because another was)
         self._previous = {}
+
+    @property
+    def exit_code(self) -> int:
+        """The status a script should exit with after an interrupted run: 128 + the signal's number, as a process
+        killed by it would (143 for SIGTERM, 130 for Ctrl-C), so a scheduler that requeues pre-empted jobs does
+        not read the run as finished; 0 when it was not interrupted."""
+        if not self.interrupted:
+            return 0
+        return 128 + int(self.signal if self.signal is not None else signal.SIGTERM)
 
     def _handle(self, signum, frame):
         if self.interrupted and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.interrupted = True
+        self.interrupted, self.signal = True, signum
         print(
             f"\n[grpo-ext] {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping"
             + (" (Ctrl-C again to abort without saving)." if signum == signal.SIGINT else "."),
@@ -65,7 +75,7 @@ class SaveOnInterruptCallback(TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.interrupted = False
+        self.interrupted, self.signal = False, None
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 

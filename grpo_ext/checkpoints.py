@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from contextlib import contextmanager
 
@@ -47,11 +48,15 @@ def incomplete_reason(folder: str | os.PathLike) -> str | None:
     state = os.path.join(folder, TRAINER_STATE)
     if not os.path.isfile(state):
         return f"no {TRAINER_STATE}"
-    try:
-        with open(state, encoding="utf-8") as file:
-            json.load(file)
-    except (OSError, ValueError) as error:
-        return f"{TRAINER_STATE} is unreadable ({type(error).__name__}), cut off while being written"
+    for name in (TRAINER_STATE, STATE_FILE):  # grpo-ext's state file is optional (older checkpoints lack it)
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as file:
+                json.load(file)
+        except (OSError, ValueError) as error:
+            return f"{name} is unreadable ({type(error).__name__}: {error}), cut off while being written or corrupt"
     names = os.listdir(folder)
     has_weights = any(name in WEIGHT_FILES for name in names) or any(
         WEIGHT_FOLDER_PATTERN.match(name) and os.path.isdir(os.path.join(folder, name)) for name in names
@@ -61,19 +66,47 @@ def incomplete_reason(folder: str | os.PathLike) -> str | None:
     return None
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The `checkpoint-N` folder of `output_dir` with the largest N whose files are complete, warning about each
-    newer one skipped; None when there is none."""
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """`output_dir` can be written (or created): a folder that cannot would train, then lose the work at the first
+    save. Probed by creating a temporary file, so a read-only file system or missing permissions are both seen."""
+    folder = os.fspath(output_dir)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(
+            f"output_dir={folder!r} is a file, not a folder: checkpoints and the trained model could not be saved. "
+            "Choose another output_dir."
+        )
+    existing = folder
+    while not os.path.isdir(existing):  # the folder itself, or the nearest parent it will be created in
+        existing = os.path.dirname(existing) or "."
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            errno.EACCES,
+            f"output_dir={folder!r} cannot be written ({existing} refuses a new file: {error.strerror or error}): "
+            "the checkpoints and the trained model would be lost at the first save. Choose a writable output_dir, "
+            "or fix the folder's permissions.",
+        ) from error
+
+
+def _checkpoint_folders(output_dir: str | os.PathLike) -> list[str]:
+    """The `checkpoint-N` folders of `output_dir`, newest (largest N) first."""
     output_dir = os.fspath(output_dir)
     if not os.path.isdir(output_dir):
-        return None
+        return []
     steps = {
         int(match.group(1)): name
         for name in os.listdir(output_dir)
         if (match := CHECKPOINT_PATTERN.match(name)) and os.path.isdir(os.path.join(output_dir, name))
     }
-    for step in sorted(steps, reverse=True):
-        folder = os.path.join(output_dir, steps[step])
+    return [os.path.join(output_dir, steps[step]) for step in sorted(steps, reverse=True)]
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The `checkpoint-N` folder of `output_dir` with the largest N whose files are complete, warning about each
+    newer one skipped; None when there is none."""
+    for folder in _checkpoint_folders(output_dir):
         reason = incomplete_reason(folder)
         if reason is None:
             return folder
@@ -84,6 +117,27 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             stacklevel=3,
         )
     return None
+
+
+def check_checkpoint_weights(checkpoint: str, adapter: bool) -> None:
+    """A run training a PEFT adapter (`adapter`) resumes from an adapter checkpoint, a full-model run from a full
+    model's: the saved optimizer state belongs to the parameters that were trained (checked by the files, so
+    checkpoints of any grpo-ext version are; DeepSpeed / FSDP layouts, which hold neither file, are left alone)."""
+    names = os.listdir(checkpoint)
+    has_adapter = any(name.startswith("adapter_model.") for name in names)
+    has_model = any(name.startswith(("model.safetensors", "pytorch_model.bin")) for name in names)
+    if adapter and has_model and not has_adapter:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it holds a full model's weights (no adapter_model.*) but this run "
+            "trains a PEFT adapter (peft_config), so the saved optimizer state belongs to other parameters. Resume "
+            f"without peft_config, as the checkpoint was made; or start a new adapter run from those weights by "
+            f"passing {checkpoint} as the model, without resume_from_checkpoint."
+        )
+    if not adapter and has_adapter and not has_model:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it holds a PEFT adapter (adapter_model.*) but this run trains the full "
+            "model (no peft_config). Resume with the peft_config the checkpoint was made with."
+        )
 
 
 def check_resume_settings(saved: dict, current: dict, folder: str) -> None:
@@ -158,7 +212,23 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir: str | os.PathLike) ->
                 "Train from the start (resume_from_checkpoint=False), or pass a checkpoint folder."
             )
         return checkpoint
-    return os.fspath(resume_from_checkpoint) if resume_from_checkpoint else None
+    if not resume_from_checkpoint:
+        return None
+    checkpoint = os.fspath(resume_from_checkpoint)
+    reason = incomplete_reason(checkpoint) if os.path.isdir(checkpoint) else "it is not a folder"
+    if reason is not None:
+        parent = os.path.dirname(os.path.abspath(checkpoint))
+        earlier = [
+            folder
+            for folder in _checkpoint_folders(parent)
+            if os.path.abspath(folder) != os.path.abspath(checkpoint) and incomplete_reason(folder) is None
+        ]
+        fallback = f" The newest complete one there is {earlier[0]}." if earlier else ""
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: {reason}.{fallback} Resume from a complete checkpoint folder, or with "
+            "resume_from_checkpoint=True, which takes the newest complete one of output_dir."
+        )
+    return checkpoint
 
 
 def read_state(checkpoint: str | os.PathLike) -> dict:
@@ -166,8 +236,15 @@ def read_state(checkpoint: str | os.PathLike) -> dict:
     path = os.path.join(checkpoint, STATE_FILE)
     if not os.path.isfile(path):
         return {}
-    with open(path) as file:
-        return json.load(file)
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except ValueError as error:
+        raise ValueError(
+            f"{path} is unreadable ({type(error).__name__}: {error}): the checkpoint {checkpoint} is incomplete or "
+            "corrupt. Resume from an earlier checkpoint-N, or with resume_from_checkpoint=True (the newest complete "
+            "one)."
+        ) from error
 
 
 def write_state(folder: str | os.PathLike, state: dict) -> None:

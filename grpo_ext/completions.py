@@ -32,12 +32,16 @@ def completions_folder(output_dir: str | os.PathLike) -> str:
     return os.path.join(os.fspath(output_dir), COMPLETIONS_FOLDER)
 
 
+def parquet_path(output_dir: str | os.PathLike, step: int) -> str:
+    """`output_dir/completions/completions_<step, 5 digits>.parquet`."""
+    return os.path.join(completions_folder(output_dir), f"completions_{step:05d}.parquet")
+
+
 def write_parquet(samples: dict[str, list], output_dir: str | os.PathLike, step: int) -> str:
-    """Every row of the table as `output_dir/completions/completions_<step, 5 digits>.parquet`; returns the path."""
+    """Every row of the table as `parquet_path(output_dir, step)`; returns the path."""
     import pandas as pd  # installed with datasets
 
-    folder = completions_folder(output_dir)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"completions_{step:05d}.parquet")
+    path = parquet_path(output_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     pd.DataFrame(samples).to_parquet(path)
     return path

@@ -28,6 +28,20 @@ if typing.TYPE_CHECKING:
     from .objective import SurrogateParams
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# Loss types whose clipping settings are meant to be far from the defaults (PPO's 0.2): field -> (recommended value,
+# where it comes from, what the default does instead). A field left at its default with such a loss type is warned
+# about at config time; a value set explicitly, even the default's, is taken as meant.
+RECOMMENDED_CLIPPING: dict[str, dict[str, tuple[float, str, str]]] = {
+    "cispo": {
+        "epsilon_high": (
+            5.0,
+            "the ScaleRL paper's epsilon_max for CISPO (arXiv 2510.13786), the value TRL's GRPOConfig recommends",
+            "CISPO's token weight is min(ratio, epsilon_high) and the ratio starts near 1, so the default (epsilon_high "
+            "= epsilon = 0.2) caps every token's weight at 0.2 and shrinks the whole gradient about 5x instead of "
+            "capping only the outliers",
+        ),
+    },
+}
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -216,7 +230,10 @@ class GRPOExtConfig(_RefusedTRLFields):
     )
     generation_kwargs: dict[str, Any] | str | None = _field(
         None,
-        "Extra `transformers.GenerationConfig` arguments; they override the fields above.",
+        "Extra `transformers.GenerationConfig` arguments; they override the fields above. Refused: "
+        "`num_return_sequences` (the trainer repeats each prompt `num_generations` times) and a `temperature` other "
+        "than the field's (scoring divides the logits by the field's). Greedy decoding (`do_sample=False`) is warned "
+        "about: a group's completions are then identical and nothing is learned.",
     )
     chat_template_kwargs: dict[str, Any] | str | None = _field(
         None,
@@ -285,8 +302,25 @@ class GRPOExtConfig(_RefusedTRLFields):
         "Maximum number of tool-calling rounds per completion when the trainer has `tools` or an "
         "`environment_factory` (an agent): after each round the tool results are appended and the model generates its "
         "next turn. None (TRL's default): no limit; a completion stops when a turn calls no tool or when tool results "
-        "would push it past max_completion_length (then they are dropped). Tool-result tokens count toward "
+        "would push it past max_completion_length (then they are dropped, counted as failed calls and in "
+        "`tools/truncated_frequency`, and warned about once). Tool-result tokens count toward "
         "max_completion_length but are not scored. Set it (e.g. 2-5) to bound a rollout's cost.",
+    )
+    tool_timeout: float | None = _field(
+        60.0,
+        "Seconds a tool call (a function of `tools`, or an environment's method) may run before it is abandoned: the "
+        "model then gets an error result, counted in `tools/failure_frequency` and `tools/timeout_frequency`, and the "
+        "rollout goes on. 60 (the default) leaves room for slow tools while a tool that hangs costs a minute, not the "
+        "run. None: no limit. A sync tool cannot be killed in Python: it runs in a worker thread that is left running "
+        "when the deadline passes (code that needs the main thread, such as `signal.alarm`, fails there: use None "
+        "for it); an async tool is cancelled. Not in TRL (which waits forever).",
+    )
+    environment_reset_timeout: float | None = _field(
+        300.0,
+        "Seconds an environment's `reset(**row)` may run (with `environment_factory`) before the step stops with an "
+        "error naming the environment and the row, instead of hanging. 300 (the default) allows for starting a "
+        "sandbox or container. None: no limit. With a limit, `reset` runs in a worker thread, abandoned when the "
+        "deadline passes. Not in TRL.",
     )
 
     # --- Objective ---
@@ -314,7 +348,9 @@ class GRPOExtConfig(_RefusedTRLFields):
     epsilon_high: float | None = _field(
         None,
         "Upper clipping range: the ratio is clipped at 1 + epsilon_high. Defaults to `epsilon`. DAPO "
-        "(arXiv 2503.14476) recommends 0.28 ('clip-higher').",
+        "(arXiv 2503.14476) recommends 0.28 ('clip-higher'). With `loss_type='cispo'` it is the cap of the token "
+        "weight itself (epsilon_max), for which ScaleRL (arXiv 2510.13786) and TRL recommend 5.0; left unset with "
+        "cispo, a warning says so.",
     )
     delta: float | None = _field(
         None,
@@ -384,6 +420,15 @@ class GRPOExtConfig(_RefusedTRLFields):
         "advantages and then every weight into NaN. `drop`: leave the value out of that function's reward, as if the "
         "function had returned None (the weighted sum skips it), and log the count as `rewards/<name>/nonfinite`. "
         "Not in TRL.",
+    )
+    reward_timeout: float | None = _field(
+        600.0,
+        "Seconds a reward function (sync or async, an environment's `get_reward` included; not a reward model) may "
+        "take on one batch before the step stops with an error naming it, instead of hanging. 600 (the default) "
+        "leaves room for an API judge over a large batch. None: no limit, and sync functions run on the calling "
+        "thread. With a limit a sync function runs in a worker thread (it cannot be killed: it is abandoned when the "
+        "deadline passes; code that needs the main thread, such as `signal.alarm`, fails there: use None for it); an "
+        "async one is cancelled. Not in TRL (which waits forever).",
     )
     mask_truncated_completions: bool = _field(
         False,
@@ -517,7 +562,8 @@ class GRPOExtConfig(_RefusedTRLFields):
     )
     gpu_memory_budget: str | None = _field(
         None,
-        "Memory of the GPU to fit, e.g. `'8GiB'` or `'24GB'` (GB read as GiB). When set, the trainer picks the "
+        "Memory of the GPU to fit, with its unit, e.g. `'8GiB'` or `'24GB'` (GB read as GiB); a bare number or a size "
+        "<= 0 is refused. When set, the trainer picks the "
         "largest `per_device_train_batch_size` whose step the memory planner (`python -m grpo_ext.plan`) predicts to "
         "fit, keeping `generation_batch_size` (and so the completions per optimizer step) by raising "
         "`gradient_accumulation_steps`; the choice and the predicted peak are logged at start. None (the default) "
@@ -719,6 +765,7 @@ class GRPOExtConfig(_RefusedTRLFields):
             )
             self.use_transformers_continuous_batching = True
         self._resolve_pad_to_multiple_of()
+        self._warn_default_clipping()  # before epsilon_high takes epsilon's value
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
         if self.trust_remote_code:  # every loader of grpo-ext reads model_init_kwargs
@@ -787,6 +834,18 @@ class GRPOExtConfig(_RefusedTRLFields):
                 stacklevel=3,
             )
 
+    def _warn_default_clipping(self) -> None:
+        """A loss type whose recommended clipping differs from the default left in place (`RECOMMENDED_CLIPPING`):
+        it trains, but not as meant (TRL says nothing)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, (value, source, effect) in RECOMMENDED_CLIPPING.get(self.loss_type, {}).items():
+            if getattr(self, name) == defaults[name]:
+                warnings.warn(
+                    f"loss_type={self.loss_type!r} with {name} left at its default: {effect}. Set {name}={value} "
+                    f"({source}), or set {name} explicitly to keep a smaller cap.",
+                    stacklevel=4,
+                )
+
     def _warn_slow_bf16_on_cpu(self) -> None:
         """`bf16` defaults to True (TRL's `_BaseConfig`). Training on a CPU without native bf16 kernels then runs every
         matmul through bf16 emulation: one SmolLM2-135M GRPO step took 187 s instead of 14 s in fp32 on an AVX2 CPU."""
@@ -822,6 +881,12 @@ class GRPOExtConfig(_RefusedTRLFields):
             self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
             f"max_tool_calling_iterations={self.max_tool_calling_iterations} must be None (no limit) or >= 0.",
         )
+        for name in ("tool_timeout", "environment_reset_timeout", "reward_timeout"):
+            value = getattr(self, name)
+            require(
+                value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                f"{name}={value!r} must be a number of seconds > 0, or None for no limit.",
+            )
         require(
             self.max_prompt_length is None or self.max_prompt_length >= 1,
             f"max_prompt_length={self.max_prompt_length} must be >= 1, or None to check prompts without cutting them.",
@@ -890,6 +955,7 @@ class GRPOExtConfig(_RefusedTRLFields):
             self.scale_rewards in SCALE_REWARDS, f"scale_rewards={self.scale_rewards!r} is not one of {SCALE_REWARDS}."
         )
         require(self.temperature > 0, f"temperature={self.temperature} must be > 0.")
+        self._check_generation_kwargs(require)
         require(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1].")
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables top-k).")
         require(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1].")
@@ -1001,6 +1067,31 @@ class GRPOExtConfig(_RefusedTRLFields):
             not self.auto_find_batch_size,
             "auto_find_batch_size=True is not supported: shrinking the batch on OOM would split prompt groups. "
             "Set it to False and lower per_device_train_batch_size instead.",
+        )
+
+    def _check_generation_kwargs(self, require) -> None:
+        """`generation_kwargs` override the sampling fields: not with settings that break GRPO's group. Greedy
+        decoding there is allowed (reproducible rollouts for tests and debugging) but warned about: it trains
+        nothing."""
+        kwargs = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
+        if kwargs.get("do_sample", True) is False:
+            warnings.warn(
+                f"generation_kwargs={kwargs}: greedy decoding gives the num_generations completions of a prompt the "
+                "same tokens, so every advantage is 0 and nothing is learned (temperature=0 is refused for the same "
+                "reason). Fine for reproducible test rollouts; to train, remove do_sample from generation_kwargs "
+                "and lower temperature (e.g. 0.6) for less random samples.",
+                stacklevel=5,
+            )
+        require(
+            kwargs.get("num_return_sequences", 1) == 1,
+            f"generation_kwargs={kwargs}: num_return_sequences is set by the trainer, which repeats each prompt "
+            "num_generations times itself. Remove it and set num_generations instead.",
+        )
+        require(
+            kwargs.get("temperature", self.temperature) == self.temperature,
+            f"generation_kwargs={kwargs} samples at another temperature than temperature={self.temperature}, which "
+            "scoring divides the logits by, so the log-probs and ratios of the loss would not be those of the "
+            "sampling policy. Set the field temperature instead and remove it from generation_kwargs.",
         )
 
     def _resolve_generation_batch(self):

@@ -88,6 +88,25 @@ def to_prompt_answer(
     return dataset.map(shape, remove_columns=[c for c in columns if c not in ("prompt", "answer")])
 
 
+def as_dataset(dataset, name: str):
+    """`dataset` as the trainer takes it: a `Dataset`, an `IterableDataset` or None as given, a plain list of row
+    dicts turned into a `Dataset` (`Dataset.from_list`); anything else is refused naming `name` and the fix."""
+    if dataset is None or isinstance(dataset, (Dataset, IterableDataset)):
+        return dataset
+    if isinstance(dataset, (list, tuple)):
+        for row, value in enumerate(dataset):
+            if not isinstance(value, dict):
+                raise TypeError(
+                    f"{name} is a list whose row {row} is {value!r} ({type(value).__name__}); a list dataset holds "
+                    "one dict per row, e.g. [{'prompt': '1+1=', 'answer': '2'}, ...]."
+                )
+        return Dataset.from_list(list(dataset))
+    raise TypeError(
+        f"{name} is a {type(dataset).__name__}; pass a datasets.Dataset or IterableDataset (e.g. Dataset.from_list, "
+        "Dataset.from_pandas, load_dataset(...)), or a list of row dicts."
+    )
+
+
 # --- Checking prompts ---
 
 
@@ -132,11 +151,11 @@ def _prompt_problem(prompt) -> str | None:
     return None
 
 
-def check_prompts(prompts: Iterable, name: str) -> None:
+def check_prompts(prompts: Iterable, name: str, first_row: int = 0, first_kind: str | None = None) -> None:
     """Each prompt is a non-empty string, or a non-empty list of {"role", "content"} messages with known roles, and
-    all rows are of one kind (text or chat). Raises `ValueError` naming the dataset, the row and the fix."""
-    first_kind = None
-    for row, prompt in enumerate(prompts):
+    all rows are of one kind (text or chat). Raises `ValueError` naming the dataset, the row and the fix.
+    `first_row`: the index of the first prompt given (a later stretch of a stream); `first_kind`: row 0's kind."""
+    for row, prompt in enumerate(prompts, start=first_row):
         problem = _prompt_problem(prompt)
         if problem is not None:
             raise ValueError(
@@ -161,11 +180,13 @@ def check_prompt_lengths(
     max_completion_length: int,
     max_prompt_length: int | None = None,
     chat_template_kwargs: dict | None = None,
+    first_row: int = 0,
 ) -> None:
     """Prompt plus completion must fit the model's `max_positions`: with `max_prompt_length` None every prompt is
-    counted (its text as the trainer tokenizes it) and a longer one raises naming its row; with `max_prompt_length`
-    set, prompts are cut to it at rollout, so only that it fits is checked. Cheap: a text of at most `limit - 1` UTF-8
-    bytes cannot exceed `limit` tokens, so only longer ones are tokenized."""
+    counted (its text as the trainer tokenizes it) and a longer one raises naming its row (`first_row` + its
+    position); with `max_prompt_length` set, prompts are cut to it at rollout, so only that it fits is checked.
+    Cheap: a text of at most `limit - 1` UTF-8 bytes cannot exceed `limit` tokens, so only longer ones are
+    tokenized."""
     if not max_positions:
         return
     limit = max_positions - max_completion_length
@@ -188,6 +209,7 @@ def check_prompt_lengths(
     lengths = [len(ids) for ids in tokenizer([texts[row] for row in long_rows], add_special_tokens=False)["input_ids"]]
     for row, length in zip(long_rows, lengths):
         if length > limit:
+            row += first_row
             raise ValueError(
                 f"{name} row {row}: the prompt is {length} tokens, but the model's {max_positions} positions "
                 f"(max_position_embeddings) minus max_completion_length={max_completion_length} leave {limit}. Shorten "
@@ -222,13 +244,9 @@ def check_dataset(
             f"(generation_batch_size {args.generation_batch_size} / num_generations {args.num_generations}). "
             "Add prompts or lower per_device_train_batch_size / steps_per_generation."
         )
-    for func_name, needed in required_columns.items():
-        missing = [column for column in needed if column not in columns]
-        if missing:
-            raise ValueError(
-                f"Reward function '{func_name}' takes {missing} but {name} has no such column (columns: "
-                f"{columns}). Add the column to the dataset or give the argument a default value."
-            )
+    _check_columns(columns, name, required_columns)
+    for index, row in enumerate(rows or []):  # a stream's rows need not all have the same columns
+        _check_row_columns(row, index, name, required_columns)
     prompts = [row["prompt"] for row in rows] if streamed else list(dataset["prompt"])
     check_prompts(prompts, name)
     if tokenizer is not None:
@@ -241,6 +259,55 @@ def check_dataset(
             args.max_prompt_length,
             args.chat_template_kwargs,
         )
+
+
+def _check_columns(columns: list[str], where: str, required_columns: dict[str, list[str]]) -> None:
+    """The columns each reward function takes (`required_columns`: function name -> columns) are among `columns`."""
+    for func_name, needed in required_columns.items():
+        missing = [column for column in needed if column not in columns]
+        if missing:
+            raise ValueError(
+                f"Reward function '{func_name}' takes {missing} but {where} has no such column (columns: "
+                f"{columns}). Add the column to the dataset or give the argument a default value."
+            )
+
+
+def _check_row_columns(row: dict, index: int, name: str, required_columns: dict[str, list[str]]) -> None:
+    """One row of a stream has a prompt and the columns the reward functions take."""
+    if "prompt" not in row:
+        raise ValueError(f"{name} row {index} has no 'prompt' column (columns: {list(row)}).")
+    _check_columns(list(row), f"{name} row {index}", required_columns)
+
+
+def checked_stream(
+    dataset: IterableDataset,
+    name: str,
+    args,
+    required_columns: dict[str, list[str]],
+    tokenizer=None,
+    max_positions: int | None = None,
+    checked_at_start: int = ITERABLE_ROWS_CHECKED,
+) -> IterableDataset:
+    """The stream with each row after the first `checked_at_start` (which `check_dataset` read at start) checked as
+    it is read, with the same checks and messages: its prompt (type, emptiness, chat roles, the kind of row 0,
+    length) and the columns the reward functions take. A row's index is its position in the stream as given."""
+    first_kind = {}  # row 0's, read again at the start of each pass over the stream
+
+    def check(row: dict, index: int) -> dict:
+        if index == 0:
+            first_kind["kind"] = _kind(row.get("prompt"))
+        if index < checked_at_start:
+            return row
+        _check_row_columns(row, index, name, required_columns)
+        check_prompts([row["prompt"]], name, first_row=index, first_kind=first_kind.get("kind"))
+        if tokenizer is not None:
+            check_prompt_lengths(
+                [row["prompt"]], name, tokenizer, max_positions, args.max_completion_length,
+                args.max_prompt_length, args.chat_template_kwargs, first_row=index,
+            )  # fmt: skip
+        return row
+
+    return dataset.map(check, with_indices=True)
 
 
 def check_eval_batch(args) -> None:

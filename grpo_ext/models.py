@@ -73,6 +73,73 @@ def gguf_source(model: str, model_init_kwargs: dict | None = None) -> tuple[str,
     return (model, gguf_file) if gguf_file else None
 
 
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
+
+
+def _gguf_origin(model: str, model_init_kwargs: dict | None) -> str:
+    """Where a GGUF path came from, in the trainer's terms (the CLI passes its own)."""
+    if model.lower().endswith(".gguf"):
+        return f"model={model!r}"
+    return f"model={model!r} with model_init_kwargs['gguf_file']={(model_init_kwargs or {}).get('gguf_file')!r}"
+
+
+def check_gguf_file(path: str, what: str, read_tensor_table: bool = False) -> None:
+    """A local GGUF checkpoint is a file, not empty, starting with the `GGUF` magic; with `read_tensor_table`, its
+    header and tensor table must fit in it too (read with the gguf package's `GGUFReader`, a few seconds for a
+    tokenizer's vocabulary; loaders instead name the file when transformers' own reading fails,
+    `named_gguf_errors`). Checked before transformers sees the path: for a missing file it reports Hub "repo id"
+    errors, for a truncated one a numpy reshape error, neither naming the file. `what` says where the path came from
+    (the trainer's argument or config field, the command line's argument); the errors name it and the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{what}: the GGUF file {path} does not exist (relative paths start from {os.getcwd()}). Check the path."
+        )
+    if not os.path.isfile(path):
+        raise ValueError(f"{what}: {path} is not a file (a folder?); give the path of the .gguf file itself.")
+    with open(path, "rb") as file:
+        magic = file.read(len(GGUF_MAGIC))
+    if not magic:
+        raise ValueError(f"{what}: the GGUF file {path} is empty (0 bytes): download or copy it again.")
+    if magic != GGUF_MAGIC:
+        raise ValueError(
+            f"{what}: {path} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r} (a Git LFS pointer or "
+            "an error page saved under that name?). Download the .gguf file itself."
+        )
+    if read_tensor_table:
+        _require_gguf()
+        from gguf import GGUFReader
+
+        with named_gguf_errors(path, what):
+            GGUFReader(path)
+
+
+@contextmanager
+def named_gguf_errors(path: str, what: str):
+    """Reading a GGUF file that is cut short fails deep in numpy (a reshape, an index out of bounds): say which file
+    and where it came from."""
+    try:
+        yield
+    except (ValueError, IndexError) as error:
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise ValueError(
+            f"{what}: reading the GGUF file {path} ({size} bytes) failed ({type(error).__name__}: {error}). A "
+            "truncated or corrupt file fails this way: download or copy it again."
+        ) from error
+
+
+def _check_local_gguf(model: str, source: tuple[str, str], what: str) -> None:
+    """`check_gguf_file` on a GGUF source on this machine: a `.gguf` path always, a folder with `gguf_file` when it
+    is a path rather than a Hub repository id (whose file only the Hub can check)."""
+    folder, file = source
+    if _is_local_gguf(model, folder):
+        check_gguf_file(os.path.join(folder, file), what)
+
+
+def _is_local_gguf(model: str, folder: str) -> bool:
+    hub_id = not os.path.exists(folder) and folder.count("/") <= 1 and not folder.startswith((".", "/", "~"))
+    return model.lower().endswith(".gguf") or not hub_id
+
+
 def unwrap_distributed(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (a `PeftModel` stays a `PeftModel`). The one place wrappers are unwrapped."""
     return getattr(model, "module", model)
@@ -174,11 +241,13 @@ def load_causal_lm(
             "OUTPUT_DIR as the model."
         )
     _require_gguf()
+    _check_local_gguf(model, source, _gguf_origin(model, kwargs))
     from transformers import GgufConfig
 
     folder, file = source
     kwargs.update(gguf_file=file, quantization_config=GgufConfig(dequantize=True))  # packed GGUF blocks cannot train
-    loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    with named_gguf_errors(os.path.join(folder, file), _gguf_origin(model, kwargs)):
+        loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     return _as_dense(loaded, os.path.join(folder, file))
 
 
@@ -217,7 +286,10 @@ def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None
     source = gguf_source(name, model_init_kwargs)
     if source is not None:
         _require_gguf()
-        name, kwargs["gguf_file"] = source
+        what = _gguf_origin(name, model_init_kwargs)
+        _check_local_gguf(name, source, what)
+        with named_gguf_errors(os.path.join(*source), what):
+            return AutoTokenizer.from_pretrained(source[0], **kwargs, gguf_file=source[1])
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
 
@@ -334,8 +406,18 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
         print(fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False)))
     tokenizer = processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    declared = model.generation_config.eos_token_id
+    declared = [declared] if isinstance(declared, int) else list(declared or [])
+    if tokenizer.eos_token_id is None and not declared:
+        raise ValueError(
+            "Neither the tokenizer (processing_class) has an eos_token nor the model's generation_config an "
+            "eos_token_id: a completion would have no stop token, so none could end before max_completion_length "
+            "and GRPO's masks (each completion up to its first stop token) would be wrong. Set one, e.g. "
+            "tokenizer.eos_token = '<|endoftext|>' (a token of its vocabulary) or "
+            "model.generation_config.eos_token_id = <id>, before building the trainer."
+        )
+    if tokenizer.pad_token is None:  # padding is masked: any token does, the first stop token as in TRL
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(declared[0])
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     if peft_config is not None:
         model = apply_peft(model, peft_config, args.activation_checkpointing)
@@ -348,14 +430,20 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     return model, tokenizer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Convert a GGUF checkpoint to a dense safetensors folder.")
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m grpo_ext.models", description="Convert a GGUF checkpoint to a dense safetensors folder."
+    )
     parser.add_argument("gguf_path", help="the .gguf file")
     parser.add_argument("output_dir")
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("grpo_ext").setLevel(logging.INFO)
     cpu.set_torch_threads()  # dequantising runs on the CPU
+    try:
+        check_gguf_file(cli.gguf_path, f"GGUF_PATH {cli.gguf_path}", read_tensor_table=True)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     print(f"saved {save_dense_copy(cli.gguf_path, cli.output_dir)}")
 
 

@@ -88,14 +88,20 @@ class ModelShape:
         }
 
     @classmethod
-    def from_config(cls, config: Mapping, source: str = "the model config") -> ModelShape:
+    def from_config(
+        cls,
+        config: Mapping,
+        source: str = "the model config",
+        fix: str = "Pass the model's own config.json with --model-config (or plan_step(model_config=...)).",
+    ) -> ModelShape:
+        """The shape of `config`; `fix` ends the error when a number the planner needs is missing (the command line
+        and the trainer say it in their own terms)."""
         config = dict(config.get("text_config") or config)  # multimodal configs nest the language model's
         missing = [name for name in _NEEDED_FIELDS if config.get(name) is None]
         if missing:
             raise ValueError(
                 f"{source} has no {', '.join(missing)}: the memory planner needs {', '.join(_NEEDED_FIELDS)} of a "
-                "decoder-only transformer. Pass the model's own config.json with --model-config (or "
-                "plan_step(model_config=...))."
+                f"decoder-only transformer. {fix}"
             )
         heads = config["num_attention_heads"]
         return cls(
@@ -173,16 +179,26 @@ def format_bytes(size: int) -> str:
     return f"{size / GiB:.2f} GiB" if size >= GiB / 10 else f"{size / MiB:.1f} MiB"
 
 
-def parse_memory(text: str | int | float) -> int:
-    """Bytes of a memory size: `8GiB`, `8 GiB`, `24GB` (GB read as GiB: what GPU makers mean), `512MiB`, `1e9`."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?)?\s*", str(text), re.IGNORECASE)
+MEMORY_UNITS = {"b": 1, "k": 2**10, "m": MiB, "g": GiB, "t": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of a memory size with its unit: `8GiB`, `8 GiB`, `24GB` (GB read as GiB: what GPU makers mean),
+    `512MiB`, `1e9B`. A number without a unit (`24`: bytes or GiB?) and a size that is not positive are refused:
+    the message says what to write, the caller names the field or flag."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*", str(text), re.IGNORECASE)
     if not match:
         raise ValueError(f"{text!r} is not a memory size: write e.g. '8GiB', '24GB' or '512MiB'.")
     number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    scale = {"": 1, "k": 2**10, "m": MiB, "g": GiB, "t": 2**40}[unit[:1]]
-    return int(number * scale)
+    if not unit:
+        raise ValueError(
+            f"{text!r} has no unit: write e.g. '{match.group(1)}GiB' (or GB, MiB, B for bytes), so that a size in "
+            "GiB is not read as bytes."
+        )
+    size = int(number * MEMORY_UNITS[unit[:1]])
+    if size <= 0:
+        raise ValueError(f"{text!r} is not a positive memory size: give the GPU's memory, e.g. '24GiB'.")
+    return size
 
 
 def base_weight_bytes(shape: ModelShape, settings: StepSettings) -> dict[str, int]:
@@ -471,7 +487,13 @@ def run_step_inputs(
     """The model shape and step settings of a trainer's run: its config (`GRPOExtConfig`, as resolved), the loaded
     model's config (a `PretrainedConfig` or dict) and its LoRA config (None: full fine-tuning)."""
     config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-    shape = ModelShape.from_config(config, "the model's config")
+    kind = config.get("model_type") or "this"
+    shape = ModelShape.from_config(
+        config,
+        f"gpu_memory_budget={args.gpu_memory_budget!r}: the model's config ({kind} architecture)",
+        "The planner cannot model this architecture: unset gpu_memory_budget and set per_device_train_batch_size "
+        "(and gradient_accumulation_steps) yourself.",
+    )
     peft = {}
     if peft_config is not None:
         targets = peft_config.target_modules
@@ -544,9 +566,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--reward-model", action="append", default=[], help="config of a reward model (repeatable)")
     cli = parser.parse_args(argv)
+    budget = None
+    if cli.gpu_memory is not None:
+        try:
+            budget = parse_memory(cli.gpu_memory)
+        except ValueError as error:
+            parser.error(f"--gpu-memory {cli.gpu_memory}: {error}")
     shape, settings = plan_config_file(cli.config, cli.model_config, cli.prompt_length, tuple(cli.reward_model))
     plan = plan_step(shape, settings)
-    budget = parse_memory(cli.gpu_memory) if cli.gpu_memory else None
     print(
         f"{cli.config}: {settings.per_device_train_batch_size} completions per micro-batch, "
         f"{settings.generation_batch_size} per rollout, G={settings.num_generations}, P={settings.prompt_length}, "

@@ -21,6 +21,7 @@ import inspect
 import logging
 import math
 import numbers
+import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -31,7 +32,7 @@ from transformers import PreTrainedModel
 
 from reward_models.neural import NeuralRewardModel
 
-from .concurrency import await_all
+from .concurrency import UserCodeTimeout, await_all, call_with_deadline, loop_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,28 @@ def _required_arguments(func) -> list[str]:
     ]
 
 
+def _check_reward_model_name(name: str, where: str) -> None:
+    """A string in `reward_funcs` is a reward model's path or Hub id. Refuse, before the Hub is asked, a name of
+    grpo-ext's reward registry or a dotted import path (the recipe's `--reward_funcs` reads those, the trainer takes
+    functions), and a path that does not exist."""
+    from reward_models.registry import REWARD_FUNCS
+
+    dotted = "." in name and "/" not in name and not os.path.exists(name)
+    if name in REWARD_FUNCS or dotted:
+        raise ValueError(
+            f"{where}={name!r} is a reward function's name, but the trainer reads a string in reward_funcs as a "
+            "reward model's path or Hub id. Pass the function itself: `from reward_models import get_reward_funcs; "
+            f"reward_funcs=get_reward_funcs([{name!r}])` (registry names: {', '.join(sorted(REWARD_FUNCS))}; "
+            "dotted import paths work too)."
+        )
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"{where}={name!r}: no such reward model folder (relative paths start from {os.getcwd()}). Give the "
+            "folder of a sequence-classification model (its config.json and weights), or a Hub id 'owner/name'."
+        )
+
+
 class RewardScorer:
     """Holds the reward functions, their names and weights, and scores a batch of completions: `(B, K)` rewards."""
 
@@ -91,9 +114,12 @@ class RewardScorer:
         chat_template_kwargs: dict | None = None,
         nonfinite_rewards: str = "error",
         extra_funcs: Sequence[tuple[str, Callable]] = (),
+        timeout: float | None = None,
     ):
         """`extra_funcs`: (name, function) reward sources after `reward_funcs`, weight 1 each (environments'
-        `get_reward`)."""
+        `get_reward`). `timeout`: seconds a reward function (not a reward model, grpo-ext's own code) may run on a
+        batch before it is abandoned with a `RewardFunctionError`; None: no limit."""
+        self.timeout = timeout
         if nonfinite_rewards not in NONFINITE_REWARD_POLICIES:
             raise ValueError(f"nonfinite_rewards={nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}.")
         self.nonfinite_rewards = nonfinite_rewards
@@ -118,6 +144,8 @@ class RewardScorer:
         self.reward_funcs = []  # TRL's view: a reward model as its nn.Module, functions as given
         self.processing_classes = []  # TRL's view: a reward model's tokenizer, else the entry given
         for index, (func, processing_class) in enumerate(zip(reward_funcs, reward_processing_classes)):
+            if isinstance(func, str):
+                _check_reward_model_name(func, f"reward_funcs[{index}]")
             if isinstance(func, (str, nn.Module)):
                 func = NeuralRewardModel(
                     func,
@@ -172,6 +200,13 @@ class RewardScorer:
     def log_extra(self, column: str, values: list) -> None:
         """Passed to reward functions as `log_extra`: one value per completion of the batch, a column of the
         completions table."""
+        if isinstance(values, torch.Tensor):
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)):
+            raise RewardFunctionError(
+                f"log_extra({column!r}, {values!r}): the values are a {type(values).__name__}; log a list with one "
+                "value per completion of the batch, in the order received (log_metric logs one number)."
+            )
         self.logged_columns[column].extend(values)
 
     def gather_logs(self, accelerator, batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
@@ -225,8 +260,22 @@ class RewardScorer:
             else:
                 rewards[:, k] = self._check(k, self._call(k, func, self._own_copy(kwargs)), prompts)
         if async_calls:
-            outputs = await_all([self._call_async(k, self.funcs[k], self._own_copy(kwargs)) for k in async_calls])
+            coroutines = [self._call_async(k, self.funcs[k], self._own_copy(kwargs)) for k in async_calls]
+            try:
+                outputs = await_all(coroutines, return_exceptions=True, timeout=self.timeout)
+            except UserCodeTimeout as error:  # the event loop itself was blocked
+                names = ", ".join(repr(self.names[k]) for k in async_calls)
+                raise RewardFunctionError(
+                    f"The async reward functions {names} had not finished {loop_deadline(self.timeout):g} s after "
+                    f"their start, although each is cancelled at reward_timeout={self.timeout:g} s: one of them blocks "
+                    "the event loop (a sync call such as time.sleep or blocking I/O inside `async def`), so it cannot "
+                    "be cancelled. Use awaitable calls (asyncio.sleep, an async client), or make the function sync."
+                ) from error
             for k, output in zip(async_calls, outputs):
+                if isinstance(output, UserCodeTimeout):
+                    raise self._timed_out(k, len(prompts)) from output
+                if isinstance(output, BaseException):
+                    raise output
                 rewards[:, k] = self._check(k, output, prompts)
         for column, values in self.logged_columns.items():
             if len(values) != len(prompts):
@@ -245,8 +294,12 @@ class RewardScorer:
         return {key: value if key in SHARED_ARGUMENTS else copy.deepcopy(value) for key, value in kwargs.items()}
 
     def _call(self, k: int, func: Callable, kwargs: dict):
+        """`func(**kwargs)` under `timeout` (reward models, grpo-ext's own code, without one)."""
+        timeout = None if isinstance(func, NeuralRewardModel) else self.timeout
         try:
-            return func(**kwargs)
+            return call_with_deadline(lambda: func(**kwargs), timeout, f"reward function '{self.names[k]}'")
+        except UserCodeTimeout as error:
+            raise self._timed_out(k, len(kwargs["prompts"])) from error
         except Exception as error:
             raise self._failure(k, kwargs, error) from error
 
@@ -256,13 +309,29 @@ class RewardScorer:
         except Exception as error:
             raise self._failure(k, kwargs, error) from error
 
+    def _timed_out(self, k: int, batch: int) -> RewardFunctionError:
+        sync = "a sync function keeps running in a background thread; " if not _is_async(self.funcs[k]) else ""
+        return RewardFunctionError(
+            f"Reward function '{self.names[k]}' did not return within reward_timeout={self.timeout:g} s on a batch "
+            f"of {batch} completions; it was abandoned ({sync}the step is stopped rather than frozen). Make it return "
+            "sooner (a timeout of its own on what it waits for: an API, a sandbox), or raise reward_timeout (None: "
+            "no limit)."
+        )
+
     def _failure(self, k: int, kwargs: dict, error: Exception) -> RewardFunctionError:
         """The function's name and its exception. The function is not called again row by row to find the row: a
         call may be slow, costly or have side effects (an API, a sandbox); the traceback points into the function."""
+        hint = ""
+        if self.timeout is not None and ("main thread" in str(error) or "threaded environment" in str(error)):
+            hint = (
+                f" With reward_timeout={self.timeout:g} a sync reward function runs in a worker thread, where "
+                "signal-based code (signal.alarm, math-verify's own timeouts) cannot run: set reward_timeout=None to "
+                "call it on the main thread, or turn its signal-based timeout off."
+            )
         return RewardFunctionError(
             f"Reward function '{self.names[k]}' raised {type(error).__name__}: {error} (on a batch of "
             f"{len(kwargs['prompts'])} completions; see the traceback above for where). Fix the function, or return "
-            "None for completions it cannot score (they are then left out of that function's reward)."
+            f"None for completions it cannot score (they are then left out of that function's reward).{hint}"
         )
 
     def _check(self, k: int, output, prompts: list) -> torch.Tensor:

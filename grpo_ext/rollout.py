@@ -264,7 +264,7 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     model's end-of-turn token, e.g. `<|im_end|>`, often differs from the tokenizer's EOS)."""
     declared = model.generation_config.eos_token_id
     declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
-    return list(dict.fromkeys([tokenizer.eos_token_id, *declared]))
+    return [token for token in dict.fromkeys([tokenizer.eos_token_id, *declared]) if token is not None]
 
 
 def build_generation_config(args, pad_token_id: int, eos_token_ids: list[int]) -> GenerationConfig:

@@ -6,12 +6,15 @@ As `trl.GRPOTrainer` (`tools=`, `environment_factory=`, `max_tool_calling_iterat
    functions' signatures and docstrings).
 2. A completion is parsed with the tokenizer's `response_template` (`tokenizer.parse_response`); a malformed one is
    plain text. Each tool call of a completion's last turn is run (sync, or async awaited concurrently); a tool that
-   raises, an unknown name or an unsupported call type gives an `{"error": ...}` result and counts as a failure.
+   raises or times out, an unknown name or an unsupported call type gives an `{"error": ...}` result and counts as a
+   failure.
 3. The results, as `{"role": "tool", "name": ..., "content": str(result)}` messages, are appended to the completion
    as the tokens the chat template renders for them (`tool_suffix_ids`: the difference between a dummy conversation
    with and without them), and the model generates its next turn after them, one completion per row (each row has
    its own history). Up to `max_tool_calling_iterations` rounds; results that would push a completion past
-   `max_completion_length` (or the model's context) are rolled back and that row stops.
+   `max_completion_length` (or the model's context) are rolled back and that row stops (as TRL does): those calls
+   count as failed (`tools/failure_frequency`) and dropped (`tools/truncated_frequency`), with one warning.
+   A tool still running after `tool_timeout` seconds gives an error result (`tools/timeout_frequency`).
 4. The completion's ids hold every turn and every tool result; `tool_mask` is 0 on the tool-result tokens, which the
    model did not generate: they are context for the later turns, never scored as actions (loss, log-prob ratios,
    KL terms, token-mean metrics and lengths count the model's tokens only).
@@ -26,15 +29,20 @@ environment a reward source (weight 1, named after its class). Reward functions 
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
-from .concurrency import await_all
+from .concurrency import UserCodeTimeout, await_all, call_with_deadline
+from .data import first_rows
 from .rollout import is_conversational, pad_token_lists, token_lists_until_stop
+
+logger = logging.getLogger(__name__)
 
 ENVIRONMENT_COLUMN = "environment"
 # Methods of an environment that are not tools
@@ -45,6 +53,7 @@ EMPTY_PROMPT = [{"role": "user", "content": ""}]
 __all__ = [
     "ENVIRONMENT_COLUMN",
     "EMPTY_PROMPT",
+    "EnvironmentCallError",
     "Environments",
     "MultiTurn",
     "ToolCalling",
@@ -110,6 +119,20 @@ def environment_tools(instance) -> list[Callable]:
 # --- Environments ---
 
 
+class EnvironmentCallError(RuntimeError):
+    """An environment's factory or method (`reset`, `get_reward`) raised, timed out or returned the wrong type; the
+    message names the class, the method and the row."""
+
+
+def _has_content(message: dict) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) or (isinstance(content, str) and bool(content.strip()))
+
+
+def _prompt_text(prompt) -> str:
+    return (prompt if isinstance(prompt, str) else str(prompt))[:200]
+
+
 class Environments:
     """`environment_factory` as `{name: factory}` (`None` the one name of a single factory), a pool of instances per
     name, and the reward functions of the environments that define `get_reward`."""
@@ -120,33 +143,50 @@ class Environments:
         self.pool: dict = {}
         self.reward_funcs: list[tuple[str, Callable]] = []  # (name, f(environments, **kwargs))
         for name, factory in self.factories.items():
-            where = f"environment_factory[{name!r}]" if self.multi else "environment_factory"
             if not callable(factory):
                 raise TypeError(
-                    f"{where} is a {type(factory).__name__}; it must be a callable returning an environment."
+                    f"{self._where(name)} is a {type(factory).__name__}; it must be a callable returning an "
+                    "environment."
                 )
-            instance = factory()  # probed once, then the pool's first instance
+            instance = self._build(name)  # probed once, then the pool's first instance
             if not callable(getattr(instance, "reset", None)):
                 raise ValueError(
-                    f"{where} returned a {type(instance).__name__} without a `reset` method. Each environment must "
-                    "define a callable `reset(**row)` (returning None, or a string appended to the last user message)."
+                    f"{self._where(name)} returned a {type(instance).__name__} without a `reset` method. Each "
+                    "environment must define a callable `reset(**row)` (returning None, or a string appended to the "
+                    "last user message)."
                 )
             self.pool[name] = [instance]
             kind = type(instance)
             if callable(getattr(instance, "get_reward", None)) and kind.__name__ not in dict(self.reward_funcs):
                 self.reward_funcs.append((kind.__name__, _environment_reward(kind)))
 
-    def check_dataset(self, dataset, name: str) -> None:
-        """With several environments, every row must name one of them in its `environment` column."""
-        if not self.multi or dataset is None:
+    def _where(self, name) -> str:
+        return f"environment_factory[{name!r}]" if self.multi else "environment_factory"
+
+    def _build(self, name):
+        """A new instance from the factory of `name`; what the factory raises is named."""
+        factory = self.factories[name]
+        try:
+            return factory()
+        except Exception as error:
+            label = getattr(factory, "__qualname__", None) or type(factory).__name__
+            raise EnvironmentCallError(
+                f"{self._where(name)} ({label}) raised {type(error).__name__}: {error} while building an environment "
+                "instance. Fix the factory (it is called with no arguments, once per instance the pool needs)."
+            ) from error
+
+    def check_dataset(self, columns: list[str], environments: list | None, name: str) -> None:
+        """With several environments, every row must name one of them in its `environment` column (`environments`:
+        that column's values, None when there is none)."""
+        if not self.multi:
             return
-        if ENVIRONMENT_COLUMN not in dataset.column_names:
+        if environments is None:
             raise ValueError(
                 f"environment_factory is a dict (several environments) but {name} has no '{ENVIRONMENT_COLUMN}' column "
-                f"(columns: {dataset.column_names}). Add a column naming each row's environment, one of "
+                f"(columns: {columns}). Add a column naming each row's environment, one of "
                 f"{list(self.factories)}, or pass a single environment factory."
             )
-        unknown = sorted(set(dataset[ENVIRONMENT_COLUMN]) - set(self.factories), key=str)
+        unknown = sorted(set(environments) - set(self.factories), key=str)
         if unknown:
             raise ValueError(
                 f"{name} has rows with environment={unknown[0]!r}, which is not among the environments passed to "
@@ -166,36 +206,83 @@ class Environments:
                 )
             pool, index = self.pool[name], handed_out.get(name, 0)
             if index == len(pool):
-                pool.append(self.factories[name]())
+                pool.append(self._build(name))
             handed_out[name] = index + 1
             instances.append(pool[index])
         return instances
 
-    def reset(self, instances: list, rows: list[dict], prompts: list) -> list:
-        """Start each instance's episode with `reset(**row)`; a string it returns is appended to the prompt's last
-        message (a new list: the dataset's rows are left untouched)."""
+    def reset(self, instances: list, rows: list[dict], prompts: list, timeout: float | None = None) -> list:
+        """Start each instance's episode with `reset(**row)` (abandoned after `timeout` seconds, None: no limit); a
+        string it returns is appended to the prompt's last message (a new list: the dataset's rows are left
+        untouched). What `reset` raises, a timeout, a return value that is not None or a string, and a prompt still
+        empty after it (training without a dataset: `reset` must write the prompt) are `EnvironmentCallError`s naming
+        the class, the row and the fix."""
         reset_prompts = []
-        for instance, row, prompt in zip(instances, rows, prompts):
+        for row_index, (instance, row, prompt) in enumerate(zip(instances, rows, prompts)):
             kwargs = {k: v for k, v in row.items() if k != ENVIRONMENT_COLUMN} if self.multi else dict(row)
-            observation = instance.reset(**kwargs)
-            if observation is not None:
+            method = f"{type(instance).__name__}.reset"
+            where = f"on row {row_index} of the batch (prompt {_prompt_text(prompt)!r})"
+            try:
+                observation = call_with_deadline(functools.partial(instance.reset, **kwargs), timeout, method)
+            except UserCodeTimeout as error:
+                raise EnvironmentCallError(
+                    f"{method}(**row) did not return within environment_reset_timeout={timeout:g} s {where}; it was "
+                    "abandoned (a sync method keeps running in a background thread). Make reset return sooner, or "
+                    "raise environment_reset_timeout (None: no limit)."
+                ) from error
+            except Exception as error:
+                raise EnvironmentCallError(
+                    f"{method}(**row) raised {type(error).__name__}: {error} {where}; it received the keyword "
+                    f"arguments {sorted(kwargs)} (the row's columns). Fix reset, or give it **kwargs for columns it "
+                    "does not use."
+                ) from error
+            if observation is not None and not isinstance(observation, str):
+                raise EnvironmentCallError(
+                    f"{method}(**row) returned {observation!r} ({type(observation).__name__}) {where}; it must return "
+                    "None, or a str appended to the last user message."
+                )
+            if observation:
                 prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + observation}]
+            if not any(_has_content(message) for message in prompt):
+                raise EnvironmentCallError(
+                    f"{method}(**row) returned {observation!r} {where}, and the prompt is still empty: without a "
+                    "train_dataset (or with an empty prompt) reset must return the prompt's text. Return the task "
+                    "as a str from reset, or pass a train_dataset with a 'prompt' column."
+                )
             reset_prompts.append(prompt)
         return reset_prompts
 
 
 def _environment_reward(kind: type) -> Callable:
     """A reward function scoring the rollouts whose environment is exactly `kind` with its `get_reward()` (None for
-    the others), sync or async as `get_reward` is."""
+    the others), sync or async as `get_reward` is. What `get_reward` raises is named with the row."""
+
+    def failed(row: int, error: Exception) -> EnvironmentCallError:
+        return EnvironmentCallError(
+            f"{kind.__name__}.get_reward() raised {type(error).__name__}: {error} on row {row} of the batch."
+        )
+
     if inspect.iscoroutinefunction(kind.get_reward):
 
         async def get_reward(environments, **kwargs):
-            return [await env.get_reward() if type(env) is kind else None for env in environments]
+            rewards = []
+            for row, env in enumerate(environments):
+                try:
+                    rewards.append(await env.get_reward() if type(env) is kind else None)
+                except Exception as error:
+                    raise failed(row, error) from error
+            return rewards
 
     else:
 
         def get_reward(environments, **kwargs):
-            return [env.get_reward() if type(env) is kind else None for env in environments]
+            rewards = []
+            for row, env in enumerate(environments):
+                try:
+                    rewards.append(env.get_reward() if type(env) is kind else None)
+                except Exception as error:
+                    raise failed(row, error) from error
+            return rewards
 
     get_reward.__name__ = kind.__name__
     return get_reward
@@ -222,13 +309,19 @@ def parse_completion(tokenizer, ids: list[int], prefix: list[int], tools: list |
     return {"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}
 
 
-def run_tool_calls(tool_calls: list[dict], tools: list[Callable]) -> tuple[list[tuple[str, object]], int]:
-    """Results `(name, value)` of one turn's tool calls, in order, and how many failed: a tool that raises, an unknown
-    name, arguments that are not a mapping or an unsupported call type give `{"error": message}`."""
+def run_tool_calls(
+    tool_calls: list[dict], tools: list[Callable], timeout: float | None = None
+) -> tuple[list[tuple[str, object]], int, int]:
+    """Results `(name, value)` of one turn's tool calls, in order, how many failed and how many of those timed out: a
+    tool that raises, an unknown name, arguments that are not a mapping, an unsupported call type, or a tool still
+    running after `timeout` seconds (None: no limit) gives `{"error": message}`, the result the model sees.
+
+    A sync tool runs in a worker thread under the deadline and is abandoned when it passes (Python cannot kill a
+    thread: it keeps running in the background); an async tool is cancelled (`concurrency`)."""
     by_name = {tool.__name__: tool for tool in tools}
     results: list = [None] * len(tool_calls)
     pending = {}  # index -> (name, coroutine)
-    failures = 0
+    failures = timeouts = 0
     for index, call in enumerate(tool_calls):
         function = call.get("function", call) if isinstance(call, dict) else {}
         name = function.get("name", "unknown") if isinstance(function, dict) else "unknown"
@@ -238,22 +331,37 @@ def run_tool_calls(tool_calls: list[dict], tools: list[Callable]) -> tuple[list[
             if name not in by_name:
                 raise ValueError(f"Tool {name} not found.")
             arguments = function.get("arguments") or {}
-            value = by_name[name](**arguments)
+            tool = functools.partial(by_name[name], **arguments)
+            value = tool() if inspect.iscoroutinefunction(by_name[name]) else call_with_deadline(tool, timeout, name)
             if inspect.iscoroutine(value):
                 pending[index] = (name, value)
                 continue
             results[index] = (name, value)
+        except UserCodeTimeout:
+            failures, timeouts = failures + 1, timeouts + 1
+            results[index] = (name, {"error": _timed_out(name, timeout)})
         except Exception as error:
             failures += 1
             results[index] = (name, {"error": str(error)})
     if pending:
-        outcomes = await_all([coroutine for _, coroutine in pending.values()], return_exceptions=True)
+        coroutines = [coroutine for _, coroutine in pending.values()]
+        try:
+            outcomes = await_all(coroutines, return_exceptions=True, timeout=timeout)
+        except UserCodeTimeout:  # a coroutine blocked the event loop: every pending call is abandoned
+            outcomes = [UserCodeTimeout()] * len(pending)
         for (index, (name, _)), outcome in zip(pending.items(), outcomes):
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, UserCodeTimeout):
+                failures, timeouts = failures + 1, timeouts + 1
+                outcome = {"error": _timed_out(name, timeout)}
+            elif isinstance(outcome, Exception):
                 failures += 1
                 outcome = {"error": str(outcome)}
             results[index] = (name, outcome)
-    return results, failures
+    return results, failures, timeouts
+
+
+def _timed_out(name: str, timeout: float | None) -> str:
+    return f"Tool {name} did not return within {timeout:g} seconds."
 
 
 def tool_suffix_ids(tokenizer, tool_messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
@@ -287,18 +395,34 @@ class MultiTurn:
     tool_mask: list[list[int]]  # aligned with completion_ids: 1 on generated tokens, 0 on tool-result tokens
     completions: list[list[dict]]  # the messages: assistant, tool, assistant, ...
     tool_calls: int = 0
-    tool_failures: int = 0
+    tool_failures: int = 0  # calls whose result the model did not get: raised, timed out, unknown, or dropped
+    tool_timeouts: int = 0  # calls abandoned at tool_timeout (counted among the failures too)
+    dropped_results: int = 0  # calls whose result did not fit in the completion and was dropped
     rounds: int = 0
+    timed_out_tools: set = field(default_factory=set)  # their names, for the warning
+
+
+TOOL_METRICS = (
+    "tools/call_frequency",
+    "tools/failure_frequency",
+    "tools/timeout_frequency",
+    "tools/truncated_frequency",
+)
 
 
 def tool_metrics(turns: MultiTurn | None, rows: int, accelerator) -> dict[str, float]:
-    """TRL's tool metrics over all processes: `tools/call_frequency` (tool calls per completion) and
-    `tools/failure_frequency` (failed calls per call; 0 without calls). `rows`: this process's completions."""
-    counts = [turns.tool_calls, turns.tool_failures] if turns is not None else [0, 0]
-    calls, failures = accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum").tolist()
+    """TRL's tool metrics over all processes, `tools/call_frequency` (tool calls per completion) and
+    `tools/failure_frequency` (calls whose result the model did not get, per call; 0 without calls), and grpo-ext's
+    `tools/timeout_frequency` (calls abandoned at `tool_timeout`) and `tools/truncated_frequency` (calls whose result
+    did not fit in `max_completion_length` and was dropped), per call. `rows`: this process's completions."""
+    counts = [0, 0, 0, 0]
+    if turns is not None:
+        counts = [turns.tool_calls, turns.tool_failures, turns.tool_timeouts, turns.dropped_results]
+    totals = accelerator.reduce(torch.tensor(counts, device=accelerator.device), reduction="sum").tolist()
+    calls = totals[0]
     return {
-        "tools/call_frequency": calls / (rows * accelerator.num_processes),
-        "tools/failure_frequency": failures / calls if calls else 0.0,
+        TOOL_METRICS[0]: calls / (rows * accelerator.num_processes),
+        **{name: count / calls if calls else 0.0 for name, count in zip(TOOL_METRICS[1:], totals[1:])},
     }
 
 
@@ -314,12 +438,17 @@ def tool_call_loop(
     max_iterations: int | None,
     max_positions: int | None = None,
     chat_template_kwargs: dict | None = None,
+    tool_timeout: float | None = None,
 ) -> MultiTurn:
     """Run the tool calls of the first turns (`completions`: one parsed assistant message per row) and let the model
     go on, until no row calls a tool, or `max_iterations` rounds.
 
     `generate(prompt_ids, prompt_mask, max_new_tokens)` continues each left-padded history `(b, L)` (prompt +
     completion so far + tool results) with one completion `(b, C)`; each is cut after its first stop token.
+
+    A round's results that would push the completion past `max_completion_length` (or the model's `max_positions`)
+    are dropped whole, as TRL drops them: the completion ends with the turn that called the tools, and those calls
+    count as failed and in `dropped_results` (never as a success the model did not see).
     """
     result = MultiTurn(
         completion_ids=[list(ids) for ids in completion_ids],
@@ -330,9 +459,14 @@ def tool_call_loop(
     while active and (max_iterations is None or result.rounds < max_iterations):
         continuing, histories = [], []  # rows that go on, and their prompt + completion + tool results
         for i in active:
-            outcomes, failures = run_tool_calls(result.completions[i][-1]["tool_calls"], row_tools[i])
+            calls = result.completions[i][-1]["tool_calls"]
+            outcomes, failures, timeouts = run_tool_calls(calls, row_tools[i], tool_timeout)
             result.tool_calls += len(outcomes)
             result.tool_failures += failures
+            result.tool_timeouts += timeouts
+            if timeouts:
+                timed_out = [name for name, value in outcomes if value == {"error": _timed_out(name, tool_timeout)}]
+                result.timed_out_tools.update(timed_out)
             messages = [{"role": "tool", "name": name, "content": str(value)} for name, value in outcomes]
             suffix = tool_suffix_ids(tokenizer, messages, chat_template_kwargs)
             so_far = result.completion_ids[i] + suffix
@@ -340,6 +474,8 @@ def tool_call_loop(
                 max_positions is not None and len(prompt_ids[i]) + len(so_far) >= max_positions
             )
             if too_long:  # the results are dropped: the completion ends with the turn that called the tools
+                result.dropped_results += len(outcomes)
+                result.tool_failures += len(outcomes) - failures  # the model got none of them
                 continue
             result.completions[i] += messages
             result.tool_mask[i] += [0] * len(suffix)
@@ -370,16 +506,27 @@ def tool_call_loop(
 
 class ToolCalling:
     """Tools and environments of a trainer: checked once, then per rollout each row's environment instance and tools
-    (`start`); `complete_turns` runs their multi-turn completions."""
+    (`start`); `complete_turns` runs their multi-turn completions; `report` warns, once each, about tools that timed
+    out and results that did not fit."""
 
-    def __init__(self, tokenizer, tools, environment_factory, max_iterations: int | None):
+    def __init__(
+        self,
+        tokenizer,
+        tools,
+        environment_factory,
+        max_iterations: int | None,
+        tool_timeout: float | None = None,
+        reset_timeout: float | None = None,
+    ):
         self.tokenizer = tokenizer
         self.tools = list(tools or [])
         check_tool_support(tokenizer, self.tools)
         self.environments = Environments(environment_factory) if environment_factory is not None else None
         self.max_iterations = max_iterations
+        self.tool_timeout, self.reset_timeout = tool_timeout, reset_timeout
         self.row_tools: list[list[Callable]] | None = None  # the current rollout's, per row
         self.instances: list | None = None  # the current rollout's environments, per row
+        self._warned: set = set()  # what report() has said already
 
     @property
     def reward_funcs(self) -> list[tuple[str, Callable]]:
@@ -387,14 +534,26 @@ class ToolCalling:
         return self.environments.reward_funcs if self.environments is not None else []
 
     def check_dataset(self, dataset, name: str) -> None:
+        """Conversational prompts, and with several environments an `environment` column naming known ones: every
+        row of a map-style dataset, the first `ITERABLE_ROWS_CHECKED` of a stream (its later rows are checked as they
+        are read: `data.checked_stream`, and `Environments.draw`)."""
         if dataset is None:
             return
+        if isinstance(dataset, IterableDataset):
+            rows = first_rows(dataset)
+            columns = list(dataset.column_names or (rows[0] if rows else []))
+            environments = [row.get(ENVIRONMENT_COLUMN) for row in rows]
+            first = rows[0] if rows else None
+        else:
+            columns = list(dataset.column_names)
+            environments = dataset[ENVIRONMENT_COLUMN] if ENVIRONMENT_COLUMN in columns else None
+            first = dataset[0] if len(dataset) else None
         if self.environments is not None:
-            self.environments.check_dataset(dataset, name)
-        if "prompt" in dataset.column_names and len(dataset) and not is_conversational(dataset[0]["prompt"]):
+            self.environments.check_dataset(columns, environments if ENVIRONMENT_COLUMN in columns else None, name)
+        if first is not None and "prompt" in first and not is_conversational(first["prompt"]):
             raise ValueError(
                 f"tools / environment_factory need conversational prompts, but {name}'s 'prompt' column holds "
-                f"{type(dataset[0]['prompt']).__name__}s. Give each prompt as a list of messages, e.g. "
+                f"{type(first['prompt']).__name__}s. Give each prompt as a list of messages, e.g. "
                 '[{"role": "user", "content": "..."}]: the chat template renders the tools and the tool results.'
             )
 
@@ -406,7 +565,29 @@ class ToolCalling:
             return prompts
         self.instances = self.environments.draw(rows)
         self.row_tools = [self.tools + environment_tools(instance) for instance in self.instances]
-        return self.environments.reset(self.instances, rows, prompts)
+        return self.environments.reset(self.instances, rows, prompts, self.reset_timeout)
+
+    def report(self, turns: MultiTurn | None) -> None:
+        """Warn once per tool that timed out, and once that results were dropped for lack of room (the metrics count
+        every case: `tools/timeout_frequency`, `tools/truncated_frequency`)."""
+        if turns is None:
+            return
+        for name in sorted(turns.timed_out_tools - self._warned):
+            self._warned.add(name)
+            logger.warning(
+                f"Tool {name!r} did not return within tool_timeout={self.tool_timeout:g} s and was abandoned; the "
+                "model got an error result instead, counted in tools/failure_frequency and tools/timeout_frequency. "
+                "A sync tool cannot be killed: it keeps running in a background thread. Make the tool return sooner "
+                "(a timeout of its own on what it waits for), or raise tool_timeout (None: no limit)."
+            )
+        if turns.dropped_results and "dropped" not in self._warned:
+            self._warned.add("dropped")
+            logger.warning(
+                f"The results of {turns.dropped_results} tool call(s) did not fit in max_completion_length (or the "
+                "model's context) and were dropped: those completions end with the turn that called the tools, and "
+                "the calls count as failed (tools/failure_frequency, tools/truncated_frequency). Raise "
+                "max_completion_length, make the tools return shorter results, or lower max_tool_calling_iterations."
+            )
 
 
 def placeholder_dataset(environment_factory, args) -> Dataset:
@@ -434,7 +615,19 @@ def custom_rollout(rollout_func: Callable, prompts: list, trainer, tokenizer) ->
     unpadded `prompt_ids` / `completion_ids`, one row per prompt it was given (the rollout's rows, each prompt G times),
     and `logprobs`; `env_mask` (1 on the tokens the model generated) becomes the tool mask; other keys are passed on
     to the reward functions."""
-    output = rollout_func(prompts, trainer)
+    name = getattr(rollout_func, "__name__", type(rollout_func).__name__)
+    try:
+        output = rollout_func(prompts, trainer)
+    except Exception as error:
+        raise RuntimeError(
+            f"rollout_func '{name}' raised {type(error).__name__}: {error} (on {len(prompts)} prompts; see the "
+            "traceback above for where)."
+        ) from error
+    if not isinstance(output, dict):
+        raise TypeError(
+            f"rollout_func '{name}' returned a {type(output).__name__}; it must return a dict with keys "
+            f"{list(ROLLOUT_FUNC_KEYS)} (and optionally env_mask and extra fields for the reward functions)."
+        )
     missing = sorted(set(ROLLOUT_FUNC_KEYS) - set(output))
     if missing:
         raise ValueError(f"rollout_func must return keys {missing} in its output dict (it returned {sorted(output)}).")
@@ -500,5 +693,7 @@ def complete_turns(
         tool_calling.max_iterations,
         max_positions,
         chat_template_kwargs,
+        tool_calling.tool_timeout,
     )
+    tool_calling.report(turns)
     return prompt_lists, turns.completion_ids, turns.tool_mask, turns.completions, turns

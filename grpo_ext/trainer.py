@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
-from transformers import set_seed
+from transformers import TrainerState, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, HubStrategy
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, HubStrategy, TrainOutput
 from trl.models.utils import prepare_deepspeed
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
@@ -33,15 +34,25 @@ from .advantages import (
     nanstd,
 )
 from .callbacks import PreTrainingLogsCallback, ReferenceSyncCallback, SaveOnInterruptCallback
-from .checkpoints import check_resume_settings, explain_full_disk, read_state, resolve_checkpoint, write_state
-from .completions import completions_folder, table_rows, write_parquet
+from .checkpoints import (
+    check_checkpoint_weights,
+    check_output_dir,
+    check_resume_settings,
+    explain_full_disk,
+    read_state,
+    resolve_checkpoint,
+    write_state,
+)
+from .completions import completions_folder, parquet_path, table_rows, write_parquet
 from .config import GRPOExtConfig
 from .cpu import trains_on_cpu
 from .data import (
+    as_dataset,
     check_dataset,
     check_dispatch_batches,
     check_eval_batch,
     check_streaming_settings,
+    checked_stream,
     collate_rows,
     grouped_stream,
 )
@@ -81,6 +92,7 @@ from .objective import (
 )
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
 from .reference import ReferencePolicy, load_reference_copy
+from .reporting import LoggingGuard
 from .reward_scoring import RewardScorer
 from .rollout import (
     GenerationPlan,
@@ -162,7 +174,14 @@ class GRPOExtTrainer(_BaseTrainer):
                 "trl.GRPOConfig: `from grpo_ext import GRPOExtConfig`)."
             )
         set_seed(args.seed)  # before the model is built: PEFT initialises adapters randomly
+        train_dataset = as_dataset(train_dataset, "train_dataset")  # a plain list of rows becomes a Dataset
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: as_dataset(value, f"eval_dataset[{key!r}]") for key, value in eval_dataset.items()}
+        else:
+            eval_dataset = as_dataset(eval_dataset, "eval_dataset")
         check_streaming_settings(args, train_dataset, eval_dataset)  # before the accelerator reads args
+        if args.should_save:  # a folder that cannot be written would lose the work at the first save
+            check_output_dir(args.output_dir)
 
         # Model, tokenizer, adapter
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
@@ -185,7 +204,12 @@ class GRPOExtTrainer(_BaseTrainer):
         self._tool_calling, placeholder = None, None
         if tools or environment_factory is not None:
             self._tool_calling = ToolCalling(
-                processing_class, tools, environment_factory, args.max_tool_calling_iterations
+                processing_class,
+                tools,
+                environment_factory,
+                args.max_tool_calling_iterations,
+                tool_timeout=args.tool_timeout,
+                reset_timeout=args.environment_reset_timeout,
             )
             if train_dataset is None:  # the environment's reset() writes each prompt
                 train_dataset = placeholder = placeholder_dataset(environment_factory, args)
@@ -199,6 +223,7 @@ class GRPOExtTrainer(_BaseTrainer):
             model_init_kwargs=args.model_init_kwargs,
             chat_template_kwargs=args.chat_template_kwargs,
             nonfinite_rewards=args.nonfinite_rewards,
+            timeout=args.reward_timeout,
         )
         # Task metrics of evaluations (evaluation.py), resolved now: a name that loads nothing fails before training
         self.task_metrics = None
@@ -226,6 +251,12 @@ class GRPOExtTrainer(_BaseTrainer):
                 check_dataset(dataset, name, args, needed, processing_class, max_positions)
         if eval_dataset is not None:
             check_eval_batch(args)
+        # A stream's later rows are checked as they are read, as its first ones were now (data.checked_stream)
+        self._stream_checks = {
+            "train": required_columns,
+            "eval": {**required_columns, **task_columns},
+            "max_positions": max_positions,
+        }
 
         zero3 = is_deepspeed_zero3_enabled()  # set by args.deepspeed: from_pretrained has partitioned the weights
         load_copy = functools.partial(
@@ -301,6 +332,9 @@ class GRPOExtTrainer(_BaseTrainer):
         # then token means over everything since the last log, whatever the micro-batch and process split.
         self._metric_tokens = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._samples = {}  # columns of the last rollout's completions table, for log_completions
+        # A failing tracker or completions file is a warning, not the end of the run (reporting.py)
+        self._logging = LoggingGuard()
+        self._logging.guard_trackers(self.callback_handler.callbacks)
         self._task_dataset = None  # the set the evaluation under way measures the task metrics on
         self._unscored_task_metrics = set()  # warned about once
         # Run doctor: reads each log, adds doctor/* metrics, warns on the main process only (said once, not N times)
@@ -318,6 +352,18 @@ class GRPOExtTrainer(_BaseTrainer):
     def interrupted(self) -> bool:
         """True when SIGTERM or Ctrl-C stopped the last `train()` early (after saving a checkpoint)."""
         return self._interrupt.interrupted
+
+    @property
+    def logging_failures(self) -> dict[str, int]:
+        """How many times logging to each destination (the completions files, a tracker) failed; the first failure of
+        each was a warning, the others are only counted (`reporting.LoggingGuard`)."""
+        return dict(self._logging.failures)
+
+    @property
+    def interrupted_exit_code(self) -> int:
+        """What a script should exit with after `train()`: 0, or 128 + the signal that stopped it early (143 for
+        SIGTERM), so that a scheduler requeueing pre-empted jobs does not take the run for finished."""
+        return self._interrupt.exit_code
 
     # --- TRL's public surface: reward functions and the loss masks, as trl.GRPOTrainer names them ---
 
@@ -400,7 +446,12 @@ class GRPOExtTrainer(_BaseTrainer):
             return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
         # A stream takes no sampler: the samplers' order is built into the stream, read by one worker on every process
         # (also for a stream given to evaluate() directly, which __init__ did not see)
-        args, seed = self.args, self.args.seed
+        args, seed, checks = self.args, self.args.seed, self._stream_checks
+        name = "train_dataset" if is_training else "eval_dataset"
+        dataset = checked_stream(
+            dataset, name, args, checks["train" if is_training else "eval"], self.processing_class,
+            checks["max_positions"],
+        )  # fmt: skip
         if is_training:
             dataset = grouped_stream(
                 dataset,
@@ -911,18 +962,22 @@ class GRPOExtTrainer(_BaseTrainer):
         self._metrics[mode].clear()
         self._metric_tokens[mode].clear()
         if self.args.log_completions and mode == "train" and self._samples and self.accelerator.is_main_process:
-            self._log_completions_table()
-            self._samples = {}  # logged once, not again with the end-of-training summary
+            try:
+                self._log_completions_table()
+            finally:
+                self._samples = {}  # logged once, not again with the end-of-training summary
 
     def _log_completions_table(self) -> None:
         """Print a few of the last rollout's completions, write the whole table as this step's parquet file
-        (uploaded with `log_completions_hub_repo`), and send it to wandb / trackio if they run."""
-        samples, shown = self._samples, self.args.num_completions_to_print
-        write_parquet(samples, self.args.output_dir, self.state.global_step)
+        (uploaded with `log_completions_hub_repo`), and send it to wandb / trackio if they run. A write or a tracker
+        that fails is a warning (`reporting.LoggingGuard`): logging never ends a run."""
+        samples, shown, step = self._samples, self.args.num_completions_to_print, self.state.global_step
+        files = f"the completions files ({os.path.dirname(parquet_path(self.args.output_dir, step))})"
+        self._logging.run(files, lambda: write_parquet(samples, self.args.output_dir, step))
         rows = table_rows(samples, unique_prompts=self.args.log_unique_prompts)
         fixed = {"step", "prompt", "completion", "reward", "advantage", *self.rewards.names}
         extra = [column for column in samples if column not in fixed]  # columns logged with log_extra
-        lines = [f"step {self.state.global_step} completions:"]
+        lines = [f"step {step} completions:"]
         lines += [
             f"  reward {samples['reward'][i]:+.3f} advantage {samples['advantage'][i]:+.2f} | "
             f"{samples['prompt'][i]!r} -> {samples['completion'][i]!r}"
@@ -934,11 +989,13 @@ class GRPOExtTrainer(_BaseTrainer):
             import wandb
 
             if wandb.run is not None:
-                wandb.log({"completions": wandb.Table(columns=list(samples), data=rows)}, step=self.state.global_step)
+                table = lambda: wandb.log({"completions": wandb.Table(columns=list(samples), data=rows)}, step=step)  # noqa: E731
+                self._logging.run("wandb (the completions table)", table)
         if "trackio" in self.args.report_to:
             import trackio
 
-            trackio.log({"completions": trackio.Table(columns=list(samples), data=rows)}, step=self.state.global_step)
+            table = lambda: trackio.log({"completions": trackio.Table(columns=list(samples), data=rows)}, step=step)  # noqa: E731
+            self._logging.run("trackio (the completions table)", table)
 
     # --- Training, checkpoints and resume ---
 
@@ -952,9 +1009,12 @@ class GRPOExtTrainer(_BaseTrainer):
         """
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
+            check_checkpoint_weights(checkpoint, hasattr(self.accelerator.unwrap_model(self.model), "peft_config"))
             check_resume_settings(read_state(checkpoint).get("run", {}), self._run_settings(), checkpoint)
         elif self.args.doctor_steps > 0:
             self._log_preflight_check()
+        if checkpoint is not None and self._finished(checkpoint):
+            return self._finished_output(checkpoint)
         self._pre_training_logs.entries = [entry for entry in self.state.log_history if entry.get("step") == 0]
         try:
             return super().train(
@@ -986,6 +1046,22 @@ class GRPOExtTrainer(_BaseTrainer):
             return
         if self.accelerator.is_main_process:
             logger.log(logging.WARNING if report.needs_attention else logging.INFO, "%s", report.text())
+
+    def _finished(self, checkpoint: str) -> bool:
+        """Whether `checkpoint` is already at `max_steps`: transformers would train one step more before noticing."""
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        return self.args.max_steps > 0 and state.global_step >= self.args.max_steps
+
+    def _finished_output(self, checkpoint: str) -> TrainOutput:
+        """A finished run resumed (a requeued job, say): its weights and state are loaded, nothing is trained."""
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        self._load_from_checkpoint(checkpoint)
+        logger.warning(
+            f"{checkpoint} is at step {self.state.global_step} and max_steps={self.args.max_steps}: the run is "
+            "finished, so nothing is trained (its weights are loaded). Raise max_steps to train further."
+        )
+        losses = [entry["train_loss"] for entry in self.state.log_history if "train_loss" in entry]
+        return TrainOutput(self.state.global_step, losses[-1] if losses else 0.0, {})
 
     def _start_completions_uploads(self):
         """The dataset repository and background uploads of `log_completions_hub_repo` (hub.py); an unreachable Hub

@@ -49,7 +49,7 @@ def main():
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.interrupted:  # SIGTERM / Ctrl-C: a checkpoint was saved in output_dir
         print("Interrupted: resume with --resume_from_checkpoint true")
-        return
+        return trainer.interrupted_exit_code  # 143 after SIGTERM: a requeueing scheduler runs the job again
 
     # Evaluate what is delivered (the best checkpoint with load_best_model_at_end), logged at the last step
     if test_dataset is not None and script_args.eval_after_training:
@@ -96,4 +96,4 @@ def save_curves(output_dir):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -79,7 +79,7 @@ def test_gpu_memory_budget_picks_the_micro_batch(make_args):
     settings = settings_from_config({**vars(probe), "use_peft": True, "lora_target_modules": "all-linear"})
     budget = plan_step(shape, settings.replace(per_device_train_batch_size=2)).peak + 2**20
     args = make_args(
-        per_device_train_batch_size=8, num_generations=4, max_completion_length=256, gpu_memory_budget=budget
+        per_device_train_batch_size=8, num_generations=4, max_completion_length=256, gpu_memory_budget=f"{budget}B"
     )
     message = fit_batch_size(args, config, lora)
     assert args.per_device_train_batch_size == 2

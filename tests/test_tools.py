@@ -92,10 +92,11 @@ def test_parse_and_run_tool_calls(tool_tokenizer):
     ]
     malformed = tool_tokenizer('<tool_call>{"name": "add", "argu</tool_call><|im_end|>', add_special_tokens=False)
     assert "tool_calls" not in parse_completion(tool_tokenizer, malformed["input_ids"], [], [add])  # plain text
-    results, failures = run_tool_calls(
+    results, failures, timeouts = run_tool_calls(
         message["tool_calls"] + [{"type": "function", "function": {"name": "x"}}], [add, later]
     )
     assert results == [("add", 7), ("later", 20), ("x", {"error": "Tool x not found."})] and failures == 1
+    assert timeouts == 0
     suffix = tool_suffix_ids(tool_tokenizer, [{"role": "tool", "name": "add", "content": "7"}])
     assert text(tool_tokenizer, suffix) == "\n<|im_start|>tool\n7<|im_end|>\n<|im_start|>assistant\n"
 
