@@ -499,7 +499,7 @@ def _roll_out(trainer, rows: list[dict], task_metrics) -> dict:
     return batch
 
 
-def run_settings(trainer, gpu_memory: str | int | None = None) -> RunSettings:
+def run_settings(trainer, gpu_memory: str | None = None) -> RunSettings:
     """The settings of the checks, read from the trainer: learning rate, LoRA or not, stop tokens, bf16, memory."""
     args = trainer.args
     peft_configs = getattr(unwrap_distributed(trainer.model), "peft_config", None)

@@ -136,7 +136,7 @@ def test_full_fine_tuning_above_1e_4_is_a_warning_and_the_memory_verdict(tokeniz
     assert rate.severity == WARNING and "learning_rate=0.001 for full fine-tuning is above 0.0001" in rate.what
     # the memory planner's verdict on this run, with a budget a byte short of its predicted peak, and one that fits
     peak = plan_step(*run_step_inputs(trainer.args, trainer.model.config)).peak
-    (memory,) = check_memory(run_settings(trainer, gpu_memory=peak - 1))
+    (memory,) = check_memory(run_settings(trainer, gpu_memory=f"{peak - 1}B"))
     assert memory.severity == WARNING and memory.numbers == {"peak": peak, "budget": peak - 1}
     assert "does not fit" in memory.what and "python -m grpo_ext.plan" in memory.fix
     assert check_memory(run_settings(trainer, gpu_memory="1GiB"))[0].severity == INFO
