@@ -45,6 +45,7 @@ import torch.nn as nn
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from . import cache_rows
 from .logprobs import (
     CompletionScores,
     ScoringRequest,
@@ -84,7 +85,7 @@ def warn_plain_path(reason: str) -> None:
 
 
 def warn_plain_prefill(reason: str) -> None:
-    _warn_once(f"Generation prefills every row (scoring still shares the prompts): {reason}")
+    _warn_once(f"Generation prefills every row: {reason}")
 
 
 # --- Groups of identical prompts ---
@@ -121,6 +122,24 @@ def unique_prompts(
 # --- What can share ---
 
 
+_RECURRENT = (
+    "a recurrent layer reads the prompt as a running state, not as keys/values a completion can attend to; sharing "
+    "would hand each completion its group's final prompt state, which this two-pass forward does not do yet"
+)
+_WINDOW = "a sliding or chunked window hides the start of the prompt from the completion tokens"
+
+# Layer type of a config's `layer_types` -> why scoring cannot hand a completion its group's prompt keys/values.
+# Generation shares these prompts still (`prefill_unsupported_reason`): there a layer's state is repeated whole.
+_SCORING_CANNOT_SHARE = {
+    "sliding_attention": _WINDOW,
+    "chunked_attention": _WINDOW,
+    "linear_attention": _RECURRENT,
+    "conv": _RECURRENT,
+    "hybrid": _RECURRENT,
+    "hybrid_sliding": _RECURRENT,
+}
+
+
 def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
     """Why this model's layers cannot share a prompt's keys/values, or None when they can.
 
@@ -134,8 +153,10 @@ def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
     if uses_prompt_learning(model):
         return "prompt-learning adapters (prefix / prompt tuning) already use the KV cache"
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    if any(layer_type != "full_attention" for layer_type in layer_types):
-        return f"{type(causal_lm).__name__} has non-full-attention layers {sorted(set(layer_types))}"
+    for layer_type in dict.fromkeys(layer_types):
+        if layer_type != "full_attention":
+            why = _SCORING_CANNOT_SHARE.get(layer_type, "a layer type prefix sharing does not know")
+            return f"{type(causal_lm).__name__} has {layer_type!r} layers: {why}"
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         return f"{type(causal_lm).__name__} uses a sliding window"
     backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
@@ -165,7 +186,22 @@ def prefill_unsupported_reason(model: nn.Module, generation_config: GenerationCo
             f"cache_implementation={setting('cache_implementation')!r}: only a DynamicCache can be repeated along "
             "the batch"
         )
-    return prefix_sharing_unsupported_reason(model)
+    return _prefill_model_reason(model)
+
+
+def _prefill_model_reason(model: nn.Module) -> str | None:
+    """Why this model's prompt state cannot be prefilled once and repeated G times, or None when it can. Looser than
+    scoring's rule: a sliding-window layer's last keys/values and a recurrent layer's running state are each a whole
+    row of state, repeated as such (`cache_rows`), while scoring needs every layer to attend to the whole prompt."""
+    causal_lm = unwrap_causal_lm(model)
+    if getattr(causal_lm.config, "is_encoder_decoder", False):
+        return f"{type(causal_lm).__name__} is an encoder-decoder model"
+    if uses_prompt_learning(model):
+        return "prompt-learning adapters (prefix / prompt tuning) already use the KV cache"
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
+        return f"{type(causal_lm).__name__}'s backbone takes no `cache` argument"
+    return cache_rows.unsupported_reason(model)
 
 
 def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_generations: int) -> Cache:
@@ -175,14 +211,9 @@ def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_gener
     position_ids = position_ids_from_mask(attention_mask)  # (B, P-1)
     cache = DynamicCache(config=causal_lm.config)
     backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
-    if any(cache.is_linear):
-        raise NotImplementedError("recurrent (linear-attention) cache layers")
-    cache.batch_repeat_interleave(num_generations)
-    if (
-        cache.get_seq_length() != input_ids.size(1)
-        or cache.layers[0].keys.size(0) != input_ids.size(0) * num_generations
-    ):
-        raise NotImplementedError(f"{type(cache).__name__} did not repeat along the batch")
+    # every row of prompt state (keys/values, or a recurrent layer's running state) G times in a row
+    rows = torch.arange(input_ids.size(0), device=input_ids.device).repeat_interleave(num_generations)  # (B*G,)
+    cache_rows.take_rows(cache, rows)
     return cache
 
 
