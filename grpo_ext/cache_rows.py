@@ -46,8 +46,6 @@ __all__ = [
     "take_rows",
     "unsupported_reason",
     "rule_for",
-    "cache_layer_types",
-    "is_recurrent",
     "ROW_TAKERS",
     "CANNOT_TAKE",
 ]
@@ -112,16 +110,6 @@ def take_rows(cache: Cache, index: torch.Tensor) -> None:
 def _model_cache(model: nn.Module) -> Cache:
     """The cache `generate` builds for the model (empty: its layers are created, no tensor is)."""
     return DynamicCache(config=unwrap_causal_lm(model).config)
-
-
-def cache_layer_types(model: nn.Module) -> list[str]:
-    """The class name of each layer of the model's generation cache, e.g. `["LinearAttentionLayer", "DynamicLayer"]`."""
-    return [type(layer).__name__ for layer in _model_cache(model).layers]
-
-
-def is_recurrent(model: nn.Module) -> bool:
-    """Whether some layer of the model carries a recurrent state (linear attention, Mamba / SSM, short convolution)."""
-    return any(isinstance(layer, LinearAttentionLayer) for layer in _model_cache(model).layers)
 
 
 def unsupported_reason(model: nn.Module) -> str | None:

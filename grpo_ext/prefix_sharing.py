@@ -4,7 +4,8 @@ In a GRPO step the batch holds every prompt G times in a row. Plain rollouts pre
 scoring pass (old, reference, policy) re-encodes it G times. Here the prompt goes through the model once per group:
 
 - **Generation** (`generate_from_shared_cache`): the unique prompts are prefilled once (all but their last token),
-  the KV cache is repeated G times along the batch (`Cache.batch_repeat_interleave`), and `model.generate` continues
+  each cache row is repeated G times along the batch (`cache_rows.take_rows`: keys/values, a sliding window's last
+  keys/values, or a recurrent layer's running state, each a whole row of state), and `model.generate` continues
   from it on the repeated prompts. `generate` only feeds the tokens the cache has not seen, so it starts by decoding
   the last prompt token; everything after is ordinary decoding (sampling, stopping criteria, logits processors).
 - **Scoring** (`SharedPrefixScoring`, a `logprobs.ScoringRequest`): two passes through the backbone inside one forward
@@ -26,9 +27,12 @@ custom mask: the completion pass is an ordinary forward with a cache, as in deco
 `eager` attention implementations (Qwen2, Llama); others that read a `Cache` are checked once per model against the
 plain path (`_self_check`) and fall back if they disagree.
 
-Whether a rollout can share is asked once, by `unsupported_reason` (unexpandable caches, sliding-window /
-linear-attention layers, prompt-learning adapters, beam search, reentrant gradient checkpointing, a failed
-self-check); the rollout module then uses the answer for generation and every scoring pass. The standalone entry
+Whether a rollout can share is asked once, for scoring by `unsupported_reason` (sliding-window or recurrent layers,
+prompt-learning adapters, reentrant gradient checkpointing, a failed self-check) and for generation by
+`prefill_unsupported_reason` (cache layers whose rows cannot be repeated, beam search, a static cache); the rollout
+module then uses the answers for generation and every scoring pass. A recurrent layer (linear attention, Mamba) could
+share in scoring too, by handing each completion its group's final prompt state; the two-pass forward does not do
+that yet, so such models score on the plain path. The standalone entry
 points `generate_with_shared_prefix` and `shared_prefix_logps` ask it themselves and fall back to the plain path,
 with one warning per reason. With dropout active, sharing draws one dropout mask per prompt instead of one per
 copy: the expectation is unchanged, but set `disable_dropout=True` for runs that must match the plain path exactly.
