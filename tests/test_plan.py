@@ -108,6 +108,30 @@ def test_config_without_needed_fields_names_them(tmp_path):
         ModelShape.from_config(*load_model_config(str(path)))
 
 
+_DENSE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+
+
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        # as saved by transformers: NemotronH lists its Mamba layers in layers_block_type, Falcon-H1 nowhere
+        (dict(model_type="nemotron_h", layers_block_type=["mamba", "attention"], **_DENSE), "'nemotron_h'.*Mamba-2"),
+        (dict(model_type="falcon_h1", **_DENSE), "'falcon_h1'.*Mamba-2"),
+        (dict(text_config=dict(model_type="qwen3_5_text", **_DENSE)), "'qwen3_5_text'.*linear-attention"),
+        # a family this table does not know, by its layer types
+        (dict(model_type="new_hybrid", layer_types=["linear_attention", "full_attention"], **_DENSE), "'new_hybrid'"),
+    ],
+)
+def test_models_with_recurrent_layers_are_refused_by_model_type(config, named):
+    with pytest.raises(ValueError, match=rf"cannot plan model_type {named}.*recurrent state"):
+        ModelShape.from_config(config)
+
+
+def test_sliding_window_transformers_are_still_planned():
+    shape = ModelShape.from_config(dict(model_type="gemma3_text", layer_types=["sliding_attention"] * 2, **_DENSE))
+    assert shape.num_layers == 2
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "configs", "*.yaml"))))
 def test_cli_plans_every_shipped_recipe(path, capsys, monkeypatch, tmp_path):
     """Offline, with nothing prepared: a recipe on a local folder (the demos) names the model it will hold."""

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from transformers import GenerationConfig
+from transformers.cache_utils import DynamicLayer
 
 from grpo_ext import prefix_sharing
 from grpo_ext.logprobs import CompletionScores, completion_logps_and_entropies
@@ -239,10 +240,10 @@ def test_qlora_with_gradient_checkpointing(tokenizer, tmp_path):
 
 
 def test_unexpandable_cache_falls_back_with_one_warning(tokenizer, monkeypatch):
-    def cannot_repeat(self, repeats):
+    def cannot_repeat(self, indices):
         raise NotImplementedError("this cache keeps one row per prompt")
 
-    monkeypatch.setattr(prefix_sharing.DynamicCache, "batch_repeat_interleave", cannot_repeat)
+    monkeypatch.setattr(DynamicLayer, "batch_select_indices", cannot_repeat)  # how cache_rows repeats a KV row
     model = make_tiny_model("qwen2", tokenizer)
     prompt_ids, prompt_mask = _prompts(tokenizer)
     with pytest.warns(UserWarning, match="cannot be expanded"):
@@ -262,13 +263,16 @@ def test_static_cache_falls_back(tokenizer):
     assert torch.equal(shared, _plain_generate(model, prompt_ids, prompt_mask, config))
 
 
-def test_sliding_window_model_falls_back(tokenizer):
+def test_sliding_window_model_shares_in_generation_and_falls_back_in_scoring(tokenizer, monkeypatch):
+    monkeypatch.setattr(prefix_sharing, "_WARNED", set())
     model = make_tiny_model("qwen2", tokenizer, use_sliding_window=True, sliding_window=4, max_window_layers=0)
     prompt_ids, prompt_mask = _prompts(tokenizer)
-    with pytest.warns(UserWarning, match="sliding"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a window's keys/values are a row of state, repeated whole
         generated = generate_with_shared_prefix(model, prompt_ids, prompt_mask, G, _greedy(tokenizer))
     assert torch.equal(generated, _plain_generate(model, prompt_ids, prompt_mask, _greedy(tokenizer)))
-    plain, shared = _score_both_ways(model, _batch(tokenizer))  # already warned: silent now
+    with pytest.warns(UserWarning, match="sliding"):  # a completion token must not see the whole prompt
+        plain, shared = _score_both_ways(model, _batch(tokenizer))
     _assert_same(plain, shared)
 
 

@@ -125,7 +125,7 @@ def test_the_plan_is_made_once_and_generation_follows_it(tokenizer, monkeypatch)
     with pytest.warns(UserWarning, match="cache_implementation='static'") as caught:
         assert plan_generation(model, static, True, True) == GenerationPlan(True, False, False)
     assert len(caught) == 2  # one per engine that cannot run this config
-    assert "scoring still shares" in str(caught[1].message)
+    assert "Generation prefills every row" in str(caught[1].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per process
         assert plan_generation(model, static, True, True) == GenerationPlan(True, False, False)
@@ -180,7 +180,7 @@ def test_cache_implementation_reaches_generate_and_scoring_still_shares(tokenize
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(type(trainer.model), "generate", recording_generate)
-    with pytest.warns(UserWarning, match="scoring still shares"):
+    with pytest.warns(UserWarning, match="Generation prefills every row"):
         rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(4)]  # 2 groups of G = 4
         rollout = trainer._generate_and_score(rows, "train")
     assert seen == {"cache": None, "config": "static"}
