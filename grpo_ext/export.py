@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from . import cpu
-from .checkpoints import _is_disk_full
+from .checkpoints import NoSpaceLeftError, _is_disk_full
 from .merge import (
     DRIFT_HEADER,
     Drift,
@@ -42,7 +43,7 @@ from .merge import (
 )
 from .models import gguf_source
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("grpo_ext.export")  # not "__main__" under `python -m`: the CLI shows INFO of grpo_ext
 
 EXPORT_INFO = "export.json"  # what was exported from what, with the measured drift: the Hub card reads it
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -216,10 +217,10 @@ def export_model(
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is private; OUTPUT is an ordinary folder
     try:
-        files = []
         for name in formats:
-            files += FORMATS[name](exported, staging, ExportOptions(options.dtype, options.quant, merge_into))
+            FORMATS[name](exported, staging, ExportOptions(options.dtype, options.quant, merge_into))
         with open(os.path.join(staging, EXPORT_INFO), "w", encoding="utf-8") as file:
             json.dump(info, file, indent=2)
         if os.path.isdir(output):
@@ -228,8 +229,8 @@ def export_model(
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, Exception) and _is_disk_full(error, staging):
-            raise OSError(
-                28,
+            raise NoSpaceLeftError(
+                errno.ENOSPC,
                 f"no space left on device while exporting to {output}; nothing was written there. Free disk "
                 "space (a merged bf16 model needs about 2 bytes per parameter, f16 GGUF as much) and export again.",
             ) from error
@@ -240,6 +241,12 @@ def export_model(
 
         push_export_to_hub(output, push_to, token=token, private=private, api=api)
     return info
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def main() -> None:
@@ -263,10 +270,13 @@ def main() -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("grpo_ext").setLevel(logging.INFO)
     cpu.set_torch_threads()  # the merge and the drift run on the CPU
-    export_model(
+    info = export_model(
         cli.run_or_adapter, cli.output, cli.formats, ExportOptions(cli.dtype, cli.quant, cli.merge_into),
         base=cli.base, base_4bit=cli.base_4bit, push_to=cli.push, private=cli.private,
+        token=os.environ.get("HF_TOKEN"),  # given, so the upload is scanned for it (huggingface_hub reads it anyway)
     )  # fmt: skip
+    if info["drift"]["rows"]:
+        print(drift_table([Drift(**row) for row in info["drift"]["rows"]], info["drift"]["reference"]))
     print(f"exported to {cli.output}")
 
 

@@ -87,6 +87,9 @@ def write_gguf(
     folder = os.path.dirname(os.path.abspath(path))
     handle, partial = tempfile.mkstemp(prefix=".partial-", suffix=".gguf", dir=folder)
     os.close(handle)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(partial, 0o666 & ~mask)  # mkstemp's file is private; the GGUF file is an ordinary one
     try:
         writer = gguf.GGUFWriter(partial, architecture)
         _add_hyperparameters(writer, model.config, quant, name or os.path.splitext(os.path.basename(path))[0])

@@ -232,6 +232,6 @@ def next_token_log_probs(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def next_token_drift(name: str, reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor) -> Drift:
     """`Drift` of `candidate` log-probs from `reference` ones (both `(B, T, V)`), over the positions `mask` keeps."""
-    kl = (reference.exp() * (reference - candidate)).sum(-1)[mask.bool()]
+    kl = (reference.exp() * (reference - candidate)).sum(-1)[mask.bool()].clamp_min(0)  # >= 0 but for rounding
     same = (reference.argmax(-1) == candidate.argmax(-1))[mask.bool()]
     return Drift(name, kl.mean().item(), kl.max().item(), same.float().mean().item(), int(mask.sum()))

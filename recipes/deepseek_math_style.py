@@ -62,6 +62,10 @@ class ScriptArguments:
     eval_before_training: bool = field(default=False, metadata={"help": "Evaluate the base model first."})
     eval_after_training: bool = field(default=True, metadata={"help": "Evaluate the trained model."})
     eval_max_problems: int | None = field(default=None, metadata={"help": "Evaluate on the first N problems only."})
+    export: list[str] = field(
+        default_factory=list,
+        metadata={"help": "After training, export to output_dir/export: merged and / or gguf (grpo_ext.export)."},
+    )
 
 
 def main():
@@ -170,6 +174,12 @@ def main():
                 print(
                     f"held-out pass@1 ({name}): {before:.1%} before -> {after:.1%} after GRPO ({after - before:+.1%})"
                 )
+
+    # Export: merged weights (QLoRA merged into the dequantised NF4 base) and / or GGUF, with the measured drift
+    if is_main and script_args.export:
+        from grpo_ext.export import export_model
+
+        export_model(training_args.output_dir, os.path.join(training_args.output_dir, "export"), script_args.export)
 
     # Push the adapter and its model card when asked (--push_to_hub --hub_model_id user/name)
     if training_args.push_to_hub:

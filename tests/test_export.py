@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from grpo_ext import export as export_module
+from grpo_ext.checkpoints import NoSpaceLeftError
 from grpo_ext.export import ExportOptions, export_model, rounded_weights
 from grpo_ext.merge import adapter_model, find_trained_model, load_base, merged_model
 from grpo_ext.modelfile import CHATML_TEMPLATE, build_modelfile
@@ -311,7 +312,7 @@ def test_a_full_disk_leaves_no_half_written_output(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setitem(export_module.FORMATS, "gguf", gguf_on_a_full_disk)
-    with pytest.raises(OSError, match="no space left on device while exporting to .*out; nothing was written"):
+    with pytest.raises(NoSpaceLeftError, match="no space left on device while exporting to .*out; nothing was written"):
         export_model(run, tmp_path / "out", ["merged", "gguf"])
     assert not (tmp_path / "out").exists() and staged_leftovers(tmp_path) == []
 
