@@ -270,14 +270,12 @@ def main() -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("grpo_ext").setLevel(logging.INFO)
     cpu.set_torch_threads()  # the merge and the drift run on the CPU
-    info = export_model(
+    export_model(
         cli.run_or_adapter, cli.output, cli.formats, ExportOptions(cli.dtype, cli.quant, cli.merge_into),
         base=cli.base, base_4bit=cli.base_4bit, push_to=cli.push, private=cli.private,
         token=os.environ.get("HF_TOKEN"),  # given, so the upload is scanned for it (huggingface_hub reads it anyway)
     )  # fmt: skip
-    if info["drift"]["rows"]:
-        print(drift_table([Drift(**row) for row in info["drift"]["rows"]], info["drift"]["reference"]))
-    print(f"exported to {cli.output}")
+    print(f"exported to {cli.output} (the drift table is in the log above and in {EXPORT_INFO})")
 
 
 if __name__ == "__main__":
