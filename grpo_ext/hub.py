@@ -285,6 +285,11 @@ def push_adapter_to_hub(
         model_card = card.read_text("utf-8") if card.is_file() else ""
         model_card = model_card if CARD_MARKER in model_card else model_card_for_output_dir(output_dir, repo_id)
     uploads = {name: os.path.join(output_dir, name) for name in files} | {MODEL_CARD: model_card.encode("utf-8")}
+    return _commit_uploads(api, repo_id, uploads, token, commit_message, revision)
+
+
+def _commit_uploads(api: HfApi, repo_id: str, uploads: dict, token, commit_message: str, revision=None):
+    """One commit of `uploads` (path in repo -> file path or bytes) to `repo_id`; refused when any holds `token`."""
     needle = token.encode() if isinstance(token, str) and token else None
     if needle and (leaking := [name for name, data in uploads.items() if _contains(data, needle)]):
         raise ValueError(
@@ -296,6 +301,75 @@ def push_adapter_to_hub(
     return api.create_commit(
         repo_id, operations=operations, commit_message=commit_message, token=token, revision=revision
     )
+
+
+# --- Exported models (grpo_ext.export) ---
+
+EXPORT_CARD_TEMPLATE = Path(__file__).parent / "templates" / "export_model_card.md"
+# What an export folder may upload: merged weights (single file, index, shards), configs, tokenizer, GGUF + Modelfile.
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "Modelfile", *TOKENIZER_FILES)
+MERGE_PATHS = {
+    "nf4": "into the dequantised NF4 weights the adapter saw in training (QLoRA), in float32",
+    "original": "into the base model's original weights, in float32",
+}
+
+
+def export_upload_files(folder: str | os.PathLike) -> list[str]:
+    """File names of an export folder that `push_export_to_hub` uploads (the card excepted)."""
+    folder = os.fspath(folder)
+    if not os.path.isfile(os.path.join(folder, "export.json")):
+        raise ValueError(f"{folder} is not an export folder (no export.json): run `python -m grpo_ext.export` first.")
+    weights = lambda name: name.startswith("model") and name.endswith((".safetensors", ".gguf"))  # noqa: E731
+    return sorted(name for name in os.listdir(folder) if name in EXPORT_FILES or weights(name))
+
+
+def export_model_card(info: dict, repo_id: str) -> str:
+    """The README.md of an exported model from templates/export_model_card.md: base, adapter, merge path,
+    quantisation and the measured drift, from the export's `export.json` (`info`)."""
+    base, adapter = info.get("base"), info.get("adapter")
+    gguf = info.get("gguf") or {}
+    tags = ["grpo", "grpo-ext", *(["merged"] if adapter else []), *(["gguf"] if gguf else [])]
+    card_data = ModelCardData(
+        base_model=base if _is_hub_id(base) else None,
+        library_name="transformers" if "merged" in info else "gguf",
+        tags=tags,
+        pipeline_tag="text-generation",
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(EXPORT_CARD_TEMPLATE),
+        marker=CARD_MARKER,
+        repo_id=repo_id,
+        base=base if _is_hub_id(base) else base and os.path.basename(os.path.normpath(base)),
+        adapter=adapter and os.path.basename(os.path.normpath(adapter)),  # a local path says nothing on the Hub
+        merge_path=MERGE_PATHS.get(info.get("merge_into"), "none"),
+        merged_dtype=(info.get("merged") or {}).get("dtype"),
+        gguf_file=gguf.get("file"),
+        gguf_quant=gguf.get("quant"),
+        drift_reference=(info.get("drift") or {}).get("reference"),
+        drift_rows=(info.get("drift") or {}).get("rows"),
+    )
+    return f"{card}\n"
+
+
+def push_export_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload model exported from a GRPO run (grpo-ext)",
+    api: HfApi | None = None,
+):
+    """Upload an export folder (merged weights and / or a GGUF file with its Modelfile) and its card to `repo_id` in
+    one commit, refused when a file holds `token`, as `push_adapter_to_hub`; returns the `CommitInfo`."""
+    folder = os.fspath(folder)
+    files = export_upload_files(folder)
+    info = _read_json(Path(folder, "export.json")) or {}
+    api = api if api is not None else HfApi()
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+    card = export_model_card(info, repo_id).encode("utf-8")
+    uploads = {name: os.path.join(folder, name) for name in files} | {MODEL_CARD: card}
+    return _commit_uploads(api, repo_id, uploads, token, commit_message)
 
 
 # --- Uploads during training ---

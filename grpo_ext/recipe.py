@@ -62,6 +62,10 @@ class ScriptArguments:
     eval_before_training: bool = field(default=False, metadata={"help": "Evaluate the base model first."})
     eval_after_training: bool = field(default=True, metadata={"help": "Evaluate the trained model."})
     eval_max_problems: int | None = field(default=None, metadata={"help": "Evaluate on the first N problems only."})
+    export: list[str] = field(
+        default_factory=list,
+        metadata={"help": "After training, export to output_dir/export: merged and / or gguf (grpo_ext.export)."},
+    )
 
 
 RECIPE_ARGUMENTS = (ScriptArguments, GRPOExtConfig, ModelConfig)

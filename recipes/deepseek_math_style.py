@@ -71,6 +71,12 @@ def main():
                     f"held-out pass@1 ({name}): {before:.1%} before -> {after:.1%} after GRPO ({after - before:+.1%})"
                 )
 
+    # Export: merged weights (QLoRA merged into the dequantised NF4 base) and / or GGUF, with the measured drift
+    if is_main and script_args.export:
+        from grpo_ext.export import export_model
+
+        export_model(training_args.output_dir, os.path.join(training_args.output_dir, "export"), script_args.export)
+
     # Push the adapter and its model card when asked (--push_to_hub --hub_model_id user/name)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
