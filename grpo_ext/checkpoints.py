@@ -166,7 +166,7 @@ class NoSpaceLeftError(OSError):
     """Saving stopped because the disk is full; the message names the folder left incomplete."""
 
 
-def _is_disk_full(error: BaseException, folder: str) -> bool:
+def is_disk_full(error: BaseException, folder: str) -> bool:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
     if "No space left on device" in str(error):  # C++ writers (torch.save, safetensors) wrap the errno in text
@@ -188,7 +188,7 @@ def explain_full_disk(folder: str | os.PathLike):
     except NoSpaceLeftError:
         raise
     except Exception as error:
-        if not _is_disk_full(error, folder):
+        if not is_disk_full(error, folder):
             raise
         raise NoSpaceLeftError(
             errno.ENOSPC,

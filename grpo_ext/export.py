@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import cpu
-from .checkpoints import NoSpaceLeftError, _is_disk_full
+from .checkpoints import NoSpaceLeftError, is_disk_full
 from .merge import (
     DRIFT_HEADER,
     Drift,
@@ -228,7 +228,7 @@ def export_model(
         os.rename(staging, output)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, Exception) and _is_disk_full(error, staging):
+        if isinstance(error, Exception) and is_disk_full(error, staging):
             raise NoSpaceLeftError(
                 errno.ENOSPC,
                 f"no space left on device while exporting to {output}; nothing was written there. Free disk "
