@@ -134,10 +134,10 @@ class ModelShape:
         recurrent = _recurrent_layers(config)
         if recurrent:
             raise ValueError(
-                f"The memory planner cannot plan model_type {config.get('model_type')!r} ({source}): its {recurrent} "
+                f"{source}: the memory planner cannot plan model_type {config.get('model_type')!r}: its {recurrent} "
                 "layers keep one recurrent state per sequence instead of a KV cache that grows with each token, and "
                 "their weights are not a transformer layer's q/k/v/o + MLP. It plans decoder-only transformers whose "
-                "layers are all attention layers; size this model's batch by a trial run."
+                f"layers are all attention layers. {fix}"
             )
         missing = [name for name in _NEEDED_FIELDS if config.get(name) is None]
         if missing:

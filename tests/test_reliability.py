@@ -415,9 +415,15 @@ def test_memory_sizes_need_a_unit_and_must_be_positive(make_args, capsys):
         assert exit_info.value.code == 2 and f"error: --gpu-memory {flag}: {message}" in capsys.readouterr().err
     # An architecture the planner cannot model: the trainer's user is told about fields, not --model-config
     with pytest.raises(ValueError) as caught:
+        fit_batch_size(make_args(gpu_memory_budget="8GiB"), {"model_type": "my_arch", "hidden_size": 64})
+    message = str(caught.value)
+    assert message.startswith("gpu_memory_budget='8GiB': the model's config (my_arch architecture) has no ")
+    assert "unset gpu_memory_budget and set per_device_train_batch_size" in message and "--" not in message
+    # ... and so is the user of a recurrent model, which the planner refuses by its model_type
+    with pytest.raises(ValueError) as caught:
         fit_batch_size(make_args(gpu_memory_budget="8GiB"), {"model_type": "mamba", "hidden_size": 64})
     message = str(caught.value)
-    assert message.startswith("gpu_memory_budget='8GiB': the model's config (mamba architecture) has no ")
+    assert message.startswith("gpu_memory_budget='8GiB'") and "cannot plan model_type 'mamba'" in message
     assert "unset gpu_memory_budget and set per_device_train_batch_size" in message and "--" not in message
 
 
