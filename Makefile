@@ -27,7 +27,7 @@ demo: install
 	$(PY) recipes/prepare_demo.py outputs/demo
 	$(PY) recipes/deepseek_math_style.py --config recipes/configs/tiny-cpu.yaml
 
-# A real pretrained model learns with GRPO on the CPU: SmolLM2-135M-Instruct + LoRA (~15 minutes on 2 cores).
+# A real pretrained model learns with GRPO on the CPU: SmolLM2-135M-Instruct + LoRA (~8 minutes on 2 idle cores).
 demo-real: install
 	$(PY) recipes/prepare_real_demo.py outputs/smollm2
 	$(PY) recipes/deepseek_math_style.py --config recipes/configs/smollm2-135m-cpu.yaml
