@@ -326,16 +326,28 @@ def _run_worker(options, trainer_name: str, shape: str, model_path: str) -> dict
     return json.loads(output.strip().splitlines()[-1])
 
 
+def _model_spec(options) -> tuple[str, dict]:
+    """The benchmark model's family and config overrides: qwen2 at MODEL's size, or a family of
+    `grpo_ext.testing.FAMILIES` (hybrid models included) at its own tiny test size."""
+    return ("qwen2", MODEL) if options.architecture == "qwen2" else (options.architecture, {})
+
+
+def _save_model(folder: str, options) -> str:
+    from grpo_ext.testing import save_tiny_model
+
+    architecture, overrides = _model_spec(options)
+    return save_tiny_model(folder, architecture, seed=0, **overrides)
+
+
 def run_trainers(options) -> list[dict]:
     """Every (shape, trainer) in its own subprocess, `--rounds` times in alternating order; per phase the fastest
     timed step is kept (other jobs on a shared machine only ever add time), memory is the largest peak."""
-    from grpo_ext.testing import save_tiny_model
 
     results = []
     trainers = REAL_TRAINERS if options.real else TRAINERS
     with tempfile.TemporaryDirectory() as folder:
         for shape in [REAL] if options.real else options.shapes:
-            model_path = "" if options.real else save_tiny_model(os.path.join(folder, shape), "qwen2", seed=0, **MODEL)
+            model_path = "" if options.real else _save_model(os.path.join(folder, shape), options)
             runs = {name: [] for name in trainers}
             for round_index in range(options.rounds):
                 for trainer_name in trainers if round_index % 2 == 0 else reversed(trainers):
@@ -530,6 +542,12 @@ def main(argv=None) -> None:
         action="store_true",
         help="Trainers on the real model (SmolLM2-135M-Instruct + LoRA, natural lengths): trl vs ours+sharing.",
     )
+    parser.add_argument(
+        "--architecture",
+        default="qwen2",
+        help="Model family of the trainer comparison: qwen2 (default, MODEL's size) or a grpo_ext.testing.FAMILIES "
+        "name at its tiny test size, e.g. nemotron_h or qwen3_5 (hybrid: recurrent and attention layers).",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
 
@@ -563,7 +581,8 @@ def main(argv=None) -> None:
         return
     both = not (options.trainers or options.components)
     print(
-        f"model: qwen2 {MODEL}; {options.prompts_per_step} prompts per step; torch threads {options.threads}; "
+        f"model: {options.architecture} {MODEL if options.architecture == 'qwen2' else '(tiny test size)'}; "
+        f"{options.prompts_per_step} prompts per step; torch threads {options.threads}; "
         f"{options.steps} steps x {options.rounds} round(s), first {options.warmup} step(s) not timed, fastest of the rest; "
         f"{options.clock} seconds"
     )
