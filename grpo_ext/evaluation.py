@@ -31,6 +31,8 @@ import torch
 from datasets import IterableDataset
 from tqdm.auto import tqdm
 
+from reward_models._text import completion_text
+
 from .rollout import (
     GenerationPlan,
     encode_prompts,
@@ -106,13 +108,6 @@ def default_answer_key() -> Callable[[str], str]:
     from reward_models.accuracy import extract_answer
 
     return lambda text: (extract_answer(text) or "").strip()
-
-
-def completion_text(completion) -> str:
-    """A completion as text: itself, or its last message's content (conversational)."""
-    if isinstance(completion, list):
-        return str(completion[-1].get("content", "")) if completion else ""
-    return completion
 
 
 # --- Generation: k answers per problem through the rollout engine ---
