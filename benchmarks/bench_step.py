@@ -205,7 +205,7 @@ def run_trainer(trainer_name: str, shape: str, model_path: str, steps: int, warm
     else:
         from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 
-        trainer_cls, rollout = GRPOExtTrainer, "_generate_and_score"
+        trainer_cls, rollout = GRPOExtTrainer, "generate_and_score"
         shipped = trainer_name == "ours+sharing"
         args = GRPOExtConfig(**settings, prefix_sharing=shipped, drop_finished_rows=shipped)
 

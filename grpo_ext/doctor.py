@@ -485,7 +485,7 @@ def _roll_out(trainer, rows: list[dict], task_metrics) -> dict:
     truncated = Rollout.of_token_lists(
         prompt_ids, completion_ids, None, trainer.processing_class.pad_token_id, trainer.eos_token_ids
     ).is_truncated.cpu()
-    columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}  # as `_generate_and_score`
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}  # as `generate_and_score`
     columns["trainer_state"] = trainer.state
     for key, values in extra_fields.items():  # a rollout_func's extra fields: a list holds one value per row
         columns[key] = values if isinstance(values, list) else [values] * len(rows)

@@ -487,13 +487,13 @@ class GRPOExtTrainer(_BaseTrainer):
 
     def _prepare_inputs(self, generation_batch: list[dict]) -> Rollout:
         if not self.model.training:
-            return self._generate_and_score(generation_batch, mode="eval")
+            return self.generate_and_score(generation_batch, mode="eval")
         generate_every = self.args.steps_per_generation * self.args.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             if self.args.dynamic_sampling:
                 rollout = self._roll_out_varying_groups(generation_batch)
             else:
-                rollout = self._generate_and_score(generation_batch, mode="train")
+                rollout = self.generate_and_score(generation_batch, mode="train")
             self._buffered_inputs = self._split_into_micro_batches(rollout)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
@@ -517,8 +517,11 @@ class GRPOExtTrainer(_BaseTrainer):
             )
         return scores.logps
 
-    def _generate_and_score(self, rows: list[dict], mode: str) -> Rollout:
-        """Roll out G completions per prompt, score them, and compute advantages and the log-probs the loss needs."""
+    def generate_and_score(self, rows: list[dict], mode: str = "train") -> Rollout:
+        """One generation batch as a step trains on it: `rows` (each prompt G times in a row) rolled out, rewarded,
+        with their advantages and the old / reference log-probs the loss needs. `mode="eval"` uses
+        `num_generations_eval` and the eval metrics. The seam to inspect or wrap a rollout (TRL's
+        `_generate_and_score_completions`)."""
         device = self.accelerator.device
         G = self.num_generations if mode == "train" else self.num_generations_eval
         prompts = [row["prompt"] for row in rows]
@@ -655,7 +658,7 @@ class GRPOExtTrainer(_BaseTrainer):
         kept, dropped, rounds = [], [], 0
         while True:
             rounds += 1
-            rollout = self._generate_and_score(rows, mode="train")
+            rollout = self.generate_and_score(rows, mode="train")
             varying = varying_groups(rollout.group_std, G).tolist()  # (groups,)
             for group, keep in enumerate(varying):
                 (kept if keep else dropped).append(rollout.rows(group * G, (group + 1) * G))

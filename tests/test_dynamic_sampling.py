@@ -65,8 +65,8 @@ def test_stops_at_max_rounds_and_trains_on_what_it_has(tokenizer, make_args):
     rounds_seen = []
     constant = lambda completions, **kwargs: [1.0] * len(completions)  # noqa: E731 - no group ever varies
     trainer = _trainer(tokenizer, make_args, constant, max_steps=1, max_sampling_rounds=3)
-    original = trainer._generate_and_score
-    trainer._generate_and_score = lambda rows, mode: rounds_seen.append(len(rows)) or original(rows, mode)
+    original = trainer.generate_and_score
+    trainer.generate_and_score = lambda rows, mode: rounds_seen.append(len(rows)) or original(rows, mode)
     trainer.train()
     assert len(rounds_seen) == 3 and rounds_seen[0] == 8  # the batch, then two refills of the missing 2 groups
     logged = trainer.state.log_history[0]

@@ -121,7 +121,7 @@ def test_rollout_shaping_and_metrics(tokenizer, make_args):
             parameter.add_(0.05 * torch.randn_like(parameter))
     trainer.model.train()
     rows = [row for row in make_prompt_dataset(2) for _ in range(4)]
-    batch = trainer._generate_and_score(rows, mode="train")
+    batch = trainer.generate_and_score(rows, mode="train")
     logps = trainer._completion_logps(trainer.model, batch)
     kl = sequence_kl(logps, batch.ref_per_token_logps, batch.completion_mask, "k1")
     lengths = batch.completion_mask.sum(1)
@@ -142,7 +142,7 @@ def _measured_kl(trainer, initial_model, tokenizer):
     rows = [row for row in make_prompt_dataset(16, seed=7) for _ in range(8)]
     trainer.model.eval()
     with torch.no_grad():
-        batch = trainer._generate_and_score(rows, mode="eval")
+        batch = trainer.generate_and_score(rows, mode="eval")
         ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
         mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
         keep = batch.completion_ids.size(1)

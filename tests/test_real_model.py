@@ -153,7 +153,7 @@ def test_rollout_masks_after_the_end_of_turn_and_rewards_see_clean_text(model_di
     lora = LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOExtTrainer(model_dir, record, args=args, train_dataset=dataset, peft_config=lora)
     rows = [{"prompt": dataset[i]["prompt"]} for i in (0, 1) for _ in range(4)]
-    rollout = trainer._generate_and_score(rows, mode="train")
+    rollout = trainer.generate_and_score(rows, mode="train")
 
     eos = trainer.processing_class.eos_token_id
     ids, mask = rollout.completion_ids, rollout.completion_mask  # (8, C)

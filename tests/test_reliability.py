@@ -95,8 +95,8 @@ def test_a_hanging_tool_in_a_rollout_is_counted_and_warned_about_once(tool_token
     seen = []
     trainer.rewards.funcs[0] = lambda completions, **kw: seen.extend(completions) or [0.0] * len(completions)
     with caplog.at_level(logging.WARNING, logger="grpo_ext.tools"):
-        trainer._generate_and_score(rows_of(trainer), mode="train")
-        trainer._generate_and_score(rows_of(trainer), mode="train")
+        trainer.generate_and_score(rows_of(trainer), mode="train")
+        trainer.generate_and_score(rows_of(trainer), mode="train")
     assert seen[0][1] == {"role": "tool", "name": "lookup", "content": str({"error": _late("lookup")})}
     metrics = trainer._metrics["train"]
     assert metrics["tools/timeout_frequency"] == [1.0, 1.0] and metrics["tools/failure_frequency"] == [1.0, 1.0]
@@ -244,10 +244,10 @@ def test_a_failing_rollout_func_is_named(tokenizer, make_args):
 
     trainer = tiny_trainer(tokenizer, make_args(), rollout_func=my_rollout)
     with pytest.raises(RuntimeError, match=r"rollout_func 'my_rollout' raised KeyError: 'server' \(on 8 prompts"):
-        trainer._generate_and_score([trainer.train_dataset[0]] * 8, mode="train")
+        trainer.generate_and_score([trainer.train_dataset[0]] * 8, mode="train")
     trainer.rollout_func = lambda prompts, trainer: [1, 2]
     with pytest.raises(TypeError, match=r"rollout_func '<lambda>' returned a list; it must return a dict with keys"):
-        trainer._generate_and_score([trainer.train_dataset[0]] * 8, mode="train")
+        trainer.generate_and_score([trainer.train_dataset[0]] * 8, mode="train")
 
 
 # --- 2. Truthful tool accounting ---
@@ -270,7 +270,7 @@ def test_a_tool_result_that_does_not_fit_is_dropped_counted_and_warned_about_onc
     trainer = make_trainer(tool_tokenizer, make_args, tools=[echo], args=dict(max_completion_length=length + 20))
     with caplog.at_level(logging.WARNING, logger="grpo_ext.tools"):
         for _ in range(2):
-            rollout = trainer._generate_and_score(rows_of(trainer), mode="train")
+            rollout = trainer.generate_and_score(rows_of(trainer), mode="train")
     assert rollout.lengths.tolist() == [length] * 4  # the documented rule: the whole round's results are dropped
     metrics = trainer._metrics["train"]
     assert metrics["tools/call_frequency"] == [1.0, 1.0]  # the calls ran...

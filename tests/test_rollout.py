@@ -94,7 +94,7 @@ def test_trainer_loss_is_the_same_with_pad_to_multiple_of(tokenizer, make_args):
 
     trainer = tiny_trainer(tokenizer, make_args(pad_to_multiple_of=16, beta=0.0))
     trainer.model.train()
-    rollout = trainer._generate_and_score(trainer.train_dataset.select(range(8)).to_list(), mode="train")
+    rollout = trainer.generate_and_score(trainer.train_dataset.select(range(8)).to_list(), mode="train")
     assert rollout.prompt_ids.size(1) % 16 == 0 and rollout.completion_ids.size(1) == 16  # max_completion_length 6
     (micro_batch,) = trainer._split_into_micro_batches(rollout)
     assert micro_batch.completion_ids.size(1) == 16
@@ -182,7 +182,7 @@ def test_cache_implementation_reaches_generate_and_scoring_still_shares(tokenize
     monkeypatch.setattr(type(trainer.model), "generate", recording_generate)
     with pytest.warns(UserWarning, match="Generation prefills every row"):
         rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(4)]  # 2 groups of G = 4
-        rollout = trainer._generate_and_score(rows, "train")
+        rollout = trainer.generate_and_score(rows, "train")
     assert seen == {"cache": None, "config": "static"}
     assert rollout.shared_prefix and rollout.completion_ids.shape == (8, 6)
 
@@ -237,7 +237,7 @@ def test_the_trainer_generates_with_continuous_batching_when_asked(tokenizer, ma
 
     monkeypatch.setattr(type(trainer.model), "generate_batch", generate_batch)
     rows = [row for row in trainer.train_dataset.select(range(2)) for _ in range(4)]  # 2 groups of G = 4
-    rollout = trainer._generate_and_score(rows, "train")
+    rollout = trainer.generate_and_score(rows, "train")
     prompts = [tokenizer(row["prompt"], add_special_tokens=False)["input_ids"] for row in rows]
     assert calls == [(prompts, 0.5)]  # the rollout's rows, unpadded; TRL's memory share
     answer = [*tokenizer("12", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]

@@ -120,7 +120,7 @@ def test_tool_results_are_in_the_completion_but_not_in_the_loss(tool_tokenizer, 
     first, last = call("multiply", a=3, b=4) + "<|im_end|>", "12<|im_end|>"
     scripted(monkeypatch, tool_tokenizer, [first, last])
     trainer = make_trainer(tool_tokenizer, make_args, tools=[multiply], args=dict(loss_type="dapo"))
-    rollout = trainer._generate_and_score(rows_of(trainer), mode="train")
+    rollout = trainer.generate_and_score(rows_of(trainer), mode="train")
 
     assert calls == [(3, 4)] * 4  # every row called the tool with the parsed arguments
     suffix = "\n<|im_start|>tool\n12<|im_end|>\n<|im_start|>assistant\n"
@@ -185,7 +185,7 @@ def test_later_turns_continue_the_whole_history(tool_tokenizer, make_args, monke
         tools=[add],
         args=dict(max_completion_length=120, generation_kwargs={"do_sample": False}),
     )
-    rollout = trainer._generate_and_score(rows_of(trainer), mode="train")
+    rollout = trainer.generate_and_score(rows_of(trainer), mode="train")
 
     before = len(tool_tokenizer(first + "\n<|im_start|>tool\n3<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
     histories = torch.cat([rollout.prompt_ids, rollout.completion_ids[:, :before]], 1)  # equal lengths: no padding
@@ -233,7 +233,7 @@ def test_iteration_limit_failures_and_async_tools(tool_tokenizer, make_args, mon
         tool_tokenizer, make_args, reward_funcs=record, tools=[broken, double],
         args=dict(max_tool_calling_iterations=1, max_completion_length=460),
     )  # fmt: skip
-    rollout = trainer._generate_and_score(rows_of(trainer), mode="train")
+    rollout = trainer.generate_and_score(rows_of(trainer), mode="train")
 
     assert calls == [5] * 4  # one round; the second turn's calls are not run
     messages = seen[0]
@@ -248,7 +248,7 @@ def test_iteration_limit_failures_and_async_tools(tool_tokenizer, make_args, mon
     scripted(monkeypatch, tool_tokenizer, [call("double", x=1) + "<|im_end|>"])
     trainer.args.max_tool_calling_iterations = 3
     trainer._tool_calling.max_iterations = 3
-    trainer._generate_and_score(rows_of(trainer), mode="train")
+    trainer.generate_and_score(rows_of(trainer), mode="train")
     assert calls[4:] == [1] * 12  # three rounds of 4 rows
 
 
@@ -267,7 +267,7 @@ def test_tool_results_past_max_completion_length_are_rolled_back(tool_tokenizer,
     trainer = make_trainer(tool_tokenizer, make_args, tools=[echo], args=dict(max_completion_length=length + 20))
     seen = []
     trainer.rewards.funcs[0] = lambda completions, **kw: seen.extend(completions) or [0.0] * len(completions)
-    rollout = trainer._generate_and_score(rows_of(trainer), mode="train")
+    rollout = trainer.generate_and_score(rows_of(trainer), mode="train")
     assert rollout.lengths.tolist() == [length] * 4 and rollout.tool_mask.sum(1).tolist() == [length] * 4
     assert all([m["role"] for m in messages] == ["assistant"] for messages in seen)
     assert trainer._metrics["train"]["tools/call_frequency"] == [1.0]  # it ran, its result did not fit
@@ -308,7 +308,7 @@ def test_environment_rollout(tool_tokenizer, make_args, monkeypatch):
     trainer = make_trainer(tool_tokenizer, make_args, reward_funcs=record, environment_factory=Counter)
     assert trainer.rewards.names == ["record", "Counter"]
     rows = rows_of(trainer)
-    rollout = trainer._generate_and_score(rows, mode="train")
+    rollout = trainer.generate_and_score(rows, mode="train")
     environments = received["environments"]
     assert len({id(env) for env in environments}) == 4 and all(type(env) is Counter for env in environments)
     assert [env.total for env in environments] == [2] * 4  # the method ran as a tool on its own instance
@@ -320,7 +320,7 @@ def test_environment_rollout(tool_tokenizer, make_args, monkeypatch):
     assert "Tools: increment" in text(tool_tokenizer, rollout.prompt_ids[0])  # the method's schema in the prompt
     assert trainer._metrics["train"]["rewards/Counter/mean"] == [2.0]
 
-    trainer._generate_and_score(rows, mode="train")  # instances are reused, not rebuilt
+    trainer.generate_and_score(rows, mode="train")  # instances are reused, not rebuilt
     assert trainer._tool_calling.environments.pool[None] == environments
     assert [env.answers for env in environments] == [[row["answer"]] * 2 for row in rows]
 
@@ -343,7 +343,7 @@ def test_environments_by_name_and_without_reward_funcs_or_dataset(tool_tokenizer
         environment_factory={"single": Counter, "double": Doubler},
     )  # fmt: skip
     assert trainer.rewards.names == ["Counter", "Doubler"]
-    trainer._generate_and_score(rows_of(trainer, prompts=4)[::2], mode="train")  # one row of each prompt
+    trainer.generate_and_score(rows_of(trainer, prompts=4)[::2], mode="train")  # one row of each prompt
     rewards = trainer._metrics["train"]
     assert rewards["rewards/Counter/mean"] == [1.0] and rewards["rewards/Doubler/mean"] == [2.0]
 
@@ -357,7 +357,7 @@ def test_environments_by_name_and_without_reward_funcs_or_dataset(tool_tokenizer
         args=make_args(per_device_train_batch_size=4, num_generations=G, max_completion_length=120, max_steps=1),
         processing_class=tool_tokenizer, environment_factory=Game,
     )  # fmt: skip
-    rollout = no_data._generate_and_score(rows_of(no_data), mode="train")
+    rollout = no_data.generate_and_score(rows_of(no_data), mode="train")
     assert "user\nStart at 0.<|im_end|>" in text(tool_tokenizer, rollout.prompt_ids[0])
     assert no_data._metrics["train"]["rewards/Game/mean"] == [1.0]
 
@@ -376,7 +376,7 @@ def test_a_subclass_overriding_generate_drives_the_rollout(tool_tokenizer, make_
         train_dataset=make_prompt_dataset(4, conversational=True),
     )  # fmt: skip
     trainer.__class__ = Fixed
-    rollout = trainer._generate_and_score(rows_of(trainer), mode="train")
+    rollout = trainer.generate_and_score(rows_of(trainer), mode="train")
     assert rollout.completion_ids.tolist() == [[8, 9, tool_tokenizer.eos_token_id]] * 4
     assert rollout.prompt_ids.tolist() == [[5, 6, 7]] * 4 and rollout.tool_mask is None
 
@@ -447,7 +447,7 @@ def test_rollout_func_replaces_generation_and_feeds_the_rewards(tokenizer, make_
     trainer = GRPOExtTrainer(make_tiny_model("qwen2", tokenizer), reward, args=make_args(max_steps=1),
                              train_dataset=make_prompt_dataset(8), processing_class=tokenizer, rollout_func=rollout_func)  # fmt: skip
     rows = [trainer.train_dataset[i] for i in range(2) for _ in range(4)]
-    rollout = trainer._generate_and_score(rows, "train")
+    rollout = trainer.generate_and_score(rows, "train")
     assert seen["prompts"] == [row["prompt"] for row in rows]
     assert seen["completions"] == ["12"] * 8 and seen["judge"] == [float(i) for i in range(8)]
     assert rollout.completion_mask[:, :3].tolist() == [[1, 1, 1]] * 8
@@ -456,4 +456,4 @@ def test_rollout_func_replaces_generation_and_feeds_the_rewards(tokenizer, make_
 
     trainer.rollout_func = lambda prompts, trainer: {"prompt_ids": [], "completion_ids": []}
     with pytest.raises(ValueError, match=r"rollout_func must return keys \['logprobs'\]"):
-        trainer._generate_and_score(rows, "train")
+        trainer.generate_and_score(rows, "train")

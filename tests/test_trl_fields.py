@@ -39,14 +39,14 @@ def test_eval_rollout_uses_num_generations_eval(tokenizer, make_args):
     row_rewards = lambda completions, **kwargs: [float(i) for i in range(len(completions))]  # noqa: E731
     trainer = _trainer(tokenizer, args, reward_funcs=row_rewards, eval_dataset=make_prompt_dataset(4))
     rollouts, prompts_seen = [], []
-    generate_and_score = trainer._generate_and_score
+    generate_and_score = trainer.generate_and_score
 
     def spy(rows, mode):
         prompts_seen.append([row["prompt"] for row in rows])
         rollouts.append(generate_and_score(rows, mode))
         return rollouts[-1]
 
-    trainer._generate_and_score = spy
+    trainer.generate_and_score = spy
     trainer.evaluate()
     metrics = trainer.state.log_history[-1]  # the logged eval metrics
     # 4 prompts x 2 completions, in batches of 4 rows = 2 groups of 2, each prompt twice in a row
@@ -147,7 +147,7 @@ def test_advantages_by_aggregation_match_hand_computation_and_trl(
     rewards_per_func = torch.tensor(REWARDS_PER_FUNC)  # (6, 2)
     trainer.rewards.score = lambda *args, **kwargs: rewards_per_func.clone()
     rows = [row for row in make_prompt_dataset(2) for _ in range(G)]
-    advantages = trainer._generate_and_score(rows, mode="train").advantages
+    advantages = trainer.generate_and_score(rows, mode="train").advantages
 
     expected = torch.tensor(_hand_advantages(aggregation, scale_rewards))
     torch.testing.assert_close(advantages, expected)
