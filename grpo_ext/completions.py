@@ -45,3 +45,33 @@ def write_parquet(samples: dict[str, list], output_dir: str | os.PathLike, step:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pd.DataFrame(samples).to_parquet(path)
     return path
+
+
+def log_completions_table(samples: dict[str, list], args, step: int, reward_names: list[str], guard) -> None:
+    """Print a few of the last rollout's completions (`num_completions_to_print`), write the whole table as this
+    step's parquet file (uploaded with `log_completions_hub_repo`), and send it to wandb / trackio if they run. A
+    write or a tracker that fails is a warning (`guard`, a `reporting.LoggingGuard`): logging never ends a run."""
+    files = f"the completions files ({os.path.dirname(parquet_path(args.output_dir, step))})"
+    guard.run(files, lambda: write_parquet(samples, args.output_dir, step))
+    rows = table_rows(samples, unique_prompts=args.log_unique_prompts)
+    fixed = {"step", "prompt", "completion", "reward", "advantage", *reward_names}
+    extra = [column for column in samples if column not in fixed]  # columns logged with log_extra
+    lines = [f"step {step} completions:"]
+    lines += [
+        f"  reward {samples['reward'][i]:+.3f} advantage {samples['advantage'][i]:+.2f} | "
+        f"{samples['prompt'][i]!r} -> {samples['completion'][i]!r}"
+        + "".join(f" | {column}={samples[column][i]!r}" for column in extra)
+        for i in range(len(rows))[: args.num_completions_to_print]
+    ]
+    print("\n".join(lines))
+    if "wandb" in args.report_to:
+        import wandb
+
+        if wandb.run is not None:
+            table = lambda: wandb.log({"completions": wandb.Table(columns=list(samples), data=rows)}, step=step)  # noqa: E731
+            guard.run("wandb (the completions table)", table)
+    if "trackio" in args.report_to:
+        import trackio
+
+        table = lambda: trackio.log({"completions": trackio.Table(columns=list(samples), data=rows)}, step=step)  # noqa: E731
+        guard.run("trackio (the completions table)", table)

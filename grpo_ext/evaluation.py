@@ -13,7 +13,7 @@ sampling; from the scores:
   (`answer_key`, by default the number or expression `reward_models.accuracy.extract_answer` finds).
 
 A score of None counts as 0 (not solved), a score above 0.5 as solved for pass@k. Generation goes through the
-rollout engine (`rollout.generate_completions`: prefix sharing, finished rows dropped) with the training stop rule.
+rollout engine (engine.py: prefix sharing, finished rows dropped, the training stop rule).
 The trainer evaluates during training with these functions (`GRPOExtTrainer.evaluate` with `eval_reward_funcs`),
 sharding the problems over processes; `evaluate_accuracy` is the same for a model alone (`recipes/evaluate.py`).
 Single-turn only: tool calls are not run here.
@@ -22,27 +22,25 @@ Single-turn only: tool calls are not run here.
 from __future__ import annotations
 
 import copy
-import dataclasses
+import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Callable
 
 import torch
+from accelerate.utils import gather_object
 from datasets import IterableDataset
 from tqdm.auto import tqdm
+from transformers.trainer_utils import EvalLoopOutput
 
 from reward_models._text import completion_text
 
-from .rollout import (
-    GenerationPlan,
-    encode_prompts,
-    eos_token_ids,
-    generate_completions,
-    is_conversational,
-    plan_generation,
-    token_lists_until_stop,
-)
-from .tools import first_turns
+from .engine import RolloutEngine
+from .models import unwrapped_for_generation
+from .rollout import eos_token_ids
+
+logger = logging.getLogger(__name__)
 
 SOLVED = 0.5  # a score above this counts as a solved problem for pass@k
 
@@ -124,35 +122,27 @@ def greedy_config(generation_config):
 
 @torch.no_grad()
 def generate_answers(
+    engine: RolloutEngine,
     model,
-    tokenizer,
     prompts: list,
     num_samples: int,
     generation_config,
-    plan: GenerationPlan,
-    stop_token_ids: list[int],
-    chat_template_kwargs: dict | None = None,
-    max_prompt_length: int | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    device=None,
 ) -> tuple[list[list[int]], list]:
-    """`num_samples` completions of each prompt (in a row): their ids up to the first stop token, and the completions
-    as reward functions receive them (text, or an assistant message for chat prompts). `batch_size` counts
-    completions per `generate` call (whole groups)."""
-    device = next(model.parameters()).device
-    if num_samples == 1:  # nothing to share between the rows of a group of one
-        plan = dataclasses.replace(plan, shared_prefill=False)
+    """`num_samples` completions of each prompt (in a row), generated as training rollouts are (`engine.generate`):
+    their ids up to the first stop token, and the completions as reward functions receive them (text, or an assistant
+    message for chat prompts). `batch_size` counts completions per `generate` call (whole groups)."""
+    plan = engine.plan(model, generation_config)
     prompts_per_batch = max(batch_size // num_samples, 1)
     completion_ids, completions = [], []
     starts = range(0, len(prompts), prompts_per_batch)
     for start in tqdm(starts, desc="Evaluating", unit="batch", disable=not progress):
         rows = [prompt for prompt in prompts[start : start + prompts_per_batch] for _ in range(num_samples)]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, rows, chat_template_kwargs, max_prompt_length, device)
-        generated = generate_completions(model, prompt_ids, prompt_mask, num_samples, generation_config, plan)
-        batch_ids = token_lists_until_stop(generated, stop_token_ids)  # (b * k) lists
-        prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
-        completions += first_turns(tokenizer, prompt_lists, batch_ids, is_conversational(rows[0]))
-        completion_ids += batch_ids
+        generation = engine.generate(model, rows, num_samples, plan, generation_config=generation_config, device=device)
+        completion_ids += generation.completion_ids
+        completions += generation.completions
     return completion_ids, completions
 
 
@@ -241,14 +231,11 @@ def evaluate_accuracy(
     )
     prompts = list(dataset["prompt"])
 
-    def generate(k, config):
-        plan = plan_generation(model, config, prefix_sharing_wanted=True, drop_finished_rows_wanted=True)
-        return generate_answers(
-            model, tokenizer, prompts, k, config, plan, stop_ids, batch_size=batch_size, progress=True
-        )
-
-    answers = generate(1, greedy_config(sampling))
-    samples = generate(num_samples, sampling) if num_samples > 1 else None
+    engine = RolloutEngine(tokenizer, sampling, stop_ids, max_new_tokens)
+    answers = generate_answers(engine, model, prompts, 1, greedy_config(sampling), batch_size, progress=True)
+    samples = None
+    if num_samples > 1:
+        samples = generate_answers(engine, model, prompts, num_samples, sampling, batch_size, progress=True)
     rows = [{"prompt": prompt, "answer": answer} for prompt, answer in zip(prompts, dataset["answer"])]
     results = metrics_of_problems(scorer.names, score_answers(scorer, rows, answers, samples, answer_key=answer_key))
     first = scorer.names[0]
@@ -292,3 +279,77 @@ def resolve_task_metrics(names: list, reward_funcs: dict[str, Callable]) -> dict
                     f"and could not be loaded: {error}"
                 ) from error
     return resolved
+
+
+# --- In a trainer: the task metrics beside TRL's evaluation ---
+
+
+class TaskEvaluationMixin:
+    """`Trainer.evaluate` with the task metrics of `eval_reward_funcs` (`eval_pass@1/<name>`, ...) in the same log
+    line and the returned metrics, where `metric_for_best_model`, `load_best_model_at_end` and
+    `EarlyStoppingCallback` read them; `eval_task_metrics_only` skips TRL's evaluation rollout. Mixed into
+    `GRPOExtTrainer`, which sets `task_metrics`, `rollout_engine` and `eos_token_ids`."""
+
+    _task_dataset = None  # the set the evaluation under way measures the task metrics on
+    _unscored_task_metrics: set  # task metrics warned about once
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # transformers' own call for one named set of an eval dict
+            dataset = self.eval_dataset[dataset]
+        if self.task_metrics is None or isinstance(dataset, dict):  # a dict: called again for each of its sets
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self._task_dataset = dataset  # for evaluation_loop, which transformers times, logs and reports
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._task_dataset = None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
+        if self._task_dataset is None:
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        task = {f"{prefix}_{key}": value for key, value in self._evaluate_task(self._task_dataset).items()}
+        if self.args.eval_task_metrics_only:
+            num_problems = int(task[f"{prefix}_task_problems"])
+            return EvalLoopOutput(predictions=None, label_ids=None, metrics=task, num_samples=num_problems)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
+        output.metrics.update(task)  # before transformers logs them and hands them to the callbacks
+        return output
+
+    def _evaluate_task(self, dataset) -> dict[str, float]:
+        """Task metrics of the policy on `dataset`: its problems shared out over processes, answered greedily and
+        with `eval_num_samples` samples, scored, gathered; `task_runtime` is what it took (seconds)."""
+        start_time = time.perf_counter()
+        args, k, engine = self.args, self.args.eval_num_samples, self.rollout_engine
+        indices, rows = process_share(dataset, self.accelerator.process_index, self.accelerator.num_processes)
+        prompts = [row["prompt"] for row in rows]
+        batch, device = args.per_device_eval_batch_size, self.accelerator.device
+        self.model.eval()
+        with unwrapped_for_generation(
+            self.model_wrapped,
+            self.accelerator,
+            gather_deepspeed3_params=args.ds3_gather_for_generation,
+            checkpointing_kwargs=args.activation_checkpointing_kwargs,
+        ) as model:
+            answers = generate_answers(engine, model, prompts, 1, greedy_config(engine.generation_config), batch, device=device)  # fmt: skip
+            samples = None
+            if k > 1:
+                samples = generate_answers(engine, model, prompts, k, engine.generation_config, batch, device=device)
+        problems = score_answers(self.task_metrics, rows, answers, samples, shared={"trainer_state": self.state})
+        problems = gather_object(problems[: len(indices)])  # every process's real problems
+        self._warn_unscored_task_metrics(torch.stack([problem[0] for problem in problems]), list(rows[0]))
+        metrics = metrics_of_problems(self.task_metrics.names, problems)
+        return {**metrics, "task_problems": float(len(problems)), "task_runtime": time.perf_counter() - start_time}
+
+    def _warn_unscored_task_metrics(self, scores: torch.Tensor, columns: list[str]) -> None:
+        """Once per metric: a task metric that returned None (NaN) for every problem `(N, K)` (a missing column it
+        reads, most often) would report 0 at each evaluation without a word."""
+        for name, scored in zip(self.task_metrics.names, (~scores.isnan()).any(0).tolist()):
+            if not scored and name not in self._unscored_task_metrics:
+                self._unscored_task_metrics.add(name)
+                logger.warning(
+                    f"Task metric {name!r} (eval_reward_funcs) scored none of the {scores.size(0)} eval problems: it "
+                    f"returned None for each, so it is reported as 0. Does the eval set have the column it reads? "
+                    f"Its columns: {columns}."
+                )

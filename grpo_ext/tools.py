@@ -57,11 +57,10 @@ __all__ = [
     "Environments",
     "MultiTurn",
     "ToolCalling",
+    "Episode",
     "check_tool_support",
-    "complete_turns",
     "placeholder_dataset",
     "environment_tools",
-    "first_turns",
     "parse_completion",
     "run_tool_calls",
     "tool_call_loop",
@@ -388,6 +387,17 @@ def tool_suffix_ids(tokenizer, tool_messages: list[dict], chat_template_kwargs: 
 
 
 @dataclass
+class Episode:
+    """One rollout's start, per row: the prompts to generate from (an environment's observation appended), the tools
+    the row may call (None without tools), its environment instance (None without environments). Reward functions
+    receive the instances as `environments`."""
+
+    prompts: list
+    row_tools: list[list[Callable]] | None = None
+    environments: list | None = None
+
+
+@dataclass
 class MultiTurn:
     """Completions after the tool-calling rounds, one entry per row."""
 
@@ -506,8 +516,8 @@ def tool_call_loop(
 
 class ToolCalling:
     """Tools and environments of a trainer: checked once, then per rollout each row's environment instance and tools
-    (`start`); `complete_turns` runs their multi-turn completions; `report` warns, once each, about tools that timed
-    out and results that did not fit."""
+    (`start`, an `Episode`); the rollout engine runs their turns (`tool_call_loop`); `report` warns, once each, about
+    tools that timed out and results that did not fit."""
 
     def __init__(
         self,
@@ -524,8 +534,6 @@ class ToolCalling:
         self.environments = Environments(environment_factory) if environment_factory is not None else None
         self.max_iterations = max_iterations
         self.tool_timeout, self.reset_timeout = tool_timeout, reset_timeout
-        self.row_tools: list[list[Callable]] | None = None  # the current rollout's, per row
-        self.instances: list | None = None  # the current rollout's environments, per row
         self._warned: set = set()  # what report() has said already
 
     @property
@@ -557,15 +565,14 @@ class ToolCalling:
                 '[{"role": "user", "content": "..."}]: the chat template renders the tools and the tool results.'
             )
 
-    def start(self, rows: list[dict], prompts: list) -> list:
+    def start(self, rows: list[dict], prompts: list) -> Episode:
         """A new rollout: each row's environment drawn and reset (its observation appended to the prompt), and each
-        row's tools (the standalone tools plus its environment's methods). Returns the prompts to generate from."""
+        row's tools (the standalone tools plus its environment's methods)."""
         if self.environments is None:
-            self.row_tools = [self.tools] * len(rows)
-            return prompts
-        self.instances = self.environments.draw(rows)
-        self.row_tools = [self.tools + environment_tools(instance) for instance in self.instances]
-        return self.environments.reset(self.instances, rows, prompts, self.reset_timeout)
+            return Episode(prompts, [self.tools] * len(rows))
+        instances = self.environments.draw(rows)
+        row_tools = [self.tools + environment_tools(instance) for instance in instances]
+        return Episode(self.environments.reset(instances, rows, prompts, self.reset_timeout), row_tools, instances)
 
     def report(self, turns: MultiTurn | None) -> None:
         """Warn once per tool that timed out, and once that results were dropped for lack of room (the metrics count
@@ -604,96 +611,3 @@ def placeholder_dataset(environment_factory, args) -> Dataset:
             "set the length of training: GRPOExtConfig(max_steps=...)."
         )
     return Dataset.from_dict({"prompt": [EMPTY_PROMPT] * (args.generation_batch_size // args.num_generations)})
-
-
-ROLLOUT_FUNC_KEYS = ("prompt_ids", "completion_ids", "logprobs")
-
-
-def custom_rollout(rollout_func: Callable, prompts: list, trainer, tokenizer) -> tuple:
-    """TRL's `rollout_func(prompts, trainer)` as `trl.GRPOTrainer._generate` returns it: `(prompt_ids,
-    completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images)`. The function returns
-    unpadded `prompt_ids` / `completion_ids`, one row per prompt it was given (the rollout's rows, each prompt G times),
-    and `logprobs`; `env_mask` (1 on the tokens the model generated) becomes the tool mask; other keys are passed on
-    to the reward functions."""
-    name = getattr(rollout_func, "__name__", type(rollout_func).__name__)
-    try:
-        output = rollout_func(prompts, trainer)
-    except Exception as error:
-        raise RuntimeError(
-            f"rollout_func '{name}' raised {type(error).__name__}: {error} (on {len(prompts)} prompts; see the "
-            "traceback above for where)."
-        ) from error
-    if not isinstance(output, dict):
-        raise TypeError(
-            f"rollout_func '{name}' returned a {type(output).__name__}; it must return a dict with keys "
-            f"{list(ROLLOUT_FUNC_KEYS)} (and optionally env_mask and extra fields for the reward functions)."
-        )
-    missing = sorted(set(ROLLOUT_FUNC_KEYS) - set(output))
-    if missing:
-        raise ValueError(f"rollout_func must return keys {missing} in its output dict (it returned {sorted(output)}).")
-    extra_fields = {key: value for key, value in output.items() if key not in ROLLOUT_FUNC_KEYS}
-    tool_mask = extra_fields.pop("env_mask", None)
-    prompt_ids = [list(ids) for ids in output["prompt_ids"]]
-    completion_ids = [list(ids) for ids in output["completion_ids"]]
-    if not len(prompt_ids) == len(completion_ids) == len(prompts):
-        raise ValueError(
-            f"rollout_func returned {len(prompt_ids)} prompt_ids and {len(completion_ids)} completion_ids for "
-            f"{len(prompts)} prompts: return one row per prompt it receives (each prompt comes num_generations times)."
-        )
-    completions = first_turns(tokenizer, prompt_ids, completion_ids, is_conversational(prompts[0]))
-    return prompt_ids, completion_ids, tool_mask, completions, output["logprobs"], extra_fields, None, []
-
-
-def first_turns(
-    tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]], conversational: bool, row_tools=None
-) -> list:
-    """What reward functions receive as `completions`: each completion's text, or for conversational prompts its
-    assistant message in a list (`parse_completion`, with the row's tools when given)."""
-    if not conversational:
-        return tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    row_tools = row_tools or [None] * len(completion_ids)
-    return [
-        [parse_completion(tokenizer, ids, prefix, tools)]
-        for ids, prefix, tools in zip(completion_ids, prompt_ids, row_tools)
-    ]
-
-
-def complete_turns(
-    tokenizer,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    completion_ids: torch.Tensor,
-    conversational: bool,
-    eos_token_ids: list[int],
-    tool_calling: ToolCalling | None = None,
-    generate: Callable | None = None,
-    max_completion_length: int | None = None,
-    max_positions: int | None = None,
-    chat_template_kwargs: dict | None = None,
-) -> tuple[list[list[int]], list[list[int]], list[list[int]] | None, list, MultiTurn | None]:
-    """The first turns `(B, C)` of a rollout as `trl.GRPOTrainer._generate` returns them: unpadded prompt and
-    completion ids, the tool mask (None without tools) and the completions (text, or assistant messages parsed with
-    the tokenizer's `response_template` when it has one); with tools, after the tool-calling rounds
-    (`tool_call_loop`, whose counts come back last)."""
-    prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
-    completion_lists = token_lists_until_stop(completion_ids, eos_token_ids)
-    row_tools = tool_calling.row_tools if tool_calling is not None else None
-    completions = first_turns(tokenizer, prompt_lists, completion_lists, conversational, row_tools)
-    if not conversational or row_tools is None or not any(row_tools):
-        return prompt_lists, completion_lists, None, completions, None
-    turns = tool_call_loop(
-        tokenizer,
-        prompt_lists,
-        completion_lists,
-        [messages[0] for messages in completions],  # each row's first assistant message
-        row_tools,
-        generate,
-        eos_token_ids,
-        max_completion_length,
-        tool_calling.max_iterations,
-        max_positions,
-        chat_template_kwargs,
-        tool_calling.tool_timeout,
-    )
-    tool_calling.report(turns)
-    return prompt_lists, turns.completion_ids, turns.tool_mask, turns.completions, turns

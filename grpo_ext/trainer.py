@@ -6,22 +6,18 @@ log-probs (rollout, logprobs, reference) -> loss (objective) -> log.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import os
 import random
-import time
-from collections import defaultdict
-from pathlib import Path
 
 import torch
-from accelerate.utils import gather, gather_object
+from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import TrainerState, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, HubStrategy, TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl.models.utils import prepare_deepspeed
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
@@ -31,7 +27,6 @@ from .advantages import (
     group_normalized_rewards,
     group_relative_advantages,
     group_std,
-    nanstd,
 )
 from .callbacks import PreTrainingLogsCallback, ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import (
@@ -43,7 +38,7 @@ from .checkpoints import (
     resolve_checkpoint,
     write_state,
 )
-from .completions import completions_folder, parquet_path, table_rows, write_parquet
+from .completions import log_completions_table
 from .config import GRPOExtConfig
 from .cpu import trains_on_cpu
 from .data import (
@@ -57,26 +52,11 @@ from .data import (
     grouped_stream,
 )
 from .diagnosis import RunDiagnosis
-from .evaluation import (
-    generate_answers,
-    greedy_config,
-    metrics_of_problems,
-    process_share,
-    resolve_task_metrics,
-    score_answers,
-    task_scorer,
-)
+from .engine import Generation, RolloutEngine, custom_rollout
+from .evaluation import TaskEvaluationMixin, resolve_task_metrics, task_scorer
 from .guards import FiniteGuard, gather_1d
-from .hub import (
-    CheckpointUploads,
-    HubPushError,
-    finish_completions_uploads,
-    model_card_for_output_dir,
-    push_adapter_to_hub,
-    save_card_assets,
-    start_completions_uploads,
-    training_config_dict,
-)
+from .hub import CheckpointUploads, finish_completions_uploads
+from .hub_trainer import HubMixin
 from .logprobs import check_against_full_logits
 from .models import activation_checkpointing_off, cast_lm_head_to_fp32, prepare_policy, unwrapped_for_generation
 from .moe import router_aux_coef
@@ -91,28 +71,17 @@ from .objective import (
     router_aux_loss_term,
 )
 from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
+from .recorder import MetricsRecorder
 from .reference import ReferencePolicy, load_reference_copy
 from .reporting import LoggingGuard
 from .reward_scoring import RewardScorer
-from .rollout import (
-    GenerationPlan,
-    Rollout,
-    build_generation_config,
-    continuous_batching_config,
-    encode_prompts,
-    eos_token_ids,
-    generate_completions,
-    is_conversational,
-    plan_generation,
-    score_rollout,
-    varying_groups,
-)
-from .tools import ToolCalling, complete_turns, custom_rollout, placeholder_dataset, tool_metrics
+from .rollout import Rollout, eos_token_ids, score_rollout, varying_groups
+from .tools import ToolCalling, placeholder_dataset, tool_metrics
 
 logger = logging.getLogger(__name__)
 
 
-class GRPOExtTrainer(_BaseTrainer):
+class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
     """Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300), a drop-in for `trl.GRPOTrainer`.
 
     Args:
@@ -193,7 +162,7 @@ class GRPOExtTrainer(_BaseTrainer):
         self.aux_loss_enabled = self.router_aux_loss_coef != 0.0
 
         # Tools and environments (grpo_ext.tools); an environment with get_reward is a reward source
-        self.rollout_func = rollout_func  # TRL's custom rollout (tools.custom_rollout), or None
+        self.rollout_func = rollout_func  # TRL's custom rollout (engine.custom_rollout), or None
         if rollout_func is not None and (tools or environment_factory is not None):
             raise ValueError("rollout_func replaces generation, tools and environments: pass either, not both.")
         if train_dataset is None and environment_factory is None:
@@ -290,13 +259,12 @@ class GRPOExtTrainer(_BaseTrainer):
         self.model_accepts_loss_kwargs = False
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
-        # Sharded: two backbone passes in one forward are untested, and ranks must run the same number of forwards
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
         if sharded and (args.prefix_sharing or args.drop_finished_rows):
             logger.warning("DeepSpeed / FSDP: prefix_sharing and drop_finished_rows are off (untested when sharded).")
-        self._prefix_sharing = args.prefix_sharing and not sharded
-        self._drop_finished_rows = args.drop_finished_rows and not sharded
-        self._batching = continuous_batching_config(args)  # transformers' engine instead of grpo-ext's loop, or None
+        self.rollout_engine = RolloutEngine.from_config(
+            args, processing_class, self.eos_token_ids, sharded, tool_calling=self._tool_calling
+        )
         self._length_buckets = self.accelerator.num_processes == 1  # its forward count follows this rank's lengths
         self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
         self._completions_uploads = None  # log_completions_hub_repo: the completions tables, in the background
@@ -326,23 +294,19 @@ class GRPOExtTrainer(_BaseTrainer):
 
         self.num_generations = args.num_generations
         self.num_generations_eval = args.num_generations_eval or args.num_generations
-        self.generation_config = build_generation_config(args, processing_class.pad_token_id, self.eos_token_ids)
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        # Tokens behind each token-mean metric value, so `log` weights them: the logged kl / entropy / clip ratios are
-        # then token means over everything since the last log, whatever the micro-batch and process split.
-        self._metric_tokens = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._samples = {}  # columns of the last rollout's completions table, for log_completions
+        self.generation_config = self.rollout_engine.generation_config  # TRL's attribute: the sampling settings
+        self.recorder = MetricsRecorder(self.accelerator)
+        self._metrics = self.recorder.values  # TRL's attribute, the same lists
         # A failing tracker or completions file is a warning, not the end of the run (reporting.py)
         self._logging = LoggingGuard()
         self._logging.guard_trackers(self.callback_handler.callbacks)
-        self._task_dataset = None  # the set the evaluation under way measures the task metrics on
-        self._unscored_task_metrics = set()  # warned about once
+        self._unscored_task_metrics = set()  # task metrics warned about once (evaluation.TaskEvaluationMixin)
         # Run doctor: reads each log, adds doctor/* metrics, warns on the main process only (said once, not N times)
         self._doctor = (
             RunDiagnosis.from_config(args, speak=self.accelerator.is_main_process) if args.doctor_live else None
         )
-        self._buffered_inputs = None
-        self._plan = None  # how the current rollout generates (rollout.plan_generation), set per rollout
+        self._buffered_inputs = None  # the micro-batches of the last rollout, trained on until the next one
+        self._episode = None  # the rollout under way's (engine.start), for _generate: TRL's hook takes prompts only
         self._step = 0  # micro-steps taken, to know when to roll out again
         self._finite = FiniteGuard()  # no NaN update, no NaN checkpoint
         # dynamic sampling draws extra prompts from its own generator, different on each process
@@ -524,25 +488,15 @@ class GRPOExtTrainer(_BaseTrainer):
         `_generate_and_score_completions`)."""
         device = self.accelerator.device
         G = self.num_generations if mode == "train" else self.num_generations_eval
-        prompts = [row["prompt"] for row in rows]
-        if self._tool_calling is not None:  # each row's environment drawn and reset, each row's tools
-            prompts = self._tool_calling.start(rows, prompts)
-        self._plan = plan_generation(
-            self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows, self._batching
-        )
-        prompt_ids, completion_ids_list, tool_mask, completions, _, extra_fields, *_ = self._generate(prompts)
-        rollout = Rollout.of_token_lists(
-            prompt_ids,
-            completion_ids_list,
-            tool_mask,
-            self.processing_class.pad_token_id,
-            self.eos_token_ids,
-            self.args.mask_truncated_completions,
-            self._plan.shared_prefix,
-            device,
-        ).padded(self.args.pad_to_multiple_of, self.processing_class.pad_token_id)
-        texts = self.processing_class.batch_decode(completion_ids_list, skip_special_tokens=True)
 
+        # Roll out (engine.py)
+        episode = self.rollout_engine.start(rows)  # with environments: each row's instance reset, its tools
+        self._episode = episode
+        try:
+            generation = Generation.from_trl(self._generate(episode.prompts))
+        finally:
+            self._episode = None
+        rollout = self.rollout_engine.to_rollout(generation, self.rollout_engine.plan(self.model), device)
         old_needed = mode == "train" and self._policy_moves_during_rollout
         rollout_per_token_logps = None
         if old_needed or self.args.reward_kl_coef > 0:  # log-probs of the policy that sampled the rollout
@@ -552,104 +506,84 @@ class GRPOExtTrainer(_BaseTrainer):
             with self.reference.activate(self.model) as reference_model:
                 rollout.ref_per_token_logps = self._completion_logps(reference_model, rollout)  # (B, C)
 
-        # Rewards of the whole group are needed for its advantages: gather them from every process.
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        columns["trainer_state"] = self.state
-        for key, values in extra_fields.items():  # a rollout_func's extra fields: a list holds one value per row
-            columns[key] = values if isinstance(values, list) else [values] * len(rows)
-        if self._tool_calling is not None and self._tool_calling.instances is not None:
-            columns["environments"] = self._tool_calling.instances
-        local_rewards_per_func = self.rewards.score(prompts, completions, completion_ids_list, columns)  # (B, K)
-        logged_metrics, extra_columns = self.rewards.gather_logs(self.accelerator, len(rows))  # log_metric, log_extra
-        for name, value in logged_metrics.items():
-            self._metrics[mode][name].append(value)
-        if self.args.nonfinite_rewards == "drop":
-            dropped = self.accelerator.reduce(torch.tensor(self.rewards.nonfinite_counts, device=device), "sum")
-            for name, count in zip(self.rewards.names, dropped.tolist()):
-                self._metrics[mode][f"rewards/{name}/nonfinite"].append(float(count))
-        rewards_per_func = gather(local_rewards_per_func.to(device))  # (B * num_processes, K)
-        rewards = self.rewards.weighted_sum(rewards_per_func)  # (B * num_processes,)
-        penalty = self._reward_penalties(mode, rollout, rollout_per_token_logps)
-        shaped_rewards = rewards - penalty  # (B * num_processes,)
+        # Score: the rewards of the whole group are needed for its advantages, so every process's are gathered
+        local_rewards_per_func, logged_columns = self._score_rewards(mode, rows, episode, generation)  # (B, K)
+        rewards_per_func = gather(local_rewards_per_func.to(device))  # (N, K)
+        rewards = self.rewards.weighted_sum(rewards_per_func)  # (N,), N = B * num_processes
+        penalty = self._reward_penalties(mode, rollout, rollout_per_token_logps)  # (N,)
+
+        # Advantages
         if self.args.multi_objective_aggregation == "normalize_then_sum":  # GDPO: each function normalised first
             aggregated = self.rewards.weighted_sum(group_normalized_rewards(rewards_per_func, G)) - penalty
             advantages, std = batch_normalized_advantages(aggregated)
         else:
-            aggregated = shaped_rewards
+            aggregated = rewards - penalty
             advantages, std = group_relative_advantages(aggregated, G, self.args.scale_rewards)
         start = self.accelerator.process_index * len(rows)  # this process's rows
         rollout.advantages = advantages[start : start + len(rows)]  # (B,)
         rollout.group_std = group_std(aggregated, G)[start : start + len(rows)]  # (B,) for dynamic sampling
 
-        self._log_rollout(mode, rewards_per_func, rewards, std, rollout)
+        tokens = self.recorder.rollout(mode, self.rewards.names, rewards_per_func, rewards, std, rollout)
+        if mode == "train":
+            self.state.num_input_tokens_seen += tokens
+            self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
         if penalty.any():
-            self._metrics[mode]["reward_shaped"].append(torch.nanmean(shaped_rewards).item())
+            self.recorder.add(mode, "reward_shaped", torch.nanmean(rewards - penalty).item())
         if self.args.log_completions and mode == "train":
-            self._samples = {
-                "step": [self.state.global_step] * rewards.numel(),
-                "prompt": [str(p) for p in gather_object(prompts)],
-                "completion": gather_object(texts),
-                **{name: rewards_per_func[:, k].tolist() for k, name in enumerate(self.rewards.names)},
-                **extra_columns,
-                "reward": rewards.tolist(),
-                "advantage": advantages.tolist(),
-            }
+            texts = self.processing_class.batch_decode(generation.completion_ids, skip_special_tokens=True)
+            self.recorder.keep_samples(
+                self.state.global_step, episode.prompts, texts, self.rewards.names, rewards_per_func, rewards,
+                advantages, logged_columns,
+            )  # fmt: skip
         return rollout
+
+    def _score_rewards(self, mode: str, rows: list[dict], episode, generation: Generation) -> tuple[torch.Tensor, dict]:
+        """This process's rewards `(B, K)`: every reward function on the completions, with the rows' other columns,
+        a rollout_func's extra fields and the environments as keyword arguments (TRL's contract); and the columns
+        the reward functions logged with `log_extra` (all processes' rows), for the completions table."""
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        columns["trainer_state"] = self.state
+        for key, values in generation.extra_fields.items():  # a list holds one value per row
+            columns[key] = values if isinstance(values, list) else [values] * len(rows)
+        if episode.environments is not None:
+            columns["environments"] = episode.environments
+        rewards_per_func = self.rewards.score(
+            episode.prompts, generation.completions, generation.completion_ids, columns
+        )  # (B, K)
+        logged_metrics, logged_columns = self.rewards.gather_logs(self.accelerator, len(rows))
+        for name, value in logged_metrics.items():  # what reward functions logged (log_metric, log_extra)
+            self.recorder.add(mode, name, value)
+        if self.args.nonfinite_rewards == "drop":
+            dropped = self.accelerator.reduce(torch.tensor(self.rewards.nonfinite_counts, device=self.accelerator.device), "sum")  # fmt: skip
+            for name, count in zip(self.rewards.names, dropped.tolist()):
+                self.recorder.add(mode, f"rewards/{name}/nonfinite", float(count))
+        return rewards_per_func, logged_columns
 
     def _generate(self, prompts: list):
         """`trl.GRPOTrainer._generate`: G completions per prompt (the prompts repeated G times in a row), with the
-        tool-calling rounds when the trainer has tools. Returns, per row, unpadded lists: `(prompt_ids,
+        tool-calling rounds when the trainer has tools (engine.py). Returns, per row, unpadded lists: `(prompt_ids,
         completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images)`, `tool_mask` None
         without tools, `logprobs` None (no vLLM), no images. A subclass may override it; the rollout goes through it.
-        With a `rollout_func`, its rollout (`tools.custom_rollout`).
+        With a `rollout_func`, its rollout (`engine.custom_rollout`).
         """
         if self.rollout_func is not None:
-            return custom_rollout(self.rollout_func, prompts, self, self.processing_class)
-        plan = self._plan or plan_generation(
-            self.model, self.generation_config, self._prefix_sharing, self._drop_finished_rows, self._batching
-        )
-        tool_calling = self._tool_calling
-        device, config = self.accelerator.device, self.generation_config
-        prompt_ids, prompt_mask = encode_prompts(
-            self.processing_class,
-            prompts,
-            self.args.chat_template_kwargs,
-            self.args.max_prompt_length,
-            device,
-            tools=tool_calling.row_tools if tool_calling is not None else None,
-            pad_to_multiple_of=self.args.pad_to_multiple_of,
-        )  # (B, P)
+            return custom_rollout(self.rollout_func, prompts, self, self.processing_class).as_trl()
+        mode = "train" if self.model.training else "eval"
+        engine, plan = self.rollout_engine, self.rollout_engine.plan(self.model)
         with unwrapped_for_generation(
             self.model_wrapped,
             self.accelerator,
             gather_deepspeed3_params=self.args.ds3_gather_for_generation,
             checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
         ) as unwrapped_model:
-            num_generations = self.num_generations if self.model.training else self.num_generations_eval
-            completion_ids = generate_completions(
-                unwrapped_model, prompt_ids, prompt_mask, num_generations, config, plan
-            )  # (B, C)
-
-            def go_on(history_ids, history_mask, max_new_tokens):  # later turns: one completion per history
-                later = copy.deepcopy(config)
-                later.max_new_tokens = max_new_tokens
-                one_each = GenerationPlan(
-                    drop_finished_rows=plan.drop_finished_rows, continuous_batching=plan.continuous_batching
-                )
-                return generate_completions(
-                    unwrapped_model, history_ids.to(device), history_mask.to(device), 1, later, one_each
-                )
-
-            prompt_ids, completion_ids, tool_mask, completions, turns = complete_turns(
-                self.processing_class, prompt_ids, prompt_mask, completion_ids, is_conversational(prompts[0]),
-                self.eos_token_ids, tool_calling, go_on, self.args.max_completion_length,
-                getattr(unwrapped_model.config, "max_position_embeddings", None), self.args.chat_template_kwargs,
-            )  # fmt: skip
-        if tool_calling is not None:
-            mode = "train" if self.model.training else "eval"
-            for name, value in tool_metrics(turns, len(prompts), self.accelerator).items():
-                self._metrics[mode][name].append(value)
-        return prompt_ids, completion_ids, tool_mask, completions, None, {}, None, []
+            num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+            generation = engine.generate(
+                unwrapped_model, prompts, num_generations, plan, self._episode, device=self.accelerator.device
+            )
+        if self._tool_calling is not None:
+            for name, value in tool_metrics(generation.turns, len(prompts), self.accelerator).items():
+                self.recorder.add(mode, name, value)
+        return generation.as_trl()
 
     def _roll_out_varying_groups(self, rows: list[dict]) -> Rollout:
         """DAPO's dynamic sampling: keep groups whose rewards vary, roll out fresh prompts until the batch is full
@@ -796,7 +730,7 @@ class GRPOExtTrainer(_BaseTrainer):
             micro_batches = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
             loss = loss + router_aux_loss_term(scores.aux_loss, self.router_aux_loss_coef, micro_batches)
             self._metrics[mode]["aux_loss"].append(gather(scores.aux_loss.detach().reshape(1)).mean().item())
-        self._log_objective(mode, terms, entropies.detach(), completion_mask)
+        self.recorder.objective(mode, terms, entropies.detach(), completion_mask)
         return loss
 
     def _add_entropy_bonus(self, mode, loss, entropies, mask):
@@ -813,82 +747,6 @@ class GRPOExtTrainer(_BaseTrainer):
             self._metrics[mode]["entropy_coef"].append(self.entropy_control.coef)
         return loss
 
-    # --- Evaluation: TRL's (rewards and loss of sampled completions) and the task metrics (evaluation.py) ---
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """`Trainer.evaluate`, plus the task metrics of `eval_reward_funcs` (`eval_pass@1/<name>`, ...) in the same
-        log line and the returned metrics, where `metric_for_best_model`, `load_best_model_at_end` and
-        `EarlyStoppingCallback` read them; `eval_task_metrics_only` skips TRL's evaluation rollout."""
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        if isinstance(dataset, str):  # transformers' own call for one named set of an eval dict
-            dataset = self.eval_dataset[dataset]
-        if self.task_metrics is None or isinstance(dataset, dict):  # a dict: called again for each of its sets
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        self._task_dataset = dataset  # for evaluation_loop, which transformers times, logs and reports
-        try:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        finally:
-            self._task_dataset = None
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
-        if self._task_dataset is None:
-            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", "eval")
-        task = {f"{prefix}_{key}": value for key, value in self._evaluate_task(self._task_dataset).items()}
-        if self.args.eval_task_metrics_only:
-            num_problems = int(task[f"{prefix}_task_problems"])
-            return EvalLoopOutput(predictions=None, label_ids=None, metrics=task, num_samples=num_problems)
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
-        output.metrics.update(task)  # before transformers logs them and hands them to the callbacks
-        return output
-
-    def _evaluate_task(self, dataset) -> dict[str, float]:
-        """Task metrics of the policy on `dataset` (evaluation.py): its problems shared out over processes, answered
-        greedily and with `eval_num_samples` samples, scored, gathered; `task_runtime` is what it took (seconds)."""
-        start_time = time.perf_counter()
-        args, k = self.args, self.args.eval_num_samples
-        indices, rows = process_share(dataset, self.accelerator.process_index, self.accelerator.num_processes)
-        prompts = [row["prompt"] for row in rows]
-        settings = dict(
-            stop_token_ids=self.eos_token_ids,
-            chat_template_kwargs=args.chat_template_kwargs,
-            max_prompt_length=args.max_prompt_length,
-            batch_size=args.per_device_eval_batch_size,
-        )
-        self.model.eval()
-        with unwrapped_for_generation(
-            self.model_wrapped,
-            self.accelerator,
-            gather_deepspeed3_params=args.ds3_gather_for_generation,
-            checkpointing_kwargs=args.activation_checkpointing_kwargs,
-        ) as model:
-
-            def generate(num_samples, config):  # (completion_ids, completions), num_samples per prompt in a row
-                plan = plan_generation(
-                    self.model, config, self._prefix_sharing, self._drop_finished_rows, self._batching
-                )
-                return generate_answers(model, self.processing_class, prompts, num_samples, config, plan, **settings)
-
-            answers = generate(1, greedy_config(self.generation_config))
-            samples = generate(k, self.generation_config) if k > 1 else None
-        problems = score_answers(self.task_metrics, rows, answers, samples, shared={"trainer_state": self.state})
-        problems = gather_object(problems[: len(indices)])  # every process's real problems
-        self._warn_unscored_task_metrics(torch.stack([problem[0] for problem in problems]), list(rows[0]))
-        metrics = metrics_of_problems(self.task_metrics.names, problems)
-        return {**metrics, "task_problems": float(len(problems)), "task_runtime": time.perf_counter() - start_time}
-
-    def _warn_unscored_task_metrics(self, scores: torch.Tensor, columns: list[str]) -> None:
-        """Once per metric: a task metric that returned None (NaN) for every problem `(N, K)` (a missing column it
-        reads, most often) would report 0 at each evaluation without a word."""
-        for name, scored in zip(self.task_metrics.names, (~scores.isnan()).any(0).tolist()):
-            if not scored and name not in self._unscored_task_metrics:
-                self._unscored_task_metrics.add(name)
-                logger.warning(
-                    f"Task metric {name!r} (eval_reward_funcs) scored none of the {scores.size(0)} eval problems: it "
-                    f"returned None for each, so it is reported as 0. Does the eval set have the column it reads? "
-                    f"Its columns: {columns}."
-                )
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -897,108 +755,19 @@ class GRPOExtTrainer(_BaseTrainer):
 
     # --- Metrics, with TRL's names ---
 
-    def _log_token_mean(self, mode: str, names: list[str], values: torch.Tensor, mask: torch.Tensor) -> None:
-        """Append the token mean over all processes, and the token count it is over (`log` weights by it)."""
-        totals = torch.stack([(values * mask).sum(), mask.sum()]).float()
-        total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
-        for name in names:
-            self._metrics[mode][name].append(total / max(count, 1.0))
-            self._metric_tokens[mode][name].append(count)
-
-    def _log_objective(self, mode, terms, entropies, completion_mask):
-        metrics = self._metrics[mode]
-        mask = completion_mask.float()
-        if terms.per_token_kl is not None:
-            self._log_token_mean(mode, ["kl", "penalty/objective_kl"], terms.per_token_kl.detach(), mask)
-        self._log_token_mean(mode, ["entropy"], entropies, mask)
-        for name, values in terms.metrics.items():  # the loss type's own (cispo_clip_ratio, vespo/phi_seq_mean)
-            values = values.detach().float()
-            self._log_token_mean(mode, [name], values, mask if values.size(-1) > 1 else torch.ones_like(values))
-        if terms.is_low_clipped is None:  # a loss type without PPO's clip: no clip_ratio/*
-            return
-        if terms.ratio.size(-1) == 1:  # sequence-level ratio: every token of a sequence shares its clipping
-            mask = torch.ones_like(terms.ratio)
-        low, high = terms.is_low_clipped.float(), terms.is_high_clipped.float()
-        self._log_token_mean(mode, ["clip_ratio/low_mean"], low, mask)
-        self._log_token_mean(mode, ["clip_ratio/high_mean"], high, mask)
-        self._log_token_mean(mode, ["clip_ratio/region_mean"], torch.maximum(low, high), mask)
-        per_sequence = lambda x: (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # noqa: E731
-        metrics["clip_ratio/low_min"].append(gather(per_sequence(low)).min().item())
-        metrics["clip_ratio/high_max"].append(gather(per_sequence(high)).max().item())
-
-    def _log_rollout(self, mode, rewards_per_func, rewards, std, rollout: Rollout):
-        metrics = self._metrics[mode]
-        prompt_mask, lengths, is_truncated = rollout.prompt_mask, rollout.generated_lengths, rollout.is_truncated
-        for k, name in enumerate(self.rewards.names):
-            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, k]).item())
-            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, k]).item())
-        metrics["reward"].append(torch.nanmean(rewards).item())
-        metrics["reward_std"].append(nanstd(rewards).item())
-        is_std_zero = torch.isclose(std, torch.zeros_like(std))
-        metrics["frac_reward_zero_std"].append(is_std_zero.float().mean().item())
-
-        if mode == "train":
-            self.state.num_input_tokens_seen += int(gather(prompt_mask.sum() + lengths.sum()).sum())
-            metrics["num_tokens"] = [self.state.num_input_tokens_seen]
-        lengths, truncated = gather(lengths).float(), gather(is_truncated)  # (B * num_processes,) each
-        terminated = lengths[~truncated] if not truncated.all() else torch.zeros(1)  # ended with a stop token
-        for kind, values in (("", lengths), ("terminated_", terminated)):
-            for stat in ("mean", "min", "max"):  # completions/mean_length, ..., completions/max_terminated_length
-                metrics[f"completions/{stat}_{kind}length"].append(getattr(values, stat)().item())
-        metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {}
-        for key, values in self._metrics[mode].items():
-            tokens = self._metric_tokens[mode].get(key)
-            if tokens and sum(tokens) > 0:  # a token mean: weight each micro-batch by its tokens
-                metrics[key] = sum(v * n for v, n in zip(values, tokens)) / sum(tokens)
-            elif values:
-                metrics[key] = sum(values) / len(values)
+        metrics = self.recorder.means(mode)
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs = {**logs, **metrics}
         if self._doctor is not None:  # before super().log, so every tracker gets the doctor/* metrics too
             logs.update(self._doctor.observe(logs, self.state.global_step, mode))
         super().log(logs, start_time)
-        self._metrics[mode].clear()
-        self._metric_tokens[mode].clear()
-        if self.args.log_completions and mode == "train" and self._samples and self.accelerator.is_main_process:
-            try:
-                self._log_completions_table()
-            finally:
-                self._samples = {}  # logged once, not again with the end-of-training summary
-
-    def _log_completions_table(self) -> None:
-        """Print a few of the last rollout's completions, write the whole table as this step's parquet file
-        (uploaded with `log_completions_hub_repo`), and send it to wandb / trackio if they run. A write or a tracker
-        that fails is a warning (`reporting.LoggingGuard`): logging never ends a run."""
-        samples, shown, step = self._samples, self.args.num_completions_to_print, self.state.global_step
-        files = f"the completions files ({os.path.dirname(parquet_path(self.args.output_dir, step))})"
-        self._logging.run(files, lambda: write_parquet(samples, self.args.output_dir, step))
-        rows = table_rows(samples, unique_prompts=self.args.log_unique_prompts)
-        fixed = {"step", "prompt", "completion", "reward", "advantage", *self.rewards.names}
-        extra = [column for column in samples if column not in fixed]  # columns logged with log_extra
-        lines = [f"step {step} completions:"]
-        lines += [
-            f"  reward {samples['reward'][i]:+.3f} advantage {samples['advantage'][i]:+.2f} | "
-            f"{samples['prompt'][i]!r} -> {samples['completion'][i]!r}"
-            + "".join(f" | {column}={samples[column][i]!r}" for column in extra)
-            for i in range(len(rows))[:shown]
-        ]
-        print("\n".join(lines))
-        if "wandb" in self.args.report_to:
-            import wandb
-
-            if wandb.run is not None:
-                table = lambda: wandb.log({"completions": wandb.Table(columns=list(samples), data=rows)}, step=step)  # noqa: E731
-                self._logging.run("wandb (the completions table)", table)
-        if "trackio" in self.args.report_to:
-            import trackio
-
-            table = lambda: trackio.log({"completions": trackio.Table(columns=list(samples), data=rows)}, step=step)  # noqa: E731
-            self._logging.run("trackio (the completions table)", table)
+        samples = self.recorder.samples
+        if self.args.log_completions and mode == "train" and samples and self.accelerator.is_main_process:
+            self.recorder.samples = {}  # logged once, not again with the end-of-training summary
+            log_completions_table(samples, self.args, self.state.global_step, self.rewards.names, self._logging)
 
     # --- Training, checkpoints and resume ---
 
@@ -1066,25 +835,6 @@ class GRPOExtTrainer(_BaseTrainer):
         losses = [entry["train_loss"] for entry in self.state.log_history if "train_loss" in entry]
         return TrainOutput(self.state.global_step, losses[-1] if losses else 0.0, {})
 
-    def _start_completions_uploads(self):
-        """The dataset repository and background uploads of `log_completions_hub_repo` (hub.py); an unreachable Hub
-        is a warning, not a stop: the tables stay in `output_dir/completions`."""
-        folder, repo_id = completions_folder(self.args.output_dir), self.args.log_completions_hub_repo
-        try:
-            return start_completions_uploads(
-                folder,
-                repo_id,
-                token=self.args.hub_token,
-                private=self.args.hub_private_repo,
-                model_repo_id=self.args.hub_model_id,
-            )
-        except Exception as error:
-            logger.warning(
-                f"Could not create or reach the Hub dataset repository {repo_id} ({type(error).__name__}: {error}). "
-                f"Training goes on without uploading completions; they are saved in {folder}."
-            )
-            return None
-
     def _run_settings(self) -> dict:
         """Settings a checkpoint is tied to (checkpoints.RESUME_MUST_MATCH / RESUME_SHOULD_MATCH)."""
         return {
@@ -1092,17 +842,6 @@ class GRPOExtTrainer(_BaseTrainer):
             "loss_type": self.args.loss_type,
             "model": self._model_path,
         }
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        """`Trainer.save_model`; a full disk is named (`NoSpaceLeftError`), and with `push_to_hub` a failed upload
-        is a warning here (the model is saved): `push_to_hub()` itself raises."""
-        with explain_full_disk(output_dir or self.args.output_dir):
-            super().save_model(output_dir, _internal_call=True)
-        if self.args.push_to_hub and not _internal_call:
-            try:
-                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-            except HubPushError as error:
-                logger.warning("%s", error)
 
     def _save_checkpoint(self, model, trial):
         """grpo-ext's state first, then transformers' checkpoint, whose trainer_state.json, written last, marks the
@@ -1134,89 +873,3 @@ class GRPOExtTrainer(_BaseTrainer):
             self.reward_kl_controller.load_state_dict(state["reward_kl_controller"])
         if self.entropy_control.adaptive and "entropy_control" in state:
             self.entropy_control.load_state_dict(state["entropy_control"])
-
-    # --- Hub: adapters only, with grpo-ext's model card (hub.py); full models go through transformers ---
-
-    def _hub_repo_id(self, model_name=None) -> str:
-        return self.hub_model_id or self.args.hub_model_id or model_name or Path(self.args.output_dir).absolute().name
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None, folder=None, **kwargs):
-        """grpo-ext's card (hub.py) as `folder`/README.md (default: `output_dir`), from what the trainer knows live."""
-        if self.is_world_process_zero():
-            folder = folder or self.args.output_dir
-            card = model_card_for_output_dir(
-                folder,
-                self._hub_repo_id(model_name),
-                base_model=getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", None) or None,
-                datasets=dataset_name,
-                reward_funcs=self.rewards.names,
-                training_config=training_config_dict(self.args),
-                log_history=self.state.log_history,
-            )
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            Path(folder, "README.md").write_text(card, encoding="utf-8")
-
-    def init_hf_repo(self, token=None, private=None):
-        # Called at start-up with push_to_hub: an unreachable Hub must not stop a run that can push later
-        try:
-            super().init_hf_repo(token, private)
-        except Exception as error:
-            self.hub_model_id, self.push_in_progress = self._hub_repo_id(), None
-            logger.warning(
-                f"Could not create or reach the Hub repository {self.hub_model_id} ({type(error).__name__}: {error}). "
-                "Training goes on: checkpoint uploads are tried in the background, and the final push_to_hub() says "
-                "whether it worked."
-            )
-
-    def _adapter_upload(self, folder, commit_message, token=None, private=None, revision=None, **card_args):
-        """Config, curves and card written into `folder` now; its upload (`hub.push_adapter_to_hub`) to run later."""
-        save_card_assets(self.args, folder)
-        self.create_model_card(card_args.get("model_name"), card_args.get("dataset_name"), folder=folder)
-        return functools.partial(
-            push_adapter_to_hub,
-            folder,
-            self._hub_repo_id(card_args.get("model_name")),
-            token=token if token is not None else self.args.hub_token,
-            private=private if private is not None else self.args.hub_private_repo,
-            commit_message=commit_message,
-            revision=revision or self.args.hub_revision,
-        )
-
-    def push_to_hub(
-        self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs
-    ):
-        """Upload the result (adapter: `hub.push_adapter_to_hub`'s allow-list; full model: transformers' push). A
-        failed upload raises `HubPushError`: the result, saved first, is intact in `output_dir`; it says how to retry."""
-        folder, repo_id = str(self.args.output_dir), self._hub_repo_id(kwargs.get("model_name"))
-        try:
-            if not hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
-                return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
-            self.save_model(_internal_call=True)
-            if self.is_world_process_zero():
-                self._uploads.finish()  # a checkpoint upload still running would race this one
-                self.save_state()
-                return self._adapter_upload(self.args.output_dir, commit_message, token, private, revision, **kwargs)()
-        except Exception as error:
-            raise HubPushError(
-                f"Pushing {folder} to the Hub repository {repo_id} failed ({type(error).__name__}: {error}). The "
-                f"trained model is saved and intact in {folder}; push it again with trainer.push_to_hub() once the "
-                f"Hub is reachable (an adapter also with grpo_ext.hub.push_adapter_to_hub({folder!r}, {repo_id!r}))."
-            ) from error
-
-    def _push_from_checkpoint(self, checkpoint_folder):
-        # transformers would upload training_args.bin and every file of the output folder: push the adapter only,
-        # in the background (CheckpointUploads), so a slow or failing upload neither blocks nor stops training.
-        if not hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
-            return super()._push_from_checkpoint(checkpoint_folder)
-        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
-            return
-        if self._uploads.busy() and not self.args.hub_always_push:  # as transformers: skip while one runs
-            return
-        message = f"Training in progress, step {self.state.global_step}"
-        self._uploads.submit(checkpoint_folder, self._adapter_upload(checkpoint_folder, message))
-
-    def _finish_current_push(self):
-        # End of training (and transformers' push_to_hub): wait for checkpoint uploads, retry a failed one once
-        super()._finish_current_push()
-        if hasattr(self, "_uploads"):
-            self._uploads.finish()

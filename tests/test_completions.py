@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from conftest import tiny_trainer
 
-from grpo_ext.completions import table_rows, write_parquet
+from grpo_ext.completions import log_completions_table, table_rows, write_parquet
+from grpo_ext.reporting import LoggingGuard
 
 SAMPLES = {
     "step": [3, 3, 3, 3],
@@ -43,9 +44,7 @@ def test_trainer_logs_each_prompt_once_to_wandb_and_every_row_to_parquet(tokeniz
     args = make_args(log_completions=True, log_unique_prompts=unique, num_completions_to_print=1)
     trainer = tiny_trainer(tokenizer, args)
     trainer.args.report_to = ["wandb"]  # after Trainer set up its callbacks: only the table goes to the fake wandb
-    trainer.state.global_step = 3
-    trainer._samples = SAMPLES
-    trainer._log_completions_table()
+    log_completions_table(SAMPLES, trainer.args, 3, trainer.rewards.names, LoggingGuard())
     ((data, step),) = logged
     columns, rows = data["completions"]
     assert step == 3 and columns == list(SAMPLES)

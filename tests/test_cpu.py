@@ -175,18 +175,18 @@ def test_set_torch_threads_sets_and_says_once(monkeypatch, no_thread_settings, c
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_a_training_step_raises_no_future_warning(monkeypatch, tokenizer, make_args, lora):
-    import grpo_ext.trainer as trainer_module
+    import grpo_ext.engine as engine_module
     from grpo_ext import GRPOExtTrainer
     from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset
 
     checkpointing_during_generation = []
-    generate = trainer_module.generate_completions
+    generate = engine_module.generate_completions
 
     def spy(model, *args, **kwargs):
         checkpointing_during_generation.append(unwrap_causal_lm(model).is_activation_checkpointing)
         return generate(model, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "generate_completions", spy)
+    monkeypatch.setattr(engine_module, "generate_completions", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         args = make_args(gradient_checkpointing=True, max_steps=2, num_iterations=2)  # TRL's field name

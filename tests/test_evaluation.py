@@ -140,7 +140,7 @@ def needs_gold(completions, gold=None, **kwargs):
 def test_a_task_metric_that_scores_nothing_is_warned_about(tokenizer, make_args, caplog):
     args = make_args(eval_reward_funcs=["test_evaluation:needs_gold"], eval_task_metrics_only=True)
     trainer = tiny_trainer(tokenizer, args, eval_dataset=Dataset.from_dict({"prompt": ["1+1=", "2+2="]}))
-    with caplog.at_level("WARNING", logger="grpo_ext.trainer"):
+    with caplog.at_level("WARNING", logger="grpo_ext.evaluation"):
         metrics = trainer.evaluate()
         trainer.evaluate()
     assert metrics["eval_pass@1/test_evaluation:needs_gold"] == 0.0

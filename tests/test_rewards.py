@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import grpo_ext.trainer
 from grpo_ext.reward_scoring import RewardFunctionError, RewardScorer
 from grpo_ext.rollout import completion_mask_after_eos
 
@@ -190,8 +191,10 @@ def test_logged_metric_is_averaged_into_the_logs_and_column_added_to_the_complet
 
     trainer = tiny_trainer(tokenizer, make_args(max_steps=2, log_completions=True), logging_reward)
     tables = []
-    table = trainer._log_completions_table
-    monkeypatch.setattr(trainer, "_log_completions_table", lambda: (tables.append(dict(trainer._samples)), table()))
+    table = grpo_ext.trainer.log_completions_table
+    monkeypatch.setattr(
+        grpo_ext.trainer, "log_completions_table", lambda samples, *a: (tables.append(samples), table(samples, *a))
+    )
     trainer.train()
     assert [entry["my_metric"] for entry in trainer.state.log_history[:2]] == [2.0, 4.0]
     assert len(tables) == 2

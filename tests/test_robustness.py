@@ -329,7 +329,7 @@ def test_no_token_in_any_file_the_recipe_writes(tmp_path):
 
 
 def test_failing_checkpoint_uploads_neither_block_nor_stop_training(tokenizer, make_args, monkeypatch, caplog):
-    import grpo_ext.trainer as trainer_module
+    import grpo_ext.hub_trainer as hub_trainer_module
 
     attempts = []
 
@@ -341,7 +341,7 @@ def test_failing_checkpoint_uploads_neither_block_nor_stop_training(tokenizer, m
         def create_repo(self, *args, **kwargs):
             raise ConnectionError("Hub unreachable")
 
-    monkeypatch.setattr(trainer_module, "push_adapter_to_hub", unreachable_hub)
+    monkeypatch.setattr(hub_trainer_module, "push_adapter_to_hub", unreachable_hub)
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: NoNetwork())
     args = make_args(
         max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True, hub_model_id="someone/tiny",

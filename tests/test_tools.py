@@ -1,7 +1,7 @@
 """tools.py and the trainer's tool calling: tools called with the parsed arguments, their results in the completion but
 out of the loss, iteration limit, failures, async tools, rollback past max_completion_length, environments, errors.
 
-A random tiny model never writes a tool call, so generation is scripted: `grpo_ext.trainer.generate_completions` is
+A random tiny model never writes a tool call, so generation is scripted: `grpo_ext.engine.generate_completions` is
 replaced by a function that answers each history with the text of its turn (the number of assistant turns so far).
 """
 
@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-import grpo_ext.trainer as trainer_module
+import grpo_ext.engine as engine_module
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.rollout import pad_token_lists
 from grpo_ext.testing import make_prompt_dataset, make_tiny_model, make_tokenizer
@@ -34,7 +34,7 @@ def scripted(monkeypatch, tokenizer, turns: list[str]):
             rows.append(tokenizer(text, add_special_tokens=False)["input_ids"][: generation_config.max_new_tokens])
         return pad_token_lists(rows, tokenizer.pad_token_id, "right", prompt_ids.device)[0]  # (B, C)
 
-    monkeypatch.setattr(trainer_module, "generate_completions", generate)
+    monkeypatch.setattr(engine_module, "generate_completions", generate)
 
 
 @pytest.fixture
@@ -170,7 +170,7 @@ def test_later_turns_continue_the_whole_history(tool_tokenizer, make_args, monke
         return a + b
 
     first = call("add", a=1, b=2) + "<|im_end|>"
-    generate = trainer_module.generate_completions
+    generate = engine_module.generate_completions
 
     def first_turn_scripted(model, prompt_ids, prompt_mask, num_generations, generation_config, plan):
         if num_generations == 1:  # a later turn: the model itself, from prompt + completion + tool result
@@ -178,7 +178,7 @@ def test_later_turns_continue_the_whole_history(tool_tokenizer, make_args, monke
         ids = tool_tokenizer(first, add_special_tokens=False)["input_ids"]
         return torch.tensor([ids] * prompt_ids.size(0))
 
-    monkeypatch.setattr(trainer_module, "generate_completions", first_turn_scripted)
+    monkeypatch.setattr(engine_module, "generate_completions", first_turn_scripted)
     trainer = make_trainer(
         tool_tokenizer,
         make_args,
