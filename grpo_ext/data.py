@@ -115,13 +115,6 @@ def first_rows(dataset: IterableDataset, limit: int = ITERABLE_ROWS_CHECKED) -> 
     return list(itertools.islice(iter(dataset), limit))
 
 
-def dataset_prompts(dataset, limit: int = ITERABLE_ROWS_CHECKED) -> list:
-    """The `prompt` of every row of a map-style dataset, or of the first `limit` rows of an iterable one."""
-    if isinstance(dataset, IterableDataset):
-        return [row["prompt"] for row in first_rows(dataset, limit)]
-    return list(dataset["prompt"])
-
-
 def _kind(prompt) -> str:
     return "chat" if isinstance(prompt, list) else "text"
 

@@ -258,14 +258,11 @@ def grpo_per_token_loss(
     completion_mask: torch.Tensor,
     ref_per_token_logps: torch.Tensor | None = None,
     beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
     importance_sampling_level: str = "token",
     kl_estimator: str = "k3",
     loss_type: str = "grpo",
     params: SurrogateParams | None = None,
     bias_correction_kl: bool = False,
-    off_policy_mask_threshold: float | None = None,
     token_mask: torch.Tensor | None = None,
 ) -> ObjectiveTerms:
     """L_t = m_t * surrogate_t + beta KL_t, before aggregation over tokens; with the default `grpo` surrogate
@@ -273,13 +270,13 @@ def grpo_per_token_loss(
 
     - KL_t is k3 by default (DeepSeekMath eq. 4); `kl_estimator` picks k1 or k2. `bias_correction_kl` multiplies it
       by rho (DeepSeek-V3.2: the unbiased reverse-KL gradient off-policy; it changes the gradient even at rho = 1).
-    - m_t, the policy term's masks: `off_policy_mask` with `off_policy_mask_threshold` (against the old log-probs),
-      and `token_mask` (e.g. `high_entropy_mask`). The KL term is never masked by them.
-    - `params` holds every surrogate hyperparameter; when given, `epsilon_low` / `epsilon_high` are ignored.
+    - m_t, the policy term's mask `token_mask`, `(B, C)` or `(B, 1)`: e.g. `high_entropy_mask`, `off_policy_mask`
+      or their product. The KL term is never masked by it.
+    - `params` holds every surrogate hyperparameter (`SurrogateParams()`'s defaults when None).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}.")
-    params = params or SurrogateParams(epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    params = params or SurrogateParams()
     advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1)
     log_ratio = per_token_logps - old_per_token_logps  # (B, C)
     ratio = torch.exp(
@@ -287,11 +284,6 @@ def grpo_per_token_loss(
     )  # (B, C) or (B, 1)
     surrogate = LOSS_TYPES[loss_type].surrogate(ratio, log_ratio, per_token_logps, advantages, completion_mask, params)
     per_token_loss = surrogate.policy_loss
-    if off_policy_mask_threshold is not None:
-        keep = off_policy_mask(
-            advantages, per_token_logps, old_per_token_logps, completion_mask, off_policy_mask_threshold
-        )
-        per_token_loss = per_token_loss * keep  # (B, 1) mask
     if token_mask is not None:
         per_token_loss = per_token_loss * token_mask
     kl = None

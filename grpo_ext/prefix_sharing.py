@@ -3,7 +3,7 @@
 In a GRPO step the batch holds every prompt G times in a row. Plain rollouts prefill each prompt G times, and every
 scoring pass (old, reference, policy) re-encodes it G times. Here the prompt goes through the model once per group:
 
-- **Generation** (`generate_from_shared_cache`): the unique prompts are prefilled once (all but their last token),
+- **Generation** (`shared_prompt_cache`): the unique prompts are prefilled once (all but their last token),
   each cache row is repeated G times along the batch (`cache_rows.take_rows`: keys/values, a sliding window's last
   keys/values, or a recurrent layer's running state, each a whole row of state), and `model.generate` continues
   from it on the repeated prompts. `generate` only feeds the tokens the cache has not seen, so it starts by decoding
@@ -28,14 +28,14 @@ custom mask: the completion pass is an ordinary forward with a cache, as in deco
 plain path (`_self_check`) and fall back if they disagree.
 
 Whether a rollout can share is asked once, for scoring by `unsupported_reason` (sliding-window or recurrent layers,
-prompt-learning adapters, reentrant gradient checkpointing, a failed self-check) and for generation by
-`prefill_unsupported_reason` (cache layers whose rows cannot be repeated, beam search, a static cache); the rollout
-module then uses the answers for generation and every scoring pass. A recurrent layer (linear attention, Mamba) could
-share in scoring too, by handing each completion its group's final prompt state; the two-pass forward does not do
-that yet, so such models score on the plain path. The standalone entry
-points `generate_with_shared_prefix` and `shared_prefix_logps` ask it themselves and fall back to the plain path,
-with one warning per reason. With dropout active, sharing draws one dropout mask per prompt instead of one per
-copy: the expectation is unchanged, but set `disable_dropout=True` for runs that must match the plain path exactly.
+reentrant gradient checkpointing, a failed self-check) and for generation by `prefill_unsupported_reason` (cache layers
+whose rows cannot be repeated, beam search, a static cache), both refusing a model whose forward takes no cache of ours
+(encoder-decoder, prompt-learning adapters); the rollout module then uses the answers for generation and every scoring
+pass. A recurrent layer (linear attention, Mamba) could share in scoring too, by handing each completion its group's
+final prompt state; the two-pass forward does not do that yet, so such models score on the plain path. The standalone
+entry points `generate_with_shared_prefix` and `shared_prefix_logps` ask it themselves and fall back to the plain path,
+with one warning per reason. With dropout active, sharing draws one dropout mask per prompt instead of one per copy: the
+expectation is unchanged, but set `disable_dropout=True` for runs that must match the plain path exactly.
 """
 
 from __future__ import annotations
@@ -65,13 +65,13 @@ __all__ = [
     "unsupported_reason",
     "prefill_unsupported_reason",
     "shared_prompt_cache",
-    "generate_from_shared_cache",
     "generate_with_shared_prefix",
     "SharedPrefixScoring",
     "shared_prefix_logps",
     "unique_prompts",
     "prompt_groups",
-    "prefix_sharing_unsupported_reason",
+    "warn_plain_path",
+    "warn_plain_prefill",
 ]
 
 # Reasons already warned about: each fallback is announced once per process, not once per step.
@@ -144,18 +144,29 @@ _SCORING_CANNOT_SHARE = {
 }
 
 
-def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
-    """Why this model's layers cannot share a prompt's keys/values, or None when they can.
-
-    Sharing needs a decoder whose attention layers read a `Cache` and attend to all of it: full-attention layers only
-    (a sliding window or a recurrent state depends on what came before in a way a shared cache does not reproduce).
-    """
+def _cache_owner_reason(model: nn.Module) -> str | None:
+    """Why this model's forward cannot take a prompt cache built here (in scoring or in the prefill), or None."""
     causal_lm = unwrap_causal_lm(model)
-    config = causal_lm.config.get_text_config(decoder=True)
     if getattr(causal_lm.config, "is_encoder_decoder", False):
         return f"{type(causal_lm).__name__} is an encoder-decoder model"
     if uses_prompt_learning(model):
         return "prompt-learning adapters (prefix / prompt tuning) already use the KV cache"
+    return None
+
+
+def _backbone_reason(causal_lm: nn.Module) -> str | None:
+    """Why the backbone cannot be called with a `cache` (both paths call it so), or None."""
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
+        return f"{type(causal_lm).__name__}'s backbone takes no `cache` argument"
+    return None
+
+
+def _scoring_layers_reason(causal_lm: nn.Module) -> str | None:
+    """Scoring hands each completion its group's prompt keys/values, so every layer must attend to all of them: full
+    attention only (a sliding window or a recurrent state depends on what came before in a way a shared cache does
+    not reproduce)."""
+    config = causal_lm.config.get_text_config(decoder=True)
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     for layer_type in dict.fromkeys(layer_types):
         if layer_type != "full_attention":
@@ -163,9 +174,6 @@ def prefix_sharing_unsupported_reason(model: nn.Module) -> str | None:
             return f"{type(causal_lm).__name__} has {layer_type!r} layers: {why}"
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         return f"{type(causal_lm).__name__} uses a sliding window"
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
-    if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
-        return f"{type(causal_lm).__name__}'s backbone takes no `cache` argument"
     return None
 
 
@@ -190,22 +198,10 @@ def prefill_unsupported_reason(model: nn.Module, generation_config: GenerationCo
             f"cache_implementation={setting('cache_implementation')!r}: only a DynamicCache can be repeated along "
             "the batch"
         )
-    return _prefill_model_reason(model)
-
-
-def _prefill_model_reason(model: nn.Module) -> str | None:
-    """Why this model's prompt state cannot be prefilled once and repeated G times, or None when it can. Looser than
-    scoring's rule: a sliding-window layer's last keys/values and a recurrent layer's running state are each a whole
-    row of state, repeated as such (`cache_rows`), while scoring needs every layer to attend to the whole prompt."""
+    # Looser than scoring's layer rule: a sliding-window layer's last keys/values and a recurrent layer's running
+    # state are each a whole row of state, repeated as such (`cache_rows`)
     causal_lm = unwrap_causal_lm(model)
-    if getattr(causal_lm.config, "is_encoder_decoder", False):
-        return f"{type(causal_lm).__name__} is an encoder-decoder model"
-    if uses_prompt_learning(model):
-        return "prompt-learning adapters (prefix / prompt tuning) already use the KV cache"
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
-    if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
-        return f"{type(causal_lm).__name__}'s backbone takes no `cache` argument"
-    return cache_rows.unsupported_reason(model)
+    return _cache_owner_reason(model) or _backbone_reason(causal_lm) or cache_rows.unsupported_reason(model)
 
 
 def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_generations: int) -> Cache:
@@ -227,41 +223,10 @@ def shared_prompt_cache(
 ) -> Cache | None:
     """The KV cache of all but the last token of each of the `(B, P)` unique prompts, prefilled once and repeated G
     times along the batch, for decoding the `(B*G, P)` repeated prompts; None when there is nothing to share (one-token
-    prompts, G = 1). For a model and config that `unsupported_reason` accepts (it is not checked again here)."""
+    prompts, G = 1). For a model and config that `prefill_unsupported_reason` accepts (not checked again here)."""
     if input_ids.size(1) < 2 or num_generations < 2:
         return None
     return _prefill_shared_cache(model, input_ids[:, :-1], attention_mask[:, :-1], num_generations)
-
-
-def _generate_repeated(model, input_ids, attention_mask, num_generations, generation_config, cache, **generate_kwargs):
-    """`model.generate` on each `(B, P)` prompt repeated G times in a row, from `cache` when given: `(B*G, C)`."""
-    if cache is not None:
-        generate_kwargs["cache"] = cache  # generate then feeds only the last prompt token first
-    sequences = model.generate(
-        input_ids=input_ids.repeat_interleave(num_generations, dim=0),  # (B*G, P)
-        attention_mask=attention_mask.repeat_interleave(num_generations, dim=0),
-        generation_config=generation_config,
-        **without_router_logits(model),
-        **generate_kwargs,
-    )  # (B*G, P + C)
-    return sequences[:, input_ids.size(1) :]
-
-
-@torch.no_grad()
-def generate_from_shared_cache(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    num_generations: int,
-    generation_config: GenerationConfig,
-    **generate_kwargs,
-) -> torch.Tensor:
-    """`model.generate` on the repeated prompts, from `shared_prompt_cache`: G completions for each of the `(B, P)`
-    left-padded unique prompts, `(B*G, C)`, rows in groups of G, each prompt prefilled once."""
-    cache = shared_prompt_cache(model, input_ids, attention_mask, num_generations)
-    return _generate_repeated(
-        model, input_ids, attention_mask, num_generations, generation_config, cache, **generate_kwargs
-    )
 
 
 @torch.no_grad()
@@ -273,8 +238,9 @@ def generate_with_shared_prefix(
     generation_config: GenerationConfig,
     **generate_kwargs,
 ) -> torch.Tensor:
-    """`generate_from_shared_cache` for any model: plain generation on the repeated prompts (one warning per
-    reason) when the cache cannot be shared.
+    """`model.generate` on each `(B, P)` left-padded unique prompt repeated G times in a row: `(B*G, C)`, rows in
+    groups of G, each prompt prefilled once (`shared_prompt_cache`); plain generation on the repeated prompts (one
+    warning per reason) when the cache cannot be shared.
 
     Under greedy decoding the completions are token-identical to `model.generate` on the repeated prompts; under
     sampling they follow the same distribution.
@@ -287,9 +253,16 @@ def generate_with_shared_prefix(
             reason = f"the KV cache of {type(unwrap_causal_lm(model)).__name__} cannot be expanded ({error})"
     if reason is not None:
         warn_plain_path(reason)
-    return _generate_repeated(
-        model, input_ids, attention_mask, num_generations, generation_config, cache, **generate_kwargs
-    )
+    if cache is not None:
+        generate_kwargs["cache"] = cache  # generate then feeds only the last prompt token first
+    sequences = model.generate(
+        input_ids=input_ids.repeat_interleave(num_generations, dim=0),  # (B*G, P)
+        attention_mask=attention_mask.repeat_interleave(num_generations, dim=0),
+        generation_config=generation_config,
+        **without_router_logits(model),
+        **generate_kwargs,
+    )  # (B*G, P + C)
+    return sequences[:, input_ids.size(1) :]
 
 
 # --- Scoring ---
@@ -427,32 +400,29 @@ def _router_logits_per_completion(prompt_logits, completion_logits, group_sizes,
     return tuple(per_layer)
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why the completions of `model` cannot be scored with each prompt encoded once per group (old, reference and
-    policy passes), or None when they can. Asked once per rollout."""
-    if _reentrant_checkpointing(unwrap_causal_lm(model)):
-        return _REENTRANT
-    return _checked_model_reason(model)
-
-
 _REENTRANT = "reentrant gradient checkpointing would drop gradients through the shared prompt keys/values"
 
 
-def _checked_model_reason(model: nn.Module) -> str | None:
-    """`prefix_sharing_unsupported_reason`, then the self-check, once per model (the answer is kept on it)."""
+def unsupported_reason(model: nn.Module, training: bool = True) -> str | None:
+    """Why the completions of `model` cannot be scored with each prompt encoded once per group, or None when they can.
+
+    `training`: a pass whose gradients are taken, for which reentrant checkpointing counts. The rollout asks once for
+    all its passes (old, reference and policy: training); `shared_prefix_logps` asks for the pass it runs. The
+    model's rules and the self-check are run once per model, the answer kept on it.
+    """
     causal_lm = unwrap_causal_lm(model)
+    if training and _reentrant_checkpointing(causal_lm):
+        return _REENTRANT
     reason = getattr(causal_lm, "_grpo_ext_prefix_sharing_reason", None)
     if reason is None:
-        reason = prefix_sharing_unsupported_reason(model) or _self_check(model)
+        reason = (
+            _cache_owner_reason(model)
+            or _scoring_layers_reason(causal_lm)
+            or _backbone_reason(causal_lm)
+            or _self_check(model)
+        )
         causal_lm._grpo_ext_prefix_sharing_reason = reason  # "" when supported
     return reason or None
-
-
-def _shared_scoring_unsupported_reason(model: nn.Module) -> str | None:
-    causal_lm = unwrap_causal_lm(model)
-    if torch.is_grad_enabled() and causal_lm.training and _reentrant_checkpointing(causal_lm):
-        return _REENTRANT
-    return _checked_model_reason(model)
 
 
 def _self_check(model: nn.Module, atol: float = 0.05) -> str:
@@ -512,7 +482,7 @@ def shared_prefix_logps(
     left-padded and hold each prompt once per completion, groups in consecutive rows (as the trainer's batch does).
     `model` may be wrapped (DDP, PEFT, accelerate) and may be a PEFT model inside `disable_adapter()` (reference pass).
     """
-    reason = _shared_scoring_unsupported_reason(model)
+    reason = unsupported_reason(model, training=torch.is_grad_enabled() and unwrap_causal_lm(model).training)
     if reason is not None:
         warn_plain_path(reason)
         return completion_logps_and_entropies(

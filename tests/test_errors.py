@@ -5,7 +5,7 @@ from conftest import tiny_trainer as _trainer
 from datasets import Dataset, IterableDataset
 
 from grpo_ext import GRPOExtTrainer
-from grpo_ext.data import check_prompts, dataset_prompts
+from grpo_ext.data import ITERABLE_ROWS_CHECKED, check_dataset, check_prompts
 from grpo_ext.reward_scoring import RewardFunctionError
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
 
@@ -192,13 +192,13 @@ def test_max_prompt_length_cuts_long_prompts_from_the_left(tokenizer, make_args)
         make_args(max_prompt_length=0)
 
 
-def test_an_iterable_dataset_is_checked_on_its_first_rows():
+def test_an_iterable_dataset_is_checked_on_its_first_rows(make_args):
     def rows():
         yield {"prompt": "1+1="}
         yield {"prompt": None}
+        for _ in range(ITERABLE_ROWS_CHECKED - 2):
+            yield {"prompt": "2+2="}
         raise AssertionError("read past the rows checked")
 
-    prompts = dataset_prompts(IterableDataset.from_generator(rows), limit=2)
-    assert prompts == ["1+1=", None]
     with pytest.raises(ValueError, match=r"train_dataset row 1: .*it is None"):
-        check_prompts(prompts, "train_dataset")
+        check_dataset(IterableDataset.from_generator(rows), "train_dataset", make_args(), {})

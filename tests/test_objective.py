@@ -44,7 +44,8 @@ def test_clipping_both_sides():
     logps = torch.tensor([[0.5], [0.5], [-0.5], [-0.5]])
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
     mask = torch.ones(4, 1)
-    terms = grpo_per_token_loss(logps, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.3)
+    params = SurrogateParams(epsilon_low=0.2, epsilon_high=0.3)
+    terms = grpo_per_token_loss(logps, old, advantages, mask, params=params)
     high, low = math.exp(0.5), math.exp(-0.5)
     # A > 0, rho high: min(rho A, 1.3 A) = 1.3 (clipped). A < 0, rho high: min(-rho, -1.3) = -rho (not clipped).
     # A > 0, rho low: min(rho, 0.8) = rho. A < 0, rho low: min(-rho, -0.8) = -0.8 (clipped).
@@ -54,7 +55,7 @@ def test_clipping_both_sides():
     assert terms.is_low_clipped.squeeze(-1).tolist() == [False, False, False, True]
     # The clipped tokens carry no gradient; the others do.
     logps = logps.clone().requires_grad_(True)
-    grpo_per_token_loss(logps, old, advantages, mask, epsilon_low=0.2, epsilon_high=0.3).per_token_loss.sum().backward()
+    grpo_per_token_loss(logps, old, advantages, mask, params=params).per_token_loss.sum().backward()
     torch.testing.assert_close(logps.grad.squeeze(-1), torch.tensor([0.0, high, -low, 0.0]))
 
 
@@ -78,8 +79,7 @@ def test_gspo_sequence_ratio_is_length_normalised():
         torch.tensor([1.0, 1.0]),
         MASK,
         importance_sampling_level="sequence",
-        epsilon_low=0.5,
-        epsilon_high=0.5,
+        params=SurrogateParams(epsilon_low=0.5, epsilon_high=0.5),
     )
     torch.testing.assert_close(terms.ratio, torch.tensor([[math.exp(0.3)], [math.exp(0.2)]]))
 
@@ -122,15 +122,16 @@ def _one_token(log_ratio: float, advantage: float, logp: float = -0.7):
 
 def test_cispo_caps_and_detaches_the_weight():
     # rho = e^0.5 ~ 1.65 capped at 1.2: L = -1.2 A logp, dL/dlogp = -1.2 A (the cap carries no gradient)
+    cap = SurrogateParams(epsilon_high=1.2)
     logps, old, advantages, mask = _one_token(0.5, 2.0)
-    terms = grpo_per_token_loss(logps, old, advantages, mask, loss_type="cispo", epsilon_high=1.2)
+    terms = grpo_per_token_loss(logps, old, advantages, mask, loss_type="cispo", params=cap)
     assert terms.per_token_loss.item() == pytest.approx(-1.2 * 2.0 * -0.7)
     assert terms.is_low_clipped is None and terms.metrics["cispo_clip_ratio"].item() == 1.0
     terms.per_token_loss.sum().backward()
     assert logps.grad.item() == pytest.approx(-1.2 * 2.0)
     # below the cap the weight is rho itself, still detached: dL/dlogp = -rho A
     logps, old, advantages, mask = _one_token(-0.5, 2.0)
-    terms = grpo_per_token_loss(logps, old, advantages, mask, loss_type="cispo", epsilon_high=1.2)
+    terms = grpo_per_token_loss(logps, old, advantages, mask, loss_type="cispo", params=cap)
     terms.per_token_loss.sum().backward()
     assert logps.grad.item() == pytest.approx(-math.exp(-0.5) * 2.0)
     assert terms.metrics["cispo_clip_ratio"].item() == 0.0
@@ -202,7 +203,7 @@ def test_off_policy_mask_drops_negative_advantages_that_drifted():
     keep = off_policy_mask(advantages, logps, old, mask, threshold=0.5)
     assert keep.flatten().tolist() == [1.0, 0.0, 1.0]  # drifted but A >= 0 / drifted and A < 0 / close
     terms = grpo_per_token_loss(
-        logps, old, advantages, mask, ref_per_token_logps=logps + 0.3, beta=0.1, off_policy_mask_threshold=0.5
+        logps, old, advantages, mask, ref_per_token_logps=logps + 0.3, beta=0.1, token_mask=keep
     )
     k3 = math.exp(0.3) - 0.3 - 1
     torch.testing.assert_close(terms.per_token_loss[1], torch.full((2,), 0.1 * k3))  # the KL term is never masked
