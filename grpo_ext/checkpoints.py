@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,7 +18,10 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+
+logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 # grpo-ext's state beyond transformers' own, saved in each checkpoint folder: the run's settings, the adaptive KL.
@@ -250,3 +254,54 @@ def read_state(checkpoint: str | os.PathLike) -> dict:
 def write_state(folder: str | os.PathLike, state: dict) -> None:
     with open(os.path.join(folder, STATE_FILE), "w") as file:
         json.dump(state, file, indent=2)
+
+
+# --- In a trainer: checkpoints that say what they were made with, and resume that checks it ---
+
+
+class ResumeMixin:
+    """Writes grpo-ext's state into each checkpoint (the run's settings, `_checkpoint_state()`), before transformers'
+    files, and restores it on resume (`_restore_checkpoint_state(state)`); a finished run resumed trains nothing.
+    Mixed into `GRPOExtTrainer`, which defines those two methods, `_model_path` and `_finite`."""
+
+    def _finished(self, checkpoint: str) -> bool:
+        """Whether `checkpoint` is already at `max_steps`: transformers would train one step more before noticing."""
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE))
+        return self.args.max_steps > 0 and state.global_step >= self.args.max_steps
+
+    def _finished_output(self, checkpoint: str) -> TrainOutput:
+        """A finished run resumed (a requeued job, say): its weights and state are loaded, nothing is trained."""
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE))
+        self._load_from_checkpoint(checkpoint)
+        logger.warning(
+            f"{checkpoint} is at step {self.state.global_step} and max_steps={self.args.max_steps}: the run is "
+            "finished, so nothing is trained (its weights are loaded). Raise max_steps to train further."
+        )
+        losses = [entry["train_loss"] for entry in self.state.log_history if "train_loss" in entry]
+        return TrainOutput(self.state.global_step, losses[-1] if losses else 0.0, {})
+
+    def _run_settings(self) -> dict:
+        """Settings a checkpoint is tied to (checkpoints.RESUME_MUST_MATCH / RESUME_SHOULD_MATCH)."""
+        return {
+            "num_generations": self.args.num_generations,
+            "loss_type": self.args.loss_type,
+            "model": self._model_path,
+        }
+
+    def _save_checkpoint(self, model, trial):
+        """grpo-ext's state first, then transformers' checkpoint, whose trainer_state.json, written last, marks the
+        folder complete (`incomplete_reason`)."""
+        step = self.state.global_step
+        self._finite.check_weights(self.model, self.accelerator, step, f"save checkpoint-{step}")
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        with explain_full_disk(folder):
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+                write_state(folder, {"run": self._run_settings(), **self._checkpoint_state()})
+            super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Called on resume by every backend (DDP, DeepSpeed, FSDP), after the TrainerState is restored.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._restore_checkpoint_state(read_state(checkpoint))

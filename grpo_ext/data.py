@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable
 
 from datasets import Dataset, IterableDataset, load_dataset
-from trl.trainer.utils import repeat_iterable_dataset
+from trl.trainer.utils import RepeatSampler, repeat_iterable_dataset
 
 from .rollout import prompt_texts
 
@@ -86,6 +86,15 @@ def to_prompt_answer(
         return {"prompt": messages + [{"role": "user", "content": text}], "answer": str(row[answer])}
 
     return dataset.map(shape, remove_columns=[c for c in columns if c not in ("prompt", "answer")])
+
+
+def as_datasets(train_dataset, eval_dataset) -> tuple:
+    """`as_dataset` on the trainer's train and eval sets (each of an eval dict, named `eval_dataset['name']`)."""
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {key: as_dataset(value, f"eval_dataset[{key!r}]") for key, value in eval_dataset.items()}
+    else:
+        eval_dataset = as_dataset(eval_dataset, "eval_dataset")
+    return as_dataset(train_dataset, "train_dataset"), eval_dataset
 
 
 def as_dataset(dataset, name: str):
@@ -388,3 +397,91 @@ def collate_rows(features: list[dict]) -> list[dict]:
     """The trainer's data collator: a batch is the list of dataset rows, prompts are tokenized at rollout time. A module
     function, so dataloader worker processes (`dataloader_num_workers > 0`, spawn) can pickle it."""
     return features
+
+
+def check_datasets(
+    train_dataset, eval_dataset, args, columns: dict, tokenizer, tool_calling=None, placeholder=None
+) -> None:
+    """`check_dataset` on the train set and each eval set (a dict's too, named `eval_dataset['name']`) at trainer
+    start: `columns["train"]` / `columns["eval"]` are the columns their rows need (name -> reader), and
+    `columns["max_positions"]` the model's context. With tools or environments their own rules first; an
+    environment's `placeholder` set (empty prompts its `reset` fills) is not checked."""
+    datasets = [("train_dataset", train_dataset)]
+    for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
+        datasets.append((f"eval_dataset[{split!r}]" if split else "eval_dataset", dataset))
+    for name, dataset in datasets:
+        if tool_calling is not None:
+            tool_calling.check_dataset(dataset, name)
+        if dataset is not placeholder:
+            needed = columns["train"] if name == "train_dataset" else columns["eval"]
+            check_dataset(dataset, name, args, needed, tokenizer, columns["max_positions"])
+    if eval_dataset is not None:
+        check_eval_batch(args)
+
+
+# --- In a trainer: each prompt G times in a row, one generation batch per rollout ---
+
+
+class GroupedDataMixin:
+    """The trainer's data loading: TRL's `RepeatSampler` (each prompt `num_generations` times in a row, a generation
+    batch served `num_iterations x steps_per_generation` times) and its order built into streams (`grouped_stream`).
+    Mixed into `GRPOExtTrainer`, which sets `num_generations`, `num_generations_eval` and `_stream_checks`."""
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def get_train_dataloader(self):
+        # The same as Trainer's, except that one batch is a whole generation batch (steps_per_generation
+        # micro-batches): _prepare_inputs rolls it out once and serves it slice by slice.
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None):
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+            shuffle=self.args.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _get_eval_sampler(self, eval_dataset):
+        check_eval_batch(self.args)  # also for datasets given to evaluate() directly
+        return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        if not isinstance(dataset, IterableDataset):
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        # A stream takes no sampler: the samplers' order is built into the stream, read by one worker on every process
+        # (also for a stream given to evaluate() directly, which __init__ did not see)
+        args, seed, checks = self.args, self.args.seed, self._stream_checks
+        name = "train_dataset" if is_training else "eval_dataset"
+        dataset = checked_stream(
+            dataset, name, args, checks["train" if is_training else "eval"], self.processing_class,
+            checks["max_positions"],
+        )  # fmt: skip
+        if is_training:
+            dataset = grouped_stream(
+                dataset,
+                self.num_generations,
+                args.generation_batch_size // self.num_generations,
+                args.num_iterations * args.steps_per_generation,
+                shuffle_seed=seed if args.shuffle_dataset else None,
+            )
+        else:
+            check_eval_batch(args)
+            dataset = grouped_stream(dataset, self.num_generations_eval, shuffle_seed=seed)
+        check_dispatch_batches(args)
+        self.accelerator.dataloader_config.dispatch_batches = False
+        num_workers, args.dataloader_num_workers = args.dataloader_num_workers, 0
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        finally:
+            args.dataloader_num_workers = num_workers

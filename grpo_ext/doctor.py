@@ -36,6 +36,7 @@ environments (single-turn prompts only), or stop a training run (the trainer onl
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import random
 import sys
@@ -53,6 +54,8 @@ from .models import unwrap_causal_lm, unwrap_distributed
 from .plan import format_bytes, parse_memory, plan_step, run_step_inputs
 from .plan import verdict as memory_verdict
 from .rollout import Rollout, varying_groups
+
+logger = logging.getLogger(__name__)
 
 BLOCKING, WARNING, INFO = "blocking", "warning", "info"
 
@@ -391,6 +394,26 @@ def check_memory(settings: RunSettings) -> list[Finding]:
 
 
 # --- Sampling the rollouts through a trainer ---
+
+
+def log_preflight(trainer, steps: int) -> None:
+    """`doctor_steps`: the pre-flight check's report and verdict logged at the start of training (a warning when
+    something needs a look). A failing check is a warning too: it must never stop the run it checks."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # weights are sharded only once train() prepares them
+        logger.warning(
+            "doctor_steps: the pre-flight check does not run under DeepSpeed / FSDP; run "
+            "`python -m grpo_ext.doctor --config X.yaml` on one process instead."
+        )
+        return
+    try:
+        report = preflight(trainer, steps)
+    except Exception as error:
+        logger.warning(
+            f"doctor_steps: the pre-flight check failed ({type(error).__name__}: {error}); training goes on."
+        )
+        return
+    if trainer.accelerator.is_main_process:
+        logger.log(logging.WARNING if report.needs_attention else logging.INFO, "%s", report.text())
 
 
 def preflight(trainer, steps: int = 2, gpu_memory: str | int | None = None) -> DoctorReport:

@@ -15,7 +15,9 @@ from transformers.trainer_utils import HubStrategy
 from .checkpoints import explain_full_disk
 from .completions import completions_folder
 from .hub import (
+    CheckpointUploads,
     HubPushError,
+    finish_completions_uploads,
     model_card_for_output_dir,
     push_adapter_to_hub,
     save_card_assets,
@@ -42,6 +44,19 @@ class HubMixin:
                 self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
             except HubPushError as error:
                 logger.warning("%s", error)
+
+    def _start_hub_uploads(self) -> None:
+        """Adapter checkpoints pushed in the background during training; with `log_completions_hub_repo`, the
+        completions tables too (main process)."""
+        self._uploads = CheckpointUploads()
+        self._completions_uploads = None
+        if self.args.log_completions_hub_repo is not None and self.accelerator.is_main_process:
+            self._completions_uploads = self._start_completions_uploads()
+
+    def _finish_completions_uploads(self) -> None:
+        """End of `train()`: the tables written since the last scheduled upload go up."""
+        if self._completions_uploads is not None:
+            finish_completions_uploads(self._completions_uploads)
 
     def _start_completions_uploads(self):
         """The dataset repository and background uploads of `log_completions_hub_repo` (hub.py); an unreachable Hub

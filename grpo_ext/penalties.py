@@ -41,6 +41,29 @@ def missing_eos_penalty(is_truncated: torch.Tensor, penalty: float) -> torch.Ten
 
 
 @dataclass
+def reward_penalties(
+    args, rollout, rollout_per_token_logps, reward_kl_coef: float, gather
+) -> tuple[torch.Tensor, dict]:
+    """The penalties `args` asks for, summed per completion of this process `(B,)`, and each one's mean over all
+    processes (`gather` collects a `(B,)` tensor from every process) under its metric name: `penalty/reward_kl`
+    (with `penalty/reward_kl_coef`), `penalty/overlong`, `penalty/missing_eos`."""
+    lengths = rollout.lengths  # (B,)
+    penalty, means = torch.zeros(lengths.size(0), device=lengths.device), {}  # (B,)
+    if args.reward_kl_coef > 0:
+        kl = sequence_kl(rollout_per_token_logps, rollout.ref_per_token_logps, rollout.loss_mask, args.reward_kl_estimator)  # fmt: skip
+        penalty = penalty + reward_kl_coef * kl
+        means["penalty/reward_kl"], means["penalty/reward_kl_coef"] = gather(kl).mean().item(), reward_kl_coef
+    if args.overlong_buffer_len is not None:
+        overlong = overlong_penalty(lengths, args.max_completion_length, args.overlong_buffer_len, args.overlong_penalty_factor)  # fmt: skip
+        penalty = penalty + overlong
+        means["penalty/overlong"] = gather(overlong).mean().item()
+    if args.missing_eos_penalty is not None:
+        missing_eos = missing_eos_penalty(rollout.is_truncated, args.missing_eos_penalty)  # (B,)
+        penalty = penalty + missing_eos
+        means["penalty/missing_eos"] = gather(missing_eos).mean().item()
+    return penalty, means
+
+
 class AdaptiveKLController:
     """Proportional controller of Ziegler et al. 2019 (arXiv 1909.08593, section 2.2) for beta_r.
 

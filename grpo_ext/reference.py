@@ -20,6 +20,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from trl.models.utils import prepare_deepspeed
 
 from .models import load_causal_lm, unwrap_distributed
 
@@ -119,6 +120,19 @@ class ReferencePolicy:
             policy.set_adapter(reference.active_adapter)  # keeps the trained adapter trainable, the snapshot frozen
             reference.sync(policy)
         return reference
+
+    def prepare(self, accelerator, deepspeed: bool, cast_lm_head_to_fp32: bool) -> None:
+        """A reference copy placed like the policy: its lm_head in fp32 if the policy's is (a copy loaded again under
+        ZeRO-3 too), then under DeepSpeed an inference engine partitioned like the policy, else accelerate's eval
+        model. Nothing to do for the adapter modes."""
+        if self.model is None:
+            return
+        if cast_lm_head_to_fp32:
+            cast_lm_head_to_fp32(self.model)
+        if deepspeed:
+            self.model = prepare_deepspeed(self.model, accelerator)
+        else:
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
 
     def memory_note(self, policy: nn.Module) -> str:
         if self.mode == "copy":

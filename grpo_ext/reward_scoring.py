@@ -179,6 +179,20 @@ class RewardScorer:
         self.logged_metrics: dict[str, list[float]] = defaultdict(list)
         self.logged_columns: dict[str, list] = defaultdict(list)
 
+    @classmethod
+    def from_config(cls, args, reward_funcs, reward_processing_classes=None, extra_funcs=()) -> RewardScorer:
+        """A trainer's: weights, reward-model loading, chat template, non-finite policy and timeout from `args`."""
+        return cls(
+            reward_funcs,
+            reward_weights=args.reward_weights,
+            reward_processing_classes=reward_processing_classes,
+            model_init_kwargs=args.model_init_kwargs,
+            chat_template_kwargs=args.chat_template_kwargs,
+            nonfinite_rewards=args.nonfinite_rewards,
+            extra_funcs=extra_funcs,
+            timeout=args.reward_timeout,
+        )
+
     def set_weights(self, reward_weights) -> None:
         """One weight per function, in the order of the functions."""
         weights = torch.as_tensor(reward_weights, dtype=torch.float32).flatten().cpu()  # (K,)

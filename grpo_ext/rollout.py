@@ -44,6 +44,7 @@ __all__ = [
     "token_lists_until_stop",
     "score_rollout",
     "length_buckets_of",
+    "micro_batches",
     "varying_groups",
 ]
 
@@ -479,6 +480,32 @@ def length_buckets_of(completion_mask: torch.Tensor, most: int = 4, saving: floa
 
 
 # --- Dynamic sampling ---
+
+
+def micro_batches(
+    rollout: Rollout, steps: int, accumulation: int, max_completion_length: int, accelerator
+) -> list[Rollout]:
+    """Slice a rollout into `steps` (steps_per_generation) micro-batches and attach the normalisers of their window.
+
+    The window is the `accumulation` (gradient_accumulation_steps) micro-batches summed into one optimizer step. When
+    the rollout covers whole windows (steps a multiple of accumulation, the default), counts are exact; otherwise they
+    are the rollout's counts scaled to one window, as TRL does. Token counts are summed over processes.
+    """
+    parts = rollout.split(steps)
+    tokens = torch.stack([part.loss_mask.sum() for part in parts]).float()  # (steps,)
+    if steps % accumulation == 0:
+        window_tokens = tokens.view(-1, accumulation).sum(1).repeat_interleave(accumulation)  # (steps,)
+    else:
+        window_tokens = tokens.sum().expand(steps) * accumulation / steps
+    global_window_tokens = accelerator.reduce(window_tokens.clone(), reduction="sum")  # (steps,)
+    for i, part in enumerate(parts):
+        part.normalisers = Normalisers(
+            num_sequences=float(len(part) * accumulation),
+            num_tokens=float(window_tokens[i]),
+            num_global_tokens=float(global_window_tokens[i]) / accelerator.num_processes,
+            max_completion_length=max_completion_length,
+        )
+    return parts
 
 
 def varying_groups(group_std: torch.Tensor, num_generations: int) -> torch.Tensor:

@@ -536,6 +536,18 @@ class ToolCalling:
         self.tool_timeout, self.reset_timeout = tool_timeout, reset_timeout
         self._warned: set = set()  # what report() has said already
 
+    @classmethod
+    def from_config(cls, args, tokenizer, tools, environment_factory) -> ToolCalling:
+        """A trainer's: `max_tool_calling_iterations`, `tool_timeout` and `environment_reset_timeout` from `args`."""
+        return cls(
+            tokenizer,
+            tools,
+            environment_factory,
+            args.max_tool_calling_iterations,
+            tool_timeout=args.tool_timeout,
+            reset_timeout=args.environment_reset_timeout,
+        )
+
     @property
     def reward_funcs(self) -> list[tuple[str, Callable]]:
         """(name, function) of each environment class that defines `get_reward`."""

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 
 import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
-from transformers import TrainerState, set_seed
+from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
-from trl.models.utils import prepare_deepspeed
 from trl.trainer.base_trainer import _BaseTrainer
-from trl.trainer.utils import RepeatSampler
 
 from .advantages import (
     batch_normalized_advantages,
@@ -30,39 +25,33 @@ from .advantages import (
 )
 from .callbacks import PreTrainingLogsCallback, ReferenceSyncCallback, SaveOnInterruptCallback
 from .checkpoints import (
+    ResumeMixin,
     check_checkpoint_weights,
     check_output_dir,
     check_resume_settings,
-    explain_full_disk,
     read_state,
     resolve_checkpoint,
-    write_state,
 )
 from .completions import log_completions_table
 from .config import GRPOExtConfig
 from .cpu import trains_on_cpu
 from .data import (
-    as_dataset,
-    check_dataset,
-    check_dispatch_batches,
-    check_eval_batch,
+    GroupedDataMixin,
+    as_datasets,
+    check_datasets,
     check_streaming_settings,
-    checked_stream,
     collate_rows,
-    grouped_stream,
 )
 from .diagnosis import RunDiagnosis
 from .engine import Generation, RolloutEngine, custom_rollout
 from .evaluation import TaskEvaluationMixin, resolve_task_metrics, task_scorer
 from .guards import FiniteGuard, gather_1d
-from .hub import CheckpointUploads, finish_completions_uploads
 from .hub_trainer import HubMixin
 from .logprobs import check_against_full_logits
-from .models import activation_checkpointing_off, cast_lm_head_to_fp32, prepare_policy, unwrapped_for_generation
+from .models import activation_checkpointing_off, prepare_policy, unwrapped_for_generation
 from .moe import router_aux_coef
 from .objective import (
     EntropyController,
-    Normalisers,
     aggregate_loss,
     grpo_per_token_loss,
     high_entropy_mask,
@@ -70,18 +59,18 @@ from .objective import (
     off_policy_mask,
     router_aux_loss_term,
 )
-from .penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
+from .penalties import AdaptiveKLController, reward_penalties
 from .recorder import MetricsRecorder
 from .reference import ReferencePolicy, load_reference_copy
 from .reporting import LoggingGuard
 from .reward_scoring import RewardScorer
-from .rollout import Rollout, eos_token_ids, score_rollout, varying_groups
+from .rollout import Rollout, eos_token_ids, micro_batches, score_rollout, varying_groups
 from .tools import ToolCalling, placeholder_dataset, tool_metrics
 
 logger = logging.getLogger(__name__)
 
 
-class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
+class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixin, _BaseTrainer):
     """Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300), a drop-in for `trl.GRPOTrainer`.
 
     Args:
@@ -143,11 +132,7 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
                 "trl.GRPOConfig: `from grpo_ext import GRPOExtConfig`)."
             )
         set_seed(args.seed)  # before the model is built: PEFT initialises adapters randomly
-        train_dataset = as_dataset(train_dataset, "train_dataset")  # a plain list of rows becomes a Dataset
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {key: as_dataset(value, f"eval_dataset[{key!r}]") for key, value in eval_dataset.items()}
-        else:
-            eval_dataset = as_dataset(eval_dataset, "eval_dataset")
+        train_dataset, eval_dataset = as_datasets(train_dataset, eval_dataset)  # a list of rows becomes a Dataset
         check_streaming_settings(args, train_dataset, eval_dataset)  # before the accelerator reads args
         if args.should_save:  # a folder that cannot be written would lose the work at the first save
             check_output_dir(args.output_dir)
@@ -172,28 +157,13 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
             )
         self._tool_calling, placeholder = None, None
         if tools or environment_factory is not None:
-            self._tool_calling = ToolCalling(
-                processing_class,
-                tools,
-                environment_factory,
-                args.max_tool_calling_iterations,
-                tool_timeout=args.tool_timeout,
-                reset_timeout=args.environment_reset_timeout,
-            )
+            self._tool_calling = ToolCalling.from_config(args, processing_class, tools, environment_factory)
             if train_dataset is None:  # the environment's reset() writes each prompt
                 train_dataset = placeholder = placeholder_dataset(environment_factory, args)
 
         # Rewards and data, checked now rather than at the first step
-        self.rewards = RewardScorer(
-            reward_funcs,
-            extra_funcs=self._tool_calling.reward_funcs if self._tool_calling else (),
-            reward_weights=args.reward_weights,
-            reward_processing_classes=reward_processing_classes,
-            model_init_kwargs=args.model_init_kwargs,
-            chat_template_kwargs=args.chat_template_kwargs,
-            nonfinite_rewards=args.nonfinite_rewards,
-            timeout=args.reward_timeout,
-        )
+        extra_funcs = self._tool_calling.reward_funcs if self._tool_calling else ()
+        self.rewards = RewardScorer.from_config(args, reward_funcs, reward_processing_classes, extra_funcs)
         # Task metrics of evaluations (evaluation.py), resolved now: a name that loads nothing fails before training
         self.task_metrics = None
         if args.eval_reward_funcs:
@@ -205,27 +175,13 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
                 )
             named = dict(zip(self.rewards.names, self.rewards.reward_funcs))
             self.task_metrics = task_scorer(resolve_task_metrics(args.eval_reward_funcs, named))
-        max_positions = getattr(model.config, "max_position_embeddings", None)
-        # a rollout_func may supply reward arguments itself (its extra fields): then no column is required up front
-        required_columns = self.rewards.required_columns() if rollout_func is None else {}
+        # Columns each row must have (a rollout_func may supply reward arguments itself: then none up front); a
+        # stream's later rows are checked as they are read against the same (data.checked_stream)
+        required = self.rewards.required_columns() if rollout_func is None else {}
         task_columns = self.task_metrics.required_columns() if self.task_metrics is not None else {}
-        datasets = [("train_dataset", train_dataset)]
-        for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
-            datasets.append((f"eval_dataset[{split!r}]" if split else "eval_dataset", dataset))
-        for name, dataset in datasets:
-            if self._tool_calling is not None:
-                self._tool_calling.check_dataset(dataset, name)
-            if dataset is not placeholder:
-                needed = required_columns if name == "train_dataset" else {**required_columns, **task_columns}
-                check_dataset(dataset, name, args, needed, processing_class, max_positions)
-        if eval_dataset is not None:
-            check_eval_batch(args)
-        # A stream's later rows are checked as they are read, as its first ones were now (data.checked_stream)
-        self._stream_checks = {
-            "train": required_columns,
-            "eval": {**required_columns, **task_columns},
-            "max_positions": max_positions,
-        }
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        self._stream_checks = {"train": required, "eval": {**required, **task_columns}, "max_positions": max_positions}
+        check_datasets(train_dataset, eval_dataset, args, self._stream_checks, processing_class, self._tool_calling, placeholder)  # fmt: skip
 
         zero3 = is_deepspeed_zero3_enabled()  # set by args.deepspeed: from_pretrained has partitioned the weights
         load_copy = functools.partial(
@@ -266,10 +222,7 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
             args, processing_class, self.eos_token_ids, sharded, tool_calling=self._tool_calling
         )
         self._length_buckets = self.accelerator.num_processes == 1  # its forward count follows this rank's lengths
-        self._uploads = CheckpointUploads()  # adapter checkpoints pushed in the background during training
-        self._completions_uploads = None  # log_completions_hub_repo: the completions tables, in the background
-        if args.log_completions_hub_repo is not None and self.accelerator.is_main_process:
-            self._completions_uploads = self._start_completions_uploads()
+        self._start_hub_uploads()  # checkpoints and completions tables pushed in the background (hub_trainer.py)
         self._interrupt = SaveOnInterruptCallback()
         self.add_callback(self._interrupt)
         self._pre_training_logs = PreTrainingLogsCallback()
@@ -278,17 +231,10 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
             alpha = args.ref_model_mixup_alpha if args.sync_ref_model else 1.0
             self.add_callback(ReferenceSyncCallback(self.reference, self.model, args.ref_model_sync_steps, alpha))
         if self.accelerator.is_main_process:
-            print(f"[grpo-ext] reference policy: {self.reference.mode} ({self.reference.memory_note(self.model)})")
+            logger.info(f"reference policy: {self.reference.mode} ({self.reference.memory_note(self.model)})")
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded weights cannot be scored here
             check_against_full_logits(self.model)
-        if self.reference.model is not None and args.cast_lm_head_to_fp32:  # a copy loaded again (ZeRO-3) too
-            cast_lm_head_to_fp32(self.reference.model)
-        if self.reference.model is not None:  # under DeepSpeed an inference engine, partitioned like the policy
-            self.reference.model = (
-                prepare_deepspeed(self.reference.model, self.accelerator)
-                if self.is_deepspeed_enabled
-                else self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
-            )
+        self.reference.prepare(self.accelerator, self.is_deepspeed_enabled, args.cast_lm_head_to_fp32)
         for reward_model in self.rewards.reward_models:
             reward_model.to(self.accelerator.device)
 
@@ -374,67 +320,6 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
         (`objective.off_policy_mask`). `compute_loss` calls it with the old log-probs as `sampling_per_token_logps`."""
         return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
 
-    # --- Data: each prompt G times in a row, one generation batch per rollout ---
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt"]
-
-    def get_train_dataloader(self):
-        # The same as Trainer's, except that one batch is a whole generation batch (steps_per_generation
-        # micro-batches): _prepare_inputs rolls it out once and serves it slice by slice.
-        return self._get_dataloader(
-            dataset=self.train_dataset,
-            description="Training",
-            batch_size=self._train_batch_size * self.args.steps_per_generation,
-            sampler_fn=self._get_train_sampler,
-            is_training=True,
-        )
-
-    def _get_train_sampler(self, dataset=None):
-        return RepeatSampler(
-            data_source=dataset if dataset is not None else self.train_dataset,
-            mini_repeat_count=self.num_generations,
-            batch_size=self.args.generation_batch_size // self.num_generations,
-            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
-            shuffle=self.args.shuffle_dataset,
-            seed=self.args.seed,
-        )
-
-    def _get_eval_sampler(self, eval_dataset):
-        check_eval_batch(self.args)  # also for datasets given to evaluate() directly
-        return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
-
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
-        if not isinstance(dataset, IterableDataset):
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
-        # A stream takes no sampler: the samplers' order is built into the stream, read by one worker on every process
-        # (also for a stream given to evaluate() directly, which __init__ did not see)
-        args, seed, checks = self.args, self.args.seed, self._stream_checks
-        name = "train_dataset" if is_training else "eval_dataset"
-        dataset = checked_stream(
-            dataset, name, args, checks["train" if is_training else "eval"], self.processing_class,
-            checks["max_positions"],
-        )  # fmt: skip
-        if is_training:
-            dataset = grouped_stream(
-                dataset,
-                self.num_generations,
-                args.generation_batch_size // self.num_generations,
-                args.num_iterations * args.steps_per_generation,
-                shuffle_seed=seed if args.shuffle_dataset else None,
-            )
-        else:
-            check_eval_batch(args)
-            dataset = grouped_stream(dataset, self.num_generations_eval, shuffle_seed=seed)
-        check_dispatch_batches(args)
-        self.accelerator.dataloader_config.dispatch_batches = False
-        num_workers, args.dataloader_num_workers = args.dataloader_num_workers, 0
-        try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
-        finally:
-            args.dataloader_num_workers = num_workers
-
     # --- One step ---
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -458,7 +343,11 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
                 rollout = self._roll_out_varying_groups(generation_batch)
             else:
                 rollout = self.generate_and_score(generation_batch, mode="train")
-            self._buffered_inputs = self._split_into_micro_batches(rollout)
+            args = self.args
+            self._buffered_inputs = micro_batches(
+                rollout, args.steps_per_generation, args.gradient_accumulation_steps, args.max_completion_length,
+                self.accelerator,
+            )  # fmt: skip
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     @property
@@ -612,56 +501,14 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
         return Rollout.concat(groups)
 
     def _reward_penalties(self, mode, rollout: Rollout, rollout_per_token_logps) -> torch.Tensor:
-        """beta_r * sum_t KL_t + overlong + missing-EOS, per completion of all processes `(B * num_processes,)`."""
-        args, metrics = self.args, self._metrics[mode]
-        lengths, is_truncated = rollout.lengths, rollout.is_truncated  # (B,) each
-        penalty = torch.zeros(lengths.size(0), device=lengths.device)  # (B,)
-        if args.reward_kl_coef > 0:
-            coef = self.reward_kl_controller.value if self.reward_kl_controller else args.reward_kl_coef
-            kl = sequence_kl(  # (B,)
-                rollout_per_token_logps, rollout.ref_per_token_logps, rollout.loss_mask, args.reward_kl_estimator
-            )
-            penalty = penalty + coef * kl
-            mean_kl = gather(kl).mean().item()
-            metrics["penalty/reward_kl"].append(mean_kl)
-            metrics["penalty/reward_kl_coef"].append(coef)
-            if self.reward_kl_controller and mode == "train":  # this rollout used coef; the next one uses the update
-                self.reward_kl_controller.update(mean_kl, lengths.size(0) * self.accelerator.num_processes)
-        if args.overlong_buffer_len is not None:
-            overlong = overlong_penalty(
-                lengths, args.max_completion_length, args.overlong_buffer_len, args.overlong_penalty_factor
-            )  # (B,)
-            penalty = penalty + overlong
-            metrics["penalty/overlong"].append(gather(overlong).mean().item())
-        if args.missing_eos_penalty is not None:
-            missing_eos = missing_eos_penalty(is_truncated, args.missing_eos_penalty)  # (B,)
-            penalty = penalty + missing_eos
-            metrics["penalty/missing_eos"].append(gather(missing_eos).mean().item())
+        """beta_r * sum_t KL_t + overlong + missing-EOS, per completion of all processes `(N,)` (penalties.py)."""
+        coef = self.reward_kl_controller.value if self.reward_kl_controller else self.args.reward_kl_coef
+        penalty, means = reward_penalties(self.args, rollout, rollout_per_token_logps, coef, gather)  # (B,)
+        for name, value in means.items():
+            self.recorder.add(mode, name, value)
+        if self.reward_kl_controller and mode == "train":  # this rollout used coef; the next one uses the update
+            self.reward_kl_controller.update(means["penalty/reward_kl"], len(rollout) * self.accelerator.num_processes)
         return gather(penalty)
-
-    def _split_into_micro_batches(self, rollout: Rollout) -> list[Rollout]:
-        """Slice a rollout into steps_per_generation micro-batches and attach the normalisers of their window.
-
-        The window is the gradient_accumulation_steps micro-batches summed into one optimizer step. When the rollout
-        covers whole windows (steps_per_generation a multiple of gradient_accumulation_steps, the default), counts are
-        exact; otherwise they are the rollout's counts scaled to one window, as TRL does.
-        """
-        steps, accumulation = self.args.steps_per_generation, self.args.gradient_accumulation_steps
-        micro_batches = rollout.split(steps)
-        tokens = torch.stack([mb.loss_mask.sum() for mb in micro_batches]).float()  # (steps,)
-        if steps % accumulation == 0:
-            window_tokens = tokens.view(-1, accumulation).sum(1).repeat_interleave(accumulation)  # (steps,)
-        else:
-            window_tokens = tokens.sum().expand(steps) * accumulation / steps
-        global_window_tokens = self.accelerator.reduce(window_tokens.clone(), reduction="sum")  # (steps,)
-        for i, micro_batch in enumerate(micro_batches):
-            micro_batch.normalisers = Normalisers(
-                num_sequences=float(len(micro_batch) * accumulation),
-                num_tokens=float(window_tokens[i]),
-                num_global_tokens=float(global_window_tokens[i]) / self.accelerator.num_processes,
-                max_completion_length=self.args.max_completion_length,
-            )
-        return micro_batches
 
     def compute_loss(self, model, inputs: Rollout | dict, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -784,7 +631,10 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
             check_checkpoint_weights(checkpoint, hasattr(self.accelerator.unwrap_model(self.model), "peft_config"))
             check_resume_settings(read_state(checkpoint).get("run", {}), self._run_settings(), checkpoint)
         elif self.args.doctor_steps > 0:
-            self._log_preflight_check()
+            # Imported here: `python -m grpo_ext.doctor` runs that module as __main__, after the package imports this
+            from .doctor import log_preflight
+
+            log_preflight(self, self.args.doctor_steps)
         if checkpoint is not None and self._finished(checkpoint):
             return self._finished_output(checkpoint)
         self._pre_training_logs.entries = [entry for entry in self.state.log_history if entry.get("step") == 0]
@@ -794,81 +644,22 @@ class GRPOExtTrainer(TaskEvaluationMixin, HubMixin, _BaseTrainer):
             )
         finally:
             self._interrupt.restore_handlers()
-            if self._completions_uploads is not None:  # the tables written since the last scheduled upload
-                finish_completions_uploads(self._completions_uploads)
+            self._finish_completions_uploads()
 
-    def _log_preflight_check(self) -> None:
-        """`doctor_steps`: the pre-flight check's report and verdict, logged (a warning when something needs a look).
-        A failing check is a warning too: it must never stop the run it checks."""
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # weights are sharded only once train() prepares them
-            logger.warning(
-                "doctor_steps: the pre-flight check does not run under DeepSpeed / FSDP; run "
-                "`python -m grpo_ext.doctor --config X.yaml` on one process instead."
-            )
-            return
-        # Imported here: `python -m grpo_ext.doctor` runs that module as __main__, after the package imports this one
-        from .doctor import preflight
+    def _checkpoint_state(self) -> dict:
+        """grpo-ext's state saved in each checkpoint beside the run's settings (checkpoints.ResumeMixin)."""
+        state = {}
+        if self.reward_kl_controller is not None:
+            state["reward_kl_controller"] = self.reward_kl_controller.state_dict()
+        if self.entropy_control.adaptive:
+            state["entropy_control"] = self.entropy_control.state_dict()
+        return state
 
-        try:
-            report = preflight(self, self.args.doctor_steps)
-        except Exception as error:
-            logger.warning(
-                f"doctor_steps: the pre-flight check failed ({type(error).__name__}: {error}); training goes on."
-            )
-            return
-        if self.accelerator.is_main_process:
-            logger.log(logging.WARNING if report.needs_attention else logging.INFO, "%s", report.text())
-
-    def _finished(self, checkpoint: str) -> bool:
-        """Whether `checkpoint` is already at `max_steps`: transformers would train one step more before noticing."""
-        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
-        return self.args.max_steps > 0 and state.global_step >= self.args.max_steps
-
-    def _finished_output(self, checkpoint: str) -> TrainOutput:
-        """A finished run resumed (a requeued job, say): its weights and state are loaded, nothing is trained."""
-        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
-        self._load_from_checkpoint(checkpoint)
-        logger.warning(
-            f"{checkpoint} is at step {self.state.global_step} and max_steps={self.args.max_steps}: the run is "
-            "finished, so nothing is trained (its weights are loaded). Raise max_steps to train further."
-        )
-        losses = [entry["train_loss"] for entry in self.state.log_history if "train_loss" in entry]
-        return TrainOutput(self.state.global_step, losses[-1] if losses else 0.0, {})
-
-    def _run_settings(self) -> dict:
-        """Settings a checkpoint is tied to (checkpoints.RESUME_MUST_MATCH / RESUME_SHOULD_MATCH)."""
-        return {
-            "num_generations": self.args.num_generations,
-            "loss_type": self.args.loss_type,
-            "model": self._model_path,
-        }
-
-    def _save_checkpoint(self, model, trial):
-        """grpo-ext's state first, then transformers' checkpoint, whose trainer_state.json, written last, marks the
-        folder complete (checkpoints.incomplete_reason)."""
-        step = self.state.global_step
-        self._finite.check_weights(self.model, self.accelerator, step, f"save checkpoint-{step}")
-        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        with explain_full_disk(folder):
-            if self.args.should_save:
-                os.makedirs(folder, exist_ok=True)
-                state = {"run": self._run_settings()}
-                if self.reward_kl_controller is not None:
-                    state["reward_kl_controller"] = self.reward_kl_controller.state_dict()
-                if self.entropy_control.adaptive:
-                    state["entropy_control"] = self.entropy_control.state_dict()
-                write_state(folder, state)
-            super()._save_checkpoint(model, trial)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        # Called on resume by every backend (DDP, DeepSpeed, FSDP), after the TrainerState is restored.
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        # Continue the rollout schedule where it stopped (the next micro-step rolls out anew: no buffer is saved).
+    def _restore_checkpoint_state(self, state: dict) -> None:
+        """On resume: the rollout schedule continues where it stopped (the next micro-step rolls out anew: no buffer
+        is saved), the controllers where they were."""
         self._step = self.state.global_step * self.args.gradient_accumulation_steps
         self._buffered_inputs = None
-        state = read_state(checkpoint)
         if self.reward_kl_controller is not None and "reward_kl_controller" in state:
             self.reward_kl_controller.load_state_dict(state["reward_kl_controller"])
         if self.entropy_control.adaptive and "entropy_control" in state:

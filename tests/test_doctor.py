@@ -250,7 +250,7 @@ def test_doctor_steps_logs_the_verdict_and_leaves_the_run_unchanged(tokenizer, m
         trainer.train()
         return trainer
 
-    with caplog.at_level(logging.INFO, logger="grpo_ext.trainer"):
+    with caplog.at_level(logging.INFO, logger="grpo_ext.doctor"):
         checked = trained(1)
     reports = [record for record in caplog.records if record.getMessage().startswith("pre-flight check:")]
     assert len(reports) == 1

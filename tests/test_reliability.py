@@ -505,7 +505,7 @@ def test_resuming_corrupt_finished_or_other_kind_checkpoints(tokenizer, make_arg
     calls = []
     counted = lambda completions, **kw: calls.append(1) or [0.0] * len(completions)  # noqa: E731
     finished = tiny_trainer(tokenizer, args(), counted)
-    with caplog.at_level(logging.WARNING, logger="grpo_ext.trainer"):
+    with caplog.at_level(logging.WARNING, logger="grpo_ext.checkpoints"):
         output = finished.train(resume_from_checkpoint=True)
     assert output.global_step == finished.state.global_step == 2 and calls == []  # no third step
     assert "checkpoint-2 is at step 2 and max_steps=2: the run is finished, so nothing is trained" in caplog.text

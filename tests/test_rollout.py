@@ -14,6 +14,7 @@ from grpo_ext.rollout import (
     encode_prompts,
     generate_completions,
     length_buckets_of,
+    micro_batches,
     plan_generation,
     score_rollout,
 )
@@ -96,7 +97,7 @@ def test_trainer_loss_is_the_same_with_pad_to_multiple_of(tokenizer, make_args):
     trainer.model.train()
     rollout = trainer.generate_and_score(trainer.train_dataset.select(range(8)).to_list(), mode="train")
     assert rollout.prompt_ids.size(1) % 16 == 0 and rollout.completion_ids.size(1) == 16  # max_completion_length 6
-    (micro_batch,) = trainer._split_into_micro_batches(rollout)
+    (micro_batch,) = micro_batches(rollout, 1, 1, trainer.args.max_completion_length, trainer.accelerator)
     assert micro_batch.completion_ids.size(1) == 16
     unpadded = dataclasses.replace(micro_batch, pad_to_multiple_of=None).trimmed()
     prompt_columns = int(unpadded.prompt_mask.any(0).nonzero()[0])  # the first column some prompt uses

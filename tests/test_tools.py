@@ -12,7 +12,7 @@ import torch
 
 import grpo_ext.engine as engine_module
 from grpo_ext import GRPOExtTrainer
-from grpo_ext.rollout import pad_token_lists
+from grpo_ext.rollout import micro_batches, pad_token_lists
 from grpo_ext.testing import make_prompt_dataset, make_tiny_model, make_tokenizer
 from grpo_ext.tools import parse_completion, run_tool_calls, tool_suffix_ids
 
@@ -135,7 +135,7 @@ def test_tool_results_are_in_the_completion_but_not_in_the_loss(tool_tokenizer, 
     assert metrics["completions/mean_length"] == [float(n_first + n_last)]  # model tokens only
 
     # The loss and its gradient are those of the generated tokens only
-    (batch,) = trainer._split_into_micro_batches(rollout)
+    (batch,) = micro_batches(rollout, 1, 1, trainer.args.max_completion_length, trainer.accelerator)
     batch.advantages = torch.tensor([1.0, -1.0, 0.5, -2.0])
     model = trainer.model
     model.zero_grad()
