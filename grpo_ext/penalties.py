@@ -40,7 +40,6 @@ def missing_eos_penalty(is_truncated: torch.Tensor, penalty: float) -> torch.Ten
     return penalty * is_truncated.float()
 
 
-@dataclass
 def reward_penalties(
     args, rollout, rollout_per_token_logps, reward_kl_coef: float, gather
 ) -> tuple[torch.Tensor, dict]:
@@ -64,6 +63,7 @@ def reward_penalties(
     return penalty, means
 
 
+@dataclass
 class AdaptiveKLController:
     """Proportional controller of Ziegler et al. 2019 (arXiv 1909.08593, section 2.2) for beta_r.
 
