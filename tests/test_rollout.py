@@ -90,13 +90,16 @@ def test_encode_prompts_pads_to_a_multiple_on_the_left(tokenizer):
 
 def test_trainer_loss_is_the_same_with_pad_to_multiple_of(tokenizer, make_args):
     """The trainer's rollout and its micro-batches have widths that are multiples, and the loss does not change."""
-    from conftest import tiny_trainer
+    from conftest import record_trained_batches, tiny_trainer
 
-    trainer = tiny_trainer(tokenizer, make_args(pad_to_multiple_of=16, beta=0.0))
+    trainer = tiny_trainer(tokenizer, make_args(pad_to_multiple_of=16, beta=0.0, max_steps=1))
+    rollouts, generate_and_score = [], trainer.generate_and_score
+    trainer.generate_and_score = lambda rows, mode: rollouts.append(generate_and_score(rows, mode)) or rollouts[-1]
+    trained = record_trained_batches(trainer)
+    trainer.train()  # one step: one rollout, one micro-batch
     trainer.model.train()
-    rollout = trainer.generate_and_score(trainer.train_dataset.select(range(8)).to_list(), mode="train")
+    (rollout,), (micro_batch,) = rollouts, trained
     assert rollout.prompt_ids.size(1) % 16 == 0 and rollout.completion_ids.size(1) == 16  # max_completion_length 6
-    (micro_batch,) = trainer._split_into_micro_batches(rollout)
     assert micro_batch.completion_ids.size(1) == 16
     unpadded = dataclasses.replace(micro_batch, pad_to_multiple_of=None).trimmed()
     prompt_columns = int(unpadded.prompt_mask.any(0).nonzero()[0])  # the first column some prompt uses

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import record_trained_batches
 
 import grpo_ext.trainer as trainer_module
 from grpo_ext import GRPOExtTrainer
@@ -134,8 +135,10 @@ def test_tool_results_are_in_the_completion_but_not_in_the_loss(tool_tokenizer, 
     assert metrics["tools/call_frequency"] == [1.0] and metrics["tools/failure_frequency"] == [0.0]
     assert metrics["completions/mean_length"] == [float(n_first + n_last)]  # model tokens only
 
-    # The loss and its gradient are those of the generated tokens only
-    (batch,) = trainer._split_into_micro_batches(rollout)
+    # The loss and its gradient are those of the generated tokens only, on a micro-batch as the trainer trains on it
+    trained = record_trained_batches(trainer)
+    trainer.train()  # one step (max_steps=1) on the same scripted turns
+    (batch,) = trained
     batch.advantages = torch.tensor([1.0, -1.0, 0.5, -2.0])
     model = trainer.model
     model.zero_grad()
