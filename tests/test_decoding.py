@@ -134,6 +134,8 @@ def test_settings_that_need_generate_are_named(tokenizer, settings, reason):
 
 def test_trainer_rollout_is_the_same_with_and_without_dropping_rows(tmp_path, make_args):
     """Greedy rollouts of the trainer: the same completions, rewards and loss whichever engine decodes them."""
+    from conftest import record_trained_batches
+
     from grpo_ext import GRPOExtTrainer
     from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tokenizer, save_tiny_model
 
@@ -148,8 +150,10 @@ def test_trainer_rollout_is_the_same_with_and_without_dropping_rows(tmp_path, ma
             model_path, digit_fraction_reward, args=args, train_dataset=make_prompt_dataset(8),
             processing_class=make_tokenizer(),
         )  # fmt: skip
+        trained = record_trained_batches(trainer)
         trainer.train()
-        return trainer._buffered_inputs[0], trainer.state.log_history[0]
+        (batch,) = trained
+        return batch, trainer.state.log_history[0]
 
     (dropped, dropped_log), (kept, kept_log) = one_step(True), one_step(False)
     assert torch.equal(dropped.completion_ids, kept.completion_ids) and dropped.completion_mask.sum() > 0

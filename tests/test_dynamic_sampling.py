@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import record_trained_batches
 
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.rollout import Rollout, varying_groups
@@ -53,8 +54,9 @@ def _trainer(tokenizer, make_args, reward, **overrides):
 
 def test_only_groups_with_varying_rewards_are_trained_on(tokenizer, make_args):
     trainer = _trainer(tokenizer, make_args, _constant_for_odd_answers, max_steps=2, max_sampling_rounds=8)
+    trained = record_trained_batches(trainer)
     trainer.train()
-    batch = trainer._buffered_inputs[0]
+    _, batch = trained  # the second rollout's micro-batch
     advantages = batch.advantages.view(-1, 4)  # (groups, G)
     assert (advantages.abs().sum(1) > 0).all()  # every trained group has signal
     logged = trainer.state.log_history[0]
@@ -67,11 +69,13 @@ def test_stops_at_max_rounds_and_trains_on_what_it_has(tokenizer, make_args):
     trainer = _trainer(tokenizer, make_args, constant, max_steps=1, max_sampling_rounds=3)
     original = trainer.generate_and_score
     trainer.generate_and_score = lambda rows, mode: rounds_seen.append(len(rows)) or original(rows, mode)
+    trained = record_trained_batches(trainer)
     trainer.train()
+    (batch,) = trained
     assert len(rounds_seen) == 3 and rounds_seen[0] == 8  # the batch, then two refills of the missing 2 groups
     logged = trainer.state.log_history[0]
     assert logged["sampling/rounds"] == 3 and logged["sampling/kept_groups_ratio"] == 0.0
-    assert trainer._buffered_inputs[0].completion_ids.size(0) == 8  # topped up to a full batch
+    assert batch.completion_ids.size(0) == 8  # topped up to a full batch
 
 
 def test_dataset_too_small_for_a_rollout_is_a_clear_error(tokenizer, make_args):

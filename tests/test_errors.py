@@ -1,6 +1,7 @@
 """Bad input fails before or at the first step, naming the argument, column, reward function or row, and the fix."""
 
 import pytest
+from conftest import record_trained_batches
 from conftest import tiny_trainer as _trainer
 from datasets import Dataset, IterableDataset
 
@@ -184,8 +185,10 @@ def test_a_prompt_longer_than_the_model_allows_is_named_with_the_limit(tokenizer
 def test_max_prompt_length_cuts_long_prompts_from_the_left(tokenizer, make_args):
     long_prompts = Dataset.from_dict({"prompt": [f"{i}" + "9" * 600 + f"{i}+1=" for i in range(8)]})
     trainer = _trainer(tokenizer, make_args(max_prompt_length=10, max_steps=1), dataset=long_prompts)
+    trained = record_trained_batches(trainer)
     trainer.train()
-    prompt_ids = trainer._buffered_inputs[0].prompt_ids
+    (batch,) = trained
+    prompt_ids = batch.prompt_ids
     assert prompt_ids.size(1) == 10
     assert tokenizer.decode(prompt_ids[0]).endswith("+1=")  # the end of the prompt is kept, its start cut
     with pytest.raises(ValueError, match=r"max_prompt_length=0 must be >= 1"):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import record_trained_batches
 
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, save_tiny_model
@@ -24,13 +25,12 @@ def _one_sgd_step(model_path, tokenizer, make_args, loss_type, per_device, accum
         model_path, digit_fraction_reward, args=args, train_dataset=make_prompt_dataset(8), processing_class=tokenizer
     )
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trained = record_trained_batches(trainer)  # the rollout's micro-batches: max_steps=1
     trainer.train()
     # Both runs must roll out exactly the same 8 completions, or the comparison means nothing.
     # (micro-batches are trimmed to their own longest completion, so compare each completion's tokens)
     completions = [
-        ids[mask.bool()].tolist()
-        for mb in trainer._buffered_inputs
-        for ids, mask in zip(mb.completion_ids, mb.completion_mask)
+        ids[mask.bool()].tolist() for mb in trained for ids, mask in zip(mb.completion_ids, mb.completion_mask)
     ]
     return {name: before[name] - p.detach() for name, p in trainer.model.named_parameters()}, completions
 

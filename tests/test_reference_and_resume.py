@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import record_trained_batches
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
@@ -42,8 +43,9 @@ def _policy_logps(trainer, batch):
 
 def test_disabled_adapter_reference_is_the_base_model(tokenizer, make_args):
     trainer = _lora_trainer(tokenizer, make_args, max_steps=2)
+    trained = record_trained_batches(trainer)
     trainer.train()
-    batch = trainer._buffered_inputs[0]
+    _, batch = trained  # the second step's micro-batch
     base = make_tiny_model("qwen2", tokenizer)  # the same weights the adapter was put on
     ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
     mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
@@ -58,8 +60,9 @@ def test_snapshot_reference_follows_the_policy_at_each_sync_only(tokenizer, make
         tokenizer, make_args, max_steps=2, ref_model_mode="snapshot_adapter", ref_model_sync_steps=2, beta=0.04
     )
     assert trainer.reference.mode == "snapshot_adapter"
+    trained = record_trained_batches(trainer)
     trainer.train()  # synced at step 2, right after the last update
-    batch = trainer._buffered_inputs[0]
+    _, batch = trained  # the second step's micro-batch
     torch.testing.assert_close(_reference_logps(trainer, batch), _policy_logps(trainer, batch))
     snapshot = _reference_logps(trainer, batch)
     with torch.no_grad():  # the policy moves on; the snapshot stays until the next sync
@@ -80,8 +83,10 @@ def test_no_reference_pass_without_kl(tokenizer, make_args, monkeypatch):
     monkeypatch.setattr(
         type(trainer.reference), "activate", lambda *a: pytest.fail("a reference pass ran although no KL is on")
     )
+    trained = record_trained_batches(trainer)
     trainer.train()
-    assert trainer._buffered_inputs[0].ref_per_token_logps is None
+    (batch,) = trained
+    assert batch.ref_per_token_logps is None
 
 
 @pytest.mark.parametrize(

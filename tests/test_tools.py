@@ -246,8 +246,10 @@ def test_iteration_limit_failures_and_async_tools(tool_tokenizer, make_args, mon
     assert rollout.tool_mask.sum(1).tolist() == [2 * len(tool_tokenizer(turn)["input_ids"])] * 4
 
     scripted(monkeypatch, tool_tokenizer, [call("double", x=1) + "<|im_end|>"])
-    trainer.args.max_tool_calling_iterations = 3
-    trainer._tool_calling.max_iterations = 3
+    trainer = make_trainer(
+        tool_tokenizer, make_args, reward_funcs=record, tools=[broken, double],
+        args=dict(max_tool_calling_iterations=3, max_completion_length=460),
+    )  # fmt: skip
     trainer.generate_and_score(rows_of(trainer), mode="train")
     assert calls[4:] == [1] * 12  # three rounds of 4 rows
 
@@ -305,6 +307,9 @@ def test_environment_rollout(tool_tokenizer, make_args, monkeypatch):
         received.update(prompts=prompts, environments=environments)
         return [None] * len(prompts)
 
+    built = []  # every instance environment_factory made: the trainer's pool (its first, the probe, included)
+    init = Counter.__init__
+    monkeypatch.setattr(Counter, "__init__", lambda self: built.append(self) or init(self))
     trainer = make_trainer(tool_tokenizer, make_args, reward_funcs=record, environment_factory=Counter)
     assert trainer.rewards.names == ["record", "Counter"]
     rows = rows_of(trainer)
@@ -321,7 +326,7 @@ def test_environment_rollout(tool_tokenizer, make_args, monkeypatch):
     assert trainer._metrics["train"]["rewards/Counter/mean"] == [2.0]
 
     trainer.generate_and_score(rows, mode="train")  # instances are reused, not rebuilt
-    assert trainer._tool_calling.environments.pool[None] == environments
+    assert built == environments
     assert [env.answers for env in environments] == [[row["answer"]] * 2 for row in rows]
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import record_trained_batches
 from peft import LoraConfig
 
 from grpo_ext import GRPOExtTrainer
@@ -73,9 +74,10 @@ def test_lora_on_lm_head_is_scored_through_the_adapter(tokenizer, make_args):
         peft_config=LoraConfig(r=4, target_modules=["lm_head", "q_proj"], lora_dropout=0.0),
     )
     before = _snapshot(trainer.model)
+    trained = record_trained_batches(trainer)
     trainer.train()
     assert any("lm_head.lora_B" in name for name in _changed(before, trainer.model))
-    batch = trainer._buffered_inputs[0]
+    batch = trained[-1]  # the last step's micro-batch
     input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
     attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
     logits = trainer.model(
@@ -211,8 +213,9 @@ def test_old_log_probs_when_the_policy_moves_during_a_rollout(tokenizer, make_ar
         processing_class=tokenizer,
     )
     assert trainer.reference.mode == "none"
+    trained = record_trained_batches(trainer)
     trainer.train()
-    batch = trainer._buffered_inputs[0]
+    batch, _ = trained  # one rollout, trained twice (num_iterations=2)
     assert batch.old_per_token_logps is not None and batch.ref_per_token_logps is None
     # The second pass saw a moved policy: its ratios differ from 1 somewhere
     now = trainer._completion_logps(trainer.model, batch)
@@ -271,8 +274,10 @@ def test_same_seed_same_completions_in_a_rerun(tmp_path, tokenizer, make_args):
             model_path, digit_fraction_reward, args=make_args(max_steps=1, seed=seed),
             train_dataset=make_prompt_dataset(8), processing_class=tokenizer,
         )  # fmt: skip
+        trained = record_trained_batches(trainer)
         trainer.train()
-        return trainer._buffered_inputs[0].completion_ids
+        (batch,) = trained
+        return batch.completion_ids
 
     first, again, other = rollout(0), rollout(0), rollout(1)
     torch.testing.assert_close(first, again, rtol=0, atol=0)

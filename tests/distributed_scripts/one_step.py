@@ -154,6 +154,20 @@ class RecordUpdate(TrainerCallback):
         self.after = {name: _full(p) for name, p in _trainable(model)}
 
 
+def record_trained_batches(trainer) -> list:
+    """The micro-batches the trainer trains on from now on, as its public `compute_loss` receives them (training mode
+    only); tests/conftest.py has the same helper, which this script, run on its own, does not import."""
+    trained, compute_loss = [], trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        if trainer.model.training:
+            trained.append(inputs)
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording
+    return trained
+
+
 def _gathered(parameters, modifier_rank=None):
     """DeepSpeed ZeRO-3 keeps each parameter partitioned: gather them whole inside this context (a collective)."""
     if not any(hasattr(p, "ds_id") for p in parameters):
@@ -287,6 +301,7 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, world_
         case, model_path, warm_model_path, out / name / f"rank{rank}", world_size
     )
     tokenizer, args = trainer.processing_class, trainer.args
+    rollout = record_trained_batches(trainer)  # max_steps=1: the one rollout's micro-batches, this process's share
     trainer.train()
     if case.get("save"):
         trainer.save_model()
@@ -295,7 +310,6 @@ def run_case(name: str, model_path: str, warm_model_path: str, out: Path, world_
     if not case.get("real_generation"):
         expected = args.per_device_train_batch_size * args.gradient_accumulation_steps
         assert len(generation.rows) == expected, "generate was bypassed"
-    rollout = [mb for mb in trainer._buffered_inputs]
     rows = [
         (tokenizer.decode(prompt[prompt_mask.bool()]), completion[completion_mask.bool()].tolist())
         for mb in rollout
