@@ -74,7 +74,7 @@ def test_loss_is_the_grpo_loss_plus_coef_times_the_models_aux_loss(tokenizer, ma
     trainer.aux_loss_enabled = False
     grpo_loss = trainer.compute_loss(trainer.model, rollout)
     torch.testing.assert_close(loss, grpo_loss + 0.5 * own_aux_loss, atol=1e-5, rtol=1e-5)
-    assert trainer._metrics["train"]["aux_loss"] == [pytest.approx(own_aux_loss.item(), rel=1e-5)]
+    assert trainer.recorder.values["train"]["aux_loss"] == [pytest.approx(own_aux_loss.item(), rel=1e-5)]
 
 
 def test_coefficient_defaults_to_the_model_configs_and_training_logs_aux_loss(tokenizer, make_args):

@@ -129,7 +129,7 @@ def test_rollout_shaping_and_metrics(tokenizer, make_args):
     penalties = 0.5 * kl + overlong_penalty(lengths, 6, 3, 1.0) + 0.2 * (lengths == 6).float()
     expected, _ = group_relative_advantages(1.0 - penalties, 4)
     torch.testing.assert_close(batch.advantages, expected, atol=1e-5, rtol=1e-4)
-    metrics = trainer._metrics["train"]
+    metrics = trainer.recorder.values["train"]
     assert metrics["reward"][-1] == 1.0 and metrics["reward_shaped"][-1] < 1.0
     assert metrics["penalty/reward_kl"][-1] == pytest.approx(kl.mean().item(), rel=1e-5)
     assert metrics["penalty/reward_kl_coef"][-1] == 0.5

@@ -98,7 +98,7 @@ def test_a_hanging_tool_in_a_rollout_is_counted_and_warned_about_once(tool_token
         trainer.generate_and_score(rows_of(trainer), mode="train")
         trainer.generate_and_score(rows_of(trainer), mode="train")
     assert seen[0][1] == {"role": "tool", "name": "lookup", "content": str({"error": _late("lookup")})}
-    metrics = trainer._metrics["train"]
+    metrics = trainer.recorder.values["train"]
     assert metrics["tools/timeout_frequency"] == [1.0, 1.0] and metrics["tools/failure_frequency"] == [1.0, 1.0]
     assert caplog.text.count("Tool 'lookup' did not return within tool_timeout=0.2 s") == 1
 
@@ -272,7 +272,7 @@ def test_a_tool_result_that_does_not_fit_is_dropped_counted_and_warned_about_onc
         for _ in range(2):
             rollout = trainer.generate_and_score(rows_of(trainer), mode="train")
     assert rollout.lengths.tolist() == [length] * 4  # the documented rule: the whole round's results are dropped
-    metrics = trainer._metrics["train"]
+    metrics = trainer.recorder.values["train"]
     assert metrics["tools/call_frequency"] == [1.0, 1.0]  # the calls ran...
     assert metrics["tools/truncated_frequency"] == [1.0, 1.0]  # ...their results were dropped...
     assert metrics["tools/failure_frequency"] == [1.0, 1.0]  # ...so none succeeded as far as the model knows

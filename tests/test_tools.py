@@ -130,7 +130,7 @@ def test_tool_results_are_in_the_completion_but_not_in_the_loss(tool_tokenizer, 
     n_first, n_last = len(tool_tokenizer(first)["input_ids"]), len(tool_tokenizer(last)["input_ids"])
     assert rollout.generated_lengths.tolist() == [n_first + n_last] * 4
     assert not rollout.is_truncated.any() and rollout.shared_prefix  # scored with each prompt encoded once
-    metrics = trainer._metrics["train"]
+    metrics = trainer.recorder.values["train"]
     assert metrics["tools/call_frequency"] == [1.0] and metrics["tools/failure_frequency"] == [0.0]
     assert metrics["completions/mean_length"] == [float(n_first + n_last)]  # model tokens only
 
@@ -240,7 +240,7 @@ def test_iteration_limit_failures_and_async_tools(tool_tokenizer, make_args, mon
     assert [m["role"] for m in messages] == ["assistant", "tool", "tool", "tool", "assistant"]
     assert [m["content"] for m in messages[1:4]] == ["10", "{'error': 'boom'}", "{'error': 'Tool nope not found.'}"]
     assert messages[-1]["tool_calls"]  # the limit stopped it, not the model
-    metrics = trainer._metrics["train"]
+    metrics = trainer.recorder.values["train"]
     assert metrics["tools/call_frequency"] == [3.0]
     assert metrics["tools/failure_frequency"] == [pytest.approx(2 / 3)]
     assert rollout.tool_mask.sum(1).tolist() == [2 * len(tool_tokenizer(turn)["input_ids"])] * 4
@@ -272,7 +272,7 @@ def test_tool_results_past_max_completion_length_are_rolled_back(tool_tokenizer,
     rollout = trainer.generate_and_score(rows_of(trainer), mode="train")
     assert rollout.lengths.tolist() == [length] * 4 and rollout.tool_mask.sum(1).tolist() == [length] * 4
     assert all([m["role"] for m in messages] == ["assistant"] for messages in seen)
-    assert trainer._metrics["train"]["tools/call_frequency"] == [1.0]  # it ran, its result did not fit
+    assert trainer.recorder.values["train"]["tools/call_frequency"] == [1.0]  # it ran, its result did not fit
 
 
 class Counter:
@@ -323,7 +323,7 @@ def test_environment_rollout(tool_tokenizer, make_args, monkeypatch):
     )
     assert "Count.<|im_end|>" in text(tool_tokenizer, rollout.prompt_ids[0])  # the observation was generated from
     assert "Tools: increment" in text(tool_tokenizer, rollout.prompt_ids[0])  # the method's schema in the prompt
-    assert trainer._metrics["train"]["rewards/Counter/mean"] == [2.0]
+    assert trainer.recorder.values["train"]["rewards/Counter/mean"] == [2.0]
 
     trainer.generate_and_score(rows, mode="train")  # instances are reused, not rebuilt
     assert built == environments
@@ -349,7 +349,7 @@ def test_environments_by_name_and_without_reward_funcs_or_dataset(tool_tokenizer
     )  # fmt: skip
     assert trainer.rewards.names == ["Counter", "Doubler"]
     trainer.generate_and_score(rows_of(trainer, prompts=4)[::2], mode="train")  # one row of each prompt
-    rewards = trainer._metrics["train"]
+    rewards = trainer.recorder.values["train"]
     assert rewards["rewards/Counter/mean"] == [1.0] and rewards["rewards/Doubler/mean"] == [2.0]
 
     class Game(Counter):
@@ -364,7 +364,7 @@ def test_environments_by_name_and_without_reward_funcs_or_dataset(tool_tokenizer
     )  # fmt: skip
     rollout = no_data.generate_and_score(rows_of(no_data), mode="train")
     assert "user\nStart at 0.<|im_end|>" in text(tool_tokenizer, rollout.prompt_ids[0])
-    assert no_data._metrics["train"]["rewards/Game/mean"] == [1.0]
+    assert no_data.recorder.values["train"]["rewards/Game/mean"] == [1.0]
 
 
 def test_a_subclass_overriding_generate_drives_the_rollout(tool_tokenizer, make_args):

@@ -94,7 +94,7 @@ def _assert_same_loss_and_gradient(tmp_path, make_args, tokenizer, **settings):
     for (name, ours_param), trl_param in zip(ours.model.named_parameters(), trl_trainer.model.parameters()):
         torch.testing.assert_close(ours_param.grad, trl_param.grad, atol=1e-6, rtol=1e-4, msg=name)
     # The same statistics under the same names
-    trl_metrics, our_metrics = trl_trainer._metrics["train"], ours._metrics["train"]
+    trl_metrics, our_metrics = trl_trainer._metrics["train"], ours.recorder.values["train"]
     compared = [key for key in OBJECTIVE_METRICS if key in trl_metrics]
     assert "kl" in compared
     for key in compared:
