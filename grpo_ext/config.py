@@ -1094,6 +1094,16 @@ class GRPOExtConfig(_RefusedTRLFields):
             "sampling policy. Set the field temperature instead and remove it from generation_kwargs.",
         )
 
+    def resize_micro_batch(self, per_device_train_batch_size: int, gradient_accumulation_steps: int) -> None:
+        """Change the micro-batch of this resolved config, keeping the rollout: `generation_batch_size` stays, and
+        `steps_per_generation` is resolved again from it (so is the check that groups stay whole). The one place a
+        built config's batch changes: the trainer calls it with the micro-batch `gpu_memory_budget` fits
+        (`plan.fit_batch_size`, returned by `models.prepare_policy`)."""
+        self.per_device_train_batch_size = per_device_train_batch_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.steps_per_generation = None  # derived from the kept generation_batch_size
+        self._resolve_generation_batch()
+
     def _resolve_generation_batch(self):
         """Fill in generation_batch_size / steps_per_generation (as TRL does) and check groups stay whole."""
         global_batch = self.per_device_train_batch_size * self.world_size

@@ -186,7 +186,11 @@ class GRPOExtTrainer(_BaseTrainer):
         # Model, tokenizer, adapter
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         self._model_path = str(model_path or "")  # recorded in checkpoints, compared on resume
-        model, processing_class = prepare_policy(model, args, processing_class, peft_config, quantization_config)
+        model, processing_class, fitted = prepare_policy(
+            model, args, processing_class, peft_config, quantization_config
+        )
+        if fitted is not None:  # gpu_memory_budget: the micro-batch the memory planner predicts to fit
+            args.resize_micro_batch(fitted.per_device_train_batch_size, fitted.gradient_accumulation_steps)
         self.eos_token_ids = eos_token_ids(model, processing_class)
         # MoE load-balancing loss (TRL's names): the coefficient given, else the model config's; 0.0 for dense models
         self.router_aux_loss_coef = router_aux_coef(model, args.router_aux_loss_coef)
