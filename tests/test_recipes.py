@@ -45,6 +45,53 @@ def test_every_recipe_config_parses_and_validates(config):
     ) == len(script_args.reward_funcs)
 
 
+# --- Value types of a recipe YAML, checked before the parser (grpo_ext.recipe) ---
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"max_steps": 1.5}, r"max_steps is 1.5 \(float\), but max_steps takes int\."),
+        ({"lora_target_modules": 5}, r"lora_target_modules is 5 \(int\), but lora_target_modules takes a list of str"),
+        ({"num_generations": "eight"}, r"num_generations is 'eight' \(str\), but num_generations takes int"),
+        ({"learning_rate": True}, r"learning_rate takes float"),
+        ({"reward_weights": [1.0, "x"]}, r"reward_weights takes a list of float or null"),
+        ({"use_peft": "maybe"}, r"use_peft takes bool"),
+        ({"model_init_kwargs": 3}, r"model_init_kwargs takes a mapping or str or null"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_named(values, message):
+    from trl import ModelConfig
+
+    from grpo_ext.recipe import check_config_types
+
+    with pytest.raises(TypeError, match=rf"^run.yaml: .*{message}"):
+        check_config_types(values, (GRPOExtConfig, ModelConfig), source="run.yaml")
+
+
+def test_config_values_the_parser_accepts_pass():
+    from trl import ModelConfig
+
+    from grpo_ext.recipe import check_config_types
+
+    check_config_types(
+        {
+            "learning_rate": "1e-5",  # YAML reads 1e-5 without a dot as a string; the parser converts it
+            "max_steps": 10,
+            "warmup_ratio": 0,
+            "bf16": "true",
+            "lora_target_modules": "all-linear",
+            "report_to": "none",
+            "lr_scheduler_type": "cosine",
+            "resume_from_checkpoint": True,
+            "model_init_kwargs": {"dtype": "bfloat16"},
+            "max_prompt_length": None,
+            "not_a_field": object(),  # unknown names are the parser's to report
+        },
+        (GRPOExtConfig, ModelConfig),
+    )
+
+
 @pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_accelerate_configs(name):
     config = yaml.safe_load((ROOT / "recipes" / "accelerate_configs" / f"{name}.yaml").read_text())
