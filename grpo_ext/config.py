@@ -17,6 +17,7 @@ from typing import Any
 from trl.trainer.base_config import _BaseConfig
 
 from . import cpu
+from .hub import is_secret_key
 
 # The value tables the checks read (LOSS_TYPES, REFERENCE_MODES, ...) stay in their modules and are imported inside
 # the methods that use them: most of grpo-ext imports this module, and those modules pull in the trainer's stack
@@ -719,15 +720,16 @@ class GRPOExtConfig(_RefusedTRLFields):
     def __getstate__(self) -> dict:
         """What pickling writes, e.g. `training_args.bin`, which transformers saves with `torch.save(args)` in the
         output folder, in every checkpoint and before each full-model upload: every field but credentials.
-        `hub_token` is written as None and `token`-named keys of dict fields (`model_init_kwargs`, ...) are left
-        out, so no file the trainer writes holds a token. A resumed run takes the token from its own config or the
-        environment (`HF_TOKEN`, `hf auth login`), as a fresh run does: nothing reads it back from a checkpoint.
+        `hub_token` is written as None and the keys of dict fields (`model_init_kwargs`, ...) that may hold a
+        credential (`hub.is_secret_key`, the rule the model card's config follows too) are left out, so no file the
+        trainer writes holds a token. A resumed run takes the token from its own config or the environment
+        (`HF_TOKEN`, `hf auth login`), as a fresh run does: nothing reads it back from a checkpoint.
         """
         state = dict(self.__dict__)
         state["hub_token"] = None
         for name, value in state.items():
             if isinstance(value, dict):
-                state[name] = {k: v for k, v in value.items() if "token" not in str(k).lower()}
+                state[name] = {k: v for k, v in value.items() if not is_secret_key(k)}
         return state
 
     def __copy__(self):  # copies keep the token: only pickles (files) leave it out
@@ -1165,8 +1167,8 @@ def _document(cls):
         "(False, TRL True) and `num_completions_to_print` (4, TRL None).",
         "",
         "Pickled (as in `training_args.bin`, in the output folder and every checkpoint), the config holds no "
-        "token: `hub_token` is saved as None and `token` keys of dict fields are left out. A resumed run takes the "
-        "token again from its config or the environment (`HF_TOKEN`, `hf auth login`).",
+        "token: `hub_token` is saved as None and credential keys of dict fields (`token`, `api_key`, ...) are left "
+        "out. A resumed run takes the token again from its config or the environment (`HF_TOKEN`, `hf auth login`).",
         "",
         "Parameters:",
     ]

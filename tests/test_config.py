@@ -106,3 +106,16 @@ def test_run_doctor_fields_are_documented_and_checked(field, value, message):
     assert f"    {field} (*optional*, defaults to `{default!r}`):" in GRPOExtConfig.__doc__
     with pytest.raises(ValueError, match=message):
         GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, **{field: value})
+
+
+def test_pickled_config_leaves_out_what_the_hub_card_leaves_out(tmp_path):
+    import pickle
+
+    from grpo_ext.hub import is_secret_key
+
+    kwargs = {"dtype": "float32", "token": "hf_x", "api_key": "k", "client_secret": "s"}
+    args = GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, hub_token="hf_x", model_init_kwargs=kwargs)
+    restored = pickle.loads(pickle.dumps(args))
+    assert restored.hub_token is None and restored.model_init_kwargs == {"dtype": "float32"}
+    assert [key for key in kwargs if is_secret_key(key)] == ["token", "api_key", "client_secret"]  # one rule
+    assert args.model_init_kwargs == kwargs  # the live config keeps them
