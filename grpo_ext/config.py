@@ -16,12 +16,12 @@ from typing import Any
 
 from trl.trainer.base_config import _BaseConfig
 
-from . import cpu
 from .hub import is_secret_key
 
-# The value tables the checks read (LOSS_TYPES, REFERENCE_MODES, ...) stay in their modules and are imported inside
-# the methods that use them: most of grpo-ext imports this module, and those modules pull in the trainer's stack
-# (datasets, reward models), which a config, a `--help` or the planner do not need.
+# A config checks each field against itself (and the other fields) when it is built. A rule that needs another module's
+# knowledge (its table of loss types, reference modes, memory sizes, ...) lives in that module, beside the table, and
+# runs at trainer start from `settings.check_settings`: building a config, a `--help` or the planner import none of
+# them.
 if typing.TYPE_CHECKING:
     from .objective import SurrogateParams
 
@@ -770,13 +770,7 @@ class GRPOExtConfig(_RefusedTRLFields):
         if self.trust_remote_code:  # every loader of grpo-ext reads model_init_kwargs
             self.model_init_kwargs = {**(self.model_init_kwargs or {}), "trust_remote_code": True}
         self._check_values()
-        self._warn_like_trl()
         self._resolve_generation_batch()
-        if self.do_eval and self.eval_strategy != "no":  # as TRL; the trainer checks again when given eval data
-            from .data import check_eval_batch
-
-            check_eval_batch(self)
-        self._warn_slow_bf16_on_cpu()
 
     def _resolve_pad_to_multiple_of(self) -> None:
         """As TRL: the command line gives a string ("64", "none"); `auto` pads to 128 on Neuron only, which compiles
@@ -810,29 +804,6 @@ class GRPOExtConfig(_RefusedTRLFields):
                 f"{name}={value!r} is not supported by GRPOExtConfig (TRL's default {default!r} is accepted). {reason}"
             )
 
-    def _warn_like_trl(self) -> None:
-        """The warnings trl.GRPOTrainer gives for loss settings that run but are probably not what was meant."""
-        from .objective import TOKEN_SUMMED_LOSS_TYPES
-
-        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
-            warnings.warn(
-                "loss_type='luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper's setup).",
-                stacklevel=3,
-            )
-        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
-            warnings.warn(
-                "loss_type='vespo' computes its sequence-level weight itself: set importance_sampling_level='token' "
-                "(the default).",
-                stacklevel=3,
-            )
-        if self.importance_sampling_level == "sequence" and self.loss_type in TOKEN_SUMMED_LOSS_TYPES:
-            warnings.warn(
-                f"With importance_sampling_level='sequence', loss_type={self.loss_type!r} sums per-token "
-                "contributions, which weights each sequence by its completion length instead of optimising the "
-                "per-sequence objective. For GSPO's setup set loss_type='grpo'.",
-                stacklevel=3,
-            )
-
     def _warn_default_clipping(self) -> None:
         """A loss type whose recommended clipping differs from the default left in place (`RECOMMENDED_CLIPPING`):
         it trains, but not as meant (TRL says nothing)."""
@@ -845,23 +816,9 @@ class GRPOExtConfig(_RefusedTRLFields):
                     stacklevel=4,
                 )
 
-    def _warn_slow_bf16_on_cpu(self) -> None:
-        """`bf16` defaults to True (TRL's `_BaseConfig`). Training on a CPU without native bf16 kernels then runs every
-        matmul through bf16 emulation: one SmolLM2-135M GRPO step took 187 s instead of 14 s in fp32 on an AVX2 CPU."""
-        if self.bf16 and cpu.trains_on_cpu(self) and not cpu.cpu_has_fast_bf16():
-            warnings.warn(
-                "bf16=True (TRL's default) on a CPU without native bf16 support: training will be several times slower "
-                "than in float32. Set bf16=False (--bf16 false) for CPU runs.",
-                stacklevel=3,
-            )
-
     def _check_values(self):
-        from .advantages import MULTI_OBJECTIVE_AGGREGATIONS
-        from .models import model_dtype
-        from .objective import KL_ESTIMATORS, LOSS_TYPES
-        from .plan import parse_memory
-        from .reference import MIXABLE_MODES, REFERENCE_MODES
-        from .reward_scoring import NONFINITE_REWARD_POLICIES
+        """Each field against itself and the other fields; the rules that need another module's tables run at
+        trainer start (`settings.check_settings`)."""
 
         def require(condition: bool, message: str):
             if not condition:
@@ -939,14 +896,6 @@ class GRPOExtConfig(_RefusedTRLFields):
             f"doctor_steps={self.doctor_steps} must be >= 0 (0 skips the pre-flight check; 1 or 2 batches are enough).",
         )
         require(
-            self.multi_objective_aggregation in MULTI_OBJECTIVE_AGGREGATIONS,
-            f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not one of "
-            f"{MULTI_OBJECTIVE_AGGREGATIONS}.",
-        )
-        if isinstance(self.model_init_kwargs, dict):
-            model_dtype(self.model_init_kwargs)  # raises on a dtype TRL does not accept, before anything loads
-        require(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is not one of {tuple(LOSS_TYPES)}.")
-        require(
             self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
             f"importance_sampling_level={self.importance_sampling_level!r} is not one of {IMPORTANCE_SAMPLING_LEVELS}.",
         )
@@ -959,11 +908,6 @@ class GRPOExtConfig(_RefusedTRLFields):
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables top-k).")
         require(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1].")
         require(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0.")
-        require(
-            self.kl_estimator in KL_ESTIMATORS and self.reward_kl_estimator in KL_ESTIMATORS,
-            f"kl_estimator={self.kl_estimator!r} and reward_kl_estimator={self.reward_kl_estimator!r} must each be one "
-            f"of {KL_ESTIMATORS}.",
-        )
         require(self.reward_kl_coef >= 0, f"reward_kl_coef={self.reward_kl_coef} must be >= 0 (0 turns it off).")
         require(
             self.reward_kl_target is None or (self.reward_kl_target > 0 and self.reward_kl_coef > 0),
@@ -986,29 +930,17 @@ class GRPOExtConfig(_RefusedTRLFields):
             self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
             f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted from rewards).",
         )
-        require(
-            self.ref_model_mode in REFERENCE_MODES,
-            f"ref_model_mode={self.ref_model_mode!r} is not one of {REFERENCE_MODES}.",
-        )
         require(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1.")
         require(
             0.0 <= self.ref_model_mixup_alpha <= 1.0,
             f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} must be in [0, 1] (TR-DPO uses 0.5 to 0.6; 1 resets "
             "the reference to the policy).",
         )
-        if self.sync_ref_model:
-            require(
-                self.beta > 0 or self.reward_kl_coef > 0,
-                "sync_ref_model=True but no KL term uses the reference (beta=0 and reward_kl_coef=0): there is nothing "
-                "to synchronize. Set sync_ref_model=False, or beta > 0.",
-            )
-            require(
-                self.ref_model_mode in (*MIXABLE_MODES, "auto"),
-                f"sync_ref_model=True mixes the policy's weights into the reference's, and ref_model_mode="
-                f"{self.ref_model_mode!r} has no reference weights of its own (the base model under the disabled "
-                "adapter would need a second copy). Use ref_model_mode='snapshot_adapter' with a PEFT adapter, "
-                "'copy' for full fine-tuning, or 'auto' (picks one of them).",
-            )
+        require(
+            not self.sync_ref_model or self.beta > 0 or self.reward_kl_coef > 0,
+            "sync_ref_model=True but no KL term uses the reference (beta=0 and reward_kl_coef=0): there is nothing "
+            "to synchronize. Set sync_ref_model=False, or beta > 0.",
+        )
         require(
             self.pad_to_multiple_of is None
             or (isinstance(self.pad_to_multiple_of, int) and self.pad_to_multiple_of >= 1),
@@ -1026,16 +958,6 @@ class GRPOExtConfig(_RefusedTRLFields):
         )
         require(self.max_sampling_rounds >= 1, f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
-        if self.gpu_memory_budget is not None:
-            try:
-                parse_memory(self.gpu_memory_budget)
-            except ValueError as error:
-                raise ValueError(f"gpu_memory_budget={self.gpu_memory_budget!r}: {error}") from None
-        require(
-            self.nonfinite_rewards in NONFINITE_REWARD_POLICIES,
-            f"nonfinite_rewards={self.nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}: `error` stops "
-            "at a NaN / infinite reward, `drop` leaves it out of that function's reward.",
-        )
         require(
             self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
             f"reward_weights={self.reward_weights} must be a list of numbers.",
@@ -1169,6 +1091,10 @@ def _document(cls):
         "Pickled (as in `training_args.bin`, in the output folder and every checkpoint), the config holds no "
         "token: `hub_token` is saved as None and credential keys of dict fields (`token`, `api_key`, ...) are left "
         "out. A resumed run takes the token again from its config or the environment (`HF_TOKEN`, `hf auth login`).",
+        "",
+        "Building a config checks each field against itself and the other fields; the rules that need another "
+        "module's knowledge (loss types, reference modes, memory sizes, ...) run at trainer start, from "
+        "`grpo_ext.settings.check_settings`.",
         "",
         "Parameters:",
     ]

@@ -38,6 +38,13 @@ def model_dtype(model_init_kwargs: dict) -> torch.dtype | str | None:
     )
 
 
+def check_model_settings(args) -> None:
+    """A `dtype` in `model_init_kwargs` that TRL does not accept is an error naming the field, before anything loads
+    (run by `settings.check_settings`)."""
+    if isinstance(args.model_init_kwargs, dict):
+        model_dtype(args.model_init_kwargs)
+
+
 def _resolve_dtype(model: str, kwargs: dict, on_cpu: bool) -> dict:
     """`from_pretrained` keywords with the dtype resolved by TRL's rule (`model_dtype`); on the CPU, `"auto"` is
     float32 when the checkpoint's half-precision dtype has no native kernels there (`cpu.cpu_dtype`)."""

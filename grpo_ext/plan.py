@@ -243,6 +243,16 @@ def parse_memory(text: str) -> int:
     return size
 
 
+def check_memory_settings(args) -> None:
+    """`gpu_memory_budget` of a config is a memory size `parse_memory` reads (run by `settings.check_settings`)."""
+    if args.gpu_memory_budget is None:
+        return
+    try:
+        parse_memory(args.gpu_memory_budget)
+    except ValueError as error:
+        raise ValueError(f"gpu_memory_budget={args.gpu_memory_budget!r}: {error}") from None
+
+
 def base_weight_bytes(shape: ModelShape, settings: StepSettings) -> dict[str, int]:
     """The model as loaded: NF4 linear layers with their quantisation constants, the rest in 16 (or 32) bits."""
     s = settings.dtype_bytes

@@ -2,7 +2,8 @@
 a trainer built from them.
 
 `parse_recipe_args(argv)` reads a recipe YAML (`--config`, its value types checked first: `check_config_file_types`)
-and command-line overrides into `(ScriptArguments, GRPOExtConfig, ModelConfig)`; `build_trainer(script_args, training_args, model_args)` loads the data
+and command-line overrides into `(ScriptArguments, GRPOExtConfig, ModelConfig)`, the training arguments checked by
+every module (`settings.check_settings`) so that a bad value fails before anything loads; `build_trainer(script_args, training_args, model_args)` loads the data
 (`prompt` + `answer` columns, the held-out split as `eval_dataset`), sets the model's loading arguments (4-bit base,
 LoRA adapter), the tokenizer and the rewards (registry names or dotted paths), and returns the `GRPOExtTrainer` with
 the held-out set. It does not evaluate, train, save or push: the recipe script does that, top to bottom.
@@ -27,6 +28,7 @@ from reward_models import get_reward_funcs
 from .config import GRPOExtConfig
 from .data import DEEPSEEKMATH_INSTRUCTION, R1_SYSTEM_PROMPT, load_split, to_prompt_answer
 from .models import load_tokenizer
+from .settings import check_settings
 from .trainer import GRPOExtTrainer
 
 
@@ -77,9 +79,12 @@ RECIPE_ARGUMENTS = (ScriptArguments, GRPOExtConfig, ModelConfig)
 
 
 def parse_recipe_args(argv: list[str]) -> tuple[ScriptArguments, GRPOExtConfig, ModelConfig]:
-    """The YAML given with `--config` (its value types checked first), then command-line overrides."""
+    """The YAML given with `--config` (its value types checked first), then command-line overrides; the training
+    arguments pass every module's check (`settings.check_settings`) before anything is loaded."""
     check_config_file_types(argv, RECIPE_ARGUMENTS)
-    return TrlParser(RECIPE_ARGUMENTS).parse_args_and_config(argv)
+    script_args, training_args, model_args = TrlParser(RECIPE_ARGUMENTS).parse_args_and_config(argv)
+    check_settings(training_args)
+    return script_args, training_args, model_args
 
 
 def build_trainer(script_args: ScriptArguments, training_args: GRPOExtConfig, model_args: ModelConfig):

@@ -107,6 +107,7 @@ from .rollout import (
     score_rollout,
     varying_groups,
 )
+from .settings import check_settings
 from .tools import ToolCalling, complete_turns, custom_rollout, placeholder_dataset, tool_metrics
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ class GRPOExtTrainer(_BaseTrainer):
                 f"args is a {type(args).__name__}; GRPOExtTrainer needs a GRPOExtConfig (same field names as "
                 "trl.GRPOConfig: `from grpo_ext import GRPOExtConfig`)."
             )
+        check_settings(args)  # the rules that need other modules' tables (loss types, ...), before anything loads
         set_seed(args.seed)  # before the model is built: PEFT initialises adapters randomly
         train_dataset = as_dataset(train_dataset, "train_dataset")  # a plain list of rows becomes a Dataset
         if isinstance(eval_dataset, dict):

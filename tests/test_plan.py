@@ -94,8 +94,10 @@ def test_gpu_memory_budget_picks_the_micro_batch(make_args):
 
 
 def test_bad_budget_string_is_refused_by_the_config(make_args):
+    from grpo_ext.settings import check_settings
+
     with pytest.raises(ValueError, match="gpu_memory_budget='lots'.*8GiB"):
-        make_args(gpu_memory_budget="lots")
+        check_settings(make_args(gpu_memory_budget="lots"))  # the planner's rule, at trainer start
     assert parse_memory("8GiB") == parse_memory("8 GB") == 8 * GiB
     assert parse_memory("512MiB") == 2**29
 

@@ -11,6 +11,7 @@ import yaml
 from trl import ModelConfig, TrlParser
 
 from grpo_ext import GRPOExtConfig
+from grpo_ext.settings import check_settings
 from grpo_ext.testing import make_arithmetic_splits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ def test_every_recipe_config_parses_and_validates(config):
     script_args, training_args, model_args = parser.parse_args_and_config(
         ["--config", str(config), "--use_cpu", "true"]
     )
+    check_settings(training_args)  # and every module's check, as the recipe's parser runs it
     assert training_args.generation_batch_size % training_args.num_generations == 0
     assert model_args.model_name_or_path and script_args.reward_funcs
     if model_args.load_in_4bit:
