@@ -16,6 +16,15 @@ STD_EPSILON = 1e-4  # as in TRL, so advantages match trl.GRPOTrainer on the same
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
+def check_advantage_settings(args) -> None:
+    """A config's `multi_objective_aggregation` is one this module computes (run by `settings.check_settings`)."""
+    if args.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(
+            f"multi_objective_aggregation={args.multi_objective_aggregation!r} is not one of "
+            f"{MULTI_OBJECTIVE_AGGREGATIONS}."
+        )
+
+
 def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Bessel-corrected standard deviation that ignores NaN (a reward function that returned None)."""
     mean = torch.nanmean(values, dim=dim, keepdim=True)

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import enum
-import sys
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -19,11 +16,12 @@ from typing import Any
 
 from trl.trainer.base_config import _BaseConfig
 
-from . import cpu
+from .hub import is_secret_key
 
-# The value tables the checks read (LOSS_TYPES, REFERENCE_MODES, ...) stay in their modules and are imported inside
-# the methods that use them: most of grpo-ext imports this module, and those modules pull in the trainer's stack
-# (datasets, reward models), which a config, a `--help` or the planner do not need.
+# A config checks each field against itself (and the other fields) when it is built. A rule that needs another module's
+# knowledge (its table of loss types, reference modes, memory sizes, ...) lives in that module, beside the table, and
+# runs at trainer start from `settings.check_settings`: building a config, a `--help` or the planner import none of
+# them.
 if typing.TYPE_CHECKING:
     from .objective import SurrogateParams
 
@@ -722,15 +720,16 @@ class GRPOExtConfig(_RefusedTRLFields):
     def __getstate__(self) -> dict:
         """What pickling writes, e.g. `training_args.bin`, which transformers saves with `torch.save(args)` in the
         output folder, in every checkpoint and before each full-model upload: every field but credentials.
-        `hub_token` is written as None and `token`-named keys of dict fields (`model_init_kwargs`, ...) are left
-        out, so no file the trainer writes holds a token. A resumed run takes the token from its own config or the
-        environment (`HF_TOKEN`, `hf auth login`), as a fresh run does: nothing reads it back from a checkpoint.
+        `hub_token` is written as None and the keys of dict fields (`model_init_kwargs`, ...) that may hold a
+        credential (`hub.is_secret_key`, the rule the model card's config follows too) are left out, so no file the
+        trainer writes holds a token. A resumed run takes the token from its own config or the environment
+        (`HF_TOKEN`, `hf auth login`), as a fresh run does: nothing reads it back from a checkpoint.
         """
         state = dict(self.__dict__)
         state["hub_token"] = None
         for name, value in state.items():
             if isinstance(value, dict):
-                state[name] = {k: v for k, v in value.items() if "token" not in str(k).lower()}
+                state[name] = {k: v for k, v in value.items() if not is_secret_key(k)}
         return state
 
     def __copy__(self):  # copies keep the token: only pickles (files) leave it out
@@ -771,13 +770,7 @@ class GRPOExtConfig(_RefusedTRLFields):
         if self.trust_remote_code:  # every loader of grpo-ext reads model_init_kwargs
             self.model_init_kwargs = {**(self.model_init_kwargs or {}), "trust_remote_code": True}
         self._check_values()
-        self._warn_like_trl()
         self._resolve_generation_batch()
-        if self.do_eval and self.eval_strategy != "no":  # as TRL; the trainer checks again when given eval data
-            from .data import check_eval_batch
-
-            check_eval_batch(self)
-        self._warn_slow_bf16_on_cpu()
 
     def _resolve_pad_to_multiple_of(self) -> None:
         """As TRL: the command line gives a string ("64", "none"); `auto` pads to 128 on Neuron only, which compiles
@@ -811,29 +804,6 @@ class GRPOExtConfig(_RefusedTRLFields):
                 f"{name}={value!r} is not supported by GRPOExtConfig (TRL's default {default!r} is accepted). {reason}"
             )
 
-    def _warn_like_trl(self) -> None:
-        """The warnings trl.GRPOTrainer gives for loss settings that run but are probably not what was meant."""
-        from .objective import TOKEN_SUMMED_LOSS_TYPES
-
-        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
-            warnings.warn(
-                "loss_type='luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper's setup).",
-                stacklevel=3,
-            )
-        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
-            warnings.warn(
-                "loss_type='vespo' computes its sequence-level weight itself: set importance_sampling_level='token' "
-                "(the default).",
-                stacklevel=3,
-            )
-        if self.importance_sampling_level == "sequence" and self.loss_type in TOKEN_SUMMED_LOSS_TYPES:
-            warnings.warn(
-                f"With importance_sampling_level='sequence', loss_type={self.loss_type!r} sums per-token "
-                "contributions, which weights each sequence by its completion length instead of optimising the "
-                "per-sequence objective. For GSPO's setup set loss_type='grpo'.",
-                stacklevel=3,
-            )
-
     def _warn_default_clipping(self) -> None:
         """A loss type whose recommended clipping differs from the default left in place (`RECOMMENDED_CLIPPING`):
         it trains, but not as meant (TRL says nothing)."""
@@ -846,23 +816,9 @@ class GRPOExtConfig(_RefusedTRLFields):
                     stacklevel=4,
                 )
 
-    def _warn_slow_bf16_on_cpu(self) -> None:
-        """`bf16` defaults to True (TRL's `_BaseConfig`). Training on a CPU without native bf16 kernels then runs every
-        matmul through bf16 emulation: one SmolLM2-135M GRPO step took 187 s instead of 14 s in fp32 on an AVX2 CPU."""
-        if self.bf16 and cpu.trains_on_cpu(self) and not cpu.cpu_has_fast_bf16():
-            warnings.warn(
-                "bf16=True (TRL's default) on a CPU without native bf16 support: training will be several times slower "
-                "than in float32. Set bf16=False (--bf16 false) for CPU runs.",
-                stacklevel=3,
-            )
-
     def _check_values(self):
-        from .advantages import MULTI_OBJECTIVE_AGGREGATIONS
-        from .models import model_dtype
-        from .objective import KL_ESTIMATORS, LOSS_TYPES
-        from .plan import parse_memory
-        from .reference import MIXABLE_MODES, REFERENCE_MODES
-        from .reward_scoring import NONFINITE_REWARD_POLICIES
+        """Each field against itself and the other fields; the rules that need another module's tables run at
+        trainer start (`settings.check_settings`)."""
 
         def require(condition: bool, message: str):
             if not condition:
@@ -940,14 +896,6 @@ class GRPOExtConfig(_RefusedTRLFields):
             f"doctor_steps={self.doctor_steps} must be >= 0 (0 skips the pre-flight check; 1 or 2 batches are enough).",
         )
         require(
-            self.multi_objective_aggregation in MULTI_OBJECTIVE_AGGREGATIONS,
-            f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not one of "
-            f"{MULTI_OBJECTIVE_AGGREGATIONS}.",
-        )
-        if isinstance(self.model_init_kwargs, dict):
-            model_dtype(self.model_init_kwargs)  # raises on a dtype TRL does not accept, before anything loads
-        require(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} is not one of {tuple(LOSS_TYPES)}.")
-        require(
             self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
             f"importance_sampling_level={self.importance_sampling_level!r} is not one of {IMPORTANCE_SAMPLING_LEVELS}.",
         )
@@ -960,11 +908,6 @@ class GRPOExtConfig(_RefusedTRLFields):
         require(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables top-k).")
         require(self.min_p is None or 0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1].")
         require(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0.")
-        require(
-            self.kl_estimator in KL_ESTIMATORS and self.reward_kl_estimator in KL_ESTIMATORS,
-            f"kl_estimator={self.kl_estimator!r} and reward_kl_estimator={self.reward_kl_estimator!r} must each be one "
-            f"of {KL_ESTIMATORS}.",
-        )
         require(self.reward_kl_coef >= 0, f"reward_kl_coef={self.reward_kl_coef} must be >= 0 (0 turns it off).")
         require(
             self.reward_kl_target is None or (self.reward_kl_target > 0 and self.reward_kl_coef > 0),
@@ -987,29 +930,17 @@ class GRPOExtConfig(_RefusedTRLFields):
             self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
             f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted from rewards).",
         )
-        require(
-            self.ref_model_mode in REFERENCE_MODES,
-            f"ref_model_mode={self.ref_model_mode!r} is not one of {REFERENCE_MODES}.",
-        )
         require(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1.")
         require(
             0.0 <= self.ref_model_mixup_alpha <= 1.0,
             f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} must be in [0, 1] (TR-DPO uses 0.5 to 0.6; 1 resets "
             "the reference to the policy).",
         )
-        if self.sync_ref_model:
-            require(
-                self.beta > 0 or self.reward_kl_coef > 0,
-                "sync_ref_model=True but no KL term uses the reference (beta=0 and reward_kl_coef=0): there is nothing "
-                "to synchronize. Set sync_ref_model=False, or beta > 0.",
-            )
-            require(
-                self.ref_model_mode in (*MIXABLE_MODES, "auto"),
-                f"sync_ref_model=True mixes the policy's weights into the reference's, and ref_model_mode="
-                f"{self.ref_model_mode!r} has no reference weights of its own (the base model under the disabled "
-                "adapter would need a second copy). Use ref_model_mode='snapshot_adapter' with a PEFT adapter, "
-                "'copy' for full fine-tuning, or 'auto' (picks one of them).",
-            )
+        require(
+            not self.sync_ref_model or self.beta > 0 or self.reward_kl_coef > 0,
+            "sync_ref_model=True but no KL term uses the reference (beta=0 and reward_kl_coef=0): there is nothing "
+            "to synchronize. Set sync_ref_model=False, or beta > 0.",
+        )
         require(
             self.pad_to_multiple_of is None
             or (isinstance(self.pad_to_multiple_of, int) and self.pad_to_multiple_of >= 1),
@@ -1027,16 +958,6 @@ class GRPOExtConfig(_RefusedTRLFields):
         )
         require(self.max_sampling_rounds >= 1, f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1.")
         require(self.logprob_chunk_size >= 1, f"logprob_chunk_size={self.logprob_chunk_size} must be >= 1.")
-        if self.gpu_memory_budget is not None:
-            try:
-                parse_memory(self.gpu_memory_budget)
-            except ValueError as error:
-                raise ValueError(f"gpu_memory_budget={self.gpu_memory_budget!r}: {error}") from None
-        require(
-            self.nonfinite_rewards in NONFINITE_REWARD_POLICIES,
-            f"nonfinite_rewards={self.nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}: `error` stops "
-            "at a NaN / infinite reward, `drop` leaves it out of that function's reward.",
-        )
         require(
             self.reward_weights is None or all(isinstance(w, (int, float)) for w in self.reward_weights),
             f"reward_weights={self.reward_weights} must be a list of numbers.",
@@ -1093,6 +1014,16 @@ class GRPOExtConfig(_RefusedTRLFields):
             "scoring divides the logits by, so the log-probs and ratios of the loss would not be those of the "
             "sampling policy. Set the field temperature instead and remove it from generation_kwargs.",
         )
+
+    def resize_micro_batch(self, per_device_train_batch_size: int, gradient_accumulation_steps: int) -> None:
+        """Change the micro-batch of this resolved config, keeping the rollout: `generation_batch_size` stays, and
+        `steps_per_generation` is resolved again from it (so is the check that groups stay whole). The one place a
+        built config's batch changes: the trainer calls it with the micro-batch `gpu_memory_budget` fits
+        (`plan.fit_batch_size`, returned by `models.prepare_policy`)."""
+        self.per_device_train_batch_size = per_device_train_batch_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.steps_per_generation = None  # derived from the kept generation_batch_size
+        self._resolve_generation_batch()
 
     def _resolve_generation_batch(self):
         """Fill in generation_batch_size / steps_per_generation (as TRL does) and check groups stay whole."""
@@ -1158,8 +1089,12 @@ def _document(cls):
         "(False, TRL True) and `num_completions_to_print` (4, TRL None).",
         "",
         "Pickled (as in `training_args.bin`, in the output folder and every checkpoint), the config holds no "
-        "token: `hub_token` is saved as None and `token` keys of dict fields are left out. A resumed run takes the "
-        "token again from its config or the environment (`HF_TOKEN`, `hf auth login`).",
+        "token: `hub_token` is saved as None and credential keys of dict fields (`token`, `api_key`, ...) are left "
+        "out. A resumed run takes the token again from its config or the environment (`HF_TOKEN`, `hf auth login`).",
+        "",
+        "Building a config checks each field against itself and the other fields; the rules that need another "
+        "module's knowledge (loss types, reference modes, memory sizes, ...) run at trainer start, from "
+        "`grpo_ext.settings.check_settings`.",
         "",
         "Parameters:",
     ]
@@ -1176,107 +1111,3 @@ def _document(cls):
 
 
 _document(GRPOExtConfig)
-
-
-# --- Value types of a config file (a recipe YAML), checked before anything is loaded ---
-
-# `HfArgumentParser` converts command-line strings, but values from a YAML file reach the dataclasses as YAML typed
-# them: `max_steps: 1.5` or `lora_target_modules: 5` pass the parser and fail much later. These accept more than their
-# annotation says because their consumers do: `Trainer.train(resume_from_checkpoint=True)`.
-EXTRA_ACCEPTED_TYPES = {"resume_from_checkpoint": (bool,)}
-_BOOL_STRINGS = {"true", "false", "yes", "no", "1", "0", "y", "n", "t", "f"}
-
-
-def _parses(convert, text: str) -> bool:
-    try:
-        convert(text)
-    except ValueError:
-        return False
-    return True
-
-
-def value_matches_type(value, hint) -> bool:
-    """Whether `value` (as a YAML file gives it) is acceptable for a dataclass field annotated `hint`.
-
-    Strings that the parser converts are accepted for numbers and booleans (`learning_rate: 1e-5` is a YAML string);
-    a bare string for `list[str]` too (`lora_target_modules: all-linear`). Annotations not understood are accepted.
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    if origin in (typing.Union, types.UnionType):
-        return any(value_matches_type(value, arg) for arg in args)
-    if origin is typing.Literal:
-        return value in args
-    if origin in (list, tuple, set) or hint in (list, tuple, set):
-        item = args[0] if args else Any
-        if isinstance(value, str):
-            return item is str
-        return isinstance(value, (list, tuple)) and all(value_matches_type(v, item) for v in value)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if hint is bool:
-        return isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_STRINGS)
-    if hint is int:
-        return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, str) and _parses(int, value)
-        )
-    if hint is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
-            isinstance(value, str) and _parses(float, value)
-        )
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return isinstance(value, hint) or value in [member.value for member in hint]
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def type_name(hint) -> str:
-    """A reader's name for an annotation: `int`, `a list of str`, `float or null`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is type(None):
-        return "null"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(type_name(arg) for arg in args))
-    if origin in (list, tuple, set):
-        return f"a list of {type_name(args[0])}" if args else "a list"
-    if origin is dict or hint is dict:
-        return "a mapping"
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return f"one of {[member.value for member in hint]}"
-    return getattr(hint, "__name__", str(hint))
-
-
-def check_config_types(values: dict, dataclass_types, source: str = "the config file") -> None:
-    """Check each `name: value` of a config mapping against the annotation of the field of that name in
-    `dataclass_types` (names no dataclass has are left to the parser). Raises `TypeError` naming the field, the value
-    and the expected type, before any model or data is loaded."""
-    hints = {}
-    for cls in reversed(list(dataclass_types)):
-        module = sys.modules.get(cls.__module__)
-        hints.update(typing.get_type_hints(cls, vars(module) if module else None))
-    for name, value in values.items():
-        if name not in hints or value_matches_type(value, hints[name]):
-            continue
-        if isinstance(value, EXTRA_ACCEPTED_TYPES.get(name, ())):
-            continue
-        raise TypeError(
-            f"{source}: {name} is {value!r} ({type(value).__name__}), but {name} takes {type_name(hints[name])}. "
-            "Write a value of that type (in YAML, quote strings and give lists as [a, b])."
-        )
-
-
-def check_config_file_types(argv: list[str], dataclass_types) -> None:
-    """`check_config_types` on the YAML file named by `--config` in `argv` (TrlParser's flag); nothing without one."""
-    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
-        return
-    import yaml
-
-    path = argv[argv.index("--config") + 1]
-    with open(path) as file:
-        values = yaml.safe_load(file) or {}
-    if isinstance(values, dict):
-        check_config_types({k: v for k, v in values.items() if k != "env"}, dataclass_types, source=path)

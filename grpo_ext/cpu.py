@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,17 @@ def accelerator_available() -> bool:
 def trains_on_cpu(args) -> bool:
     """Whether a run with these `TrainingArguments` computes on the CPU: `use_cpu`, or no GPU in sight."""
     return bool(args.use_cpu) or not accelerator_available()
+
+
+def check_cpu_settings(args) -> None:
+    """Warn when a config trains in bf16 (TRL's default) on a CPU without native bf16 kernels, where every matmul is
+    emulated (run by `settings.check_settings`, at trainer start)."""
+    if args.bf16 and trains_on_cpu(args) and not cpu_has_fast_bf16():
+        warnings.warn(  # stacklevel 2: the one line that runs every check, so it is shown once per process
+            "bf16=True (TRL's default) on a CPU without native bf16 support: training will be several times slower "
+            "than in float32. Set bf16=False (--bf16 false) for CPU runs.",
+            stacklevel=2,
+        )
 
 
 def _dtype_name(dtype) -> str | None:

@@ -68,8 +68,9 @@ KEY_METRICS = ("reward", "reward_std", "reward_shaped", "kl", "penalty/reward_kl
 # --- Training config without secrets ---
 
 
-def _is_secret_key(key) -> bool:
-    """Field names that may hold a credential: `hub_token`, `token`, ... (every name containing "token"), secrets."""
+def is_secret_key(key) -> bool:
+    """Field names that may hold a credential: `hub_token`, `token`, ... (every name containing "token"), secrets.
+    The one rule for what stays out of the model card's config and of a pickled `GRPOExtConfig`."""
     return any(word in str(key).lower() for word in ("token", "secret", "password", "api_key"))
 
 
@@ -77,7 +78,7 @@ def _without_secrets(value, secrets: set[str]):
     """`value` with secret-named keys removed at any depth (`model_init_kwargs={"token": ...}` too) and any string
     equal to a known secret replaced, so a token copied into an unrelated field does not leak either."""
     if isinstance(value, dict):
-        return {k: _without_secrets(v, secrets) for k, v in value.items() if not _is_secret_key(k)}
+        return {k: _without_secrets(v, secrets) for k, v in value.items() if not is_secret_key(k)}
     if isinstance(value, (list, tuple)):
         return [_without_secrets(v, secrets) for v in value]
     return "<redacted>" if isinstance(value, str) and value in secrets else value

@@ -38,6 +38,13 @@ def model_dtype(model_init_kwargs: dict) -> torch.dtype | str | None:
     )
 
 
+def check_model_settings(args) -> None:
+    """A `dtype` in `model_init_kwargs` that TRL does not accept is an error naming the field, before anything loads
+    (run by `settings.check_settings`)."""
+    if isinstance(args.model_init_kwargs, dict):
+        model_dtype(args.model_init_kwargs)
+
+
 def _resolve_dtype(model: str, kwargs: dict, on_cpu: bool) -> dict:
     """`from_pretrained` keywords with the dtype resolved by TRL's rule (`model_dtype`); on the CPU, `"auto"` is
     float32 when the checkpoint's half-precision dtype has no native kernels there (`cpu.cpu_dtype`)."""
@@ -397,14 +404,19 @@ def disable_dropout(model: nn.Module) -> None:
 
 def prepare_policy(model, args, processing_class=None, peft_config=None, quantization_config=None):
     """The trainer's policy and tokenizer, in this order: load (`model_init_kwargs`, plus `quantization_config`),
-    keep 4-bit weights trainable, fit the micro-batch to `gpu_memory_budget` if set (`plan.fit_batch_size`), tokenizer (unless given; pad token = EOS when it has none), adapter, dropout off
-    with `disable_dropout`, the LM head in float32 with `cast_lm_head_to_fp32`. Returns `(model, tokenizer)`."""
+    keep 4-bit weights trainable, fit the micro-batch to `gpu_memory_budget` if set (`plan.fit_batch_size`), tokenizer
+    (unless given; pad token = EOS when it has none), adapter, dropout off with `disable_dropout`, the LM head in
+    float32 with `cast_lm_head_to_fp32`. Returns `(model, tokenizer, fitted_batch)`: `fitted_batch` is the micro-batch
+    `gpu_memory_budget` fits (a `plan.FittedBatch`; None without a budget), which the caller applies with
+    `GRPOExtConfig.resize_micro_batch`; `args` is read, never changed."""
     model_init_kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
         model_init_kwargs["quantization_config"] = quantization_config
     model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs, cpu.trains_on_cpu(args)))
+    fitted_batch = None
     if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
-        print(fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False)))
+        fitted_batch = fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False))
+        print(fitted_batch.summary)
     tokenizer = processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
     declared = model.generation_config.eos_token_id
     declared = [declared] if isinstance(declared, int) else list(declared or [])
@@ -427,7 +439,7 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
         disable_dropout(model)
     if args.cast_lm_head_to_fp32:
         cast_lm_head_to_fp32(model)
-    return model, tokenizer
+    return model, tokenizer, fitted_batch
 
 
 def main(argv=None) -> None:

@@ -13,6 +13,7 @@ docs/architecture.md.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -202,6 +203,43 @@ LOSS_TYPES: dict[str, LossType] = {
 TOKEN_SUMMED_LOSS_TYPES = ("dapo", "dr_grpo", "bnpo", "cispo")
 
 
+def lookup_loss_type(loss_type: str) -> LossType:
+    """`LOSS_TYPES[loss_type]`, or an error naming the field and its choices: the one check of a loss type's name."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {tuple(LOSS_TYPES)}.")
+    return LOSS_TYPES[loss_type]
+
+
+def check_objective_settings(args) -> None:
+    """A config's loss type and KL estimators are known here (run by `settings.check_settings`, at trainer start), and
+    the warnings `trl.GRPOTrainer` gives at start for loss settings that run but are probably not what was meant."""
+    lookup_loss_type(args.loss_type)
+    if args.kl_estimator not in KL_ESTIMATORS or args.reward_kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(
+            f"kl_estimator={args.kl_estimator!r} and reward_kl_estimator={args.reward_kl_estimator!r} must each be one "
+            f"of {KL_ESTIMATORS}."
+        )
+    # stacklevel 2: attributed to the one line that runs every check, so a warning is shown once per process
+    if args.loss_type == "luspo" and args.importance_sampling_level != "sequence":
+        warnings.warn(
+            "loss_type='luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper's setup).",
+            stacklevel=2,
+        )
+    if args.loss_type == "vespo" and args.importance_sampling_level != "token":
+        warnings.warn(
+            "loss_type='vespo' computes its sequence-level weight itself: set importance_sampling_level='token' "
+            "(the default).",
+            stacklevel=2,
+        )
+    if args.importance_sampling_level == "sequence" and args.loss_type in TOKEN_SUMMED_LOSS_TYPES:
+        warnings.warn(
+            f"With importance_sampling_level='sequence', loss_type={args.loss_type!r} sums per-token contributions, "
+            "which weights each sequence by its completion length instead of optimising the per-sequence objective. "
+            "For GSPO's setup set loss_type='grpo'.",
+            stacklevel=2,
+        )
+
+
 # --- Token and sequence masks ---
 
 
@@ -314,15 +352,14 @@ def aggregate_loss(
     """Reduce token losses `(B, C)` to this micro-batch's share of the loss of its optimisation window, by
     `LOSS_TYPES[loss_type].aggregate`. The counts are those of the whole window the gradient is accumulated over;
     `num_global_tokens` (for `dapo`, `cispo`, `vespo`) defaults to `num_tokens`, right for one process."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}.")
+    aggregate = lookup_loss_type(loss_type).aggregate
     normalisers = Normalisers(
         num_sequences=num_sequences,
         num_tokens=num_tokens,
         num_global_tokens=num_tokens if num_global_tokens is None else num_global_tokens,
         max_completion_length=max_completion_length,
     )
-    return LOSS_TYPES[loss_type].aggregate(per_token_loss * completion_mask, completion_mask, normalisers)
+    return aggregate(per_token_loss * completion_mask, completion_mask, normalisers)
 
 
 # --- MoE load-balancing term ---

@@ -243,6 +243,16 @@ def parse_memory(text: str) -> int:
     return size
 
 
+def check_memory_settings(args) -> None:
+    """`gpu_memory_budget` of a config is a memory size `parse_memory` reads (run by `settings.check_settings`)."""
+    if args.gpu_memory_budget is None:
+        return
+    try:
+        parse_memory(args.gpu_memory_budget)
+    except ValueError as error:
+        raise ValueError(f"gpu_memory_budget={args.gpu_memory_budget!r}: {error}") from None
+
+
 def base_weight_bytes(shape: ModelShape, settings: StepSettings) -> dict[str, int]:
     """The model as loaded: NF4 linear layers with their quantisation constants, the rest in 16 (or 32) bits."""
     s = settings.dtype_bytes
@@ -551,10 +561,20 @@ def run_step_inputs(
     return shape, settings_from_config(values, load_in_4bit=load_in_4bit, double_quant=True)
 
 
-def fit_batch_size(args, model_config, peft_config=None, load_in_4bit: bool = False) -> str:
-    """`gpu_memory_budget`: set `args.per_device_train_batch_size` to the largest micro-batch whose predicted step
-    fits, keeping the rollout (`generation_batch_size`) and so the completions per optimizer step; returns the line
-    the trainer logs. Raises with the planner's suggestions when even one completion per micro-batch does not fit."""
+@dataclass(frozen=True)
+class FittedBatch:
+    """The micro-batch `gpu_memory_budget` fits (`fit_batch_size`), for `GRPOExtConfig.resize_micro_batch`: the rollout
+    is kept, so each rollout is `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size`."""
+
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    summary: str  # the line the trainer shows at start: the choice and its predicted peak
+
+
+def fit_batch_size(args, model_config, peft_config=None, load_in_4bit: bool = False) -> FittedBatch:
+    """`gpu_memory_budget`: the largest micro-batch whose predicted step fits, keeping the rollout
+    (`generation_batch_size`) and so the completions per optimizer step. `args` is read, not changed. Raises with the
+    planner's suggestions when even one completion per micro-batch does not fit."""
     budget = parse_memory(args.gpu_memory_budget)
     shape, settings = run_step_inputs(args, model_config, peft_config, load_in_4bit)
     b = largest_fitting_batch(shape, settings, budget)
@@ -566,14 +586,12 @@ def fit_batch_size(args, model_config, peft_config=None, load_in_4bit: bool = Fa
             f"{format_bytes(plan.peak)} ({plan.peak_phase} phase). Changes predicted to fit: {hints or 'none found'}."
         )
     steps = settings.generation_batch_size // b
-    args.per_device_train_batch_size = b
-    args.gradient_accumulation_steps = steps
-    args.steps_per_generation = steps
     peak = plan_step(shape, settings.replace(per_device_train_batch_size=b)).peak
-    return (
+    summary = (
         f"[grpo-ext] gpu_memory_budget {args.gpu_memory_budget}: per_device_train_batch_size={b}, "
         f"gradient_accumulation_steps={steps} (predicted peak {format_bytes(peak)}; {verdict(peak, budget)})"
     )
+    return FittedBatch(per_device_train_batch_size=b, gradient_accumulation_steps=steps, summary=summary)
 
 
 def plan_config_file(

@@ -1,8 +1,9 @@
 """The recipe's set-up, shared by `recipes/deepseek_math_style.py` and `python -m grpo_ext.doctor`: its arguments, and
 a trainer built from them.
 
-`parse_recipe_args(argv)` reads a recipe YAML (`--config`, value types checked first) and command-line overrides into
-`(ScriptArguments, GRPOExtConfig, ModelConfig)`; `build_trainer(script_args, training_args, model_args)` loads the data
+`parse_recipe_args(argv)` reads a recipe YAML (`--config`, its value types checked first: `check_config_file_types`)
+and command-line overrides into `(ScriptArguments, GRPOExtConfig, ModelConfig)`, the training arguments checked by
+every module (`settings.check_settings`) so that a bad value fails before anything loads; `build_trainer(script_args, training_args, model_args)` loads the data
 (`prompt` + `answer` columns, the held-out split as `eval_dataset`), sets the model's loading arguments (4-bit base,
 LoRA adapter), the tokenizer and the rewards (registry names or dotted paths), and returns the `GRPOExtTrainer` with
 the held-out set. It does not evaluate, train, save or push: the recipe script does that, top to bottom.
@@ -10,7 +11,12 @@ the held-out set. It does not evaluate, train, save or push: the recipe script d
 
 from __future__ import annotations
 
+import enum
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -19,9 +25,10 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from reward_models import get_reward_funcs
 
-from .config import GRPOExtConfig, check_config_file_types
+from .config import GRPOExtConfig
 from .data import DEEPSEEKMATH_INSTRUCTION, R1_SYSTEM_PROMPT, load_split, to_prompt_answer
 from .models import load_tokenizer
+from .settings import check_settings
 from .trainer import GRPOExtTrainer
 
 
@@ -72,9 +79,12 @@ RECIPE_ARGUMENTS = (ScriptArguments, GRPOExtConfig, ModelConfig)
 
 
 def parse_recipe_args(argv: list[str]) -> tuple[ScriptArguments, GRPOExtConfig, ModelConfig]:
-    """The YAML given with `--config` (its value types checked first), then command-line overrides."""
+    """The YAML given with `--config` (its value types checked first), then command-line overrides; the training
+    arguments pass every module's check (`settings.check_settings`) before anything is loaded."""
     check_config_file_types(argv, RECIPE_ARGUMENTS)
-    return TrlParser(RECIPE_ARGUMENTS).parse_args_and_config(argv)
+    script_args, training_args, model_args = TrlParser(RECIPE_ARGUMENTS).parse_args_and_config(argv)
+    check_settings(training_args)
+    return script_args, training_args, model_args
 
 
 def build_trainer(script_args: ScriptArguments, training_args: GRPOExtConfig, model_args: ModelConfig):
@@ -139,3 +149,107 @@ def build_trainer(script_args: ScriptArguments, training_args: GRPOExtConfig, mo
         quantization_config=quantization_config,
     )
     return trainer, test_dataset
+
+
+# --- Value types of a config file (a recipe YAML), checked before anything is loaded ---
+
+# `HfArgumentParser` converts command-line strings, but values from a YAML file reach the dataclasses as YAML typed
+# them: `max_steps: 1.5` or `lora_target_modules: 5` pass the parser and fail much later. These accept more than their
+# annotation says because their consumers do: `Trainer.train(resume_from_checkpoint=True)`.
+EXTRA_ACCEPTED_TYPES = {"resume_from_checkpoint": (bool,)}
+_BOOL_STRINGS = {"true", "false", "yes", "no", "1", "0", "y", "n", "t", "f"}
+
+
+def _parses(convert, text: str) -> bool:
+    try:
+        convert(text)
+    except ValueError:
+        return False
+    return True
+
+
+def value_matches_type(value, hint) -> bool:
+    """Whether `value` (as a YAML file gives it) is acceptable for a dataclass field annotated `hint`.
+
+    Strings that the parser converts are accepted for numbers and booleans (`learning_rate: 1e-5` is a YAML string);
+    a bare string for `list[str]` too (`lora_target_modules: all-linear`). Annotations not understood are accepted.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(value_matches_type(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, set) or hint in (list, tuple, set):
+        item = args[0] if args else Any
+        if isinstance(value, str):
+            return item is str
+        return isinstance(value, (list, tuple)) and all(value_matches_type(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_STRINGS)
+    if hint is int:
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and _parses(int, value)
+        )
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, str) and _parses(float, value)
+        )
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in [member.value for member in hint]
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def type_name(hint) -> str:
+    """A reader's name for an annotation: `int`, `a list of str`, `float or null`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(type_name(arg) for arg in args))
+    if origin in (list, tuple, set):
+        return f"a list of {type_name(args[0])}" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return f"one of {[member.value for member in hint]}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_config_types(values: dict, dataclass_types, source: str = "the config file") -> None:
+    """Check each `name: value` of a config mapping against the annotation of the field of that name in
+    `dataclass_types` (names no dataclass has are left to the parser). Raises `TypeError` naming the field, the value
+    and the expected type, before any model or data is loaded."""
+    hints = {}
+    for cls in reversed(list(dataclass_types)):
+        module = sys.modules.get(cls.__module__)
+        hints.update(typing.get_type_hints(cls, vars(module) if module else None))
+    for name, value in values.items():
+        if name not in hints or value_matches_type(value, hints[name]):
+            continue
+        if isinstance(value, EXTRA_ACCEPTED_TYPES.get(name, ())):
+            continue
+        raise TypeError(
+            f"{source}: {name} is {value!r} ({type(value).__name__}), but {name} takes {type_name(hints[name])}. "
+            "Write a value of that type (in YAML, quote strings and give lists as [a, b])."
+        )
+
+
+def check_config_file_types(argv: list[str], dataclass_types) -> None:
+    """`check_config_types` on the YAML file named by `--config` in `argv` (TrlParser's flag); nothing without one."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return
+    import yaml
+
+    path = argv[argv.index("--config") + 1]
+    with open(path) as file:
+        values = yaml.safe_load(file) or {}
+    if isinstance(values, dict):
+        check_config_types({k: v for k, v in values.items() if k != "env"}, dataclass_types, source=path)

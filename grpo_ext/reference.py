@@ -29,6 +29,20 @@ MIXABLE_MODES = ("snapshot_adapter", "copy")  # references with weights of their
 SNAPSHOT_ADAPTER = "reference"  # name of the frozen adapter in snapshot mode (saved in checkpoints as a subfolder)
 
 
+def check_reference_settings(args) -> None:
+    """A config's `ref_model_mode` is one of `REFERENCE_MODES`, and one that can be mixed with the policy when
+    `sync_ref_model` is on (run by `settings.check_settings`, at trainer start, before `ReferencePolicy.build`)."""
+    if args.ref_model_mode not in REFERENCE_MODES:
+        raise ValueError(f"ref_model_mode={args.ref_model_mode!r} is not one of {REFERENCE_MODES}.")
+    if args.sync_ref_model and args.ref_model_mode not in (*MIXABLE_MODES, "auto"):
+        raise ValueError(
+            f"sync_ref_model=True mixes the policy's weights into the reference's, and ref_model_mode="
+            f"{args.ref_model_mode!r} has no reference weights of its own (the base model under the disabled adapter "
+            "would need a second copy). Use ref_model_mode='snapshot_adapter' with a PEFT adapter, 'copy' for full "
+            "fine-tuning, or 'auto' (picks one of them)."
+        )
+
+
 def _is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -77,19 +91,13 @@ class ReferencePolicy:
 
         `load_copy`: builds the frozen copy instead of `copy.deepcopy(policy)` (DeepSpeed ZeRO-3 partitions weights at
         load time, so a deep copy would copy empty shards). `partitioned`: the weights are sharded across processes.
-        `mixed`: the reference will be mixed with the policy (`sync_ref_model`), so it needs weights of its own.
+        `mixed`: the reference will be mixed with the policy (`sync_ref_model`), so it needs weights of its own. The
+        mode's name, and whether it can be mixed, are a config's to check (`check_reference_settings`, at trainer start).
         """
-        if mode not in REFERENCE_MODES:
-            raise ValueError(f"ref_model_mode={mode!r} is not one of {REFERENCE_MODES}.")
         is_peft = _is_peft_model(policy)
         if mode == "auto":
             peft_mode = "snapshot_adapter" if mixed else "disabled_adapter"
             mode = "none" if not needed else peft_mode if is_peft else "copy"
-        if mixed and mode not in MIXABLE_MODES:
-            raise ValueError(
-                f"sync_ref_model=True mixes the policy into the reference, and ref_model_mode={mode!r} has no "
-                "reference weights of its own: use 'snapshot_adapter' (PEFT), 'copy' (full fine-tuning) or 'auto'."
-            )
         if mixed and partitioned:
             raise ValueError(
                 "sync_ref_model=True mixes weights in place, which DeepSpeed ZeRO-3 partitions across processes: use "

@@ -38,6 +38,18 @@ logger = logging.getLogger(__name__)
 
 # What to do with a NaN / +-inf reward: stop with an error naming it, or leave it out like None (and count it).
 NONFINITE_REWARD_POLICIES = ("error", "drop")
+
+
+def check_reward_settings(args) -> None:
+    """A config's `nonfinite_rewards` is a policy `RewardScorer` knows (run by `settings.check_settings`, at trainer
+    start, before the scorer is built)."""
+    if args.nonfinite_rewards not in NONFINITE_REWARD_POLICIES:
+        raise ValueError(
+            f"nonfinite_rewards={args.nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}: `error` stops at "
+            "a NaN / infinite reward, `drop` leaves it out of that function's reward."
+        )
+
+
 # Arguments passed to every function as they are, not copied: the trainer's live state, the logging callbacks and,
 # with an environment_factory, the rollouts' environment instances.
 SHARED_ARGUMENTS = ("trainer_state", "environments", "log_extra", "log_metric")
@@ -118,10 +130,9 @@ class RewardScorer:
     ):
         """`extra_funcs`: (name, function) reward sources after `reward_funcs`, weight 1 each (environments'
         `get_reward`). `timeout`: seconds a reward function (not a reward model, grpo-ext's own code) may run on a
-        batch before it is abandoned with a `RewardFunctionError`; None: no limit."""
+        batch before it is abandoned with a `RewardFunctionError`; None: no limit. `nonfinite_rewards`: one of
+        `NONFINITE_REWARD_POLICIES` (a config's value is checked at trainer start, `check_reward_settings`)."""
         self.timeout = timeout
-        if nonfinite_rewards not in NONFINITE_REWARD_POLICIES:
-            raise ValueError(f"nonfinite_rewards={nonfinite_rewards!r} is not one of {NONFINITE_REWARD_POLICIES}.")
         self.nonfinite_rewards = nonfinite_rewards
         if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
             if not extra_funcs:

@@ -65,6 +65,7 @@ from .reference import ReferencePolicy, load_reference_copy
 from .reporting import LoggingGuard
 from .reward_scoring import RewardScorer
 from .rollout import Rollout, eos_token_ids, micro_batches, score_rollout, varying_groups
+from .settings import check_settings
 from .tools import ToolCalling, placeholder_dataset, tool_metrics
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
                 f"args is a {type(args).__name__}; GRPOExtTrainer needs a GRPOExtConfig (same field names as "
                 "trl.GRPOConfig: `from grpo_ext import GRPOExtConfig`)."
             )
+        check_settings(args)  # the rules that need other modules' tables (loss types, ...), before anything loads
         set_seed(args.seed)  # before the model is built: PEFT initialises adapters randomly
         train_dataset, eval_dataset = as_datasets(train_dataset, eval_dataset)  # a list of rows becomes a Dataset
         check_streaming_settings(args, train_dataset, eval_dataset)  # before the accelerator reads args
@@ -140,7 +142,11 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         # Model, tokenizer, adapter
         model_path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
         self._model_path = str(model_path or "")  # recorded in checkpoints, compared on resume
-        model, processing_class = prepare_policy(model, args, processing_class, peft_config, quantization_config)
+        model, processing_class, fitted = prepare_policy(
+            model, args, processing_class, peft_config, quantization_config
+        )
+        if fitted is not None:  # gpu_memory_budget: the micro-batch the memory planner predicts to fit
+            args.resize_micro_batch(fitted.per_device_train_batch_size, fitted.gradient_accumulation_steps)
         self.eos_token_ids = eos_token_ids(model, processing_class)
         # MoE load-balancing loss (TRL's names): the coefficient given, else the model config's; 0.0 for dense models
         self.router_aux_loss_coef = router_aux_coef(model, args.router_aux_loss_coef)

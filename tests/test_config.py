@@ -2,6 +2,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from grpo_ext import GRPOExtConfig
+from grpo_ext.settings import check_settings
 
 
 def test_defaults_follow_deepseekmath_and_say_where_they_differ_from_trl():
@@ -64,52 +65,9 @@ def test_nonfinite_rewards_policy_is_documented_and_checked():
     assert GRPOExtConfig(output_dir="x", use_cpu=True).nonfinite_rewards == "error"
     assert "    nonfinite_rewards (*optional*, defaults to `'error'`):" in GRPOExtConfig.__doc__
     assert "rewards/<name>/nonfinite" in GRPOExtConfig.__dataclass_fields__["nonfinite_rewards"].metadata["help"]
+    args = GRPOExtConfig(output_dir="x", use_cpu=True, nonfinite_rewards="skip")  # reward_scoring's rule: at start
     with pytest.raises(ValueError, match=r"nonfinite_rewards='skip' is not one of \('error', 'drop'\)"):
-        GRPOExtConfig(output_dir="x", use_cpu=True, nonfinite_rewards="skip")
-
-
-@pytest.mark.parametrize(
-    "values, message",
-    [
-        ({"max_steps": 1.5}, r"max_steps is 1.5 \(float\), but max_steps takes int\."),
-        ({"lora_target_modules": 5}, r"lora_target_modules is 5 \(int\), but lora_target_modules takes a list of str"),
-        ({"num_generations": "eight"}, r"num_generations is 'eight' \(str\), but num_generations takes int"),
-        ({"learning_rate": True}, r"learning_rate takes float"),
-        ({"reward_weights": [1.0, "x"]}, r"reward_weights takes a list of float or null"),
-        ({"use_peft": "maybe"}, r"use_peft takes bool"),
-        ({"model_init_kwargs": 3}, r"model_init_kwargs takes a mapping or str or null"),
-    ],
-)
-def test_config_values_of_the_wrong_type_are_named(values, message):
-    from trl import ModelConfig
-
-    from grpo_ext.config import check_config_types
-
-    with pytest.raises(TypeError, match=rf"^run.yaml: .*{message}"):
-        check_config_types(values, (GRPOExtConfig, ModelConfig), source="run.yaml")
-
-
-def test_config_values_the_parser_accepts_pass():
-    from trl import ModelConfig
-
-    from grpo_ext.config import check_config_types
-
-    check_config_types(
-        {
-            "learning_rate": "1e-5",  # YAML reads 1e-5 without a dot as a string; the parser converts it
-            "max_steps": 10,
-            "warmup_ratio": 0,
-            "bf16": "true",
-            "lora_target_modules": "all-linear",
-            "report_to": "none",
-            "lr_scheduler_type": "cosine",
-            "resume_from_checkpoint": True,
-            "model_init_kwargs": {"dtype": "bfloat16"},
-            "max_prompt_length": None,
-            "not_a_field": object(),  # unknown names are the parser's to report
-        },
-        (GRPOExtConfig, ModelConfig),
-    )
+        check_settings(args)
 
 
 @pytest.mark.parametrize("fast_bf16", [False, True])
@@ -121,8 +79,8 @@ def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_about(monkeypatch, tmp_pat
     monkeypatch.setattr(cpu, "cpu_has_fast_bf16", lambda: fast_bf16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[])
-        GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[])
+        check_settings(GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[]))
+        check_settings(GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[]))
     slow = [w for w in caught if "without native bf16 support" in str(w.message)]
     assert len(slow) == (0 if fast_bf16 else 1)  # only bf16=True on a CPU without the kernels
 
@@ -150,3 +108,41 @@ def test_run_doctor_fields_are_documented_and_checked(field, value, message):
     assert f"    {field} (*optional*, defaults to `{default!r}`):" in GRPOExtConfig.__doc__
     with pytest.raises(ValueError, match=message):
         GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, **{field: value})
+
+
+def test_building_a_config_loads_no_module_of_the_trainer_side():
+    """The config is a declaration: the rules that need other modules run from `check_settings` at trainer start,
+    so building one imports neither the planner, the reward scorer, the model loader, the reference, the tools nor
+    the rollout. A fresh interpreter, so that modules other tests imported do not hide an import. (peft itself is
+    loaded by transformers' TrainingArguments, before any grpo-ext code runs: building adds none of its modules.)"""
+    import pathlib
+    import subprocess
+    import sys
+
+    heavy = ["plan", "reward_scoring", "models", "reference", "tools", "rollout", "prefix_sharing", "settings", "data"]
+    code = (
+        "import sys\n"
+        "from grpo_ext.config import GRPOExtConfig\n"
+        "before = set(sys.modules)\n"
+        "GRPOExtConfig(output_dir='x', use_cpu=True, bf16=True, report_to=[], gpu_memory_budget='8GiB',\n"
+        "              model_init_kwargs={'dtype': 'bfloat16'}, sync_ref_model=True, do_eval=True,\n"
+        "              eval_strategy='steps', eval_steps=1, loss_type='luspo')\n"
+        f"print(sorted(m for m in sys.modules if m in {['grpo_ext.' + name for name in heavy]!r}))\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] == 'peft'))\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert run.stdout.split("\n")[:2] == ["[]", "[]"]
+
+
+def test_pickled_config_leaves_out_what_the_hub_card_leaves_out(tmp_path):
+    import pickle
+
+    from grpo_ext.hub import is_secret_key
+
+    kwargs = {"dtype": "float32", "token": "hf_x", "api_key": "k", "client_secret": "s"}
+    args = GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, hub_token="hf_x", model_init_kwargs=kwargs)
+    restored = pickle.loads(pickle.dumps(args))
+    assert restored.hub_token is None and restored.model_init_kwargs == {"dtype": "float32"}
+    assert [key for key in kwargs if is_secret_key(key)] == ["token", "api_key", "client_secret"]  # one rule
+    assert args.model_init_kwargs == kwargs  # the live config keeps them

@@ -84,9 +84,9 @@ def test_load_causal_lm_auto_on_the_cpu(monkeypatch, bf16_checkpoint, fast_bf16,
 
 def test_training_loads_auto_in_float32_on_a_slow_cpu(monkeypatch, bf16_checkpoint, make_args, tokenizer):
     pretend_cpu(monkeypatch, bf16=False)
-    model, _ = prepare_policy(bf16_checkpoint, make_args(model_init_kwargs={"dtype": "auto"}), tokenizer)
+    model, _, _ = prepare_policy(bf16_checkpoint, make_args(model_init_kwargs={"dtype": "auto"}), tokenizer)
     assert model.dtype == torch.float32
-    model, _ = prepare_policy(bf16_checkpoint, make_args(model_init_kwargs={"dtype": "bfloat16"}), tokenizer)
+    model, _, _ = prepare_policy(bf16_checkpoint, make_args(model_init_kwargs={"dtype": "bfloat16"}), tokenizer)
     assert model.dtype == torch.bfloat16  # an explicit request is honoured
     reference = load_reference_copy(bf16_checkpoint, {"dtype": "auto"}, on_cpu=True)  # ZeRO-3's frozen copy
     assert reference.dtype == torch.float32

@@ -8,6 +8,7 @@ from datasets import Dataset, IterableDataset
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.data import ITERABLE_ROWS_CHECKED, check_dataset, check_prompts
 from grpo_ext.reward_scoring import RewardFunctionError
+from grpo_ext.settings import check_settings
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
 
 
@@ -55,8 +56,13 @@ def test_batch_not_divisible_by_group_size(make_args):
     ],
 )
 def test_impossible_settings(make_args, field, value, message):
-    with pytest.raises(ValueError, match=message):
-        make_args(**{field: value})
+    with pytest.raises(ValueError, match=message):  # the config's own checks, or the modules' at trainer start
+        check_settings(make_args(**{field: value}))
+
+
+def test_module_rules_are_checked_at_trainer_start(tokenizer, make_args):
+    with pytest.raises(ValueError, match="loss_type='ppo' is not one of"):
+        _trainer(tokenizer, make_args(loss_type="ppo"))
 
 
 def test_reward_weights_of_the_wrong_length(tokenizer, make_args):

@@ -81,17 +81,23 @@ def test_gpu_memory_budget_picks_the_micro_batch(make_args):
     args = make_args(
         per_device_train_batch_size=8, num_generations=4, max_completion_length=256, gpu_memory_budget=f"{budget}B"
     )
-    message = fit_batch_size(args, config, lora)
+    fitted = fit_batch_size(args, config, lora)
+    assert (fitted.per_device_train_batch_size, fitted.gradient_accumulation_steps) == (2, 4)
+    assert "per_device_train_batch_size=2" in fitted.summary
+    assert (args.per_device_train_batch_size, args.steps_per_generation) == (8, 1)  # the config is not changed
+    args.resize_micro_batch(fitted.per_device_train_batch_size, fitted.gradient_accumulation_steps)
     assert args.per_device_train_batch_size == 2
     assert args.gradient_accumulation_steps == args.steps_per_generation == 4  # the rollout of 8 is kept
-    assert "per_device_train_batch_size=2" in message
+    assert args.generation_batch_size == 8
     with pytest.raises(ValueError, match="even per_device_train_batch_size=1"):
         fit_batch_size(make_args(gpu_memory_budget="1MiB"), config, lora)
 
 
 def test_bad_budget_string_is_refused_by_the_config(make_args):
+    from grpo_ext.settings import check_settings
+
     with pytest.raises(ValueError, match="gpu_memory_budget='lots'.*8GiB"):
-        make_args(gpu_memory_budget="lots")
+        check_settings(make_args(gpu_memory_budget="lots"))  # the planner's rule, at trainer start
     assert parse_memory("8GiB") == parse_memory("8 GB") == 8 * GiB
     assert parse_memory("512MiB") == 2**29
 

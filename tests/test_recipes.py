@@ -11,6 +11,7 @@ import yaml
 from trl import ModelConfig, TrlParser
 
 from grpo_ext import GRPOExtConfig
+from grpo_ext.settings import check_settings
 from grpo_ext.testing import make_arithmetic_splits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ def test_every_recipe_config_parses_and_validates(config):
     script_args, training_args, model_args = parser.parse_args_and_config(
         ["--config", str(config), "--use_cpu", "true"]
     )
+    check_settings(training_args)  # and every module's check, as the recipe's parser runs it
     assert training_args.generation_batch_size % training_args.num_generations == 0
     assert model_args.model_name_or_path and script_args.reward_funcs
     if model_args.load_in_4bit:
@@ -43,6 +45,53 @@ def test_every_recipe_config_parses_and_validates(config):
             script_args.reward_funcs, warn_unused=False, max_len=8, max_completion_len=8, soft_punish_cache=2
         )
     ) == len(script_args.reward_funcs)
+
+
+# --- Value types of a recipe YAML, checked before the parser (grpo_ext.recipe) ---
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"max_steps": 1.5}, r"max_steps is 1.5 \(float\), but max_steps takes int\."),
+        ({"lora_target_modules": 5}, r"lora_target_modules is 5 \(int\), but lora_target_modules takes a list of str"),
+        ({"num_generations": "eight"}, r"num_generations is 'eight' \(str\), but num_generations takes int"),
+        ({"learning_rate": True}, r"learning_rate takes float"),
+        ({"reward_weights": [1.0, "x"]}, r"reward_weights takes a list of float or null"),
+        ({"use_peft": "maybe"}, r"use_peft takes bool"),
+        ({"model_init_kwargs": 3}, r"model_init_kwargs takes a mapping or str or null"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_named(values, message):
+    from trl import ModelConfig
+
+    from grpo_ext.recipe import check_config_types
+
+    with pytest.raises(TypeError, match=rf"^run.yaml: .*{message}"):
+        check_config_types(values, (GRPOExtConfig, ModelConfig), source="run.yaml")
+
+
+def test_config_values_the_parser_accepts_pass():
+    from trl import ModelConfig
+
+    from grpo_ext.recipe import check_config_types
+
+    check_config_types(
+        {
+            "learning_rate": "1e-5",  # YAML reads 1e-5 without a dot as a string; the parser converts it
+            "max_steps": 10,
+            "warmup_ratio": 0,
+            "bf16": "true",
+            "lora_target_modules": "all-linear",
+            "report_to": "none",
+            "lr_scheduler_type": "cosine",
+            "resume_from_checkpoint": True,
+            "model_init_kwargs": {"dtype": "bfloat16"},
+            "max_prompt_length": None,
+            "not_a_field": object(),  # unknown names are the parser's to report
+        },
+        (GRPOExtConfig, ModelConfig),
+    )
 
 
 @pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])

@@ -401,6 +401,7 @@ def test_gguf_files_are_checked_and_named_before_transformers_sees_them(tmp_path
 def test_memory_sizes_need_a_unit_and_must_be_positive(make_args, capsys):
     from grpo_ext.plan import GiB, fit_batch_size, parse_memory
     from grpo_ext.plan import main as plan_cli
+    from grpo_ext.settings import check_settings
 
     assert parse_memory("24GB") == parse_memory("24 GiB") == 24 * GiB and parse_memory("1e9B") == 10**9
     with pytest.raises(ValueError, match=r"'24' has no unit: write e.g. '24GiB'"):
@@ -408,7 +409,7 @@ def test_memory_sizes_need_a_unit_and_must_be_positive(make_args, capsys):
     with pytest.raises(ValueError, match=r"'0GiB' is not a positive memory size"):
         parse_memory("0GiB")
     with pytest.raises(ValueError, match=r"gpu_memory_budget='24': '24' has no unit"):  # the config speaks in fields
-        make_args(gpu_memory_budget="24")
+        check_settings(make_args(gpu_memory_budget="24"))
     for flag, message in (("0", "'0' has no unit"), ("0GB", "'0GB' is not a positive memory size")):
         with pytest.raises(SystemExit) as exit_info:  # the command line in flags
             plan_cli(["--config", str(RECIPE_CONFIG), "--gpu-memory", flag])

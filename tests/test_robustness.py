@@ -382,7 +382,7 @@ def _recipe_script_arguments():
 def test_every_recipe_config_has_values_of_the_right_types(config):
     from trl import ModelConfig
 
-    from grpo_ext.config import check_config_file_types
+    from grpo_ext.recipe import check_config_file_types
 
     check_config_file_types(["--config", str(config)], (_recipe_script_arguments(), GRPOExtConfig, ModelConfig))
 

@@ -13,6 +13,7 @@ from trl.trainer.utils import RepeatSampler, repeat_iterable_dataset
 
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.config import DEFAULTS_DIFFERING_FROM_TRL, REFUSED_TRL_FIELDS
+from grpo_ext.settings import check_settings
 
 
 def test_private_base_classes_are_where_we_build_on_them():
@@ -147,12 +148,16 @@ def test_log_completions_hub_repo_and_router_aux_loss_coef_are_checked():
 
 
 def test_loss_settings_trl_warns_about_are_warned_about():
+    def config(**fields):
+        return GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, **fields)
+
+    # at trainer start, as trl.GRPOTrainer warns (check_settings is what GRPOExtTrainer runs first)
     with pytest.warns(UserWarning, match="weights each sequence by its completion length"):
-        GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="dapo", importance_sampling_level="sequence")
+        check_settings(config(loss_type="dapo", importance_sampling_level="sequence"))
     with pytest.warns(UserWarning, match="luspo"):
-        GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="luspo")
+        check_settings(config(loss_type="luspo"))
     with pytest.warns(UserWarning, match="vespo"):
-        GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, loss_type="vespo", importance_sampling_level="sequence")
+        check_settings(config(loss_type="vespo", importance_sampling_level="sequence"))
     with pytest.raises(ValueError, match="delta"):
         GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, delta=1.1)
     with pytest.raises(ValueError, match="top_entropy_quantile"):

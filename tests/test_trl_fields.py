@@ -14,6 +14,7 @@ from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.logprobs import completion_logps_and_entropies
 from grpo_ext.models import cast_lm_head_to_fp32, load_causal_lm
 from grpo_ext.reference import SNAPSHOT_ADAPTER
+from grpo_ext.settings import check_settings
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model, save_tiny_model
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
@@ -72,8 +73,9 @@ def test_eval_batch_check_uses_num_generations_eval(tokenizer, make_args):
             make_args(num_generations_eval=3, per_device_eval_batch_size=4),
             eval_dataset=make_prompt_dataset(4),
         )
-    with pytest.raises(ValueError, match=r"not divisible by num_generations_eval=3"):  # at config time, as TRL
-        make_args(num_generations_eval=3, per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1)
+    args = make_args(num_generations_eval=3, per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1)
+    with pytest.raises(ValueError, match=r"not divisible by num_generations_eval=3"):  # at start, before the data
+        check_settings(args)
     with pytest.raises(ValueError, match="num_generations_eval=0 must be >= 1"):
         make_args(num_generations_eval=0)
 
@@ -160,7 +162,7 @@ def test_the_two_aggregations_differ_and_bad_values_are_refused(make_args):
         torch.tensor(_hand_advantages("normalize_then_sum", "group")),
     )
     with pytest.raises(ValueError, match="multi_objective_aggregation='sum' is not one of"):
-        make_args(multi_objective_aggregation="sum")
+        check_settings(make_args(multi_objective_aggregation="sum"))
 
 
 # --- sync_ref_model (TR-DPO) ---
@@ -210,7 +212,7 @@ def test_sync_ref_model_mixes_the_snapshot_adapter(tokenizer, make_args):
 )  # fmt: skip
 def test_sync_ref_model_is_refused_where_it_cannot_work(make_args, settings, message):
     with pytest.raises(ValueError, match=message):
-        make_args(sync_ref_model=True, **settings)
+        check_settings(make_args(sync_ref_model=True, **settings))
 
 
 # --- cast_lm_head_to_fp32 ---
@@ -290,5 +292,8 @@ def test_bad_model_dtype_is_an_error_naming_the_field(tmp_path, tokenizer):
         load_causal_lm(path, {"dtype": "fp32"})
     with pytest.raises(ValueError, match="Invalid `dtype`"):  # TRL refuses it too
         create_model_from_path(path, dtype="fp32")
-    with pytest.raises(ValueError, match=r"model_init_kwargs\['dtype'\]='fp32'"):  # at config time
-        GRPOExtConfig(output_dir=str(tmp_path / "out"), model_init_kwargs={"dtype": "fp32"}, bf16=False, use_cpu=True)
+    args = GRPOExtConfig(
+        output_dir=str(tmp_path / "out"), model_init_kwargs={"dtype": "fp32"}, bf16=False, use_cpu=True
+    )
+    with pytest.raises(ValueError, match=r"model_init_kwargs\['dtype'\]='fp32'"):  # at start, before loading
+        check_settings(args)
