@@ -68,7 +68,7 @@ class SaveOnInterruptCallback(TrainerCallback):
         if self.interrupted and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.interrupted, self.signal = True, signum
-        print(
+        print(  # noqa: T201 - a signal handler: print, not logging, whose locks the interrupted code may hold
             f"\n[grpo-ext] {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping"
             + (" (Ctrl-C again to abort without saving)." if signum == signal.SIGINT else "."),
             flush=True,

@@ -16,7 +16,7 @@ COMPLETIONS_FOLDER = "completions"  # inside output_dir
 def table_rows(samples: dict[str, list], unique_prompts: bool = False) -> list[tuple]:
     """The rows of the table (values in the order of `samples`' columns); with `unique_prompts`, only the first row of
     each prompt (prompts compared by their text, as TRL compares conversations)."""
-    rows = list(zip(*samples.values()))
+    rows = list(zip(*samples.values(), strict=True))
     if not unique_prompts:
         return rows
     prompt_column, seen, kept = list(samples).index("prompt"), set(), []
@@ -63,7 +63,7 @@ def log_completions_table(samples: dict[str, list], args, step: int, reward_name
         + "".join(f" | {column}={samples[column][i]!r}" for column in extra)
         for i in range(len(rows))[: args.num_completions_to_print]
     ]
-    print("\n".join(lines))
+    print("\n".join(lines))  # noqa: T201 - on the console as TRL prints it, whatever the logging level
     if "wandb" in args.report_to:
         import wandb
 

@@ -16,8 +16,6 @@ from typing import Any
 
 from trl.trainer.base_config import _BaseConfig
 
-from .hub import is_secret_key
-
 # A config checks each field against itself (and the other fields) when it is built. A rule that needs another module's
 # knowledge (its table of loss types, reference modes, memory sizes, ...) lives in that module, beside the table, and
 # runs at trainer start from `settings.check_settings`: building a config, a `--help` or the planner import none of
@@ -41,6 +39,12 @@ RECOMMENDED_CLIPPING: dict[str, dict[str, tuple[float, str, str]]] = {
     },
 }
 SCALE_REWARDS = ("group", "batch", "none")
+
+
+def is_secret_key(key) -> bool:
+    """Field names that may hold a credential: `hub_token`, `token`, ... (every name containing "token"), secrets.
+    The one rule for what stays out of the model card's config and of a pickled `GRPOExtConfig`."""
+    return any(word in str(key).lower() for word in ("token", "secret", "password", "api_key"))
 
 
 def _field(default: Any, help: str, **kwargs):
@@ -721,7 +725,7 @@ class GRPOExtConfig(_RefusedTRLFields):
         """What pickling writes, e.g. `training_args.bin`, which transformers saves with `torch.save(args)` in the
         output folder, in every checkpoint and before each full-model upload: every field but credentials.
         `hub_token` is written as None and the keys of dict fields (`model_init_kwargs`, ...) that may hold a
-        credential (`hub.is_secret_key`, the rule the model card's config follows too) are left out, so no file the
+        credential (`is_secret_key`, the rule the model card's config follows too) are left out, so no file the
         trainer writes holds a token. A resumed run takes the token from its own config or the environment
         (`HF_TOKEN`, `hf auth login`), as a fresh run does: nothing reads it back from a checkpoint.
         """

@@ -209,7 +209,7 @@ def check_prompt_lengths(
     if not long_rows:
         return
     lengths = [len(ids) for ids in tokenizer([texts[row] for row in long_rows], add_special_tokens=False)["input_ids"]]
-    for row, length in zip(long_rows, lengths):
+    for row, length in zip(long_rows, lengths, strict=True):
         if length > limit:
             row += first_row
             raise ValueError(

@@ -580,10 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer, _ = build_trainer(*parse_recipe_args(["--config", cli.config, *overrides]))
     except (OSError, TypeError, ValueError) as error:  # a missing file, a wrong value: named by the error
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)  # noqa: T201 - the command line's output
         return 2
     report = preflight(trainer, cli.steps, budget)
-    print(report.text())
+    print(report.text())  # noqa: T201 - the command line's output
     return 0 if report.ready else 1
 
 

@@ -161,7 +161,7 @@ class RolloutEngine:
         if num_generations == 1:  # nothing to share between the rows of a group of one
             plan = dataclasses.replace(plan, shared_prefill=False)
         completion_ids = generate_completions(model, prompt_ids, prompt_mask, num_generations, config, plan)  # (B, C)
-        prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+        prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
         completion_lists = token_lists_until_stop(completion_ids, self.stop_token_ids)
         conversational = is_conversational(prompts[0])
         completions = first_turns(self.processing_class, prompt_lists, completion_lists, conversational, row_tools)
@@ -219,7 +219,7 @@ def first_turns(
     row_tools = row_tools or [None] * len(completion_ids)
     return [
         [parse_completion(tokenizer, ids, prefix, tools)]
-        for ids, prefix, tools in zip(completion_ids, prompt_ids, row_tools)
+        for ids, prefix, tools in zip(completion_ids, prompt_ids, row_tools, strict=True)
     ]
 
 

@@ -75,7 +75,9 @@ def sampled_metrics(scores: list[list[float]], answer_keys: list[list] | None = 
         f"pass@{k}": _mean([pass_at_k(k, c, k) for c in solved]),
     }
     if answer_keys is not None:
-        metrics[f"maj@{k}"] = _mean([problem[majority_index(keys)] for problem, keys in zip(scores, answer_keys)])
+        metrics[f"maj@{k}"] = _mean(
+            [problem[majority_index(keys)] for problem, keys in zip(scores, answer_keys, strict=True)]
+        )
     return metrics
 
 
@@ -236,7 +238,7 @@ def evaluate_accuracy(
     samples = None
     if num_samples > 1:
         samples = generate_answers(engine, model, prompts, num_samples, sampling, batch_size, progress=True)
-    rows = [{"prompt": prompt, "answer": answer} for prompt, answer in zip(prompts, dataset["answer"])]
+    rows = [{"prompt": prompt, "answer": answer} for prompt, answer in zip(prompts, dataset["answer"], strict=True)]
     results = metrics_of_problems(scorer.names, score_answers(scorer, rows, answers, samples, answer_key=answer_key))
     first = scorer.names[0]
     headline = {"pass@1": results[f"pass@1/{first}"]}
@@ -345,7 +347,7 @@ class TaskEvaluationMixin:
     def _warn_unscored_task_metrics(self, scores: torch.Tensor, columns: list[str]) -> None:
         """Once per metric: a task metric that returned None (NaN) for every problem `(N, K)` (a missing column it
         reads, most often) would report 0 at each evaluation without a word."""
-        for name, scored in zip(self.task_metrics.names, (~scores.isnan()).any(0).tolist()):
+        for name, scored in zip(self.task_metrics.names, (~scores.isnan()).any(0).tolist(), strict=True):
             if not scored and name not in self._unscored_task_metrics:
                 self._unscored_task_metrics.add(name)
                 logger.warning(

@@ -275,7 +275,7 @@ def main() -> None:
         base=cli.base, base_4bit=cli.base_4bit, push_to=cli.push, private=cli.private,
         token=os.environ.get("HF_TOKEN"),  # given, so the upload is scanned for it (huggingface_hub reads it anyway)
     )  # fmt: skip
-    print(f"exported to {cli.output} (the drift table is in the log above and in {EXPORT_INFO})")
+    print(f"exported to {cli.output} (the drift table is in the log above and in {EXPORT_INFO})")  # noqa: T201 - the command line's output
 
 
 if __name__ == "__main__":

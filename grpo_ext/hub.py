@@ -33,6 +33,7 @@ from huggingface_hub import (
     ModelCardData,
 )
 
+from .config import is_secret_key
 from .plot import CURVES_FILE, TRAINER_STATE_NAME, load_log_history, plot_training_curves
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,6 @@ KEY_METRICS = ("reward", "reward_std", "reward_shaped", "kl", "penalty/reward_kl
 # --- Training config without secrets ---
 
 
-def is_secret_key(key) -> bool:
-    """Field names that may hold a credential: `hub_token`, `token`, ... (every name containing "token"), secrets.
-    The one rule for what stays out of the model card's config and of a pickled `GRPOExtConfig`."""
-    return any(word in str(key).lower() for word in ("token", "secret", "password", "api_key"))
-
-
 def _without_secrets(value, secrets: set[str]):
     """`value` with secret-named keys removed at any depth (`model_init_kwargs={"token": ...}` too) and any string
     equal to a known secret replaced, so a token copied into an unrelated field does not leak either."""
@@ -106,7 +101,7 @@ def save_card_assets(args, output_dir: str | os.PathLike) -> None:
     try:
         plot_training_curves(output_dir)
     except (ImportError, ValueError) as error:  # no matplotlib, or nothing logged yet: push without curves
-        print(f"no training curves: {error}")
+        logger.info(f"no training curves: {error}")
 
 
 # --- Model card ---

@@ -416,7 +416,6 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     fitted_batch = None
     if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
         fitted_batch = fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False))
-        print(fitted_batch.summary)
     tokenizer = processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
     declared = model.generation_config.eos_token_id
     declared = [declared] if isinstance(declared, int) else list(declared or [])
@@ -456,7 +455,7 @@ def main(argv=None) -> None:
         check_gguf_file(cli.gguf_path, f"GGUF_PATH {cli.gguf_path}", read_tensor_table=True)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    print(f"saved {save_dense_copy(cli.gguf_path, cli.output_dir)}")
+    print(f"saved {save_dense_copy(cli.gguf_path, cli.output_dir)}")  # noqa: T201 - the command line's output
 
 
 if __name__ == "__main__":

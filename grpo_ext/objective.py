@@ -312,15 +312,15 @@ def grpo_per_token_loss(
       or their product. The KL term is never masked by it.
     - `params` holds every surrogate hyperparameter (`SurrogateParams()`'s defaults when None).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}.")
     params = params or SurrogateParams()
     advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1)
     log_ratio = per_token_logps - old_per_token_logps  # (B, C)
     ratio = torch.exp(
         log_importance_weights(per_token_logps, old_per_token_logps, completion_mask, importance_sampling_level)
     )  # (B, C) or (B, 1)
-    surrogate = LOSS_TYPES[loss_type].surrogate(ratio, log_ratio, per_token_logps, advantages, completion_mask, params)
+    surrogate = lookup_loss_type(loss_type).surrogate(
+        ratio, log_ratio, per_token_logps, advantages, completion_mask, params
+    )
     per_token_loss = surrogate.policy_loss
     if token_mask is not None:
         per_token_loss = per_token_loss * token_mask

@@ -634,17 +634,17 @@ def main(argv=None) -> int:
             parser.error(f"--gpu-memory {cli.gpu_memory}: {error}")
     shape, settings = plan_config_file(cli.config, cli.model_config, cli.prompt_length, tuple(cli.reward_model))
     plan = plan_step(shape, settings)
-    print(
+    print(  # noqa: T201 - the command line's output
         f"{cli.config}: {settings.per_device_train_batch_size} completions per micro-batch, "
         f"{settings.generation_batch_size} per rollout, G={settings.num_generations}, P={settings.prompt_length}, "
         f"C={settings.max_completion_length}"
     )
-    print(plan.table(budget))
+    print(plan.table(budget))  # noqa: T201 - the command line's output
     if budget is not None and plan.peak > budget:
         fixes = suggestions(shape, settings, budget)
-        print("changes predicted to fit:" if fixes else "no single change found that fits; try a smaller model.")
+        print("changes predicted to fit:" if fixes else "no single change found that fits; try a smaller model.")  # noqa: T201 - the command line's output
         for change, fixed in fixes:
-            print(f"  {change}: {format_bytes(fixed.peak)}")
+            print(f"  {change}: {format_bytes(fixed.peak)}")  # noqa: T201 - the command line's output
     return 0
 
 

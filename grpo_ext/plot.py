@@ -85,7 +85,7 @@ def collect_curves(log_history: list[dict]) -> list[tuple[str, dict[str, tuple[l
                 if "step" in entry and _is_finite_number(entry.get(metric))
             ]
             if points:
-                steps, values = zip(*points)
+                steps, values = zip(*points, strict=True)
                 curves[metric] = (list(steps), list(values))
         if curves:
             panels.append((title, curves))
@@ -140,7 +140,7 @@ def _draw(panels, path: str) -> None:
     figure = Figure(figsize=(7.0, 2.4 * len(panels)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (title, curves) in zip(axes, panels):
+    for ax, (title, curves) in zip(axes, panels, strict=True):
         for metric, (steps, values) in curves.items():
             ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=metric)
         ax.set_title(title, fontsize=10)
@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="PNG to write (default: OUTPUT_DIR/training_curves.png)")
     args = parser.parse_args(argv)
     try:
-        print(plot_training_curves(args.output_dir, args.out))
+        print(plot_training_curves(args.output_dir, args.out))  # noqa: T201 - the command line's output
     except (FileNotFoundError, ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)  # noqa: T201 - the command line's output
         return 1
     return 0
 

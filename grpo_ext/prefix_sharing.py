@@ -392,7 +392,7 @@ def _router_logits_per_completion(prompt_logits, completion_logits, group_sizes,
     """Each layer's router logits `(N*(P+C), E)`, rows as the plain pass orders them: the prompt's `(U*P, E)` repeated
     for each completion of its group, then the completion's own `(N*C, E)`."""
     per_layer = []
-    for prompt_layer, completion_layer in zip(prompt_logits, completion_logits):
+    for prompt_layer, completion_layer in zip(prompt_logits, completion_logits, strict=True):
         experts = prompt_layer.size(-1)
         prompt_layer = prompt_layer.view(group_sizes.numel(), -1, experts).repeat_interleave(group_sizes, dim=0)
         completion_layer = completion_layer.view(-1, completion_length, experts)  # (N, C, E)

@@ -46,7 +46,7 @@ class MetricsRecorder:
         for key, values in self.values[mode].items():
             tokens = self.tokens[mode].get(key)
             if tokens and sum(tokens) > 0:
-                metrics[key] = sum(v * n for v, n in zip(values, tokens)) / sum(tokens)
+                metrics[key] = sum(v * n for v, n in zip(values, tokens, strict=True)) / sum(tokens)
             elif values:
                 metrics[key] = sum(values) / len(values)
         self.values[mode].clear()

@@ -154,7 +154,7 @@ class RewardScorer:
         self.funcs = []  # what `score` calls: reward models wrapped in NeuralRewardModel
         self.reward_funcs = []  # TRL's view: a reward model as its nn.Module, functions as given
         self.processing_classes = []  # TRL's view: a reward model's tokenizer, else the entry given
-        for index, (func, processing_class) in enumerate(zip(reward_funcs, reward_processing_classes)):
+        for index, (func, processing_class) in enumerate(zip(reward_funcs, reward_processing_classes, strict=True)):
             if isinstance(func, str):
                 _check_reward_model_name(func, f"reward_funcs[{index}]")
             if isinstance(func, (str, nn.Module)):
@@ -252,7 +252,7 @@ class RewardScorer:
 
     def required_columns(self) -> dict[str, list[str]]:
         """Per function name: the keyword arguments it needs with no default, which must come from dataset columns."""
-        return {name: _required_arguments(func) for func, name in zip(self.funcs, self.names)}
+        return {name: _required_arguments(func) for func, name in zip(self.funcs, self.names, strict=True)}
 
     @property
     def reward_models(self) -> list[nn.Module]:
@@ -296,7 +296,7 @@ class RewardScorer:
                     "the event loop (a sync call such as time.sleep or blocking I/O inside `async def`), so it cannot "
                     "be cancelled. Use awaitable calls (asyncio.sleep, an async client), or make the function sync."
                 ) from error
-            for k, output in zip(async_calls, outputs):
+            for k, output in zip(async_calls, outputs, strict=True):
                 if isinstance(output, UserCodeTimeout):
                     raise self._timed_out(k, len(prompts)) from output
                 if isinstance(output, BaseException):

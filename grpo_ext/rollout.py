@@ -188,7 +188,7 @@ class Rollout:
             width = max(t.size(1) for t in tensors)
             left = name.startswith("prompt")
             pad = [(width - t.size(1), 0) if left else (0, width - t.size(1)) for t in tensors]
-            return torch.cat([torch.nn.functional.pad(t, p) for t, p in zip(tensors, pad)])
+            return torch.cat([torch.nn.functional.pad(t, p) for t, p in zip(tensors, pad, strict=True)])
 
         first = rollouts[0]
         merged = {name: stack(name, [getattr(r, name) for r in rollouts]) for name in first._tensors()}
@@ -375,7 +375,7 @@ def _generate_batch(model, prompt_ids, prompt_mask, generation_config, batching_
     """transformers' continuous batching on the unpadded prompts; completions right-padded to `(B, C)`."""
     causal_lm = unwrap_causal_lm(model)
     was_training = causal_lm.training
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
     outputs = causal_lm.generate_batch(
         prompts, generation_config=generation_config, continuous_batching_config=batching_config, progress_bar=False
     )  # {request id: GenerationOutput}, in the order of the prompts
@@ -408,7 +408,7 @@ def pad_token_lists(
 def token_lists_until_stop(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> list[list[int]]:
     """Each `(B, C)` completion's ids up to and including its first stop token (all of them when it has none)."""
     completion_mask, _ = completion_mask_after_eos(completion_ids, eos_token_ids)  # (B, C)
-    return [ids[: int(n)].tolist() for ids, n in zip(completion_ids, completion_mask.sum(1))]
+    return [ids[: int(n)].tolist() for ids, n in zip(completion_ids, completion_mask.sum(1), strict=True)]
 
 
 def completion_mask_after_eos(

@@ -360,7 +360,7 @@ def supervised_warm_up(
 
     generator = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    rows = list(zip(dataset["prompt"], dataset["answer"]))
+    rows = list(zip(dataset["prompt"], dataset["answer"], strict=True))
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):

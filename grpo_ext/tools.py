@@ -217,7 +217,7 @@ class Environments:
         empty after it (training without a dataset: `reset` must write the prompt) are `EnvironmentCallError`s naming
         the class, the row and the fix."""
         reset_prompts = []
-        for row_index, (instance, row, prompt) in enumerate(zip(instances, rows, prompts)):
+        for row_index, (instance, row, prompt) in enumerate(zip(instances, rows, prompts, strict=True)):
             kwargs = {k: v for k, v in row.items() if k != ENVIRONMENT_COLUMN} if self.multi else dict(row)
             method = f"{type(instance).__name__}.reset"
             where = f"on row {row_index} of the batch (prompt {_prompt_text(prompt)!r})"
@@ -348,7 +348,7 @@ def run_tool_calls(
             outcomes = await_all(coroutines, return_exceptions=True, timeout=timeout)
         except UserCodeTimeout:  # a coroutine blocked the event loop: every pending call is abandoned
             outcomes = [UserCodeTimeout()] * len(pending)
-        for (index, (name, _)), outcome in zip(pending.items(), outcomes):
+        for (index, (name, _)), outcome in zip(pending.items(), outcomes, strict=True):
             if isinstance(outcome, UserCodeTimeout):
                 failures, timeouts = failures + 1, timeouts + 1
                 outcome = {"error": _timed_out(name, timeout)}
@@ -432,7 +432,7 @@ def tool_metrics(turns: MultiTurn | None, rows: int, accelerator) -> dict[str, f
     calls = totals[0]
     return {
         TOOL_METRICS[0]: calls / (rows * accelerator.num_processes),
-        **{name: count / calls if calls else 0.0 for name, count in zip(TOOL_METRICS[1:], totals[1:])},
+        **{name: count / calls if calls else 0.0 for name, count in zip(TOOL_METRICS[1:], totals[1:], strict=True)},
     }
 
 
@@ -500,7 +500,7 @@ def tool_call_loop(
             history_ids, history_mask = pad_token_lists(histories, tokenizer.pad_token_id, "left", device=None)
             turns = token_lists_until_stop(generate(history_ids, history_mask, max(room)), eos_token_ids)
         next_active = []
-        for i, history, ids, most in zip(continuing, histories, turns, room):
+        for i, history, ids, most in zip(continuing, histories, turns, room, strict=True):
             ids = ids[:most]
             result.completion_ids[i] += ids
             result.tool_mask[i] += [1] * len(ids)

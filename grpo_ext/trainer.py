@@ -146,6 +146,7 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
             model, args, processing_class, peft_config, quantization_config
         )
         if fitted is not None:  # gpu_memory_budget: the micro-batch the memory planner predicts to fit
+            logger.info(fitted.summary)
             args.resize_micro_batch(fitted.per_device_train_batch_size, fitted.gradient_accumulation_steps)
         self.eos_token_ids = eos_token_ids(model, processing_class)
         # MoE load-balancing loss (TRL's names): the coefficient given, else the model config's; 0.0 for dense models
@@ -179,7 +180,7 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
                     "rollout_func it is not supported yet. Score the task in a reward function and read "
                     "eval_rewards/<name>/mean instead."
                 )
-            named = dict(zip(self.rewards.names, self.rewards.reward_funcs))
+            named = dict(zip(self.rewards.names, self.rewards.reward_funcs, strict=True))
             self.task_metrics = task_scorer(resolve_task_metrics(args.eval_reward_funcs, named))
         # Columns each row must have (a rollout_func may supply reward arguments itself: then none up front); a
         # stream's later rows are checked as they are read against the same (data.checked_stream)
@@ -450,7 +451,7 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
             self.recorder.add(mode, name, value)
         if self.args.nonfinite_rewards == "drop":
             dropped = self.accelerator.reduce(torch.tensor(self.rewards.nonfinite_counts, device=self.accelerator.device), "sum")  # fmt: skip
-            for name, count in zip(self.rewards.names, dropped.tolist()):
+            for name, count in zip(self.rewards.names, dropped.tolist(), strict=True):
                 self.recorder.add(mode, f"rewards/{name}/nonfinite", float(count))
         return rewards_per_func, logged_columns
 

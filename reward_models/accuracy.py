@@ -197,7 +197,7 @@ def gold_answers(completions, answer=None, solution=None) -> list:
 def accuracy_reward(completions, answer=None, solution=None, **kwargs) -> list[float | None]:
     """1.0 if the completion's final answer equals the gold `answer` (or `solution`), else 0.0; None if unparsable gold."""
     rewards = []
-    for completion, gold in zip(completions, gold_answers(completions, answer, solution)):
+    for completion, gold in zip(completions, gold_answers(completions, answer, solution), strict=True):
         correct = answer_is_correct(completion_text(completion), gold)
         rewards.append(None if correct is None else float(correct))
     return rewards
@@ -215,7 +215,7 @@ def answer_line_reward(completions, answer=None, solution=None, **kwargs) -> lis
     question; `accuracy` beside it pays for the right number anywhere.
     """
     rewards = []
-    for completion, gold in zip(completions, gold_answers(completions, answer, solution)):
+    for completion, gold in zip(completions, gold_answers(completions, answer, solution), strict=True):
         lines = [line for line in completion_text(completion).splitlines() if line.strip()]
         match = _ANSWER_LINE.fullmatch(lines[-1]) if lines else None
         correct = answer_is_correct(match.group(1), gold) if match and match.group(1) else False

@@ -52,7 +52,9 @@ def get_cosine_scaled_reward(
     def cosine_scaled_reward(completions, completion_ids=None, answer=None, solution=None, **kwargs):
         golds = gold_answers(completions, answer, solution)
         rewards = []
-        for text, length, gold in zip(completion_texts(completions), _lengths(completions, completion_ids), golds):
+        for text, length, gold in zip(
+            completion_texts(completions), _lengths(completions, completion_ids), golds, strict=True
+        ):
             correct = answer_is_correct(text, gold)
             if correct is None:
                 rewards.append(None)

@@ -93,7 +93,7 @@ class NeuralRewardModel:
     def texts(self, prompts, completions) -> list[str]:
         """The strings the model reads: chat-templated conversations, or prompt + completion."""
         texts = []
-        for prompt, completion in zip(prompts, completions):
+        for prompt, completion in zip(prompts, completions, strict=True):
             if isinstance(prompt, list):
                 reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
                 texts.append(

@@ -138,7 +138,7 @@ def test_building_a_config_loads_no_module_of_the_trainer_side():
 def test_pickled_config_leaves_out_what_the_hub_card_leaves_out(tmp_path):
     import pickle
 
-    from grpo_ext.hub import is_secret_key
+    from grpo_ext.config import is_secret_key
 
     kwargs = {"dtype": "float32", "token": "hf_x", "api_key": "k", "client_secret": "s"}
     args = GRPOExtConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, hub_token="hf_x", model_init_kwargs=kwargs)
