@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from trl.models.utils import prepare_deepspeed
 
-from .models import load_causal_lm, unwrap_distributed
+from .models import cast_lm_head_to_fp32, load_causal_lm, unwrap_distributed
 
 REFERENCE_MODES = ("auto", "disabled_adapter", "snapshot_adapter", "copy", "none")
 MIXABLE_MODES = ("snapshot_adapter", "copy")  # references with weights of their own, for `sync(alpha < 1)`
@@ -129,13 +129,13 @@ class ReferencePolicy:
             reference.sync(policy)
         return reference
 
-    def prepare(self, accelerator, deepspeed: bool, cast_lm_head_to_fp32: bool) -> None:
+    def prepare(self, accelerator, deepspeed: bool, cast_lm_head: bool) -> None:
         """A reference copy placed like the policy: its lm_head in fp32 if the policy's is (a copy loaded again under
         ZeRO-3 too), then under DeepSpeed an inference engine partitioned like the policy, else accelerate's eval
         model. Nothing to do for the adapter modes."""
         if self.model is None:
             return
-        if cast_lm_head_to_fp32:
+        if cast_lm_head:
             cast_lm_head_to_fp32(self.model)
         if deepspeed:
             self.model = prepare_deepspeed(self.model, accelerator)
