@@ -103,6 +103,7 @@ def test_ddp_wrapped_model_synchronises_gradients(tmp_path):
             grads = [torch.zeros_like(grad) for _ in range(2)]
             dist.all_gather(grads, grad)
             assert torch.allclose(grads[0], grads[1]), "gradients differ across processes"
+            print(f"rank {rank}: gradients equal", flush=True)
             dist.destroy_process_group()
 
         if __name__ == "__main__":
@@ -115,7 +116,11 @@ def test_ddp_wrapped_model_synchronises_gradients(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     result = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Each rank says so after its assertion. The exit status is not read: gloo's threads sometimes abort the process
+    # at teardown ("terminate called without an active exception") after both ranks have finished.
+    assert "rank 0: gradients equal" in result.stdout and "rank 1: gradients equal" in result.stdout, result.stderr[
+        -3000:
+    ]
 
 
 def test_self_check_ignores_dropout(tokenizer):

@@ -11,6 +11,7 @@ from grpo_ext.advantages import group_relative_advantages
 from grpo_ext.logprobs import completion_logps_and_entropies
 from grpo_ext.objective import per_token_kl
 from grpo_ext.penalties import AdaptiveKLController, missing_eos_penalty, overlong_penalty, sequence_kl
+from grpo_ext.settings import check_settings
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
 
 
@@ -93,8 +94,8 @@ def test_controller_raises_above_target_and_lowers_below():
     ],
 )
 def test_invalid_penalty_settings(make_args, overrides, message):
-    with pytest.raises(ValueError, match=message):
-        make_args(**overrides)
+    with pytest.raises(ValueError, match=message):  # by the config, or at trainer start (settings.check_settings)
+        check_settings(make_args(**overrides))
 
 
 def test_rollout_shaping_and_metrics(tokenizer, make_args):
