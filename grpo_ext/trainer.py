@@ -1,7 +1,11 @@
-"""GRPOExtTrainer: orchestrates one GRPO step (docs/architecture.md, "One training step"); holds no formula inline.
+"""GRPOExtTrainer: one GRPO step (docs/architecture.md, "One training step"); holds no formula inline.
 
-sample (TRL's RepeatSampler) -> roll out (rollout, prefix_sharing) -> score (rewards) -> advantages (advantages) ->
-log-probs (rollout, logprobs, reference) -> loss (objective) -> log.
+sample (TRL's RepeatSampler) -> roll out (engine) -> rewards (reward_scoring, penalties) -> advantages (advantages) ->
+old / reference log-probs (rollout, reference) -> micro-batches -> loss (objective) -> log (recorder).
+
+What overrides transformers' Trainer around the step lives beside its module, mixed in here: data loading
+(`data.GroupedDataMixin`), task evaluation (`evaluation.TaskEvaluationMixin`), checkpoint state and resume
+(`checkpoints.ResumeMixin`), Hub pushes (`hub_trainer.HubMixin`).
 """
 
 from __future__ import annotations
