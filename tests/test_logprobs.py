@@ -77,6 +77,7 @@ def test_unknown_logit_transform_is_refused(tokenizer, monkeypatch):
         logprobs.check_against_full_logits(other)
 
 
+@pytest.mark.slow  # two processes
 def test_ddp_wrapped_model_synchronises_gradients(tmp_path):
     """The scoring pass goes through DDP's forward, so two processes end with the same gradient."""
     import subprocess

@@ -19,6 +19,8 @@ from grpo_ext.prefix_sharing import generate_with_shared_prefix, shared_prefix_l
 from grpo_ext.rollout import completion_mask_after_eos, eos_token_ids, prompt_texts
 from grpo_ext.testing import real_model_dir, real_model_gguf
 
+pytestmark = pytest.mark.slow  # the real model: `make test-all` (and CI), not the fast tier
+
 END_OF_TURN = "<|im_end|>"
 PROBLEMS = [(7, 8), (12, 11), (19, 6), (3, 4), (15, 12), (9, 9)]
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

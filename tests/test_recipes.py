@@ -107,6 +107,7 @@ def test_demo_evaluates_on_problems_training_never_saw():
     assert not set(train["prompt"]) & set(test["prompt"])
 
 
+@pytest.mark.slow  # the recipe end to end
 def test_recipe_runs_end_to_end_and_evaluate_py_reads_its_adapter(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)  # noqa: E731
     prepared = run(ROOT / "recipes" / "prepare_demo.py", tmp_path / "demo", "--warm_up_steps", "5")
@@ -154,6 +155,7 @@ def test_recipe_runs_end_to_end_and_evaluate_py_reads_its_adapter(tmp_path):
     assert summary["num_problems"] == 8 and 0.0 <= summary["pass@1"] <= 1.0 and "maj@3" in summary
 
 
+@pytest.mark.slow  # a learning run
 def test_quickstart_example_learns(tmp_path):
     """examples/quickstart.py, as the README quotes it: the mean reward climbs from about 0.1 to above 0.9."""
     import re

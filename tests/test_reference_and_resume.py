@@ -178,6 +178,7 @@ def _wait_for(path, process, timeout=240):
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # a killed training process
 def test_sigkill_then_resume_ends_with_the_same_adapter(tmp_path):
     """Same final adapter after SIGKILL + resume as without interruption (RNG, sampler, optimizer, rollout schedule),
     and the snapshot reference synced at step 2 is restored, not rebuilt from the initial adapter."""
@@ -213,6 +214,7 @@ def test_sigkill_then_resume_ends_with_the_same_adapter(tmp_path):
         torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+@pytest.mark.slow  # a signalled training process
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path, tokenizer):
     process = _start(tmp_path, tmp_path / "run", 100000)
     _wait_for(tmp_path / "run" / "checkpoint-2" / "trainer_state.json", process)

@@ -572,6 +572,7 @@ def test_a_list_of_rows_is_a_dataset(tokenizer, make_args):
         tiny_trainer(tokenizer, make_args(), dataset=[{"prompt": "1+1="}, "2+1="])
 
 
+@pytest.mark.slow  # the recipe end to end
 def test_the_recipe_stopped_by_sigterm_saves_then_exits_143(tmp_path):
     """A scheduler that requeues pre-empted jobs reads the exit status: 143 (128 + SIGTERM), never 0, after the
     checkpoint is saved."""

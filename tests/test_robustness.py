@@ -299,6 +299,7 @@ def test_no_token_in_any_file_log_card_or_upload(tmp_path, make_args, monkeypatc
     assert trainer.args.hub_token == FAKE_TOKEN  # the live config keeps it for the pushes
 
 
+@pytest.mark.slow  # the recipe end to end
 def test_no_token_in_any_file_the_recipe_writes(tmp_path):
     root = Path(__file__).resolve().parents[1]
     data = tmp_path / "train.jsonl"
