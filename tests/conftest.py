@@ -59,22 +59,3 @@ def tiny_trainer(tokenizer, args, reward_funcs=None, dataset=None, **kwargs):
         processing_class=tokenizer,
         **kwargs,
     )
-
-
-def record_trained_batches(trainer) -> list:
-    """The micro-batches (`grpo_ext.rollout.Rollout`) `trainer` trains on from now on, in order: wraps the instance's
-    public `compute_loss` and keeps the `inputs` of each call made in training mode (evaluation's are left out).
-
-    Each training step trains one micro-batch: a rollout gives `steps_per_generation` of them, each trained
-    `num_iterations` times, so with `num_iterations > 1` the same objects come again. They are the objects the loss
-    saw (with their `normalisers`, trimmed to their own longest completion). Calls the test makes itself are kept too.
-    """
-    trained, compute_loss = [], trainer.compute_loss
-
-    def recording(model, inputs, *args, **kwargs):
-        if trainer.model.training:
-            trained.append(inputs)
-        return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = recording
-    return trained

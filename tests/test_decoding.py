@@ -134,10 +134,14 @@ def test_settings_that_need_generate_are_named(tokenizer, settings, reason):
 
 def test_trainer_rollout_is_the_same_with_and_without_dropping_rows(tmp_path, make_args):
     """Greedy rollouts of the trainer: the same completions, rewards and loss whichever engine decodes them."""
-    from conftest import record_trained_batches
-
     from grpo_ext import GRPOExtTrainer
-    from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tokenizer, save_tiny_model
+    from grpo_ext.testing import (
+        digit_fraction_reward,
+        make_prompt_dataset,
+        make_tokenizer,
+        record_trained_batches,
+        save_tiny_model,
+    )
 
     model_path = save_tiny_model(tmp_path / "model")
 

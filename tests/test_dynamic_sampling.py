@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from conftest import record_trained_batches
 
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.rollout import Rollout, varying_groups
-from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model, record_trained_batches
 
 
 def test_varying_groups():

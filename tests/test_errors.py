@@ -1,7 +1,6 @@
 """Bad input fails before or at the first step, naming the argument, column, reward function or row, and the fix."""
 
 import pytest
-from conftest import record_trained_batches
 from conftest import tiny_trainer as _trainer
 from datasets import Dataset, IterableDataset
 
@@ -9,7 +8,7 @@ from grpo_ext import GRPOExtTrainer
 from grpo_ext.data import ITERABLE_ROWS_CHECKED, check_dataset, check_prompts
 from grpo_ext.reward_scoring import RewardFunctionError
 from grpo_ext.settings import check_settings
-from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model, record_trained_batches
 
 
 def test_missing_prompt_column(tokenizer, make_args):

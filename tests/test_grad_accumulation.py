@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from conftest import record_trained_batches
 
 from grpo_ext import GRPOExtTrainer
-from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, save_tiny_model
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, record_trained_batches, save_tiny_model
 
 
 def _one_sgd_step(model_path, tokenizer, make_args, loss_type, per_device, accumulation):

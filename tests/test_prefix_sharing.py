@@ -303,10 +303,14 @@ def test_architecture_failing_the_self_check_falls_back(tokenizer, monkeypatch):
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
 def test_trainer_step_is_the_same_with_and_without_prefix_sharing(tmp_path, make_args, loss_type):
     """Same seed: the same sampled completions, advantages and SGD update whether prompts are shared or not."""
-    from conftest import record_trained_batches
-
     from grpo_ext import GRPOExtTrainer
-    from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tokenizer, save_tiny_model
+    from grpo_ext.testing import (
+        digit_fraction_reward,
+        make_prompt_dataset,
+        make_tokenizer,
+        record_trained_batches,
+        save_tiny_model,
+    )
 
     model_path = save_tiny_model(tmp_path / "model")
 

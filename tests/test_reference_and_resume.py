@@ -9,14 +9,13 @@ import time
 
 import pytest
 import torch
-from conftest import record_trained_batches
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.logprobs import completion_logps_and_entropies
 from grpo_ext.reference import SNAPSHOT_ADAPTER
-from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model, record_trained_batches
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from conftest import record_trained_batches
 from peft import LoraConfig
 
 from grpo_ext import GRPOExtTrainer
@@ -15,6 +14,7 @@ from grpo_ext.testing import (
     digit_fraction_reward,
     make_prompt_dataset,
     make_tiny_model,
+    record_trained_batches,
     save_tiny_model,
     save_tiny_reward_model,
 )

@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 
 from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 from grpo_ext.models import four_bit_config
-from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tokenizer
+from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tokenizer, record_trained_batches
 
 HF_GENERATE = transformers.GenerationMixin.generate  # restored for the cases that really generate
 
@@ -152,20 +152,6 @@ class RecordUpdate(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.after = {name: _full(p) for name, p in _trainable(model)}
-
-
-def record_trained_batches(trainer) -> list:
-    """The micro-batches the trainer trains on from now on, as its public `compute_loss` receives them (training mode
-    only); tests/conftest.py has the same helper, which this script, run on its own, does not import."""
-    trained, compute_loss = [], trainer.compute_loss
-
-    def recording(model, inputs, *args, **kwargs):
-        if trainer.model.training:
-            trained.append(inputs)
-        return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = recording
-    return trained
 
 
 def _gathered(parameters, modifier_rank=None):
