@@ -260,6 +260,19 @@ def task_scorer(metrics: dict[str, Callable]):
     return scorer
 
 
+def task_metrics_of(names: list | None, rewards, multi_turn: bool = False):
+    """The trainer's task metrics (`eval_reward_funcs`, resolved against its `RewardScorer` `rewards`), or None
+    without names; resolved at start, so a name that loads nothing fails before training."""
+    if not names:
+        return None
+    if multi_turn:
+        raise ValueError(
+            "eval_reward_funcs measures single-turn answers; with tools, an environment_factory or a rollout_func it "
+            "is not supported yet. Score the task in a reward function and read eval_rewards/<name>/mean instead."
+        )
+    return task_scorer(resolve_task_metrics(names, dict(zip(rewards.names, rewards.reward_funcs, strict=True))))
+
+
 def resolve_task_metrics(names: list, reward_funcs: dict[str, Callable]) -> dict[str, Callable]:
     """name -> task metric for `eval_reward_funcs`: one of the trainer's reward functions (`reward_funcs`, by the name
     in `rewards/<name>/mean`), else a `reward_models` registry name or dotted import path; a callable is taken as

@@ -16,12 +16,15 @@ B A). The disabled adapter has none: mixing it would need a second copy of the b
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.models.utils import prepare_deepspeed
 
+from .cpu import trains_on_cpu
 from .models import cast_lm_head_to_fp32, load_causal_lm, unwrap_distributed
 
 REFERENCE_MODES = ("auto", "disabled_adapter", "snapshot_adapter", "copy", "none")
@@ -141,6 +144,24 @@ class ReferencePolicy:
             self.model = prepare_deepspeed(self.model, accelerator)
         else:
             self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+
+    @classmethod
+    def from_config(cls, args, policy: nn.Module, model_path: str, quantization_config=None) -> ReferencePolicy:
+        """A trainer's reference: `ref_model_mode`, needed when `beta` or `reward_kl_coef` is non-zero, mixed with
+        `sync_ref_model`; under DeepSpeed ZeRO-3 (weights already partitioned) a copy is loaded again from
+        `model_path` rather than copied."""
+        zero3 = is_deepspeed_zero3_enabled()  # set by args.deepspeed: from_pretrained has partitioned the weights
+        load_copy = functools.partial(
+            load_reference_copy, model_path, args.model_init_kwargs, quantization_config, trains_on_cpu(args)
+        )
+        return cls.build(
+            policy,
+            args.ref_model_mode,
+            needed=args.beta > 0 or args.reward_kl_coef > 0,
+            load_copy=load_copy if zero3 else None,
+            partitioned=zero3,
+            mixed=args.sync_ref_model,
+        )
 
     def memory_note(self, policy: nn.Module) -> str:
         if self.mode == "copy":

@@ -18,7 +18,6 @@ import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import set_seed
-from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.trainer.base_trainer import _BaseTrainer
 
 from .advantages import (
@@ -38,7 +37,6 @@ from .checkpoints import (
 )
 from .completions import log_completions_table
 from .config import GRPOExtConfig
-from .cpu import trains_on_cpu
 from .data import (
     GroupedDataMixin,
     as_datasets,
@@ -48,7 +46,7 @@ from .data import (
 )
 from .diagnosis import RunDiagnosis
 from .engine import Generation, RolloutEngine, custom_rollout
-from .evaluation import TaskEvaluationMixin, resolve_task_metrics, task_scorer
+from .evaluation import TaskEvaluationMixin, task_metrics_of
 from .guards import FiniteGuard, gather_1d
 from .hub_trainer import HubMixin
 from .logprobs import check_against_full_logits
@@ -65,7 +63,7 @@ from .objective import (
 )
 from .penalties import AdaptiveKLController, reward_penalties
 from .recorder import MetricsRecorder
-from .reference import ReferencePolicy, load_reference_copy
+from .reference import ReferencePolicy
 from .reporting import LoggingGuard
 from .reward_scoring import RewardScorer
 from .rollout import Rollout, eos_token_ids, micro_batches, score_rollout, varying_groups
@@ -176,16 +174,8 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         extra_funcs = self._tool_calling.reward_funcs if self._tool_calling else ()
         self.rewards = RewardScorer.from_config(args, reward_funcs, reward_processing_classes, extra_funcs)
         # Task metrics of evaluations (evaluation.py), resolved now: a name that loads nothing fails before training
-        self.task_metrics = None
-        if args.eval_reward_funcs:
-            if self._tool_calling is not None or rollout_func is not None:
-                raise ValueError(
-                    "eval_reward_funcs measures single-turn answers; with tools, an environment_factory or a "
-                    "rollout_func it is not supported yet. Score the task in a reward function and read "
-                    "eval_rewards/<name>/mean instead."
-                )
-            named = dict(zip(self.rewards.names, self.rewards.reward_funcs, strict=True))
-            self.task_metrics = task_scorer(resolve_task_metrics(args.eval_reward_funcs, named))
+        multi_turn = self._tool_calling is not None or rollout_func is not None
+        self.task_metrics = task_metrics_of(args.eval_reward_funcs, self.rewards, multi_turn)
         # Columns each row must have (a rollout_func may supply reward arguments itself: then none up front); a
         # stream's later rows are checked as they are read against the same (data.checked_stream)
         required = self.rewards.required_columns() if rollout_func is None else {}
@@ -194,18 +184,7 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         self._stream_checks = {"train": required, "eval": {**required, **task_columns}, "max_positions": max_positions}
         check_datasets(train_dataset, eval_dataset, args, self._stream_checks, processing_class, self._tool_calling, placeholder)  # fmt: skip
 
-        zero3 = is_deepspeed_zero3_enabled()  # set by args.deepspeed: from_pretrained has partitioned the weights
-        load_copy = functools.partial(
-            load_reference_copy, model_path, args.model_init_kwargs, quantization_config, trains_on_cpu(args)
-        )
-        self.reference = ReferencePolicy.build(
-            model,
-            args.ref_model_mode,
-            needed=args.beta > 0 or args.reward_kl_coef > 0,
-            load_copy=load_copy if zero3 else None,
-            partitioned=zero3,
-            mixed=args.sync_ref_model,
-        )
+        self.reference = ReferencePolicy.from_config(args, model, self._model_path, quantization_config)
         self.entropy_control = EntropyController.from_config(args)  # entropy bonus, off by default
         self.reward_kl_controller = None
         if args.reward_kl_target is not None:
