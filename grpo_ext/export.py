@@ -46,6 +46,10 @@ from .models import gguf_source
 logger = logging.getLogger("grpo_ext.export")  # not "__main__" under `python -m`: the CLI shows INFO of grpo_ext
 
 EXPORT_INFO = "export.json"  # what was exported from what, with the measured drift: the Hub card reads it
+# The GGUF file and its Modelfile get a folder of their own: transformers, asked for `gguf_file` in a folder that also
+# holds a tokenizer (the merged format's), reads that tokenizer and not the chat template, which it has in a separate
+# file. Alone in its folder, the GGUF file loads with the chat template of its metadata.
+GGUF_FOLDER = "gguf"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -83,18 +87,20 @@ def write_merged(exported: Exported, folder: str, options: ExportOptions) -> lis
 
 
 def write_gguf_file(exported: Exported, folder: str, options: ExportOptions) -> list[str]:
-    """`model-<quant>.gguf` for llama.cpp / LM Studio, and an Ollama `Modelfile` beside it."""
+    """`gguf/model-<quant>.gguf` for llama.cpp / LM Studio, and an Ollama `Modelfile` beside it (`GGUF_FOLDER`)."""
     from .gguf_export import write_gguf
     from .modelfile import MODELFILE, build_modelfile
 
+    folder = os.path.join(folder, GGUF_FOLDER)
+    os.makedirs(folder, exist_ok=True)
     name = f"model-{options.quant}.gguf"
     write_gguf(exported.model, exported.tokenizer, os.path.join(folder, name), options.quant, exported.stop_token_ids)
     stops = exported.tokenizer.convert_ids_to_tokens(exported.stop_token_ids)
     sampling = exported.info.get("sampling")
     with open(os.path.join(folder, MODELFILE), "w", encoding="utf-8") as file:
         file.write(build_modelfile(name, exported.tokenizer, stops, sampling))
-    exported.info["gguf"] = {"file": name, "quant": options.quant}
-    return [name, MODELFILE]
+    exported.info["gguf"] = {"file": f"{GGUF_FOLDER}/{name}", "quant": options.quant}
+    return [f"{GGUF_FOLDER}/{name}", f"{GGUF_FOLDER}/{MODELFILE}"]
 
 
 # --format name -> writer(exported, folder, options) -> file names written

@@ -316,7 +316,11 @@ def export_upload_files(folder: str | os.PathLike) -> list[str]:
     if not os.path.isfile(os.path.join(folder, "export.json")):
         raise ValueError(f"{folder} is not an export folder (no export.json): run `python -m grpo_ext.export` first.")
     weights = lambda name: name.startswith("model") and name.endswith((".safetensors", ".gguf"))  # noqa: E731
-    return sorted(name for name in os.listdir(folder) if name in EXPORT_FILES or weights(name))
+    names = [name for name in os.listdir(folder) if name in EXPORT_FILES or weights(name)]
+    gguf_folder = os.path.join(folder, "gguf")  # the GGUF file and its Modelfile (export.GGUF_FOLDER)
+    if os.path.isdir(gguf_folder):
+        names += [f"gguf/{name}" for name in os.listdir(gguf_folder) if name == "Modelfile" or weights(name)]
+    return sorted(names)
 
 
 def export_model_card(info: dict, repo_id: str) -> str:

@@ -173,7 +173,7 @@ def test_a_full_fine_tune_exports_too(tmp_path):
     original = AutoModelForCausalLM.from_pretrained(run)
     tokenizer = bpe_tokenizer()
     torch.testing.assert_close(logits(reloaded, tokenizer), logits(original, tokenizer), atol=0, rtol=0)
-    assert (tmp_path / "out" / "model-f16.gguf").is_file()
+    assert (tmp_path / "out" / "gguf" / "model-f16.gguf").is_file()
 
 
 # --- GGUF ---
@@ -182,9 +182,11 @@ def test_a_full_fine_tune_exports_too(tmp_path):
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_gguf_f16_round_trip_gives_the_merged_models_greedy_outputs(tmp_path, architecture):
     run = save_run(tmp_path, architecture)
-    export_model(run, tmp_path / "out", ["gguf"], ExportOptions(quant="f16"))
-    back = read_gguf(tmp_path / "out", "model-f16.gguf")
-    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model-f16.gguf")
+    # Beside a merged folder: the GGUF file in its own folder loads with its own chat template (not the folder's
+    # tokenizer files, which transformers would read instead and lose the template)
+    export_model(run, tmp_path / "out", ["merged", "gguf"], ExportOptions(quant="f16"))
+    back = read_gguf(tmp_path / "out" / "gguf", "model-f16.gguf")
+    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "gguf", gguf_file="model-f16.gguf")
     merged = rounded_weights(merged_model(find_trained_model(run)), torch.float16)  # the file's f16 weights
     tokenizer = bpe_tokenizer()
 
@@ -199,7 +201,7 @@ def test_gguf_f16_round_trip_gives_the_merged_models_greedy_outputs(tmp_path, ar
 def test_gguf_q8_0_round_trip_agrees_within_tolerance(tmp_path):
     run = save_run(tmp_path, "llama")
     export_model(run, tmp_path / "out", ["gguf"], ExportOptions(quant="q8_0"))
-    back = read_gguf(tmp_path / "out", "model-q8_0.gguf")
+    back = read_gguf(tmp_path / "out" / "gguf", "model-q8_0.gguf")
     merged = merged_model(find_trained_model(run))
     tokenizer = bpe_tokenizer()
     got, wanted = logits(back, tokenizer), logits(merged, tokenizer)
@@ -214,7 +216,7 @@ def test_gguf_permutes_llama_q_and_k_as_llama_cpp(tmp_path):
 
     run = save_run(tmp_path, "llama", adapter=False)
     export_model(run, tmp_path / "out", ["gguf"], ExportOptions(quant="f16"))
-    tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / "model-f16.gguf").tensors}
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / "gguf" / "model-f16.gguf").tensors}
     original = AutoModelForCausalLM.from_pretrained(run).model.layers[0].self_attn.q_proj.weight
     stored = torch.from_numpy(tensors["blk.0.attn_q.weight"].data.copy()).float()
     assert not torch.equal(stored, original.half().float())  # permuted in the file
@@ -333,7 +335,7 @@ def test_push_uploads_the_export_with_a_card_through_the_token_safe_path(tmp_pat
     uploaded = api.uploaded()
     assert set(uploaded) == {
         "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-        "tokenizer_config.json", "chat_template.jinja", "model-q8_0.gguf", "Modelfile",
+        "tokenizer_config.json", "chat_template.jinja", "gguf/model-q8_0.gguf", "gguf/Modelfile",
     }  # fmt: skip
     for name, data in uploaded.items():
         assert TOKEN.encode() not in data, name
@@ -342,7 +344,7 @@ def test_push_uploads_the_export_with_a_card_through_the_token_safe_path(tmp_pat
     card = uploaded["README.md"].decode()
     assert ModelCard(card).data.tags == ["grpo", "grpo-ext", "merged", "gguf"]
     assert "dequantised NF4 weights the adapter saw in training" in card
-    assert "`model-q8_0.gguf`, q8_0" in card and "model.safetensors` in bf16" in card
+    assert "`gguf/model-q8_0.gguf`, q8_0" in card and "model.safetensors` in bf16" in card
     assert "| merged into the original base, fp32 |" in card and "from the adapter on its 4-bit base" in card
     assert str(tmp_path) not in card  # local paths stay local: the adapter and base by their folder names
 
@@ -354,9 +356,9 @@ def test_a_file_holding_the_token_stops_the_export_push(tmp_path):
 
     run = save_run(tmp_path)
     export_model(run, tmp_path / "out", ["gguf"])
-    (tmp_path / "out" / "Modelfile").write_text(f"# {TOKEN}\n")
+    (tmp_path / "out" / "gguf" / "Modelfile").write_text(f"# {TOKEN}\n")
     api = RecordingHfApi()
-    with pytest.raises(ValueError, match=r"\['Modelfile'\] contain the Hub token"):
+    with pytest.raises(ValueError, match=r"\['gguf/Modelfile'\] contain the Hub token"):
         push_export_to_hub(tmp_path / "out", "someone/x", token=TOKEN, api=api)
     assert api.commits == []
 
@@ -394,8 +396,9 @@ def test_real_model_gguf_round_trip_and_modelfile(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     conversations = [[{"role": "user", "content": f"What is {a} times {b}?"}] for a, b in [(7, 8), (12, 11), (9, 9)]]
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    back = read_gguf(tmp_path / "out", "model-f16.gguf")
-    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model-f16.gguf")
+    back = read_gguf(tmp_path / "out" / "gguf", "model-f16.gguf")
+    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "gguf", gguf_file="model-f16.gguf")
+    assert back_tokenizer.chat_template == tokenizer.chat_template  # from the file's metadata
     merged = merged_model(find_trained_model(run))
     for prompt in prompts:
         assert back_tokenizer(prompt).input_ids == tokenizer(prompt).input_ids
@@ -404,7 +407,7 @@ def test_real_model_gguf_round_trip_and_modelfile(tmp_path):
     )
     assert info["drift"]["rows"][0]["agreement"] == 1.0  # LoRA merged into its own base: the adapter's outputs
 
-    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    modelfile = (tmp_path / "out" / "gguf" / "Modelfile").read_text()
     template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
     system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.S).group(1)
     assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -422,7 +425,7 @@ def test_real_model_q8_0_and_qlora_drift(tmp_path):
     nf4, original = rows["merged into the dequantised NF4 base, fp32"], rows["merged into the original base, fp32"]
     assert nf4["agreement"] == 1.0 and nf4["mean_kl"] < 1e-4
     assert original["mean_kl"] > 10 * nf4["mean_kl"]  # NF4's rounding, which the adapter was trained with
-    back = read_gguf(tmp_path / "out", "model-q8_0.gguf")
+    back = read_gguf(tmp_path / "out" / "gguf", "model-q8_0.gguf")
     tokenizer = AutoTokenizer.from_pretrained(run)
     merged = merged_model(find_trained_model(run), "nf4")
     got, wanted = logits(back, tokenizer), logits(merged, tokenizer)
