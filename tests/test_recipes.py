@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from transformers import AutoModelForCausalLM
 from trl import ModelConfig, TrlParser
 
 from grpo_ext import GRPOExtConfig
@@ -125,6 +126,7 @@ def test_recipe_runs_end_to_end_and_evaluate_py_reads_its_adapter(tmp_path):
         "--eval_steps", "1",
         "--eval_max_problems", "8",
         "--disable_tqdm", "true",
+        "--export", "merged",
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "held-out pass@1 (accuracy):" in trained.stdout
@@ -140,6 +142,13 @@ def test_recipe_runs_end_to_end_and_evaluate_py_reads_its_adapter(tmp_path):
     evaluated_steps = [entry["step"] for entry in state["log_history"] if "eval_pass@1/accuracy" in entry]
     assert evaluated_steps == [0, 1, 2, 2]  # before training, at each eval step, the delivered model after
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{state['best_global_step']}")
+    # `export: [merged]`: the QLoRA adapter merged into the dequantised NF4 base, a folder transformers loads alone
+    exported = json.loads((output_dir / "export" / "export.json").read_text())
+    assert exported["four_bit"]["bnb_4bit_quant_type"] == "nf4" and exported["merge_into"] == "nf4"
+    assert exported["formats"] == ["merged"]
+    assert exported["drift"]["rows"][0]["name"] == "merged into the dequantised NF4 base, fp32"
+    merged = AutoModelForCausalLM.from_pretrained(output_dir / "export")
+    assert not hasattr(merged, "peft_config") and (output_dir / "export" / "tokenizer_config.json").is_file()
 
     evaluated = run(
         ROOT / "recipes" / "evaluate.py",
