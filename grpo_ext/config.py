@@ -267,6 +267,25 @@ class GRPOExtConfig(_RefusedTRLFields):
         "settings it does not reproduce (beam search, stop strings, non-dynamic caches); off under DeepSpeed and "
         "FSDP, whose ranks must run the same number of forward passes. Not in TRL.",
     )
+    speculative_draft_tokens: int = _field(
+        0,
+        "Speculative decoding with drafts from the group (grpo_ext/speculative.py): each decoding forward also "
+        "verifies up to this many tokens per row that n-gram lookup proposes from the prompt, the other completions "
+        "of the group so far and earlier rollouts' completions of the prompt (grpo_ext/drafting.py). Exact: "
+        "identical greedy completions, the same sampling distribution. It saves decoding forwards and costs a forward "
+        "over k + 1 positions: on a GPU (decoding reads the weights once per forward) 4 to 8 is the usual choice; on "
+        "a CPU it did not pay in this project's measurements (benchmarks/README.md). 0 (the default) turns it off. "
+        "Needs `drop_finished_rows`, full-attention layers and eager / SDPA attention (else one warning and plain "
+        "decoding). Logs `speculative/acceptance_rate` and `speculative/tokens_per_forward`. Not in TRL.",
+    )
+    speculative_ngram_size: int = _field(
+        3, "Longest n-gram matched to find a draft (then shorter ones, down to one token); 3 is a good default."
+    )
+    speculative_memory_prompts: int = _field(
+        4096,
+        "Earlier rollouts' completions of a prompt are drafts for the same prompt in a later epoch: the last G "
+        "completions of at most this many prompts are kept (in CPU memory, least recently used dropped). 0: none.",
+    )
     cache_implementation: str | None = _field(
         None,
         "KV-cache implementation for generation, as `GenerationConfig.cache_implementation` (e.g. `static`). None "
@@ -883,6 +902,16 @@ class GRPOExtConfig(_RefusedTRLFields):
             f"entropy_coef_delta={self.entropy_coef_delta}: need 0 <= min <= max and delta >= 0.",
         )
         require(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1.")
+        require(
+            self.speculative_draft_tokens >= 0,
+            f"speculative_draft_tokens={self.speculative_draft_tokens} must be >= 0 (0 turns drafting off; 4 to 8 "
+            "on a GPU).",
+        )
+        require(self.speculative_ngram_size >= 1, f"speculative_ngram_size={self.speculative_ngram_size} must be >= 1.")
+        require(
+            self.speculative_memory_prompts >= 0,
+            f"speculative_memory_prompts={self.speculative_memory_prompts} must be >= 0 (0 keeps no earlier drafts).",
+        )
         require(
             self.num_generations_eval is None or self.num_generations_eval >= 1,
             f"num_generations_eval={self.num_generations_eval} must be >= 1, or None to use num_generations.",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -89,20 +90,20 @@ def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) ->
     return cache_rows.unsupported_reason(model)
 
 
-@torch.no_grad()
-def generate_dropping_finished(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    generation_config: GenerationConfig,
-    cache: Cache | None = None,
-) -> torch.Tensor:
-    """Completion ids `(B, C)` of the left-padded prompts `(B, P)`, padded after each row's stop token, `C` the longest
-    completion (at most `max_new_tokens`), as `generate(...)[:, P:]` returns them.
+@dataclass
+class DecodingSetup:
+    """What a decoding loop takes from `generate`'s own preparation of a `GenerationConfig`."""
 
-    `cache`: a KV cache that already holds all but the last token of every prompt (prefix sharing prefills it once per
-    group); without one the prompts are prefilled here.
-    """
+    config: GenerationConfig  # merged with the model's generation defaults
+    processors: LogitsProcessorList  # the processors and warpers generate would apply
+    stop_ids: torch.Tensor  # (S,) the stop tokens
+    pad_id: int
+    keeps_logits: bool  # the forward takes `logits_to_keep` (no (B, P, V) prefill logits)
+    forward_kwargs: dict  # constant keywords of every decoding forward (no router logits)
+
+
+def prepare_decoding(model: nn.Module, input_ids: torch.Tensor, generation_config: GenerationConfig) -> DecodingSetup:
+    """generate's preparation for the left-padded prompts `input_ids` `(B, P)`, for a loop of our own."""
     config = _merged_config(model, generation_config)
     causal_lm = unwrap_causal_lm(model)
     # generate's own stop and pad tokens (pad falls back to EOS), which min-length rules read too
@@ -118,10 +119,30 @@ def generate_dropping_finished(
     )
     stop_ids = config._eos_token_tensor  # (S,)
     stop_ids = input_ids.new_zeros(0) if stop_ids is None else stop_ids.reshape(-1)
-    pad_id = int(config._pad_token_tensor)
-    forward_parameters = inspect.signature(causal_lm.forward).parameters
-    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}  # no (B, P, V) prefill logits
-    keep_one |= without_router_logits(causal_lm)
+    keeps_logits = "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+    return DecodingSetup(
+        config, processors, stop_ids, int(config._pad_token_tensor), keeps_logits, without_router_logits(causal_lm)
+    )
+
+
+@torch.no_grad()
+def generate_dropping_finished(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generation_config: GenerationConfig,
+    cache: Cache | None = None,
+) -> torch.Tensor:
+    """Completion ids `(B, C)` of the left-padded prompts `(B, P)`, padded after each row's stop token, `C` the longest
+    completion (at most `max_new_tokens`), as `generate(...)[:, P:]` returns them.
+
+    `cache`: a KV cache that already holds all but the last token of every prompt (prefix sharing prefills it once per
+    group); without one the prompts are prefilled here.
+    """
+    setup = prepare_decoding(model, input_ids, generation_config)
+    config, processors, stop_ids, pad_id = setup.config, setup.processors, setup.stop_ids, setup.pad_id
+    keep_one = ({"logits_to_keep": 1} if setup.keeps_logits else {}) | setup.forward_kwargs
+    causal_lm = unwrap_causal_lm(model)
 
     completions = input_ids.new_full((input_ids.size(0), config.max_new_tokens), pad_id)  # (B, max_new_tokens)
     rows = torch.arange(input_ids.size(0), device=input_ids.device)  # (b,) batch index of each row still going

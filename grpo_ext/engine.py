@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .drafting import DraftMemory
 from .rollout import (
     GenerationPlan,
     Rollout,
@@ -33,6 +34,7 @@ from .rollout import (
     plan_generation,
     token_lists_until_stop,
 )
+from .speculative import DraftStats
 from .tools import Episode, MultiTurn, ToolCalling, parse_completion, tool_call_loop
 
 __all__ = ["Generation", "RolloutEngine", "custom_rollout", "first_turns", "ROLLOUT_FUNC_KEYS"]
@@ -50,6 +52,7 @@ class Generation:
     extra_fields: dict = field(default_factory=dict)  # a rollout_func's other keys, passed to the reward functions
     logprobs: list | None = None  # the sampler's, from a rollout_func (unused: no vLLM correction here)
     turns: MultiTurn | None = None  # the tool-calling rounds' counts
+    draft_stats: DraftStats | None = None  # with speculative decoding: forwards run, drafts accepted
 
     @classmethod
     def from_trl(cls, outputs: tuple) -> Generation:
@@ -79,6 +82,9 @@ class RolloutEngine:
         drop_finished_rows: bool = True,
         continuous_batching=None,
         tool_calling: ToolCalling | None = None,
+        draft_tokens: int = 0,
+        draft_ngram_size: int = 3,
+        draft_memory: DraftMemory | None = None,
     ):
         self.processing_class = processing_class
         self.generation_config = generation_config
@@ -92,6 +98,10 @@ class RolloutEngine:
         self.drop_finished_rows = drop_finished_rows
         self.continuous_batching = continuous_batching  # a ContinuousBatchingConfig, or None
         self.tool_calling = tool_calling
+        self.draft_tokens = draft_tokens
+        self.draft_ngram_size = draft_ngram_size
+        # Completions of earlier rollouts by prompt, drafts for later epochs: the one state kept across rollouts
+        self.draft_memory = draft_memory
 
     @classmethod
     def from_config(
@@ -113,6 +123,11 @@ class RolloutEngine:
             drop_finished_rows=args.drop_finished_rows and not sharded,
             continuous_batching=continuous_batching_config(args),
             tool_calling=tool_calling,
+            draft_tokens=args.speculative_draft_tokens,
+            draft_ngram_size=args.speculative_ngram_size,
+            draft_memory=DraftMemory(args.speculative_memory_prompts, per_prompt=args.num_generations)
+            if args.speculative_draft_tokens and args.speculative_memory_prompts
+            else None,
         )
 
     def start(self, rows: list[dict]) -> Episode:
@@ -131,6 +146,8 @@ class RolloutEngine:
             self.prefix_sharing,
             self.drop_finished_rows,
             self.continuous_batching,
+            self.draft_tokens,
+            self.draft_ngram_size,
         )
 
     @torch.no_grad()
@@ -160,13 +177,16 @@ class RolloutEngine:
         )  # (B, P)
         if num_generations == 1:  # nothing to share between the rows of a group of one
             plan = dataclasses.replace(plan, shared_prefill=False)
-        completion_ids = generate_completions(model, prompt_ids, prompt_mask, num_generations, config, plan)  # (B, C)
+        draft_stats = DraftStats() if plan.draft_tokens else None
+        completion_ids = generate_completions(
+            model, prompt_ids, prompt_mask, num_generations, config, plan, self.draft_memory, draft_stats
+        )  # (B, C)
         prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
         completion_lists = token_lists_until_stop(completion_ids, self.stop_token_ids)
         conversational = is_conversational(prompts[0])
         completions = first_turns(self.processing_class, prompt_lists, completion_lists, conversational, row_tools)
         if not conversational or not row_tools or not any(row_tools):
-            return Generation(prompt_lists, completion_lists, None, completions)
+            return Generation(prompt_lists, completion_lists, None, completions, draft_stats=draft_stats)
 
         def go_on(history_ids, history_mask, max_new_tokens):  # later turns: one completion per history
             later = copy.deepcopy(config)
@@ -191,7 +211,9 @@ class RolloutEngine:
             self.tool_calling.tool_timeout,
         )
         self.tool_calling.report(turns)
-        return Generation(prompt_lists, turns.completion_ids, turns.tool_mask, turns.completions, turns=turns)
+        return Generation(
+            prompt_lists, turns.completion_ids, turns.tool_mask, turns.completions, turns=turns, draft_stats=draft_stats
+        )
 
     def to_rollout(self, generation: Generation, plan: GenerationPlan, device: torch.device) -> Rollout:
         """The padded tensors of a generation `(B, P)` / `(B, C)`, masked after each completion's first stop token;

@@ -7,7 +7,7 @@ sampling and splits one into micro-batches.
 
 How a rollout is generated is decided here once per rollout (`plan_generation`): whether prompts are shared
 (prefix_sharing.py) in scoring and in generation's prefill, and whether finished rows leave the decoding batch
-(decoding.py). Sharing travels with the rollout (`Rollout.shared_prefix`): every scoring pass of its completions takes
+(decoding.py), drafting the next tokens from the group (speculative.py). Sharing travels with the rollout (`Rollout.shared_prefix`): every scoring pass of its completions takes
 the same path. Generation may prefill every row while scoring shares (a static cache cannot be repeated per group).
 """
 
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from . import decoding, prefix_sharing
+from . import decoding, prefix_sharing, speculative
+from .drafting import DraftMemory, GroupDrafts
 from .logprobs import CompletionScores, ScoringRequest, score_completions
 from .models import unwrap_causal_lm
 from .moe import without_router_logits
@@ -305,6 +306,8 @@ class GenerationPlan:
     shared_prefix: bool = False  # each prompt encoded once per group in every scoring pass
     drop_finished_rows: bool = False  # decoding.generate_dropping_finished instead of model.generate
     shared_prefill: bool = False  # each prompt prefilled once per group for generation (needs a DynamicCache)
+    draft_tokens: int = 0  # speculative.generate_with_drafts with up to this many drafts per row (0: off)
+    draft_ngram_size: int = 3  # the longest n-gram a draft is looked up by
     # transformers' continuous batching (`generate_batch`) with this ContinuousBatchingConfig instead of either loop
     continuous_batching: Any = None
 
@@ -315,11 +318,14 @@ def plan_generation(
     prefix_sharing_wanted: bool,
     drop_finished_rows_wanted: bool,
     continuous_batching=None,
+    draft_tokens: int = 0,
+    draft_ngram_size: int = 3,
 ) -> GenerationPlan:
     """What this rollout can use of what the config asks for (the policy `model`, before it is unwrapped for
     generation). Each reason not to is warned about once per process. `continuous_batching` (a
     `ContinuousBatchingConfig`): generation runs on transformers' engine, which neither drops rows our way nor takes a
-    prefilled cache; scoring may still share the prompts."""
+    prefilled cache; scoring may still share the prompts. `draft_tokens` > 0: speculative decoding with drafts from
+    the group (`speculative.py`), within the loop that drops finished rows."""
 
     def usable(wanted: bool, unsupported_reason, warn, *settings) -> bool:
         reason = unsupported_reason(model, *settings) if wanted else None
@@ -330,11 +336,17 @@ def plan_generation(
     shared_prefix = usable(prefix_sharing_wanted, prefix_sharing.unsupported_reason, prefix_sharing.warn_plain_path)
     if continuous_batching is not None:
         return GenerationPlan(shared_prefix=shared_prefix, continuous_batching=continuous_batching)
+    drop_finished_rows = usable(
+        drop_finished_rows_wanted, decoding.unsupported_reason, decoding.warn_generate, generation_config
+    )
+    drafts = usable(draft_tokens > 0, speculative.unsupported_reason, speculative.warn_plain_decoding)
+    if draft_tokens > 0 and not drop_finished_rows:
+        speculative.warn_plain_decoding("it runs in the loop that drops finished rows, which this rollout cannot use")
     return GenerationPlan(
         shared_prefix=shared_prefix,
-        drop_finished_rows=usable(
-            drop_finished_rows_wanted, decoding.unsupported_reason, decoding.warn_generate, generation_config
-        ),
+        drop_finished_rows=drop_finished_rows,
+        draft_tokens=draft_tokens if drafts and drop_finished_rows else 0,
+        draft_ngram_size=draft_ngram_size,
         shared_prefill=usable(  # asked apart from scoring: a recurrent state is shared in generation only
             prefix_sharing_wanted,
             prefix_sharing.prefill_unsupported_reason,
@@ -352,13 +364,25 @@ def generate_completions(
     num_generations: int,
     generation_config: GenerationConfig,
     plan: GenerationPlan,
+    draft_memory: DraftMemory | None = None,
+    draft_stats: speculative.DraftStats | None = None,
 ) -> torch.Tensor:
-    """Completion ids `(B, C)` for the `(B, P)` prompts, each prompt repeated G times in a row."""
+    """Completion ids `(B, C)` for the `(B, P)` prompts, each prompt repeated G times in a row. With drafting, earlier
+    completions come from and go to `draft_memory`, and `draft_stats` counts what the drafts saved."""
     if plan.continuous_batching is not None:
         return _generate_batch(model, prompt_ids, prompt_mask, generation_config, plan.continuous_batching)
     # An evaluation batch may cut a group across processes: then there is no whole group to prefill once
     unique = prefix_sharing.unique_prompts(prompt_ids, prompt_mask, num_generations) if plan.shared_prefill else None
     cache = prefix_sharing.shared_prompt_cache(model, *unique, num_generations) if unique is not None else None
+    if plan.draft_tokens:
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+        drafts = GroupDrafts(prompts, num_generations, plan.draft_tokens, plan.draft_ngram_size, draft_memory)
+        completion_ids = speculative.generate_with_drafts(
+            model, prompt_ids, prompt_mask, generation_config, drafts, cache=cache, stats=draft_stats
+        )
+        if draft_memory is not None:
+            drafts.remember(draft_memory)
+        return completion_ids
     if plan.drop_finished_rows:
         return decoding.generate_dropping_finished(model, prompt_ids, prompt_mask, generation_config, cache=cache)
     sequences = model.generate(

@@ -462,6 +462,9 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         if self._tool_calling is not None:
             for name, value in tool_metrics(generation.turns, len(prompts), self.accelerator).items():
                 self.recorder.add(mode, name, value)
+        if generation.draft_stats is not None:  # speculative decoding: what the group's drafts saved
+            self.recorder.add(mode, "speculative/acceptance_rate", generation.draft_stats.acceptance_rate)
+            self.recorder.add(mode, "speculative/tokens_per_forward", generation.draft_stats.tokens_per_forward)
         return generation.as_trl()
 
     def _roll_out_varying_groups(self, rows: list[dict]) -> Rollout:

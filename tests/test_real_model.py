@@ -241,6 +241,32 @@ def test_prefix_sharing_equals_the_plain_path(model, tokenizer):
     torch.testing.assert_close(shared_logps, plain_logps, atol=1e-4, rtol=1e-4)
 
 
+def test_drafts_from_the_group_give_the_plain_greedy_completions(model, tokenizer):
+    """Speculative decoding on the real model: the same greedy completions as `generate`, from the group's drafts
+    alone and with an earlier rollout's completions remembered (which then draft most tokens right)."""
+    from transformers import GenerationConfig
+
+    from grpo_ext.drafting import DraftMemory, GroupDrafts
+    from grpo_ext.speculative import DraftStats, generate_with_drafts
+
+    G = 2
+    prompt_ids, prompt_mask = _encode(tokenizer, [_messages(a, b) for a, b in PROBLEMS])
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)  # (12, P)
+    config = GenerationConfig(
+        max_new_tokens=32, do_sample=False, eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=2
+    )
+    plain = _greedy(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens=32)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+    memory = DraftMemory(max_prompts=16, per_prompt=G)
+    first, again = DraftStats(), DraftStats()
+    for stats in (first, again):
+        drafts = GroupDrafts(prompts, G, num_draft_tokens=6, memory=memory)
+        completions = generate_with_drafts(model, prompt_ids, prompt_mask, config, drafts, stats=stats)
+        drafts.remember(memory)
+        assert torch.equal(completions, plain)
+    assert first.drafted > 0 and again.acceptance_rate > 0.9 and again.forwards < first.forwards
+
+
 # --- LoRA on the real layer names, 4-bit real weights, adapters that save and reload ---
 
 
