@@ -92,6 +92,8 @@ class RolloutEngine:
         self.max_completion_length = max_completion_length
         self.max_prompt_length = max_prompt_length
         self.chat_template_kwargs = chat_template_kwargs
+        if tool_calling is not None and tool_calling.chat_template is not None:  # TRL's training template (tools.py)
+            self.chat_template_kwargs = {"chat_template": tool_calling.chat_template, **(chat_template_kwargs or {})}
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mask_truncated_completions = mask_truncated_completions
         self.prefix_sharing = prefix_sharing

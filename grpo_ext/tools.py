@@ -19,6 +19,10 @@ As `trl.GRPOTrainer` (`tools=`, `environment_factory=`, `max_tool_calling_iterat
    model did not generate: they are context for the later turns, never scored as actions (loss, log-prob ratios,
    KL terms, token-mean metrics and lengths count the model's tokens only).
 
+Steps 1 and 3 need a prefix-preserving chat template (earlier turns rendered the same whatever follows). One that is
+not (Qwen3's drops an earlier turn's empty reasoning block) is replaced there, as TRL does, by TRL's training version of it
+(`training_chat_template`); a template TRL has no version of is refused.
+
 Environments (`Environments`): `environment_factory` is a callable returning an instance, or a dict name -> callable
 (each row's `environment` column then picks one). Each rollout gets its own instance from a pool that grows to the
 largest number a batch needed; `reset(**row)` starts its episode, and a returned string is appended to the last user
@@ -59,6 +63,7 @@ __all__ = [
     "ToolCalling",
     "Episode",
     "check_tool_support",
+    "training_chat_template",
     "placeholder_dataset",
     "environment_tools",
     "parse_completion",
@@ -72,9 +77,9 @@ __all__ = [
 
 
 def check_tool_support(tokenizer, tools: list) -> None:
-    """The chat template must render a tool-calling conversation, keep earlier turns unchanged when more follow (the
-    tool results' tokens are computed as a suffix), and the tokenizer must parse tool calls out of a completion."""
-    from trl.chat_template_utils import add_response_schema, is_chat_template_prefix_preserving, supports_tool_calling
+    """The chat template must render a tool-calling conversation, and the tokenizer must parse tool calls out of a
+    completion. (A template that is not prefix-preserving is `training_chat_template`'s concern.)"""
+    from trl.chat_template_utils import add_response_schema, supports_tool_calling
 
     for index, tool in enumerate(tools):
         if not callable(tool):
@@ -87,13 +92,6 @@ def check_tool_support(tokenizer, tools: list) -> None:
             "conversation (user -> assistant with tool_calls -> tool). Use a model whose template supports tools, or "
             "set tokenizer.chat_template to one that does."
         )
-    if not is_chat_template_prefix_preserving(tokenizer):
-        raise ValueError(
-            "tools / environment_factory: the chat template renders earlier turns differently once a tool result "
-            "follows, so a multi-turn completion cannot be built by appending tokens. Set tokenizer.chat_template to "
-            "a prefix-preserving template (trl.chat_template_utils.get_training_chat_template gives one for common "
-            "models)."
-        )
     if getattr(tokenizer, "response_template", None) is None:
         try:  # TRL knows the response templates of common chat templates (Qwen, Llama, GLM, ...)
             add_response_schema(tokenizer)
@@ -103,6 +101,40 @@ def check_tool_support(tokenizer, tools: list) -> None:
                 "be parsed from completions, and TRL does not know this chat template. Set "
                 "tokenizer.response_template (transformers' response-parsing docs)."
             ) from error
+
+
+def training_chat_template(tokenizer) -> str | None:
+    """The chat template that renders the prompts and the tool results of a multi-turn rollout: None (the tokenizer's
+    own) when that one is prefix-preserving, else TRL's training version of it.
+
+    A multi-turn completion is built by appending the tokens of each tool result (`tool_suffix_ids`), so the template
+    must render earlier turns the same whatever follows them. Some do not: Qwen3's drops an assistant turn's empty
+    reasoning block once a tool result follows it. As `trl.GRPOTrainer`, such a template is swapped for
+    `trl.chat_template_utils.get_training_chat_template`'s prefix-preserving version, passed as `chat_template=` to
+    `apply_chat_template` (the tokenizer's own template is left as is); one TRL has no version of is refused."""
+    from trl.chat_template_utils import get_training_chat_template, is_chat_template_prefix_preserving
+
+    if is_chat_template_prefix_preserving(tokenizer):
+        return None
+    try:
+        template = get_training_chat_template(tokenizer)
+    except ValueError:  # a template TRL has no training version of
+        template = None
+    if template is None:
+        raise ValueError(
+            "tools / environment_factory: the chat template renders earlier turns differently once a tool result "
+            "follows (it is not prefix-preserving), so a multi-turn completion cannot be built by appending tokens, "
+            "and trl.chat_template_utils.get_training_chat_template has no prefix-preserving version of it. Set "
+            "tokenizer.chat_template to a template that renders each turn the same whatever follows it: TRL ships "
+            "training versions of common templates (Qwen, Llama 3, Gemma, GLM-4, GPT-OSS, DeepSeek, Phi-3, ...) as "
+            "trl/chat_templates/*_training.jinja."
+        )
+    logger.info(
+        "tools / environment_factory: the chat template is not prefix-preserving; prompts and tool results are "
+        "rendered with TRL's training version of it (trl.chat_template_utils.get_training_chat_template), as "
+        "trl.GRPOTrainer does. The tokenizer's own chat template is unchanged."
+    )
+    return template
 
 
 def environment_tools(instance) -> list[Callable]:
@@ -515,7 +547,8 @@ def tool_call_loop(
 
 
 class ToolCalling:
-    """Tools and environments of a trainer: checked once, then per rollout each row's environment instance and tools
+    """Tools and environments of a trainer: checked once (with `chat_template`, the template prompts and tool results
+    are rendered with: None for the tokenizer's own), then per rollout each row's environment instance and tools
     (`start`, an `Episode`); the rollout engine runs their turns (`tool_call_loop`); `report` warns, once each, about
     tools that timed out and results that did not fit."""
 
@@ -531,6 +564,7 @@ class ToolCalling:
         self.tokenizer = tokenizer
         self.tools = list(tools or [])
         check_tool_support(tokenizer, self.tools)
+        self.chat_template = training_chat_template(tokenizer)  # None: the tokenizer's own
         self.environments = Environments(environment_factory) if environment_factory is not None else None
         self.max_iterations = max_iterations
         self.tool_timeout, self.reset_timeout = tool_timeout, reset_timeout

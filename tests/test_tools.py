@@ -6,14 +6,16 @@ replaced by a function that answers each history with the text of its turn (the 
 """
 
 import json
+import logging
 
 import pytest
 import torch
+from trl.chat_template_utils import get_training_chat_template, is_chat_template_prefix_preserving, qwen3_chat_template
 
 import grpo_ext.engine as engine_module
 from grpo_ext import GRPOExtTrainer
 from grpo_ext.rollout import micro_batches, pad_token_lists
-from grpo_ext.testing import make_prompt_dataset, make_tiny_model, make_tokenizer
+from grpo_ext.testing import TOOL_RESPONSE_TEMPLATE, make_prompt_dataset, make_tiny_model, make_tokenizer
 from grpo_ext.tools import parse_completion, run_tool_calls, tool_suffix_ids
 
 G = 2
@@ -42,11 +44,11 @@ def tool_tokenizer():
     return make_tokenizer(tool_calling=True)
 
 
-def make_trainer(tokenizer, make_args, reward_funcs=None, dataset=None, **kwargs):
+def make_trainer(tokenizer, make_args, reward_funcs=None, dataset=None, model=None, **kwargs):
     settings = dict(per_device_train_batch_size=4, num_generations=G, max_completion_length=120, max_steps=1)
     settings.update(kwargs.pop("args", {}))
     return GRPOExtTrainer(
-        make_tiny_model("qwen2", tokenizer),
+        model if model is not None else make_tiny_model("qwen2", tokenizer),
         reward_funcs if reward_funcs is not None else (lambda completions, **kw: [0.0] * len(completions)),
         args=make_args(**settings),
         train_dataset=dataset if dataset is not None else make_prompt_dataset(4, conversational=True),
@@ -273,6 +275,79 @@ def test_tool_results_past_max_completion_length_are_rolled_back(tool_tokenizer,
     assert rollout.lengths.tolist() == [length] * 4 and rollout.tool_mask.sum(1).tolist() == [length] * 4
     assert all([m["role"] for m in messages] == ["assistant"] for messages in seen)
     assert trainer.recorder.values["train"]["tools/call_frequency"] == [1.0]  # it ran, its result did not fit
+
+
+def qwen3_tokenizer():
+    """The tool tokenizer with Qwen3's chat template (TRL's copy, so TRL knows its training version), which drops an
+    assistant turn's empty reasoning block once a tool result follows it: not prefix-preserving."""
+    tokenizer = make_tokenizer(tool_calling=True)
+    tokenizer.chat_template = qwen3_chat_template
+    tokenizer.response_template = None  # TRL sets Qwen3's
+    return tokenizer
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply.
+
+    Args:
+        a: first
+        b: second
+    """
+    return a * b
+
+
+def test_a_template_that_is_not_prefix_preserving_is_swapped_for_trls_training_template(make_args, monkeypatch, caplog):
+    tokenizer = qwen3_tokenizer()
+    assert not is_chat_template_prefix_preserving(tokenizer)
+    training_template = get_training_chat_template(tokenizer)
+    qwen3_call = '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call>'
+    first, last = "<think>\n\n</think>\n\n" + qwen3_call + "<|im_end|>", "<think>\ny\n</think>\n\n12<|im_end|>"
+    scripted(monkeypatch, tokenizer, [first, last])
+    with caplog.at_level(logging.INFO, logger="grpo_ext.tools"):
+        trainer = make_trainer(
+            tokenizer,
+            make_args,
+            reward_funcs=lambda completions, **kw: [float(i) for i in range(len(completions))],
+            tools=[multiply],
+            model=make_tiny_model("qwen2", tokenizer, max_position_embeddings=2048),  # Qwen3's tool prompt is long
+            args=dict(max_completion_length=200),
+        )
+    assert "get_training_chat_template" in caplog.text  # the swap is said
+    assert tokenizer.chat_template == qwen3_chat_template  # the tokenizer's own template is left as is
+    rollout = trainer.generate_and_score(rows_of(trainer), mode="train")
+
+    # Qwen3's own template gives no tool-result tokens to append
+    with pytest.raises(ValueError, match="renders an assistant turn differently"):
+        tool_suffix_ids(tokenizer, [{"role": "tool", "name": "multiply", "content": "12"}])
+    # The prompt, and the history the second turn continues, are what the training template renders
+    prompt = trainer.train_dataset[0]["prompt"]
+    turn = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "multiply", "arguments": {"a": 3, "b": 4}}}]}  # fmt: skip
+    history = prompt + [turn, {"role": "tool", "name": "multiply", "content": "12"}]
+    render = dict(tools=[multiply], add_generation_prompt=True, tokenize=False)
+    expected = tokenizer.apply_chat_template(history, chat_template=training_template, **render)
+    suffix = "\n<|im_start|>user\n<tool_response>\n12\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    prompt_length, before = int(rollout.prompt_mask[0].sum()), len(tokenizer(first + suffix)["input_ids"])
+    ids = rollout.prompt_ids[0, -prompt_length:].tolist() + rollout.completion_ids[0, :before].tolist()
+    assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert text(tokenizer, ids) != tokenizer.apply_chat_template(history, **render)  # Qwen3's own drops "<think>..."
+    for ids, tool_mask, length in zip(rollout.completion_ids, rollout.tool_mask, rollout.lengths):
+        assert text(tokenizer, ids[:length]) == first + suffix + last
+        assert text(tokenizer, ids[:length][tool_mask[:length] == 0]) == suffix
+    assert trainer.recorder.values["train"]["tools/call_frequency"] == [1.0]
+
+    # And it trains
+    before_step = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before_step, trainer.model.parameters()))
+
+
+def test_a_template_that_is_not_prefix_preserving_and_unknown_to_trl_is_refused(make_args):
+    tokenizer = qwen3_tokenizer()
+    tokenizer.chat_template = qwen3_chat_template + "{# a local edit #}"  # no longer the template TRL knows
+    tokenizer.response_template = TOOL_RESPONSE_TEMPLATE
+    with pytest.raises(ValueError, match="not prefix-preserving.*get_training_chat_template has no"):
+        make_trainer(tokenizer, make_args, tools=[multiply])
 
 
 class Counter:

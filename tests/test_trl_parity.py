@@ -1,10 +1,14 @@
 """The loss equals trl.GRPOTrainer's on the same batch, computed by calling TRL here (not copied numbers)."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from grpo_ext import GRPOExtTrainer
+from grpo_ext.rollout import Rollout
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, save_tiny_model
 
 TRL_SETTINGS = dict(bf16=False, gradient_checkpointing=False, report_to=[], use_cpu=True)
@@ -137,3 +141,76 @@ def test_loss_options_match_trl(tmp_path, make_args, tokenizer, settings):
     compared = _assert_same_loss_and_gradient(tmp_path, make_args, tokenizer, beta=0.04, **settings)
     if "entropy_coef" in settings:
         assert "entropy_coef" in compared
+
+
+def _one_step_each(tmp_path, make_args, tokenizer, completions):
+    """TRL's trainer and grpo-ext's, each one optimizer step on the same scripted completions (TRL's settings, one
+    group of 3, `mask_truncated_completions=True`): generation goes through `model.generate`, patched as TRL's tests
+    patch it (grpo-ext's own decoding loop, `drop_finished_rows`, is off so that the patch applies). Returns both
+    trainers and the weights they started from."""
+
+    def generate(self, input_ids=None, **kwargs):
+        return torch.cat([input_ids, torch.tensor(completions, device=input_ids.device)], 1)
+
+    def length(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    model = save_tiny_model(tmp_path / "model")
+    initial = [p.detach().clone() for p in AutoModelForCausalLM.from_pretrained(model).parameters()]
+    common = dict(
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_completion_length=8,
+        mask_truncated_completions=True,
+        loss_type="dapo",
+        beta=0.0,
+        temperature=1.0,
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        optim="sgd",  # the step is the clipped gradient itself (Adam's first step would be its sign)
+        max_grad_norm=1.0,
+        max_steps=1,
+        logging_steps=1,
+        seed=0,
+        save_strategy="no",
+    )
+    dataset = make_prompt_dataset(4)
+    trainers = []
+    with patch("transformers.generation.utils.GenerationMixin.generate", generate):
+        for trainer_class, args in [
+            (GRPOTrainer, GRPOConfig(output_dir=str(tmp_path / "trl"), **common, **TRL_SETTINGS)),
+            (GRPOExtTrainer, make_args(drop_finished_rows=False, **common)),
+        ]:
+            trainer = trainer_class(model, length, args=args, train_dataset=dataset, processing_class=tokenizer)
+            trainer.train()
+            trainers.append(trainer)
+    return (*trainers, initial)
+
+
+def test_mask_truncated_completions_as_trl(tmp_path, make_args, tokenizer):
+    """TRL's case (test_training_with_mask_truncated_completions): a completion cut at max_completion_length is out
+    of the loss; one that ended early and one that ended on its last allowed token are in it. The step moves every
+    weight, exactly as TRL's does."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    completions = [list(range(5, 13)), [13, 14, 15, eos, pad, pad, pad, pad], [*range(16, 23), eos]]
+    trl_trainer, ours, initial = _one_step_each(tmp_path, make_args, tokenizer, completions)
+
+    for trainer in (trl_trainer, ours):
+        assert trainer.state.log_history[0]["completions/clipped_ratio"] == pytest.approx(1 / 3)
+    for before, trl_param, our_param in zip(initial, trl_trainer.model.parameters(), ours.model.parameters()):
+        assert not torch.equal(our_param, before)
+        torch.testing.assert_close(our_param, trl_param, atol=1e-6, rtol=1e-5)
+
+
+def test_a_completion_cut_on_a_generated_pad_token_is_truncated(tmp_path, make_args, tokenizer):
+    """The one difference (README, "Drop-in for TRL"): a completion whose last token, at max_completion_length, is a
+    pad token the model generated is truncated here (no stop token ended it: the length did), finished for TRL."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    completions = [[*range(5, 12), pad], [13, 14, 15, eos, pad, pad, pad, pad], list(range(16, 24))]
+    trl_trainer, ours, _ = _one_step_each(tmp_path, make_args, tokenizer, completions)
+    assert trl_trainer.state.log_history[0]["completions/clipped_ratio"] == pytest.approx(1 / 3)
+    assert ours.state.log_history[0]["completions/clipped_ratio"] == pytest.approx(2 / 3)
+    rollout = Rollout.of_token_lists([[1]] * 3, [ids[:4] if eos in ids else ids for ids in completions], None, pad,
+                                     [eos], mask_truncated_completions=True)  # fmt: skip
+    assert rollout.is_truncated.tolist() == [True, False, True]
+    assert rollout.completion_mask.sum(1).tolist() == [0, 4, 0]
