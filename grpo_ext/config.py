@@ -780,8 +780,9 @@ class GRPOExtConfig(_RefusedTRLFields):
             self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
         super().__post_init__()
         if self.use_transformers_paged:
-            warnings.warn(
-                "`use_transformers_paged` is deprecated (in TRL too): use `use_transformers_continuous_batching`.",
+            warnings.warn(  # TRL's message (a FutureWarning there too)
+                "`use_transformers_paged` is deprecated and will be removed in v2.0.0. Use "
+                "`use_transformers_continuous_batching` instead.",
                 FutureWarning,
                 stacklevel=3,
             )
@@ -817,7 +818,15 @@ class GRPOExtConfig(_RefusedTRLFields):
         return SurrogateParams(epsilon_low=self.epsilon, **{name: getattr(self, name) for name in names})
 
     def _refuse_unsupported_trl_fields(self) -> None:
-        """A refused TRL field (`REFUSED_TRL_FIELDS`) set to anything but TRL's default is an error naming it."""
+        """A refused TRL field (`REFUSED_TRL_FIELDS`) set to anything but TRL's default is an error naming it. Where
+        `trl.GRPOTrainer` itself rejects the combination, its message comes first, so a check written for TRL matches."""
+        liger_kernel_config = self.liger_kernel_config if isinstance(self.liger_kernel_config, dict) else {}
+        if self.use_liger_kernel and liger_kernel_config.get("fused_linear_cross_entropy"):
+            raise ValueError(
+                '`liger_kernel_config={"fused_linear_cross_entropy": True}` is not supported: it replaces the '
+                "model's forward, which this trainer patches with a fused LM head. Nor is use_liger_kernel=True by "
+                f"GRPOExtConfig: {REFUSED_TRL_FIELDS['use_liger_kernel']}"
+            )
         defaults = _trl_field_defaults()
         for name, reason in REFUSED_TRL_FIELDS.items():
             value, default = getattr(self, name, None), defaults.get(name)

@@ -361,9 +361,11 @@ def check_streaming_settings(args, train_dataset, eval_dataset) -> None:
     if not isinstance(train_dataset, IterableDataset):
         return
     if args.max_steps <= 0:
-        raise ValueError(
-            "train_dataset is an IterableDataset: a stream has no length, so the number of training steps cannot be "
-            "inferred. Set max_steps to a positive value (GRPOExtConfig(max_steps=...))."
+        raise ValueError(  # the message transformers' Trainer gives TRL users, first
+            "The train_dataset does not implement __len__, so the number of training steps cannot be inferred; "
+            "max_steps has to be specified. The total number of steps must be known in advance to bound the "
+            "training loop and to configure the learning rate scheduler. train_dataset is an IterableDataset (a "
+            "stream): set max_steps to a positive value (GRPOExtConfig(max_steps=...))."
         )
     if args.dynamic_sampling:
         raise ValueError(

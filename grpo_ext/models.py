@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from . import cpu
 from .plan import fit_batch_size, load_model_config
 
+logger = logging.getLogger(__name__)
+
 MODEL_DTYPES = ("bfloat16", "float16", "float32", "auto")  # the strings `model_init_kwargs["dtype"]` accepts, as TRL
 
 
@@ -402,6 +404,21 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
+def _warn_unused_loading_settings(model_init_kwargs: dict, quantization_config) -> None:
+    """TRL's warnings (its wording, through a logger) when loading settings are given with a model already built.
+    `trust_remote_code` alone is not warned about: the config copies it there for every loader."""
+    if any(key != "trust_remote_code" for key in model_init_kwargs):
+        logger.warning(
+            "You passed `model_init_kwargs` to the `GRPOConfig`, but your model is already instantiated. The "
+            "`model_init_kwargs` will be ignored. (Reward models given by path are still loaded with them.)"
+        )
+    if quantization_config is not None:
+        logger.warning(
+            "You passed `quantization_config` to the trainer, but your model is already instantiated. The "
+            "`quantization_config` will be ignored. Pass the model's id or path to load it quantized."
+        )
+
+
 def prepare_policy(model, args, processing_class=None, peft_config=None, quantization_config=None):
     """The trainer's policy and tokenizer, in this order: load (`model_init_kwargs`, plus `quantization_config`),
     keep 4-bit weights trainable, fit the micro-batch to `gpu_memory_budget` if set (`plan.fit_batch_size`), tokenizer
@@ -410,6 +427,8 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     `gpu_memory_budget` fits (a `plan.FittedBatch`; None without a budget), which the caller applies with
     `GRPOExtConfig.resize_micro_batch`; `args` is read, never changed."""
     model_init_kwargs = dict(args.model_init_kwargs or {})
+    if not isinstance(model, str):
+        _warn_unused_loading_settings(model_init_kwargs, quantization_config)
     if quantization_config is not None:
         model_init_kwargs["quantization_config"] = quantization_config
     model = keep_4bit_weights_trainable(load_causal_lm(model, model_init_kwargs, cpu.trains_on_cpu(args)))

@@ -12,12 +12,14 @@ docs/architecture.md.
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -219,24 +221,23 @@ def check_objective_settings(args) -> None:
             f"kl_estimator={args.kl_estimator!r} and reward_kl_estimator={args.reward_kl_estimator!r} must each be one "
             f"of {KL_ESTIMATORS}."
         )
-    # stacklevel 2: attributed to the one line that runs every check, so a warning is shown once per process
+    # TRL's warnings, word for word and through a logger as TRL logs them, so code capturing TRL's log sees them
     if args.loss_type == "luspo" and args.importance_sampling_level != "sequence":
-        warnings.warn(
-            "loss_type='luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper's setup).",
-            stacklevel=2,
+        logger.warning(
+            "When using `'luspo'` loss, `importance_sampling_level` should be set to `'sequence'` to mirror the "
+            "paper's setup."
         )
     if args.loss_type == "vespo" and args.importance_sampling_level != "token":
-        warnings.warn(
-            "loss_type='vespo' computes its sequence-level weight itself: set importance_sampling_level='token' "
-            "(the default).",
-            stacklevel=2,
+        logger.warning(
+            "VESPO computes sequence-level importance weights internally. `importance_sampling_level` should be "
+            "set to `'token'` (the default)."
         )
     if args.importance_sampling_level == "sequence" and args.loss_type in TOKEN_SUMMED_LOSS_TYPES:
-        warnings.warn(
-            f"With importance_sampling_level='sequence', loss_type={args.loss_type!r} sums per-token contributions, "
-            "which weights each sequence by its completion length instead of optimising the per-sequence objective. "
-            "For GSPO's setup set loss_type='grpo'.",
-            stacklevel=2,
+        logger.warning(
+            f"When using `importance_sampling_level='sequence'`, the `'{args.loss_type}'` loss sums per-token "
+            "contributions, which effectively weights each sequence by its completion length instead of "
+            "optimizing the per-sequence objective. To reproduce the GSPO paper's setup, set `loss_type='grpo'` "
+            "(see https://huggingface.co/docs/trl/main/en/paper_index#group-sequence-policy-optimization)."
         )
 
 

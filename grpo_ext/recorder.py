@@ -9,7 +9,7 @@ Everything else is a plain mean of what was recorded since the last log.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import torch
 from accelerate.utils import gather, gather_object
@@ -23,11 +23,21 @@ class MetricsRecorder:
     """Metrics of one trainer, per mode ("train" / "eval"): `values[mode][name]` is the list recorded since the last
     log (`trl.GRPOTrainer._metrics`, which the trainer exposes under that name too)."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, logs_size: int | None = None):
         self.accelerator = accelerator
         self.values = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.tokens = {"train": defaultdict(list), "eval": defaultdict(list)}  # behind each token-mean value
         self.samples: dict[str, list] = {}  # the last rollout's completions table (log_completions)
+        # `trl.GRPOTrainer._logs`, which the trainer exposes under that name: the last `logs_size` rows rolled out
+        # (a generation batch), of all processes, kept whether or not completions are logged ("images" stays empty)
+        self.logs = {
+            "images": deque(maxlen=logs_size),
+            "prompt": deque(maxlen=logs_size),
+            "completion": deque(maxlen=logs_size),
+            "rewards": defaultdict(lambda: deque(maxlen=logs_size)),
+            "advantages": deque(maxlen=logs_size),
+            "extra": defaultdict(lambda: deque(maxlen=logs_size)),
+        }
 
     def add(self, mode: str, name: str, value: float) -> None:
         self.values[mode][name].append(value)
@@ -95,6 +105,18 @@ class MetricsRecorder:
 
         self.values[mode]["clip_ratio/low_min"].append(gather(per_sequence(low)).min().item())
         self.values[mode]["clip_ratio/high_max"].append(gather(per_sequence(high)).max().item())
+
+    def keep_logs(self, prompts, completions, reward_names, rewards_per_func, advantages, extra) -> None:
+        """Append one rollout to `logs` as TRL appends to `_logs`: this process's prompts and completions (as the
+        reward functions received them) with the other processes', each function's rewards `(N, K)` (NaN where it
+        returned None), the advantages `(N,)` and the `log_extra` columns (already all processes' rows)."""
+        self.logs["prompt"].extend(gather_object(prompts))
+        self.logs["completion"].extend(gather_object(completions))
+        for k, name in enumerate(reward_names):
+            self.logs["rewards"][name].extend(rewards_per_func[:, k].tolist())
+        self.logs["advantages"].extend(advantages.tolist())
+        for column, values in extra.items():
+            self.logs["extra"][column].extend(values)
 
     def keep_samples(self, step, prompts, texts, reward_names, rewards_per_func, rewards, advantages, extra) -> None:
         """The completions table of this rollout (all processes' rows; `log_completions`), logged at the next log."""

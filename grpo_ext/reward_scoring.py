@@ -136,9 +136,10 @@ class RewardScorer:
         self.nonfinite_rewards = nonfinite_rewards
         if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
             if not extra_funcs:
-                raise ValueError(
-                    "reward_funcs is empty: no reward source. Pass at least one reward function, model path or model, "
-                    "or an environment_factory whose environment defines a get_reward method."
+                raise ValueError(  # TRL's message first
+                    "No reward source provided. Pass `reward_funcs`, or an `environment_factory` whose environment "
+                    "defines a `get_reward` method. With no reward source every advantage would be 0: give at least "
+                    "one reward function, reward model or its path."
                 )
             reward_funcs = []
         reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
@@ -147,9 +148,10 @@ class RewardScorer:
         elif not isinstance(reward_processing_classes, (list, tuple)):
             reward_processing_classes = [reward_processing_classes]
         if len(reward_processing_classes) != len(reward_funcs):
-            raise ValueError(
-                f"reward_processing_classes has {len(reward_processing_classes)} entries but there are "
-                f"{len(reward_funcs)} reward functions; give one per reward function (None for plain functions)."
+            raise ValueError(  # TRL's message first
+                f"The number of reward processing classes ({len(reward_processing_classes)}) must match the number of "
+                f"reward functions ({len(reward_funcs)}). Give reward_processing_classes one entry per reward "
+                "function, in the same order (None for plain functions)."
             )
         self.funcs = []  # what `score` calls: reward models wrapped in NeuralRewardModel
         self.reward_funcs = []  # TRL's view: a reward model as its nn.Module, functions as given
@@ -208,9 +210,10 @@ class RewardScorer:
         """One weight per function, in the order of the functions."""
         weights = torch.as_tensor(reward_weights, dtype=torch.float32).flatten().cpu()  # (K,)
         if weights.numel() != len(self.funcs):
-            raise ValueError(
-                f"reward_weights has {weights.numel()} values but there are {len(self.funcs)} reward functions "
-                f"({', '.join(self.names)}); give one weight per function, in the same order."
+            raise ValueError(  # TRL's message first
+                f"Number of reward weights ({weights.numel()}) must match number of reward functions "
+                f"({len(self.funcs)}): {', '.join(self.names)}. Give reward_weights one weight per function, in the "
+                "same order."
             )
         self.weights = weights
 

@@ -647,13 +647,15 @@ def placeholder_dataset(environment_factory, args) -> Dataset:
     """Training without a dataset: one rollout's worth of empty prompts, which each environment's `reset()` fills
     (the sampler cycles through them; `max_steps` sets the length of training)."""
     if isinstance(environment_factory, dict):
-        raise ValueError(
-            "A dict environment_factory (several environments) needs a train_dataset with an 'environment' column to "
-            "route each row to its environment. Provide a dataset, or pass a single environment factory."
+        raise ValueError(  # TRL's message first
+            "A `dict` `environment_factory` (multiple environments) requires a `train_dataset` with an `environment` "
+            "column to route each example to its environment. Provide a dataset, or pass a single environment "
+            "factory. The dataset's 'environment' column names each row's factory (a key of the dict)."
         )
     if args.max_steps <= 0:
-        raise ValueError(
-            "Training without a train_dataset (the environment's reset() returns each prompt) needs max_steps > 0 to "
-            "set the length of training: GRPOExtConfig(max_steps=...)."
+        raise ValueError(  # TRL's message first
+            "When training without a `train_dataset` (the environment owns the data and returns the prompt from "
+            "`reset()`), `max_steps` must be set to a positive value to define the training length. Set it via "
+            "`GRPOExtConfig(max_steps=...)`."
         )
     return Dataset.from_dict({"prompt": [EMPTY_PROMPT] * (args.generation_batch_size // args.num_generations)})

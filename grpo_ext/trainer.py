@@ -159,20 +159,22 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         self.rollout_func = rollout_func  # TRL's custom rollout (engine.custom_rollout), or None
         if rollout_func is not None and (tools or environment_factory is not None):
             raise ValueError("rollout_func replaces generation, tools and environments: pass either, not both.")
-        if train_dataset is None and environment_factory is None:
-            raise ValueError(
-                "train_dataset is required unless an environment_factory is provided (its reset() then writes each "
-                "prompt). Pass a datasets.Dataset or IterableDataset with a `prompt` column."
-            )
-        self._tool_calling, placeholder = None, None
+        self._tool_calling = None
         if tools or environment_factory is not None:
             self._tool_calling = ToolCalling.from_config(args, processing_class, tools, environment_factory)
-            if train_dataset is None:  # the environment's reset() writes each prompt
-                train_dataset = placeholder = placeholder_dataset(environment_factory, args)
 
-        # Rewards and data, checked now rather than at the first step
+        # Rewards and data, checked now rather than at the first step; a reward source first, then data, as in TRL
         extra_funcs = self._tool_calling.reward_funcs if self._tool_calling else ()
         self.rewards = RewardScorer.from_config(args, reward_funcs, reward_processing_classes, extra_funcs)
+        placeholder = None
+        if train_dataset is None:  # only an environment can write the prompts then (its reset())
+            if environment_factory is None:
+                raise ValueError(  # TRL's message first
+                    "`train_dataset` is required unless an `environment_factory` is provided. Pass a "
+                    "datasets.Dataset or IterableDataset with a `prompt` column, or an environment_factory whose "
+                    "reset() returns each prompt."
+                )
+            train_dataset = placeholder = placeholder_dataset(environment_factory, args)
         # Task metrics of evaluations (evaluation.py), resolved now: a name that loads nothing fails before training
         multi_turn = self._tool_calling is not None or rollout_func is not None
         self.task_metrics = task_metrics_of(args.eval_reward_funcs, self.rewards, multi_turn)
@@ -231,8 +233,9 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         self.num_generations = args.num_generations
         self.num_generations_eval = args.num_generations_eval or args.num_generations
         self.generation_config = self.rollout_engine.generation_config  # TRL's attribute: the sampling settings
-        self.recorder = MetricsRecorder(self.accelerator)
+        self.recorder = MetricsRecorder(self.accelerator, logs_size=args.generation_batch_size)
         self._metrics = self.recorder.values  # TRL's attribute, the same lists
+        self._logs = self.recorder.logs  # TRL's attribute: the last generation batch's rows, rewards, advantages
         # A failing tracker or completions file is a warning, not the end of the run (reporting.py)
         self._logging = LoggingGuard()
         self._logging.guard_trackers(self.callback_handler.callbacks)
@@ -266,6 +269,14 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         return self._interrupt.exit_code
 
     # --- TRL's public surface: reward functions and the loss masks, as trl.GRPOTrainer names them ---
+
+    @property
+    def ref_model(self):
+        """TRL's attribute: the frozen reference model when pi_ref is a copy of its own (`ref_model_mode="copy"`, the
+        choice of `auto` for full fine-tuning with a KL term; mixed into by `sync_ref_model`). None, as in TRL, when
+        there is no KL term, or when pi_ref lives on the PEFT policy itself (adapters disabled, or the snapshot
+        adapter). Unlike TRL, a copy also exists with `beta=0` when `reward_kl_coef > 0` needs it."""
+        return self.reference.model
 
     @property
     def reward_funcs(self) -> list:
@@ -403,6 +414,9 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         rollout.group_std = group_std(aggregated, G)[start : start + len(rows)]  # (B,) for dynamic sampling
 
         tokens = self.recorder.rollout(mode, self.rewards.names, rewards_per_func, rewards, std, rollout)
+        self.recorder.keep_logs(
+            episode.prompts, generation.completions, self.rewards.names, rewards_per_func, advantages, logged_columns
+        )
         if mode == "train":
             self.state.num_input_tokens_seen += tokens
             self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]

@@ -8,7 +8,13 @@ from grpo_ext import GRPOExtTrainer
 from grpo_ext.data import ITERABLE_ROWS_CHECKED, check_dataset, check_prompts
 from grpo_ext.reward_scoring import RewardFunctionError
 from grpo_ext.settings import check_settings
-from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, make_tiny_model, record_trained_batches
+from grpo_ext.testing import (
+    digit_fraction_reward,
+    make_prompt_dataset,
+    make_tiny_model,
+    make_tokenizer,
+    record_trained_batches,
+)
 
 
 def test_missing_prompt_column(tokenizer, make_args):
@@ -18,10 +24,20 @@ def test_missing_prompt_column(tokenizer, make_args):
 
 
 def test_no_train_dataset_without_an_environment(tokenizer, make_args):
-    for tools in (None, [len]):  # tools alone write no prompt either
-        with pytest.raises(ValueError, match=r"train_dataset is required unless an environment_factory is provided"):
-            GRPOExtTrainer(make_tiny_model("qwen2", tokenizer), digit_fraction_reward, args=make_args(),
-                           processing_class=tokenizer, tools=tools)  # fmt: skip
+    def add(a: int, b: int) -> int:
+        """Add two numbers.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        return a + b
+
+    # tools alone write no prompt either (checked after the tools themselves, as in TRL)
+    for tools, chat_tokenizer in ((None, tokenizer), ([add], make_tokenizer(tool_calling=True))):
+        with pytest.raises(ValueError, match=r"^`train_dataset` is required unless an `environment_factory`"):
+            GRPOExtTrainer(make_tiny_model("qwen2", chat_tokenizer), digit_fraction_reward, args=make_args(),
+                           processing_class=chat_tokenizer, tools=tools)  # fmt: skip
 
 
 def test_reward_function_needing_a_missing_column(tokenizer, make_args):
@@ -65,7 +81,7 @@ def test_module_rules_are_checked_at_trainer_start(tokenizer, make_args):
 
 
 def test_reward_weights_of_the_wrong_length(tokenizer, make_args):
-    with pytest.raises(ValueError, match=r"reward_weights has 2 values but there are 1 reward functions"):
+    with pytest.raises(ValueError, match=r"^Number of reward weights \(2\) must match number of reward functions"):
         _trainer(tokenizer, make_args(reward_weights=[1.0, 2.0]))
 
 

@@ -49,7 +49,7 @@ def test_async_functions_run_concurrently():
 
 
 def test_empty_reward_funcs_is_refused():
-    with pytest.raises(ValueError, match="reward_funcs is empty"):
+    with pytest.raises(ValueError, match="^No reward source provided"):
         RewardScorer([])
 
 

@@ -488,7 +488,7 @@ def test_constructor_errors(tool_tokenizer, tokenizer, make_args):
         make_trainer(tool_tokenizer, make_args, dataset=dataset, environment_factory={"a": Counter})
     with pytest.raises(ValueError, match="without a `reset` method"):
         make_trainer(tool_tokenizer, make_args, environment_factory=NoReset)
-    with pytest.raises(ValueError, match="needs a train_dataset"):
+    with pytest.raises(ValueError, match="requires a `train_dataset`"):
         GRPOExtTrainer(
             make_tiny_model("qwen2", tool_tokenizer), noop, args=make_args(), processing_class=tool_tokenizer,
             environment_factory={"a": Counter},

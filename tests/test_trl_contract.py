@@ -147,17 +147,21 @@ def test_log_completions_hub_repo_and_router_aux_loss_coef_are_checked():
         GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, router_aux_loss_coef=-0.1)
 
 
-def test_loss_settings_trl_warns_about_are_warned_about():
+def test_loss_settings_trl_warns_about_are_warned_about(caplog):
     def config(**fields):
         return GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, **fields)
 
-    # at trainer start, as trl.GRPOTrainer warns (check_settings is what GRPOExtTrainer runs first)
-    with pytest.warns(UserWarning, match="weights each sequence by its completion length"):
-        check_settings(config(loss_type="dapo", importance_sampling_level="sequence"))
-    with pytest.warns(UserWarning, match="luspo"):
-        check_settings(config(loss_type="luspo"))
-    with pytest.warns(UserWarning, match="vespo"):
-        check_settings(config(loss_type="vespo", importance_sampling_level="sequence"))
+    # at trainer start, as trl.GRPOTrainer warns (check_settings is what GRPOExtTrainer runs first), through a logger
+    # as TRL logs them (tests/test_trl_messages.py compares the wording with TRL's)
+    for fields, message in [
+        (dict(loss_type="dapo", importance_sampling_level="sequence"), "weights each sequence by its completion"),
+        (dict(loss_type="luspo"), "When using `'luspo'` loss"),
+        (dict(loss_type="vespo", importance_sampling_level="sequence"), "VESPO computes sequence-level importance"),
+    ]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="grpo_ext.objective"):
+            check_settings(config(**fields))
+        assert [record.levelname for record in caplog.records] == ["WARNING"] and message in caplog.text
     with pytest.raises(ValueError, match="delta"):
         GRPOExtConfig(output_dir="x", use_cpu=True, bf16=False, delta=1.1)
     with pytest.raises(ValueError, match="top_entropy_quantile"):
@@ -195,7 +199,7 @@ def test_trainer_attributes_and_methods_trl_users_and_callbacks_read(tokenizer, 
     assert trainer.reward_weights.dtype == torch.float32 and trainer.reward_weights.tolist() == [1.0, 0.5]
     trainer.reward_weights = torch.tensor([2.0, 0.0])  # a callback re-weighting the rewards mid-run
     assert trainer.rewards.weighted_sum(torch.tensor([[1.0, 3.0]])).tolist() == [2.0]
-    with pytest.raises(ValueError, match="reward_weights has 1 values but there are 2 reward functions"):
+    with pytest.raises(ValueError, match=r"Number of reward weights \(1\) must match number of reward functions \(2\)"):
         trainer.reward_weights = [1.0]
 
     torch.manual_seed(0)
