@@ -15,11 +15,12 @@ call, CPU seconds on a CPU with one torch thread, wall seconds with a CUDA synch
   `use_transformers_continuous_batching` runs), with the completion lengths it produced (`--continuous-batching`);
 - `grpo-ext+drafts`: grpo-ext's rollout with speculative decoding, `--draft-tokens` drafts per row from the group
   (speculative.py), and `grpo-ext+drafts+memory`: the same with the group's earlier completions of these prompts
-  remembered (a later epoch: the warm-up call fills the memory). Each prints its acceptance rate and the tokens a
-  row emitted per forward.
+  remembered (a later epoch: the warm-up call fills the memory). Each prints its last call's acceptance rate and the
+  tokens a row emitted per forward it took part in.
 
 `--real` runs the engines on the real model instead: SmolLM2-135M-Instruct on the real-model demo's prompts (2
 multiplication prompts through the chat template, G=8, temperature 0.7, up to 32 new tokens, natural lengths).
+`--greedy` decodes greedily instead, as the task evaluation answers its held-out prompts at every evaluation.
 
 The profile line splits `generate`'s time between the linear layers (the matrix products), attention and the rest
 (Python, elementwise kernels, cache bookkeeping): the part a compiled step could remove is the rest.
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--continuous-batching", action="store_true", help="Also transformers' generate_batch.")
     parser.add_argument("--draft-tokens", type=int, default=4, help="Drafts per row for the drafting engines.")
     parser.add_argument("--real", action="store_true", help="The real model (SmolLM2-135M-Instruct) and task.")
+    parser.add_argument("--greedy", action="store_true", help="Greedy decoding (as the task evaluation answers).")
     options = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -107,6 +109,9 @@ def main() -> None:
         )
         if options.shape != "uneven":
             sampling["min_new_tokens"] = completion_length
+    if options.greedy:
+        sampling["do_sample"] = False
+        sampling.pop("temperature")
     dynamic = GenerationConfig(**sampling)
     static = GenerationConfig(**sampling, cache_implementation="static", disable_compile=device != "cuda")
     forced = CompileConfig()
@@ -123,13 +128,18 @@ def main() -> None:
         ),
         "static": generate(static),
     }
-    draft_stats = {"grpo-ext+drafts": DraftStats(), "grpo-ext+drafts+memory": DraftStats()}
+    draft_stats = {}  # engine -> the DraftStats of its last call
     drafting = GenerationPlan(True, True, True, draft_tokens=options.draft_tokens)
     memory = DraftMemory(max_prompts=16, per_prompt=G)
-    for name, draft_memory in (("grpo-ext+drafts", None), ("grpo-ext+drafts+memory", memory)):
-        engines[name] = lambda name=name, draft_memory=draft_memory: generate_completions(
+
+    def drafted(name, draft_memory):
+        draft_stats[name] = DraftStats()
+        return generate_completions(
             model, prompt_ids, prompt_mask, G, dynamic, drafting, draft_memory, draft_stats[name]
         )
+
+    for name, draft_memory in (("grpo-ext+drafts", None), ("grpo-ext+drafts+memory", memory)):
+        engines[name] = lambda name=name, draft_memory=draft_memory: drafted(name, draft_memory)
     if options.real:
         del engines["static"]
     if options.compile:
@@ -157,7 +167,7 @@ def main() -> None:
             lengths = [len(ids) for ids in token_lists(completions, sampling["eos_token_id"])]
         baseline = baseline or seconds
         tokens = f"{min(lengths)}-{max(lengths)} per row, {sum(lengths)} in all"
-        if name in draft_stats:  # over every call (warm-up and repeats)
+        if name in draft_stats:  # its last call's
             stats = draft_stats[name]
             tokens += f"; {stats.acceptance_rate:.0%} of drafts accepted, {stats.tokens_per_forward:.2f} tokens/forward"
         print(f"| {name} | {seconds:.2f} | {seconds / baseline:.2f}x | {tokens} |", flush=True)

@@ -11,8 +11,11 @@ they last occurred in
 - the completions of the same group generated so far (the row's own included),
 - completions of the same prompt remembered from earlier rollouts (`DraftMemory`, bounded),
 
-and proposes the tokens that followed there, up to `num_draft_tokens`. A proposal costs a few dict lookups per row:
-the n-grams of every source are indexed as their tokens arrive. The policy then verifies the proposal
+and proposes the tokens that followed there. A match shorter than `min_ngram_size` (2) proposes nothing: a single
+token recurs everywhere and predicts little. How many tokens a row is proposed adapts to how its drafts fare, as
+transformers' assisted generation does: two more after a forward that accepted them all, one fewer after a
+rejection, between 1 and `num_draft_tokens`. A proposal costs a few dict lookups per row: the n-grams of every source
+are indexed as their tokens arrive. The policy then verifies the proposal
 (`speculative.py`), so a wrong draft costs compute, never correctness.
 """
 
@@ -64,9 +67,12 @@ class GroupDrafts:
         num_draft_tokens: int,
         ngram_size: int = 3,
         memory: DraftMemory | None = None,
+        min_ngram_size: int = 2,
     ):
         self.num_draft_tokens = num_draft_tokens
         self.ngram_size = ngram_size
+        self.min_ngram_size = min(min_ngram_size, ngram_size)
+        self.draft_lengths = [num_draft_tokens] * len(prompts)  # each row's current proposal length
         self.num_generations = num_generations
         self.prompts = prompts
         # Each row's text as a source: the prompt's last tokens, so that a completion's first tokens follow an
@@ -74,9 +80,11 @@ class GroupDrafts:
         self._texts: list[list[int]] = [list(prompt[-ngram_size:]) for prompt in prompts]
         # Per group: n-gram (tuple) -> its occurrences (source, index of its last token), oldest first
         self._index: list[dict[tuple[int, ...], list[tuple[list[int], int]]]] = []
+        self._prompt_sources: list[list[int]] = []  # per group: its prompt as a source
         for start in range(0, len(prompts), num_generations):
             self._index.append({})
-            self._add(start // num_generations, list(prompts[start]), 0)
+            self._prompt_sources.append(list(prompts[start]))
+            self._add(start // num_generations, self._prompt_sources[-1], 0)
             tail = prompts[start][-ngram_size:]
             for completion in memory.recall(prompts[start]) if memory is not None else []:
                 self._add(start // num_generations, tail + list(completion), len(tail) - 1)
@@ -95,27 +103,36 @@ class GroupDrafts:
             for n in range(1, min(self.ngram_size, end + 1) + 1):
                 index.setdefault(tuple(source[end - n + 1 : end + 1]), []).append((source, end))
 
-    def extend(self, row: int, tokens: list[int]) -> None:
-        """Row `row` emitted `tokens`: they become part of its context and a source for its group."""
+    def extend(self, row: int, tokens: list[int], drafted: int = 0, accepted: int = 0) -> None:
+        """Row `row` emitted `tokens` (`accepted` of its `drafted` draft tokens among them): they become part of its
+        context and a source for its group, and its proposal length follows the acceptance."""
+        if drafted:
+            grown = self.draft_lengths[row] + 2 if accepted == drafted else self.draft_lengths[row] - 1
+            self.draft_lengths[row] = min(max(grown, 1), self.num_draft_tokens)
         text = self._texts[row]
         start = len(text)
         text.extend(tokens)
         self._add(row // self.num_generations, text, start)
 
     def propose(self, row: int, most: int) -> list[int]:
-        """Up to `min(most, num_draft_tokens)` tokens that may follow row `row`'s context, longest match first."""
-        most = min(most, self.num_draft_tokens)
+        """Up to `most` tokens (and the row's proposal length) that may follow row `row`'s context. The longest
+        matching n-gram wins; among its occurrences, one at the same place of another completion of the prompt (a
+        sibling or an earlier rollout's: they often run in step), then the longest continuation, then the newest."""
+        most = min(most, self.draft_lengths[row])
         if most <= 0:
             return []
-        context_tail = self._texts[row][-self.ngram_size :]
-        index = self._index[row // self.num_generations]
-        for n in range(len(context_tail), 0, -1):
-            best: list[int] = []
+        text = self._texts[row]
+        context_tail = text[-self.ngram_size :]
+        group = row // self.num_generations
+        index, prompt_source = self._index[group], self._prompt_sources[group]
+        for n in range(len(context_tail), self.min_ngram_size - 1, -1):
+            best, best_rank = [], (False, 0)
             for source, end in reversed(index.get(tuple(context_tail[-n:]), ())):  # newest first
                 following = source[end + 1 : end + 1 + most]  # empty at the row's own tail
-                if len(following) > len(best):  # the longest continuation: a finished text beats a growing one
-                    best = following
-                    if len(best) == most:
+                rank = (source is not prompt_source and end == len(text) - 1, len(following))
+                if following and rank > best_rank:
+                    best, best_rank = following, rank
+                    if rank == (True, most):
                         break
             if best:
                 return best

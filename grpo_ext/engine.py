@@ -132,6 +132,12 @@ class RolloutEngine:
             else None,
         )
 
+    def with_drafts(self, draft_tokens: int, draft_memory: DraftMemory | None) -> RolloutEngine:
+        """This engine with speculative decoding set to `draft_tokens` per row, drafting from `draft_memory`."""
+        engine = copy.copy(self)
+        engine.draft_tokens, engine.draft_memory = draft_tokens, draft_memory
+        return engine
+
     def start(self, rows: list[dict]) -> Episode:
         """A new rollout of `rows`: the prompts to generate from and, with tools, each row's tools and environment
         (drawn and reset; its observation appended to the prompt)."""

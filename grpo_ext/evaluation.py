@@ -36,6 +36,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from reward_models._text import completion_text
 
+from .drafting import DraftMemory
 from .engine import RolloutEngine
 from .models import unwrapped_for_generation
 from .rollout import eos_token_ids
@@ -306,6 +307,7 @@ class TaskEvaluationMixin:
     `GRPOExtTrainer`, which sets `task_metrics`, `rollout_engine` and `eos_token_ids`."""
 
     _task_dataset = None  # the set the evaluation under way measures the task metrics on
+    _answering_engine = None  # the rollout engine of the greedy answers, drafting from the previous evaluation's
     _unscored_task_metrics: set  # task metrics warned about once
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -347,7 +349,11 @@ class TaskEvaluationMixin:
             gather_deepspeed3_params=args.ds3_gather_for_generation,
             checkpointing_kwargs=args.activation_checkpointing_kwargs,
         ) as model:
-            answers = generate_answers(engine, model, prompts, 1, greedy_config(engine.generation_config), batch, device=device)  # fmt: skip
+            if self._answering_engine is None:  # the greedy answers of one evaluation draft those of the next
+                memory = DraftMemory(args.speculative_memory_prompts, per_prompt=1)
+                self._answering_engine = engine.with_drafts(args.eval_speculative_draft_tokens, memory)
+            greedy = greedy_config(engine.generation_config)
+            answers = generate_answers(self._answering_engine, model, prompts, 1, greedy, batch, device=device)
             samples = None
             if k > 1:
                 samples = generate_answers(engine, model, prompts, k, engine.generation_config, batch, device=device)

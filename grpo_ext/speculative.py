@@ -222,7 +222,7 @@ def generate_with_drafts(
             tokens = emitted[i, :n]
             completions[row, start : start + n] = tokens
             sequences[i, prompt_length + start : prompt_length + start + n] = tokens
-            drafts.extend(row, tokens.tolist())
+            drafts.extend(row, tokens.tolist(), int(draft_lengths[i]), int(num_accepted[i]))
         lengths[rows] += count
         stats.emitted += int(count.sum())
 

@@ -56,7 +56,7 @@ class _FixedDrafts:
     def propose(self, row, most):
         return self.proposals(row, self.lengths.get(row, 0))[:most]
 
-    def extend(self, row, tokens):
+    def extend(self, row, tokens, drafted=0, accepted=0):
         self.lengths[row] = self.lengths.get(row, 0) + len(tokens)
 
 
@@ -68,7 +68,7 @@ def test_greedy_completions_equal_generate(tokenizer, architecture):
     expected = _generate(model, prompt_ids, prompt_mask, config)
     assert len(set((expected != 0).sum(1).tolist())) >= 3  # rows finish at different steps and leave the batch
     stats = DraftStats()
-    drafts = GroupDrafts(_unpadded(prompt_ids, prompt_mask), G, num_draft_tokens=4)
+    drafts = GroupDrafts(_unpadded(prompt_ids, prompt_mask), G, num_draft_tokens=4, min_ngram_size=1)
     assert torch.equal(generate_with_drafts(model, prompt_ids, prompt_mask, config, drafts, stats=stats), expected)
     assert stats.drafted > 0 and stats.emitted == int((expected != 0).sum())
     assert stats.forwards <= int((expected != 0).sum(1).max())  # one forward per token at most
@@ -109,12 +109,12 @@ def test_token_reading_rules_and_all_rows_to_the_limit(tokenizer):
     config = _uneven_stops(model, tokenizer, prompt_ids, prompt_mask, repetition_penalty=1.5)
     config.min_new_tokens = 5
     expected = _generate(model, prompt_ids, prompt_mask, config)
-    drafts = GroupDrafts(_unpadded(prompt_ids, prompt_mask), G, num_draft_tokens=3, ngram_size=2)
+    drafts = GroupDrafts(_unpadded(prompt_ids, prompt_mask), G, num_draft_tokens=3, ngram_size=2, min_ngram_size=1)
     assert torch.equal(generate_with_drafts(model, prompt_ids, prompt_mask, config, drafts), expected)
 
     config = GenerationConfig(do_sample=False, max_new_tokens=7, eos_token_id=[tokenizer.eos_token_id], pad_token_id=0)
     expected = _generate(model, prompt_ids, prompt_mask, config)
-    drafts = GroupDrafts(_unpadded(prompt_ids, prompt_mask), G, num_draft_tokens=4)
+    drafts = GroupDrafts(_unpadded(prompt_ids, prompt_mask), G, num_draft_tokens=4, min_ngram_size=1)
     assert torch.equal(generate_with_drafts(model, prompt_ids, prompt_mask, config, drafts), expected)
 
 
@@ -280,3 +280,64 @@ def test_trainer_rollout_with_drafts_equals_plain(tmp_path, make_args):
     assert drafted_log["speculative/tokens_per_forward"] > 1
     assert "speculative/acceptance_rate" not in plain_log and no_memory is None
     assert len(memory) == 2  # the step's two prompts
+
+
+def test_proposal_length_follows_acceptance_and_short_matches_propose_nothing():
+    """Two more tokens after a forward that accepted all its drafts, one fewer after a rejection (between 1 and
+    num_draft_tokens); a one-token match proposes nothing by default."""
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]] * 2
+    drafts = GroupDrafts(prompts, num_generations=2, num_draft_tokens=5, ngram_size=2)
+    assert drafts.propose(0, 9) == [3, 4, 5, 6, 7]  # "1 2" occurred before: what followed it
+    drafts.extend(0, [3, 4], drafted=5, accepted=1)
+    assert drafts.draft_lengths[0] == 4 and drafts.propose(0, 9) == [5, 6, 7, 8]
+    for _ in range(4):
+        drafts.extend(0, [], drafted=1, accepted=0)
+    assert drafts.draft_lengths[0] == 1  # never below one
+    drafts.extend(0, [5, 6], drafted=1, accepted=1)
+    drafts.extend(0, [7, 8], drafted=3, accepted=3)
+    assert drafts.draft_lengths[0] == 5  # up again, at most num_draft_tokens
+    assert drafts.draft_lengths[1] == 5  # another row's length is its own
+    drafts.extend(1, [9])
+    assert drafts.propose(1, 9) == []  # "2 9" never occurred; "9" alone is too short a match
+    one_token = GroupDrafts(prompts, 2, 5, ngram_size=2, min_ngram_size=1)
+    one_token.extend(1, [9])
+    assert one_token.propose(1, 9) == [1, 2]  # what followed "9" in the prompt
+
+
+def test_task_evaluation_drafts_from_the_previous_evaluations_answers(tokenizer, make_args, monkeypatch):
+    """The greedy answers of the task metrics: the first evaluation's are remembered, the second drafts from them
+    (nearly every draft accepted: the policy did not change) and gives the same answers as without drafts."""
+    from conftest import tiny_trainer
+
+    from grpo_ext import speculative
+    from grpo_ext.testing import make_prompt_dataset
+
+    calls = []
+    plain_call = speculative.generate_with_drafts
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs["stats"])
+        return plain_call(*args, **kwargs)
+
+    def starts_with_digit(prompts, completions, completion_ids, **kwargs):
+        seen.append([list(ids) for ids in completion_ids])
+        return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
+
+    monkeypatch.setattr(speculative, "generate_with_drafts", recorded)
+    eval_set = make_prompt_dataset(6, seed=3)
+    answers = {}
+    for draft_tokens in (4, 0):
+        seen = []
+        args = make_args(
+            eval_reward_funcs=["starts_with_digit"], eval_task_metrics_only=True, per_device_eval_batch_size=3,
+            eval_speculative_draft_tokens=draft_tokens, max_completion_length=16,
+        )  # fmt: skip
+        trainer = tiny_trainer(tokenizer, args, reward_funcs=starts_with_digit, eval_dataset=eval_set)
+        trainer.evaluate()
+        trainer.evaluate()
+        answers[draft_tokens] = seen
+    assert answers[4][0] == answers[4][1] == answers[0][0] == answers[0][1]
+    assert len(calls) == 4  # two batches of 3 problems per evaluation, with drafts only
+    first, second = calls[:2], calls[2:]
+    assert sum(s.accepted for s in second) > 0.9 * sum(s.drafted for s in second) > 0
+    assert sum(s.forwards for s in second) < sum(s.forwards for s in first)
