@@ -341,3 +341,26 @@ def test_task_evaluation_drafts_from_the_previous_evaluations_answers(tokenizer,
     first, second = calls[:2], calls[2:]
     assert sum(s.accepted for s in second) > 0.9 * sum(s.drafted for s in second) > 0
     assert sum(s.forwards for s in second) < sum(s.forwards for s in first)
+
+
+def test_a_4bit_model_with_lora_drafts_the_same_greedy_completions(tokenizer, tmp_path):
+    """QLoRA, this project's main use: an NF4 base with a LoRA adapter decodes the same tokens with drafts."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from grpo_ext.models import four_bit_config
+    from grpo_ext.rollout import GenerationPlan, generate_completions
+    from grpo_ext.testing import save_tiny_model
+
+    save_tiny_model(tmp_path, "qwen2", hidden_size=64)
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=four_bit_config(torch.float32), dtype=torch.float32
+    )
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).eval()
+    prompt_ids, prompt_mask = _prompts(tokenizer)
+    config = GenerationConfig(do_sample=False, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    plain = generate_completions(model, prompt_ids, prompt_mask, G, config, GenerationPlan(True, True, True))
+    stats = DraftStats()
+    drafting = GenerationPlan(True, True, True, draft_tokens=4)
+    assert torch.equal(generate_completions(model, prompt_ids, prompt_mask, G, config, drafting, None, stats), plain)
+    assert stats.accepted > 0
