@@ -19,6 +19,8 @@ table also gives the fraction of computed completion tokens that were useful (be
 generation (rows decoded x steps) and in the policy pass (rows x padded width of each micro-batch, or of each length
 bucket grpo-ext scores it in).
 
+`--drafts` adds `ours+drafts`: as shipped, with speculative decoding from the group (`speculative_draft_tokens=4`).
+
 `ours` is GRPOExtTrainer with `prefix_sharing=False`, `drop_finished_rows=False` (every prompt encoded G times, every
 row decoded until the longest stops; scoring in length buckets stays on); `ours+sharing` is GRPOExtTrainer as
 shipped (prefix sharing and dropping finished rows on).
@@ -206,8 +208,11 @@ def run_trainer(trainer_name: str, shape: str, model_path: str, steps: int, warm
         from grpo_ext import GRPOExtConfig, GRPOExtTrainer
 
         trainer_cls, rollout = GRPOExtTrainer, "generate_and_score"
-        shipped = trainer_name == "ours+sharing"
-        args = GRPOExtConfig(**settings, prefix_sharing=shipped, drop_finished_rows=shipped)
+        shipped = trainer_name in ("ours+sharing", "ours+drafts")
+        drafts = 4 if trainer_name == "ours+drafts" else 0  # speculative decoding, drafts from the group
+        args = GRPOExtConfig(
+            **settings, prefix_sharing=shipped, drop_finished_rows=shipped, speculative_draft_tokens=drafts
+        )
 
     timer.wrap(trainer_cls, rollout, "scoring")  # the whole rollout; generation is subtracted below
     timer.wrap(trainer_cls, "training_step", "training")  # includes the rollout; subtracted below
@@ -284,17 +289,17 @@ def count_tokens(trainer_cls, trainer, trainer_name: str, timer: PhaseTimer) -> 
         trainer.model.generate = counted_generate
         timer.wrap(trainer.model, "generate", "generation")
     else:  # grpo-ext's one generation entry point, plain or shared prefix, either engine
-        import grpo_ext.trainer as trainer_module
+        import grpo_ext.engine as engine_module
 
-        generate_completions = trainer_module.generate_completions
+        generate_completions = engine_module.generate_completions
 
         def counted_completions(*args, **kwargs):
             completion_ids = generate_completions(*args, **kwargs)
             count_generated(completion_ids, drops_finished=args[5].drop_finished_rows)
             return completion_ids
 
-        trainer_module.generate_completions = counted_completions
-        timer.wrap(trainer_module, "generate_completions", "generation")
+        engine_module.generate_completions = counted_completions
+        timer.wrap(engine_module, "generate_completions", "generation")
 
     compute_loss = trainer_cls.compute_loss
 
@@ -345,6 +350,7 @@ def run_trainers(options) -> list[dict]:
 
     results = []
     trainers = REAL_TRAINERS if options.real else TRAINERS
+    trainers = trainers + ("ours+drafts",) if options.drafts else trainers
     with tempfile.TemporaryDirectory() as folder:
         for shape in [REAL] if options.real else options.shapes:
             model_path = "" if options.real else _save_model(os.path.join(folder, shape), options)
@@ -547,6 +553,11 @@ def main(argv=None) -> None:
         default="qwen2",
         help="Model family of the trainer comparison: qwen2 (default, MODEL's size) or a grpo_ext.testing.FAMILIES "
         "name at its tiny test size, e.g. nemotron_h or qwen3_5 (hybrid: recurrent and attention layers).",
+    )
+    parser.add_argument(
+        "--drafts",
+        action="store_true",
+        help="Also `ours+drafts`: as shipped, with speculative decoding (speculative_draft_tokens=4).",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
