@@ -96,13 +96,14 @@ def load_image(value, where: str):
     return image
 
 
-def _row_images(row: dict, index: int, column: str) -> list:
-    """The images of one row, loaded: `images` holds a list (None or [] for none), `image` one image (or None)."""
+def _row_images(row: dict, column: str, where: str) -> list:
+    """The images of one row, loaded: `images` holds a list (None or [] for none), `image` one image (or None).
+    `where` names the row in errors."""
     value = row.get(column)
     if value is None:
         return []
     values = list(value) if column == "images" and isinstance(value, (list, tuple)) else [value]
-    return [load_image(v, f"row {index} of the batch, column '{column}'") for v in values]
+    return [load_image(v, f"{where}, column '{column}'") for v in values]
 
 
 def with_images(prompts: list, rows: list[dict]) -> list:
@@ -113,7 +114,7 @@ def with_images(prompts: list, rows: list[dict]) -> list:
     column = image_column(rows[0])
     if column is None:
         return prompts
-    images = [_row_images(row, i, column) for i, row in enumerate(rows)]
+    images = [_row_images(row, column, f"row {i} of the batch") for i, row in enumerate(rows)]
     if not any(images):
         return prompts
     result = []
@@ -275,7 +276,7 @@ def check_vision_setup(model, processing_class, train_dataset, eval_dataset) -> 
                 "or drop the column for text-only training."
             )
         if first_row is not None:
-            _row_images(first_row, 0, column)
+            _row_images(first_row, column, f"{name} row 0")
     if is_processor(processing_class) and not is_vision_model(model):
         raise ValueError(
             f"processing_class is a {type(processing_class).__name__} (a multimodal processor) but "
