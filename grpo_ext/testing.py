@@ -507,14 +507,13 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
 
 
 def _without_video(processor_class):
-    """`processor_class` accepting no video processor: transformers checks the argument against a class that exists
-    only with torchvision installed, and these tests use images only."""
+    """`processor_class` without its video processor: transformers checks that argument against a class that exists
+    only with torchvision installed, and these tests use images only. It saves and reloads (`save_pretrained`)."""
 
     class ImageOnlyProcessor(processor_class):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
+        @classmethod
+        def get_attributes(cls):  # what __init__ checks and save_pretrained writes
+            return [name for name in super().get_attributes() if name != "video_processor"]
 
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
     return ImageOnlyProcessor
