@@ -662,8 +662,9 @@ class GRPOExtConfig(_RefusedTRLFields):
     )
     log_multimodal: bool = _field(
         True,
-        "TRL's switch for logging images and videos with the completions. grpo-ext trains text-only models, so the "
-        "completions it logs hold no multimodal content whatever the value; accepted so TRL configs load.",
+        "TRL's switch for logging the prompts' images: with a vision-language model, each row's images are kept in "
+        "`trainer._logs['images']` as TRL keeps them (the completions table names image parts without their pixels). "
+        "Videos are not supported.",
     )
 
     # --- Run doctor: live diagnosis (grpo_ext/diagnosis.py) ---

@@ -87,6 +87,8 @@ def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) ->
         return f"{type(causal_lm).__name__} is an encoder-decoder model"
     if uses_prompt_learning(model):
         return "prompt-learning adapters (prefix / prompt tuning) manage the KV cache themselves"
+    if getattr(causal_lm.config, "vision_config", None) is not None:  # its image inputs and positions live in generate
+        return f"{type(causal_lm).__name__} is a vision-language model"
     return cache_rows.unsupported_reason(model)
 
 

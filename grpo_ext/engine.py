@@ -36,6 +36,7 @@ from .rollout import (
 )
 from .speculative import DraftStats
 from .tools import Episode, MultiTurn, ToolCalling, parse_completion, tool_call_loop
+from .vision import VisionInputs, encode_image_prompts, has_images, is_processor, prompt_images, tokenizer_of
 
 __all__ = ["Generation", "RolloutEngine", "custom_rollout", "first_turns", "ROLLOUT_FUNC_KEYS"]
 
@@ -53,20 +54,35 @@ class Generation:
     logprobs: list | None = None  # the sampler's, from a rollout_func (unused: no vLLM correction here)
     turns: MultiTurn | None = None  # the tool-calling rounds' counts
     draft_stats: DraftStats | None = None  # with speculative decoding: forwards run, drafts accepted
+    images: list | None = None  # each row's prompt images (TRL's `images`), None when no prompt has one
+    vision: VisionInputs | None = None  # the processor's image tensors of each row (vision.py)
 
     @classmethod
     def from_trl(cls, outputs: tuple) -> Generation:
         """From `(prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images)`."""
-        prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, *_ = outputs
-        return cls(prompt_ids, completion_ids, tool_mask, completions, extra_fields or {}, logprobs)
+        prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, *_ = outputs
+        vision = getattr(images, "vision", None)
+        return cls(prompt_ids, completion_ids, tool_mask, completions, extra_fields or {}, logprobs, images=images, vision=vision)  # fmt: skip
 
     def as_trl(self) -> tuple:
-        return self.prompt_ids, self.completion_ids, self.tool_mask, self.completions, self.logprobs, self.extra_fields, None, []  # fmt: skip
+        images = RowImages(self.images, self.vision) if self.images is not None else None
+        return self.prompt_ids, self.completion_ids, self.tool_mask, self.completions, self.logprobs, self.extra_fields, images, []  # fmt: skip
+
+
+class RowImages(list):
+    """TRL's `images` output of `_generate` (each row's images, a list), carrying the processor's tensors made for
+    generation (`vision`) through TRL's tuple, so that the scoring passes use the same ones."""
+
+    def __init__(self, images: list, vision: VisionInputs | None):
+        super().__init__(images)
+        self.vision = vision
 
 
 class RolloutEngine:
     """Generates rollouts for a policy with fixed settings (`from_config`: a trainer's). `model` arguments are the
-    policy unwrapped for generation (`models.unwrapped_for_generation`), except `plan`'s, which takes it as trained."""
+    policy unwrapped for generation (`models.unwrapped_for_generation`), except `plan`'s, which takes it as trained.
+    `processing_class` is the tokenizer, or a vision-language model's processor (kept as `processor`; prompts with
+    image parts are encoded by it, vision.py)."""
 
     def __init__(
         self,
@@ -86,7 +102,8 @@ class RolloutEngine:
         draft_ngram_size: int = 3,
         draft_memory: DraftMemory | None = None,
     ):
-        self.processing_class = processing_class
+        self.processor = processing_class if is_processor(processing_class) else None
+        self.processing_class = tokenizer_of(processing_class)
         self.generation_config = generation_config
         self.stop_token_ids = stop_token_ids
         self.max_completion_length = max_completion_length
@@ -112,9 +129,13 @@ class RolloutEngine:
         """The engine of a trainer with `args` (a GRPOExtConfig). `sharded` (DeepSpeed / FSDP): prompts are neither
         shared nor rows dropped (two backbone passes in one forward are untested there, and ranks must run the same
         number of forwards)."""
+        generation_config = build_generation_config(args, tokenizer_of(processing_class).pad_token_id, stop_token_ids)
+        image_token_id = getattr(processing_class, "image_token_id", None) if is_processor(processing_class) else None
+        if image_token_id is not None and "suppress_tokens" not in (args.generation_kwargs or {}):
+            generation_config.suppress_tokens = [image_token_id]  # as TRL: a sampled image token has no image features
         return cls(
             processing_class,
-            build_generation_config(args, processing_class.pad_token_id, stop_token_ids),
+            generation_config,
             stop_token_ids,
             args.max_completion_length,
             max_prompt_length=args.max_prompt_length,
@@ -146,8 +167,9 @@ class RolloutEngine:
             return Episode(prompts)
         return self.tool_calling.start(rows, prompts)
 
-    def plan(self, model: nn.Module, generation_config=None) -> GenerationPlan:
-        """What this rollout can use of the sharing and decoding settings (`rollout.plan_generation`)."""
+    def plan(self, model: nn.Module, generation_config=None, images: bool = False) -> GenerationPlan:
+        """What this rollout can use of the sharing and decoding settings (`rollout.plan_generation`); a rollout whose
+        prompts hold `images` takes the plain paths."""
         return plan_generation(
             model,
             generation_config or self.generation_config,
@@ -156,6 +178,7 @@ class RolloutEngine:
             self.continuous_batching,
             self.draft_tokens,
             self.draft_ngram_size,
+            images=images,
         )
 
     @torch.no_grad()
@@ -174,27 +197,50 @@ class RolloutEngine:
         config = generation_config or self.generation_config
         device = device or next(model.parameters()).device
         row_tools = episode.row_tools if episode is not None else None
-        prompt_ids, prompt_mask = encode_prompts(
-            self.processing_class,
-            prompts,
-            self.chat_template_kwargs,
-            self.max_prompt_length,
-            device,
-            tools=row_tools,
-            pad_to_multiple_of=self.pad_to_multiple_of,
-        )  # (B, P)
+        vision, images, model_inputs = None, None, None
+        if has_images(prompts):
+            if self.processor is None:
+                raise ValueError(
+                    "The prompts hold images but the trainer's processing_class is a tokenizer: pass the model's "
+                    "processor, processing_class=AutoProcessor.from_pretrained(<model id>)."
+                )
+            if row_tools and any(row_tools):
+                raise NotImplementedError("Tools with image prompts are not supported by grpo-ext yet.")
+            prompt_ids, prompt_mask, vision = encode_image_prompts(
+                self.processor,
+                prompts,
+                self.chat_template_kwargs,
+                self.max_prompt_length,
+                device,
+                self.pad_to_multiple_of,
+            )  # (B, P) each
+            images = [prompt_images(prompt) or None for prompt in prompts]
+            model_inputs = vision.model_inputs(prompt_ids.size(1), 0, device)
+            plan = GenerationPlan(shared_prefix=False, continuous_batching=plan.continuous_batching)  # plain paths
+        else:
+            prompt_ids, prompt_mask = encode_prompts(
+                self.processing_class,
+                prompts,
+                self.chat_template_kwargs,
+                self.max_prompt_length,
+                device,
+                tools=row_tools,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            )  # (B, P)
         if num_generations == 1:  # nothing to share between the rows of a group of one
             plan = dataclasses.replace(plan, shared_prefill=False)
         draft_stats = DraftStats() if plan.draft_tokens else None
         completion_ids = generate_completions(
-            model, prompt_ids, prompt_mask, num_generations, config, plan, self.draft_memory, draft_stats
+            model, prompt_ids, prompt_mask, num_generations, config, plan, self.draft_memory, draft_stats, model_inputs
         )  # (B, C)
         prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
         completion_lists = token_lists_until_stop(completion_ids, self.stop_token_ids)
         conversational = is_conversational(prompts[0])
         completions = first_turns(self.processing_class, prompt_lists, completion_lists, conversational, row_tools)
         if not conversational or not row_tools or not any(row_tools):
-            return Generation(prompt_lists, completion_lists, None, completions, draft_stats=draft_stats)
+            return Generation(
+                prompt_lists, completion_lists, None, completions, draft_stats=draft_stats, images=images, vision=vision
+            )
 
         def go_on(history_ids, history_mask, max_new_tokens):  # later turns: one completion per history
             later = copy.deepcopy(config)
@@ -227,16 +273,23 @@ class RolloutEngine:
         """The padded tensors of a generation `(B, P)` / `(B, C)`, masked after each completion's first stop token;
         its scoring passes share the prompts when the plan does."""
         pad_token_id = self.processing_class.pad_token_id
-        return Rollout.of_token_lists(
+        rollout = Rollout.of_token_lists(
             generation.prompt_ids,
             generation.completion_ids,
             generation.tool_mask,
             pad_token_id,
             self.stop_token_ids,
             self.mask_truncated_completions,
-            plan.shared_prefix,
+            plan.shared_prefix and generation.vision is None,
             device,
         ).padded(self.pad_to_multiple_of, pad_token_id)
+        if generation.vision is None and generation.images is not None and any(generation.images):
+            raise NotImplementedError(
+                "_generate returned images without grpo-ext's image tensors (a subclass's _generate or a rollout_func): "
+                "rollouts with images are generated by grpo-ext's own _generate only, for now."
+            )
+        rollout.vision = generation.vision
+        return rollout
 
 
 def first_turns(

@@ -105,6 +105,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def positions(backbone: nn.Module, attention_mask: torch.Tensor) -> dict:
+    """The position ids a scoring pass gives the backbone: those of `position_ids_from_mask`, except to a model that
+    numbers the tokens itself from the mask and the images (Qwen2-VL's multimodal rotary positions, `get_rope_index`),
+    which is given none, as `generate` gives it none."""
+    if hasattr(backbone, "get_rope_index"):
+        return {}
+    return {"position_ids": position_ids_from_mask(attention_mask)}
+
+
 @dataclass
 class ScoringRequest:
     """Score these completions after the prompts given as the forward's `input_ids` / `attention_mask` `(N, P)`.
@@ -120,6 +129,8 @@ class ScoringRequest:
     chunk_size: int = 1024
     entropy_gradients: bool = False  # entropies with a gradient, for an entropy bonus in the loss
     router_aux_loss: bool = False  # also the MoE load-balancing loss of this pass (moe.py)
+    # Extra inputs of the forward over prompt + completion: a vision-language model's image tensors (vision.py)
+    model_inputs: dict | None = None
 
     def backbone_kwargs(self) -> dict:
         """Extra keywords of the backbone calls: the router logits, when the load-balancing loss is asked for."""
@@ -132,9 +143,10 @@ class ScoringRequest:
         outputs = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            **positions(backbone, attention_mask),
             use_cache=False,
             **self.backbone_kwargs(),
+            **(self.model_inputs or {}),
         )
         hidden_states = outputs.last_hidden_state  # (N, P+C, H)
         completion_length = self.completion_ids.size(1)

@@ -14,10 +14,11 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
 
 from . import cpu
 from .plan import fit_batch_size, load_model_config
+from .vision import is_vision_model, tokenizer_of
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def load_causal_lm(
     kwargs = _resolve_dtype(model, model_init_kwargs or {}, on_cpu)
     source = gguf_source(model, kwargs)
     if source is None:
-        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        return _auto_class(model, kwargs).from_pretrained(model, **kwargs)
     if kwargs.get("quantization_config") is not None:
         raise ValueError(
             f"{model} is a GGUF checkpoint, and transformers cannot quantize one with bitsandbytes as it loads. For "
@@ -258,6 +259,22 @@ def load_causal_lm(
     with named_gguf_errors(os.path.join(folder, file), _gguf_origin(model, kwargs)):
         loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     return _as_dense(loaded, os.path.join(folder, file))
+
+
+def _auto_class(model: str, kwargs: dict):
+    """`AutoModelForImageTextToText` for a vision-language checkpoint that has no causal-LM class (Qwen2.5-VL, LLaVA),
+    else `AutoModelForCausalLM`."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    options = {key: kwargs[key] for key in ("revision", "trust_remote_code") if key in kwargs}
+    model_type = getattr(AutoConfig.from_pretrained(model, **options), "model_type", None)
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _require_gguf() -> None:
@@ -284,9 +301,13 @@ def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None
     """The policy's tokenizer, read from the model's path (or `model` itself when it is a path, `.gguf` included, at
     `model_init_kwargs["revision"]` if given, with its `trust_remote_code`); left padding and truncation, as GRPO needs."""
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+    vision = is_vision_model(model) if not isinstance(model, str) else False
     if not name:
         raise ValueError(
             "The model was built in memory and has no path to load a tokenizer from: pass processing_class=tokenizer."
+            if not vision
+            else f"{type(model).__name__} is a vision-language model built in memory, with no path to load its "
+            "processor from: pass processing_class=AutoProcessor.from_pretrained(<model id>)."
         )
     kwargs = {"padding_side": "left", "truncation_side": "left"}
     for key in ("revision", "trust_remote_code"):  # the tokenizer comes from the same repository as the model
@@ -299,6 +320,8 @@ def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None
         _check_local_gguf(name, source, what)
         with named_gguf_errors(os.path.join(*source), what):
             return AutoTokenizer.from_pretrained(source[0], **kwargs, gguf_file=source[1])
+    if vision:  # as TRL: a vision-language model's processor (its tokenizer inside)
+        return AutoProcessor.from_pretrained(name, **kwargs)
     return AutoTokenizer.from_pretrained(name, **kwargs)
 
 
@@ -423,7 +446,8 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     """The trainer's policy and tokenizer, in this order: load (`model_init_kwargs`, plus `quantization_config`),
     keep 4-bit weights trainable, fit the micro-batch to `gpu_memory_budget` if set (`plan.fit_batch_size`), tokenizer
     (unless given; pad token = EOS when it has none), adapter, dropout off with `disable_dropout`, the LM head in
-    float32 with `cast_lm_head_to_fp32`. Returns `(model, tokenizer, fitted_batch)`: `fitted_batch` is the micro-batch
+    float32 with `cast_lm_head_to_fp32`. Returns `(model, processing_class, fitted_batch)` (the tokenizer, or a
+    vision-language model's processor): `fitted_batch` is the micro-batch
     `gpu_memory_budget` fits (a `plan.FittedBatch`; None without a budget), which the caller applies with
     `GRPOExtConfig.resize_micro_batch`; `args` is read, never changed."""
     model_init_kwargs = dict(args.model_init_kwargs or {})
@@ -435,7 +459,9 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     fitted_batch = None
     if args.gpu_memory_budget is not None:  # the largest micro-batch the memory planner predicts to fit
         fitted_batch = fit_batch_size(args, model.config, peft_config, getattr(model, "is_loaded_in_4bit", False))
-    tokenizer = processing_class if processing_class is not None else load_tokenizer(model, model_init_kwargs)
+    if processing_class is None:
+        processing_class = load_tokenizer(model, model_init_kwargs)
+    tokenizer = tokenizer_of(processing_class)  # a vision-language model's processor holds its tokenizer
     declared = model.generation_config.eos_token_id
     declared = [declared] if isinstance(declared, int) else list(declared or [])
     if tokenizer.eos_token_id is None and not declared:
@@ -449,6 +475,7 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     if tokenizer.pad_token is None:  # padding is masked: any token does, the first stop token as in TRL
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(declared[0])
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # a vision-language model's text config
     if peft_config is not None:
         model = apply_peft(model, peft_config, args.activation_checkpointing)
     elif hasattr(model, "peft_config") and args.activation_checkpointing:
@@ -457,7 +484,7 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
         disable_dropout(model)
     if args.cast_lm_head_to_fp32:
         cast_lm_head_to_fp32(model)
-    return model, tokenizer, fitted_batch
+    return model, processing_class, fitted_batch
 
 
 def main(argv=None) -> None:

@@ -159,6 +159,8 @@ def _backbone_reason(causal_lm: nn.Module) -> str | None:
     backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
     if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
         return f"{type(causal_lm).__name__}'s backbone takes no `cache` argument"
+    if hasattr(backbone, "get_rope_index"):  # positions depend on the images before a token, not only on the mask
+        return f"{type(causal_lm).__name__} numbers positions with its images (multimodal rotary positions)"
     return None
 
 

@@ -13,6 +13,7 @@ from collections import defaultdict, deque
 
 import torch
 from accelerate.utils import gather, gather_object
+from trl.trainer.utils import strip_images_from_messages
 
 from .advantages import nanstd
 
@@ -122,7 +123,7 @@ class MetricsRecorder:
         """The completions table of this rollout (all processes' rows; `log_completions`), logged at the next log."""
         self.samples = {
             "step": [step] * rewards.numel(),
-            "prompt": [str(p) for p in gather_object(prompts)],
+            "prompt": [str(strip_images_from_messages(p)) for p in gather_object(prompts)],  # image parts named only
             "completion": gather_object(texts),
             **{name: rewards_per_func[:, k].tolist() for k, name in enumerate(reward_names)},
             **extra,

@@ -27,6 +27,7 @@ from .logprobs import CompletionScores, ScoringRequest, score_completions
 from .models import unwrap_causal_lm
 from .moe import without_router_logits
 from .objective import Normalisers
+from .vision import VisionInputs
 
 __all__ = [
     "Rollout",
@@ -72,6 +73,7 @@ class Rollout:
     normalisers: Normalisers | None = None  # what the loss divides by, set on micro-batches for training
     tool_mask: torch.Tensor | None = None  # (B, C) with tools: 1 on generated tokens, 0 on tool results and padding
     pad_to_multiple_of: int | None = None  # prompt and completion widths kept a multiple of it (`padded`)
+    vision: VisionInputs | None = None  # a vision-language model's image tensors, per row (vision.py)
 
     @classmethod
     def of_token_lists(
@@ -108,6 +110,14 @@ class Rollout:
         """`(B, C)` the tokens the policy is scored on: the completion's, less tool results (context, not actions)."""
         return self.completion_mask if self.tool_mask is None else self.completion_mask * self.tool_mask
 
+    def model_inputs(self, completion_width: int | None = None) -> dict[str, torch.Tensor]:
+        """The extra keyword arguments of a forward over these rows' prompts and `completion_width` completion columns
+        (all of them by default; 0 for `generate`): a vision-language model's image tensors, else none."""
+        if self.vision is None:
+            return {}
+        width = self.completion_ids.size(1) if completion_width is None else completion_width
+        return self.vision.model_inputs(self.prompt_ids.size(1), width, self.prompt_ids.device)
+
     @property
     def generated_lengths(self) -> torch.Tensor:
         """`(B,)` tokens the model generated (tool results left out): what the length metrics count."""
@@ -141,8 +151,9 @@ class Rollout:
         return self.select(slice(start, stop))
 
     def select(self, rows: slice | torch.Tensor) -> Rollout:
-        """The given rows (a slice, or row indices `(b,)`) of every tensor."""
-        return dataclasses.replace(self, **{name: t[rows] for name, t in self._tensors().items()})
+        """The given rows (a slice, or row indices `(b,)`) of every tensor, and their images."""
+        vision = self.vision.select(rows) if self.vision is not None else None
+        return dataclasses.replace(self, **{name: t[rows] for name, t in self._tensors().items()}, vision=vision)
 
     def split(self, parts: int) -> list[Rollout]:
         """`parts` equal consecutive slices (micro-batches), each trimmed to its own longest completion."""
@@ -193,7 +204,8 @@ class Rollout:
 
         first = rollouts[0]
         merged = {name: stack(name, [getattr(r, name) for r in rollouts]) for name in first._tensors()}
-        return dataclasses.replace(first, **merged)
+        vision = VisionInputs.concat([r.vision for r in rollouts]) if first.vision is not None else None
+        return dataclasses.replace(first, **merged, vision=vision)
 
 
 def pad_to_multiple(tensor: torch.Tensor, multiple: int | None, value: int | float, side: str) -> torch.Tensor:
@@ -299,6 +311,9 @@ def continuous_batching_config(args):
     )
 
 
+_IMAGES_REASON = "the prompts hold images (sharing a prompt's image tokens across its group is not built yet)"
+
+
 @dataclass(frozen=True)
 class GenerationPlan:
     """How one rollout is generated and scored, decided once per rollout (`plan_generation`)."""
@@ -320,15 +335,17 @@ def plan_generation(
     continuous_batching=None,
     draft_tokens: int = 0,
     draft_ngram_size: int = 3,
+    images: bool = False,
 ) -> GenerationPlan:
     """What this rollout can use of what the config asks for (the policy `model`, before it is unwrapped for
-    generation). Each reason not to is warned about once per process. `continuous_batching` (a
+    generation). Each reason not to is warned about once per process. A rollout with `images` (vision.py) takes
+    `model.generate` and the plain scoring pass: sharing a prompt's image tokens is not built yet. `continuous_batching` (a
     `ContinuousBatchingConfig`): generation runs on transformers' engine, which neither drops rows our way nor takes a
     prefilled cache; scoring may still share the prompts. `draft_tokens` > 0: speculative decoding with drafts from
     the group (`speculative.py`), within the loop that drops finished rows."""
 
     def usable(wanted: bool, unsupported_reason, warn, *settings) -> bool:
-        reason = unsupported_reason(model, *settings) if wanted else None
+        reason = (_IMAGES_REASON if images else unsupported_reason(model, *settings)) if wanted else None
         if reason is not None:
             warn(reason)
         return wanted and reason is None
@@ -366,9 +383,13 @@ def generate_completions(
     plan: GenerationPlan,
     draft_memory: DraftMemory | None = None,
     draft_stats: speculative.DraftStats | None = None,
+    model_inputs: dict | None = None,
 ) -> torch.Tensor:
     """Completion ids `(B, C)` for the `(B, P)` prompts, each prompt repeated G times in a row. With drafting, earlier
-    completions come from and go to `draft_memory`, and `draft_stats` counts what the drafts saved."""
+    completions come from and go to `draft_memory`, and `draft_stats` counts what the drafts saved. `model_inputs`: a
+    vision-language model's image tensors (`Rollout.model_inputs`), for `model.generate` (the plan's plain path)."""
+    if model_inputs and (plan.continuous_batching is not None or plan.shared_prefill or plan.drop_finished_rows):
+        raise ValueError(f"a rollout with image inputs is generated by model.generate only, not with {plan}")
     if plan.continuous_batching is not None:
         return _generate_batch(model, prompt_ids, prompt_mask, generation_config, plan.continuous_batching)
     # An evaluation batch may cut a group across processes: then there is no whole group to prefill once
@@ -391,6 +412,7 @@ def generate_completions(
         generation_config=generation_config,
         **({"cache": cache} if cache is not None else {}),  # generate then feeds only the last prompt token first
         **without_router_logits(model),
+        **(model_inputs or {}),
     )  # (B, P + C)
     return sequences[:, prompt_ids.size(1) :]
 
@@ -471,8 +493,9 @@ def score_rollout(
 
     def score(part: Rollout) -> CompletionScores:
         request = request_type(
-            part.completion_ids, part.completion_mask, temperature, chunk_size, entropy_gradients, router_aux_loss
-        )
+            part.completion_ids, part.completion_mask, temperature, chunk_size, entropy_gradients, router_aux_loss,
+            model_inputs=part.model_inputs(),
+        )  # fmt: skip
         return score_completions(model, part.prompt_ids, part.prompt_mask, request)
 
     buckets = length_buckets_of(rollout.completion_mask) if length_buckets and not router_aux_loss else []

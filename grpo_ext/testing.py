@@ -424,3 +424,112 @@ def record_trained_batches(trainer) -> list:
 
     trainer.compute_loss = recording
     return trained
+
+
+# --- Tiny vision-language models (grpo_ext.vision) ---
+
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+# CHAT_TEMPLATE, plus image parts: a message's content may be a list of {"type": "text" | "image"} parts (Qwen2-VL's way)
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl")
+
+
+def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: int = 28):
+    """A randomly initialised vision-language model (a 1-layer vision tower, a 2-layer language model, hidden 32) and
+    its processor, both built here: `make_tokenizer()` plus the image tokens, an image processor of the model's
+    family with explicit settings, and a chat template that renders image parts. An `image_size` x `image_size` image
+    (a multiple of 28) becomes `(image_size / 28)^2` image tokens. Returns `(model, processor)`."""
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if architecture not in TINY_VLM_ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {TINY_VLM_ARCHITECTURES}, got {architecture!r}.")
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens([VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD], special_tokens=True)
+    token_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
+        ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD),
+        ("vision_start_token_id", VISION_START), ("vision_end_token_id", VISION_END),
+    ]}  # fmt: skip
+    # 14-pixel patches, 2 x 2 merged into one image token: a 28 x 28 image is 4 patches, 1 token
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28, max_pixels=image_size * image_size, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},  # head_dim 8: 4 rotary pairs over (t, h, w)
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    if architecture == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+        vision_config = dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0], window_size=28,
+        )  # fmt: skip
+        config_class, model_class, processor_class = (
+            Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        )  # fmt: skip
+    else:
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+        vision_config = dict(
+            depth=1, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2,
+        )  # fmt: skip
+        config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    config = config_class(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **token_ids)
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = _without_video(processor_class)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=VLM_CHAT_TEMPLATE
+    )
+    return model, processor
+
+
+def _without_video(processor_class):
+    """`processor_class` without its video processor: transformers checks that argument against a class that exists
+    only with torchvision installed, and these tests use images only. It saves and reloads (`save_pretrained`)."""
+
+    class ImageOnlyProcessor(processor_class):
+        @classmethod
+        def get_attributes(cls):  # what __init__ checks and save_pretrained writes
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    return ImageOnlyProcessor
+
+
+def make_image_dataset(num_prompts: int = 8, image_size: int = 28, seed: int = 0) -> Dataset:
+    """TRL's vision-language dataset shape: a conversational `prompt` and an `image` column (a small PIL image of one
+    colour per row), with the colour's name as `answer`."""
+    from PIL import Image
+
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
+    rng = random.Random(seed)
+    rows = {"prompt": [], "image": [], "answer": []}
+    for _ in range(num_prompts):
+        name = rng.choice(sorted(colours))
+        rows["prompt"].append([{"role": "user", "content": "What colour is the image?"}])
+        rows["image"].append(Image.new("RGB", (image_size, image_size), colours[name]))
+        rows["answer"].append(name)
+    return Dataset.from_dict(rows)

@@ -15,7 +15,7 @@ import logging
 import random
 
 import torch
-from accelerate.utils import gather
+from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from transformers import set_seed
 from trl.trainer.base_trainer import _BaseTrainer
@@ -69,6 +69,7 @@ from .reward_scoring import RewardScorer
 from .rollout import Rollout, eos_token_ids, micro_batches, score_rollout, varying_groups
 from .settings import check_settings
 from .tools import ToolCalling, placeholder_dataset, tool_metrics
+from .vision import check_vision_setup, has_images, is_processor, tokenizer_of, with_images
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
             columns are passed to the reward functions as keyword arguments. Either may be a stream
             (`datasets.IterableDataset`, e.g. `load_dataset(..., streaming=True)`); a streamed train set needs
             `max_steps`. `eval_dataset` may be a dict of named datasets.
-        processing_class: the policy's tokenizer; loaded from the model's path when omitted.
+        processing_class: the policy's tokenizer, or a vision-language model's processor (`AutoProcessor`); loaded
+            from the model's path when omitted. With a processor, rows may carry images as in TRL: an `image` or
+            `images` column beside conversational prompts (grpo_ext.vision).
         reward_processing_classes: tokenizers of the reward models, in the order of `reward_funcs`.
         callbacks, optimizers: as in `transformers.Trainer`.
         quantization_config: a `BitsAndBytesConfig` used when `model` is a string (QLoRA with `peft_config`).
@@ -135,6 +138,11 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
                 "trl.GRPOConfig: `from grpo_ext import GRPOExtConfig`)."
             )
         check_settings(args)  # the rules that need other modules' tables (loss types, ...), before anything loads
+        if args.use_transformers_continuous_batching and is_processor(processing_class):
+            raise ValueError(  # TRL's message first
+                "`use_transformers_continuous_batching` does not support multimodal models. Use `use_vllm` instead. "
+                "(grpo-ext has no vLLM: set use_transformers_continuous_batching=False.)"
+            )
         set_seed(args.seed)  # before the model is built: PEFT initialises adapters randomly
         train_dataset, eval_dataset = as_datasets(train_dataset, eval_dataset)  # a list of rows becomes a Dataset
         check_streaming_settings(args, train_dataset, eval_dataset)  # before the accelerator reads args
@@ -150,7 +158,8 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         if fitted is not None:  # gpu_memory_budget: the micro-batch the memory planner predicts to fit
             logger.info(fitted.summary)
             args.resize_micro_batch(fitted.per_device_train_batch_size, fitted.gradient_accumulation_steps)
-        self.eos_token_ids = eos_token_ids(model, processing_class)
+        tokenizer = self._tokenizer = tokenizer_of(processing_class)  # TRL's attribute: a processor's tokenizer
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         # MoE load-balancing loss (TRL's names): the coefficient given, else the model config's; 0.0 for dense models
         self.router_aux_loss_coef = router_aux_coef(model, args.router_aux_loss_coef)
         self.aux_loss_enabled = self.router_aux_loss_coef != 0.0
@@ -161,7 +170,7 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
             raise ValueError("rollout_func replaces generation, tools and environments: pass either, not both.")
         self._tool_calling = None
         if tools or environment_factory is not None:
-            self._tool_calling = ToolCalling.from_config(args, processing_class, tools, environment_factory)
+            self._tool_calling = ToolCalling.from_config(args, tokenizer, tools, environment_factory)
 
         # Rewards and data, checked now rather than at the first step; a reward source first, then data, as in TRL
         extra_funcs = self._tool_calling.reward_funcs if self._tool_calling else ()
@@ -184,7 +193,8 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         task_columns = self.task_metrics.required_columns() if self.task_metrics is not None else {}
         max_positions = getattr(model.config, "max_position_embeddings", None)
         self._stream_checks = {"train": required, "eval": {**required, **task_columns}, "max_positions": max_positions}
-        check_datasets(train_dataset, eval_dataset, args, self._stream_checks, processing_class, self._tool_calling, placeholder)  # fmt: skip
+        check_datasets(train_dataset, eval_dataset, args, self._stream_checks, tokenizer, self._tool_calling, placeholder)  # fmt: skip
+        check_vision_setup(model, processing_class, train_dataset, eval_dataset)
 
         self.reference = ReferencePolicy.from_config(args, model, self._model_path, quantization_config)
         self.entropy_control = EntropyController.from_config(args)  # entropy bonus, off by default
@@ -381,12 +391,21 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
 
         # Roll out (engine.py)
         episode = self.rollout_engine.start(rows)  # with environments: each row's instance reset, its tools
+        episode.prompts = with_images(episode.prompts, rows)  # an image column's images as image parts, as TRL
+        images = has_images(episode.prompts)
         self._episode = episode
         try:
             generation = Generation.from_trl(self._generate(episode.prompts))
         finally:
             self._episode = None
-        rollout = self.rollout_engine.to_rollout(generation, self.rollout_engine.plan(self.model), device)
+        if images and generation.vision is None:
+            raise NotImplementedError(
+                "The prompts hold images, but the rollout came from a rollout_func or a subclass's _generate, which "
+                "grpo-ext cannot score with images yet: use the trainer's own generation for image datasets."
+            )
+        rollout = self.rollout_engine.to_rollout(
+            generation, self.rollout_engine.plan(self.model, images=images), device
+        )
         old_needed = mode == "train" and self._policy_moves_during_rollout
         rollout_per_token_logps = None
         if old_needed or self.args.reward_kl_coef > 0:  # log-probs of the policy that sampled the rollout
@@ -417,13 +436,15 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         self.recorder.keep_logs(
             episode.prompts, generation.completions, self.rewards.names, rewards_per_func, advantages, logged_columns
         )
+        if images and self.args.log_multimodal:  # each row's prompt images, as TRL's `_logs["images"]`
+            self._logs["images"].extend(gather_object(generation.images))
         if mode == "train":
             self.state.num_input_tokens_seen += tokens
             self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
         if penalty.any():
             self.recorder.add(mode, "reward_shaped", torch.nanmean(rewards - penalty).item())
         if self.args.log_completions and mode == "train":
-            texts = self.processing_class.batch_decode(generation.completion_ids, skip_special_tokens=True)
+            texts = self._tokenizer.batch_decode(generation.completion_ids, skip_special_tokens=True)
             self.recorder.keep_samples(
                 self.state.global_step, episode.prompts, texts, self.rewards.names, rewards_per_func, rewards,
                 advantages, logged_columns,
@@ -434,7 +455,7 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         """This process's rewards `(B, K)`: every reward function on the completions, with the rows' other columns,
         a rollout_func's extra fields and the environments as keyword arguments (TRL's contract); and the columns
         the reward functions logged with `log_extra` (all processes' rows), for the completions table."""
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}  # `image` too, as in TRL
         columns["trainer_state"] = self.state
         for key, values in generation.extra_fields.items():  # a list holds one value per row
             columns[key] = values if isinstance(values, list) else [values] * len(rows)
@@ -460,9 +481,9 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         With a `rollout_func`, its rollout (`engine.custom_rollout`).
         """
         if self.rollout_func is not None:
-            return custom_rollout(self.rollout_func, prompts, self, self.processing_class).as_trl()
+            return custom_rollout(self.rollout_func, prompts, self, self._tokenizer).as_trl()
         mode = "train" if self.model.training else "eval"
-        engine, plan = self.rollout_engine, self.rollout_engine.plan(self.model)
+        engine, plan = self.rollout_engine, self.rollout_engine.plan(self.model, images=has_images(prompts))
         with unwrapped_for_generation(
             self.model_wrapped,
             self.accelerator,

@@ -1,0 +1,222 @@
+"""Vision-language GRPO with TRL's surface (grpo_ext.vision): a TRL VLM script runs with the import changed, the image
+tensors reach every pass with the right rows, and bad input fails at start with a message that says what to do."""
+
+import pytest
+import torch
+
+from grpo_ext import GRPOExtConfig as GRPOConfig
+from grpo_ext import GRPOExtTrainer as GRPOTrainer
+from grpo_ext.logprobs import ScoringRequest, score_completions
+from grpo_ext.testing import TINY_VLM_ARCHITECTURES, make_image_dataset, make_tiny_model, make_tiny_vlm
+
+
+def colour_reward(completions, image, **kwargs):
+    """A TRL-style reward that reads the `image` column: 1 when the completion names the image's dominant channel."""
+    names = ["red", "green", "blue"]
+    return [float(names[max(range(3), key=lambda c: img.getpixel((0, 0))[c])] in c[0]["content"]) for c, img in zip(completions, image)]  # fmt: skip
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c[0]["content"])) for c in completions]
+
+
+def vlm_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        learning_rate=1e-2,
+        max_steps=1,
+        logging_steps=1,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+@pytest.mark.parametrize("architecture", TINY_VLM_ARCHITECTURES)
+def test_trl_vlm_script_trains(tmp_path, architecture):
+    """TRL's VLM script shape: an `image` column, conversational prompts, a processor; the parameters move and the
+    reward functions get the `image` column and the prompts with their image parts."""
+    model, processor = make_tiny_vlm(architecture)
+    seen = {}
+
+    def spy_reward(prompts, completions, image, **kwargs):
+        seen["prompt"], seen["image"] = prompts[0], image[0]
+        return length_reward(completions)
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[spy_reward, colour_reward],
+        args=vlm_args(tmp_path, log_multimodal=True),
+        train_dataset=make_image_dataset(8),
+        processing_class=processor,
+    )
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert any("visual" in name for name in changed) and any("language_model" in name for name in changed)
+    parts = seen["prompt"][0]["content"]
+    assert parts[0]["type"] == "image" and parts[0]["image"] is not None and parts[1]["type"] == "text"
+    assert seen["image"].size == (28, 28)
+    assert len(trainer._logs["images"]) == 4 and trainer._logs["images"][0][0].size == (28, 28)
+
+
+def test_peft_with_reference_and_old_logps(tmp_path):
+    """LoRA on the language model, beta > 0 (reference = disabled adapter), two micro-batches per rollout and the
+    policy moving between them (old log-probs), with 56 x 56 images (4 image tokens each)."""
+    from peft import LoraConfig
+
+    model, processor = make_tiny_vlm("qwen2_5_vl", image_size=56)
+    args = vlm_args(tmp_path, beta=0.1, steps_per_generation=2, gradient_accumulation_steps=1, max_steps=2)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=make_image_dataset(8, image_size=56),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    assert trainer.reference.mode == "disabled_adapter"
+    lora = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if "lora_B" in name}
+    trainer.train()
+    assert any(not torch.equal(p, lora[name]) for name, p in trainer.model.named_parameters() if name in lora)
+    assert all("visual" not in name for name in lora)
+    assert trainer.state.log_history[0]["kl"] >= 0
+
+
+def _rollout(tmp_path, image_size=56, **overrides):
+    model, processor = make_tiny_vlm("qwen2_5_vl", image_size=image_size)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=vlm_args(tmp_path, **overrides),
+        train_dataset=make_image_dataset(8, image_size=image_size),
+        processing_class=processor,
+    )
+    rows = [trainer.train_dataset[i] for i in (0, 1) for _ in range(4)]  # two prompts, G = 4
+    return trainer, trainer.generate_and_score(rows)
+
+
+@torch.no_grad()
+def test_scoring_matches_the_models_own_forward(tmp_path):
+    """The chunked scoring pass with the rollout's image tensors gives the log-probs of the model's own forward with
+    the processor's inputs (pixel values, image grid, token types, its own multimodal positions)."""
+    trainer, rollout = _rollout(tmp_path)
+    model = trainer.model.eval()
+    scored = score_completions(
+        model, rollout.prompt_ids, rollout.prompt_mask,
+        ScoringRequest(rollout.completion_ids, rollout.completion_mask, model_inputs=rollout.model_inputs()),
+    ).logps  # fmt: skip
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **rollout.model_inputs()).logits
+    C = rollout.completion_ids.size(1)
+    expected = torch.log_softmax(logits[:, -C - 1 : -1].float(), -1).gather(-1, rollout.completion_ids[..., None])
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(scored[mask], expected.squeeze(-1)[mask], atol=1e-4, rtol=1e-4)
+    # The images matter: without them (image tokens embedded as text) the log-probs differ
+    text_only = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert not torch.allclose(logits[:, -C - 1 : -1], text_only[:, -C - 1 : -1], atol=1e-4)
+
+
+def test_training_logps_equal_rollout_logps_per_micro_batch(tmp_path):
+    """Old log-probs are scored on the whole rollout; each training micro-batch (its own rows' images, split by
+    `Rollout.split`) scores its rows to the same values."""
+    trainer, rollout = _rollout(tmp_path, steps_per_generation=2, gradient_accumulation_steps=1)
+    assert rollout.old_per_token_logps is not None
+    from grpo_ext.rollout import score_rollout
+
+    for part in rollout.split(2):
+        assert len(part.vision) == len(part) == 4
+        with torch.no_grad():
+            logps = score_rollout(trainer.model, part, trainer.args.temperature, trainer.args.logprob_chunk_size).logps
+        mask = part.completion_mask.bool()
+        torch.testing.assert_close(logps[mask], part.old_per_token_logps[mask], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_generation_and_scoring_agree(tmp_path):
+    """`generate` with the rollout's image tensors predicts each completion token with the log-probs the scoring pass
+    gives it: generation and scoring see the same pixels and the same positions (left padding included)."""
+    trainer, rollout = _rollout(tmp_path, max_completion_length=5)
+    model = trainer.model.eval()
+    rows = slice(0, 8, 4)  # one row of each group: two images, prompts of equal length
+    prompts = rollout.select(rows)
+    out = model.generate(
+        input_ids=prompts.prompt_ids, attention_mask=prompts.prompt_mask, **prompts.model_inputs(0),
+        do_sample=False, max_new_tokens=5, min_new_tokens=5, output_scores=True, return_dict_in_generate=True,
+        suppress_tokens=None, eos_token_id=None,
+    )  # fmt: skip
+    completion_ids = out.sequences[:, prompts.prompt_ids.size(1) :]  # (2, 5)
+    generated = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # (2, 5, V)
+    generated = generated.gather(-1, completion_ids[..., None]).squeeze(-1)
+    request = ScoringRequest(completion_ids, torch.ones_like(completion_ids), model_inputs=None)
+    request.model_inputs = prompts.vision.model_inputs(prompts.prompt_ids.size(1), 5, completion_ids.device)
+    scored = score_completions(model, prompts.prompt_ids, prompts.prompt_mask, request).logps
+    torch.testing.assert_close(scored, generated, atol=1e-4, rtol=1e-4)
+
+
+# --- Bad input ---
+
+
+def test_image_column_with_a_tokenizer(tmp_path):
+    model, processor = make_tiny_vlm("qwen2_5_vl")
+    with pytest.raises(ValueError, match="has an 'image' column but the trainer got a .*not a processor"):
+        GRPOTrainer(model, length_reward, args=vlm_args(tmp_path), train_dataset=make_image_dataset(8),
+                    processing_class=processor.tokenizer)  # fmt: skip
+
+
+def test_image_column_with_a_text_only_model(tmp_path):
+    model, processor = make_tiny_vlm("qwen2_5_vl")
+    text_model = make_tiny_model("qwen2", processor.tokenizer)
+    with pytest.raises(ValueError, match="takes no images"):
+        GRPOTrainer(text_model, length_reward, args=vlm_args(tmp_path), train_dataset=make_image_dataset(8),
+                    processing_class=processor)  # fmt: skip
+
+
+def test_missing_processor(tmp_path):
+    model, _ = make_tiny_vlm("qwen2_5_vl")
+    with pytest.raises(ValueError, match="vision-language model built in memory.*AutoProcessor"):
+        GRPOTrainer(model, length_reward, args=vlm_args(tmp_path), train_dataset=make_image_dataset(8))
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [("/nonexistent/cat.png", "could not be opened.*FileNotFoundError"), (42, "the image is int.*not a PIL image")],
+)
+def test_unreadable_image(tmp_path, image, message):
+    from datasets import Dataset
+
+    model, processor = make_tiny_vlm("qwen2_5_vl")
+    rows = make_image_dataset(8).to_list()
+    dataset = Dataset.from_list([{**row, "image": image} for row in rows])
+    with pytest.raises((ValueError, TypeError), match=f"train_dataset row 0, column 'image'.*{message}"):
+        GRPOTrainer(model, length_reward, args=vlm_args(tmp_path), train_dataset=dataset, processing_class=processor)
+
+
+def test_more_images_than_placeholders(tmp_path):
+    from datasets import Dataset
+
+    model, processor = make_tiny_vlm("qwen2_5_vl")
+    rows = make_image_dataset(8).to_list()
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colours?"}]}]
+    dataset = Dataset.from_list([{"prompt": prompt, "images": [row["image"], row["image"]]} for row in rows])
+    trainer = GRPOTrainer(model, length_reward, args=vlm_args(tmp_path), train_dataset=dataset,
+                          processing_class=processor)  # fmt: skip
+    with pytest.raises(ValueError, match=r"Number of images provided \(2\) does not match number of image placeholders \(1\)"):  # fmt: skip
+        trainer.train()
+
+
+def test_long_image_prompt_is_not_cut(tmp_path):
+    model, processor = make_tiny_vlm("qwen2_5_vl")
+    trainer = GRPOTrainer(model, length_reward, args=vlm_args(tmp_path, max_prompt_length=8),
+                          train_dataset=make_image_dataset(8), processing_class=processor)  # fmt: skip
+    with pytest.raises(ValueError, match="more than max_prompt_length=8; prompts of a batch with images are not cut"):
+        trainer.train()
