@@ -28,6 +28,7 @@ from .rollout import (
     Rollout,
     build_generation_config,
     continuous_batching_config,
+    encode_image_prompts,
     encode_prompts,
     generate_completions,
     is_conversational,
@@ -36,7 +37,7 @@ from .rollout import (
 )
 from .speculative import DraftStats
 from .tools import Episode, MultiTurn, ToolCalling, parse_completion, tool_call_loop
-from .vision import VisionInputs, encode_image_prompts, has_images, is_processor, prompt_images, tokenizer_of
+from .vision import VisionInputs, has_images, is_processor, prompt_images, tokenizer_of
 
 __all__ = ["Generation", "RolloutEngine", "custom_rollout", "first_turns", "ROLLOUT_FUNC_KEYS"]
 

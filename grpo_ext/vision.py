@@ -4,7 +4,7 @@ A TRL vision-language dataset has a conversational `prompt` and an `image` colum
 column (a list per row). `with_images` puts each row's images into its prompt as image parts
 (`trl.data_utils.prepare_multimodal_messages`: before the text of the first user message when the content is a
 string, else into the `{"type": "image"}` placeholders), so generation, the reward functions (`prompts`) and the logs
-see the prompt TRL builds. `encode_image_prompts` renders each prompt with the processor's chat template and runs the
+see the prompt TRL builds. `rollout.encode_image_prompts` renders each prompt with the processor's chat template and runs the
 processor on its text and images: token ids with the image placeholders expanded (`(B, P)`, left-padded) and, per
 row, the model-specific tensors (`VisionInputs`): `pixel_values`, `image_grid_thw` (Qwen2-VL / Qwen2.5-VL),
 `mm_token_type_ids` or `token_type_ids` (one per prompt token), `pixel_attention_mask`, `image_sizes`... The rollout
@@ -34,7 +34,6 @@ __all__ = [
     "with_images",
     "prompt_images",
     "has_images",
-    "encode_image_prompts",
     "check_vision_setup",
 ]
 
@@ -195,58 +194,6 @@ class VisionInputs:
                 tensors = [row[key] for row in self.rows if key in row]
                 inputs[key] = torch.cat(tensors).to(device)  # images (or their patches) of every row, in row order
         return inputs
-
-
-def encode_image_prompts(
-    processor,
-    prompts: list,
-    chat_template_kwargs: dict | None,
-    max_prompt_length: int | None,
-    device,
-    pad_to_multiple_of: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, VisionInputs]:
-    """Token ids and attention mask `(B, P)` of prompts with images, left-padded, and their `VisionInputs`. Each
-    prompt is rendered by the processor's chat template and processed with its images (placeholders expanded to the
-    image's tokens); consecutive equal prompts (a group) are processed once and share their tensors. A prompt longer
-    than `max_prompt_length` is an error: cutting it could cut image tokens from their pixels."""
-    from .rollout import pad_to_multiple, pad_token_lists, prompt_texts
-
-    tokenizer = tokenizer_of(processor)
-    texts = prompt_texts(prompts, processor, chat_template_kwargs)
-    prompt_ids, rows, previous = [], [], None
-    for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
-        images = prompt_images(prompt)
-        if previous is None or not _same_prompt(text, images, previous):
-            encoded = processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
-            ids = encoded["input_ids"][0].tolist()
-            if max_prompt_length is not None and len(ids) > max_prompt_length:
-                raise ValueError(
-                    f"Row {i} of the batch: the prompt is {len(ids)} tokens with its {len(images)} image(s) "
-                    f"expanded, more than max_prompt_length={max_prompt_length}; prompts of a batch with images are "
-                    "not cut (image tokens must stay with their pixels). Raise max_prompt_length (or set it to None), "
-                    "or use smaller images (the image processor's max_pixels / size)."
-                )
-            extra = {
-                k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask") and torch.is_tensor(v)
-            }
-            previous = (text, images, ids, extra)
-        prompt_ids.append(previous[2])
-        rows.append(previous[3])
-    ids, mask = pad_token_lists(prompt_ids, tokenizer.pad_token_id, "left", device)  # (B, P) each
-    ids = pad_to_multiple(ids, pad_to_multiple_of, tokenizer.pad_token_id, "left")
-    mask = pad_to_multiple(mask, pad_to_multiple_of, 0, "left")
-    return ids, mask, VisionInputs(rows)
-
-
-def _same_prompt(text: str, images: list, previous: tuple) -> bool:
-    """Whether a prompt equals the previous one: same text, same images (a dataset decodes each row's image anew)."""
-    previous_text, previous_images, *_ = previous
-    if text != previous_text or len(images) != len(previous_images):
-        return False
-    return all(
-        a is b or (a.size, a.mode, a.tobytes()) == (b.size, b.mode, b.tobytes())
-        for a, b in zip(images, previous_images, strict=True)
-    )
 
 
 def check_vision_setup(model, processing_class, train_dataset, eval_dataset) -> None:
