@@ -14,6 +14,13 @@ phases, each on top of the memory held all along (weights, LoRA, optimizer state
   layer recomputed), the chunked LM head, and the LoRA gradients;
 - **optimizer**: LoRA gradients and AdamW's two fp32 moments.
 
+A vision-language model (the families of `VISION_FAMILIES`: Qwen2.5-VL, Qwen2-VL, Gemma 3) adds its vision tower and
+projector (16-bit and frozen by default: out of NF4 and LoRA), its images' tokens to each prompt (`P` = text + image
+tokens, counted from `image_size` as the model's image processor resizes), and the vision encoder's forward without
+gradient over the images before the prefill, the scoring pass and each micro-batch (each prompt's images once per group
+with prefix sharing, else G times). The vision layers are counted as the language model's are; no measured peak of a
+vision-language step checks them yet.
+
 Nothing is loaded but `config.json`: from `--model-config`, a local model folder, the local Hugging Face cache, or
 the configs shipped in `grpo_ext/model_configs/` for the models the recipes name. The activation coefficients come
 from counting the tensors autograd keeps in a Qwen2 / Llama decoder layer with LoRA on every linear layer, and are

@@ -170,6 +170,7 @@ QWEN_VL_7B = ModelShape.from_config(load_model_config("Qwen/Qwen2.5-VL-7B-Instru
 _TINY_TEXT = dict(
     vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+    bos_token_id=None, eos_token_id=None,  # no special tokens in a 300-token vocabulary
 )  # fmt: skip
 _TINY_VISION = {
     "qwen2_5_vl": dict(
