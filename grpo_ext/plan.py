@@ -14,6 +14,13 @@ phases, each on top of the memory held all along (weights, LoRA, optimizer state
   layer recomputed), the chunked LM head, and the LoRA gradients;
 - **optimizer**: LoRA gradients and AdamW's two fp32 moments.
 
+A vision-language model (the families of `VISION_FAMILIES`: Qwen2.5-VL, Qwen2-VL, Gemma 3) adds its vision tower and
+projector (16-bit and frozen by default: out of NF4 and LoRA), its images' tokens to each prompt (`P` = text + image
+tokens, counted from `image_size` as the model's image processor resizes), and the vision encoder's forward without
+gradient over the images before the prefill, the scoring pass and each micro-batch (each prompt's images once per group
+with prefix sharing, else G times). The vision layers are counted as the language model's are; no measured peak of a
+vision-language step checks them yet.
+
 Nothing is loaded but `config.json`: from `--model-config`, a local model folder, the local Hugging Face cache, or
 the configs shipped in `grpo_ext/model_configs/` for the models the recipes name. The activation coefficients come
 from counting the tensors autograd keeps in a Qwen2 / Llama decoder layer with LoRA on every linear layer, and are
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -47,6 +55,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 _MODEL_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2, None: 2}
 _NEEDED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# model_type of the language models with biases on q, k, v (Qwen2 and the Qwen vision-language models built on it)
+QKV_BIAS_MODEL_TYPES = {"qwen2", "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text"}
 
 
 # --- Inputs: the model's shape and the step's settings ---
@@ -99,6 +109,7 @@ class ModelShape:
     vocab_size: int  # V
     tied_embeddings: bool
     qkv_bias: bool  # Qwen2 has biases on q, k, v
+    vision: VisionShape | None = None  # a vision-language model's vision tower and projector
 
     @property
     def q_dim(self) -> int:
@@ -130,6 +141,7 @@ class ModelShape:
     ) -> ModelShape:
         """The shape of `config`; `fix` ends the error when a number the planner needs is missing (the command line
         and the trainer say it in their own terms)."""
+        outer = config
         config = dict(config.get("text_config") or config)  # multimodal configs nest the language model's
         recurrent = _recurrent_layers(config)
         if recurrent:
@@ -145,6 +157,9 @@ class ModelShape:
                 f"{source} has no {', '.join(missing)}: the memory planner needs {', '.join(_NEEDED_FIELDS)} of a "
                 f"decoder-only transformer. {fix}"
             )
+        vision = None
+        if outer.get("vision_config") is not None:
+            vision = _vision_shape(outer, source, fix)
         heads = config["num_attention_heads"]
         return cls(
             hidden_size=config["hidden_size"],
@@ -154,9 +169,205 @@ class ModelShape:
             num_kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             vocab_size=config["vocab_size"],
-            tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+            # transformers 5 keeps a vision-language model's flag at the top, older configs in text_config
+            tied_embeddings=bool(outer.get("tie_word_embeddings", config.get("tie_word_embeddings", True))),
+            qkv_bias=config.get("model_type") in QKV_BIAS_MODEL_TYPES or bool(config.get("attention_bias", False)),
+            vision=vision,
         )
+
+
+# --- The vision tower of a vision-language model ---
+
+# Qwen2.5-VL's preprocessor_config.json: images are resized to multiples of patch x merge pixels within these bounds
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 12845056
+DEFAULT_IMAGE_SIZE = (448, 448)  # (height, width): 16 x 16 = 256 image tokens on Qwen2-VL / Qwen2.5-VL
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The vision tower and its projector into the language model, from a vision-language config's `vision_config`.
+
+    The tower is a ViT over an image's patches (`p x p` pixels, `temporal_patch_size` frames: Qwen repeats an image
+    to 2), each layer norm -> attention -> norm -> MLP with biases on every linear layer; the projector turns every
+    `m x m` patches into one image token of the language model's width (Qwen's merger MLP, Gemma 3's average pooling
+    and one matrix). Shapes: `Hv` hidden size, `Iv` MLP size, `Lv` layers, `m` merge size.
+    """
+
+    family: str  # the config's model_type, a key of VISION_FAMILIES
+    hidden_size: int  # Hv
+    intermediate_size: int  # Iv
+    num_layers: int  # Lv
+    num_heads: int
+    patch_size: int  # p
+    temporal_patch_size: int
+    in_channels: int
+    merge_size: int  # m: m x m patches -> one image token
+    out_hidden_size: int  # the language model's H
+    gated_mlp: bool  # gate_proj / up_proj / down_proj (Qwen2.5-VL), else fc1 / fc2
+    layer_norm: bool  # LayerNorm (weight and bias), else RMSNorm (weight)
+    patch_bias: bool  # the patch embedding's convolution has a bias (SigLIP)
+    position_embeddings: int  # learned positions, one per patch (SigLIP); 0 with rotary positions (Qwen)
+    post_norm: bool  # a norm after the last layer (SigLIP)
+    projector_linear: tuple[tuple[int, int, bool], ...]  # (in, out, bias) of the projector's matrices
+    projector_norm: int  # weights of the projector's norm (bias included)
+    fixed_image_size: int | None = None  # every image resized to this square (SigLIP in Gemma 3); None: Qwen's rule
+
+    # The interface of ModelShape that _layer_activation_bytes reads: attention of Hv-wide queries, keys and values
+    @property
+    def q_dim(self) -> int:
+        return self.hidden_size
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden_size
+
+    def linear_layers(self) -> dict[str, tuple[int, int]]:
+        """`name: (in, out)` of the linear layers of one vision layer (q, k, v fused as Qwen's `qkv`)."""
+        Hv, Iv = self.hidden_size, self.intermediate_size
+        attention = {"qkv": (Hv, 3 * Hv), "proj": (Hv, Hv)}
+        if self.gated_mlp:
+            return {**attention, "gate_proj": (Hv, Iv), "up_proj": (Hv, Iv), "down_proj": (Iv, Hv)}
+        return {**attention, "fc1": (Hv, Iv), "fc2": (Iv, Hv)}
+
+    def parameters(self) -> dict[str, int]:
+        """Parameter counts of the patch embedding, the layers and the projector (as `model.visual` /
+        `model.vision_tower` + `model.multi_modal_projector` hold them)."""
+        Hv, p = self.hidden_size, self.patch_size
+        norm = 2 * Hv if self.layer_norm else Hv
+        patch_values = self.in_channels * self.temporal_patch_size * p * p
+        layer = sum(i * o + o for i, o in self.linear_layers().values()) + 2 * norm  # every linear layer has a bias
+        return {
+            "patch embedding": patch_values * Hv + (Hv if self.patch_bias else 0) + self.position_embeddings * Hv,
+            "layers": self.num_layers * layer + (norm if self.post_norm else 0),
+            "projector": sum(i * o + (o if bias else 0) for i, o, bias in self.projector_linear) + self.projector_norm,
+        }
+
+    def image_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(patches the tower encodes, image tokens the language model sees) of one image of `height x width`
+        pixels, resized as the model's image processor does."""
+        if self.fixed_image_size:
+            height = width = self.fixed_image_size
+        else:
+            height, width = qwen_smart_resize(height, width, self.patch_size * self.merge_size)
+        patches = (height // self.patch_size) * (width // self.patch_size)
+        return patches, patches // self.merge_size**2
+
+
+def qwen_smart_resize(height: int, width: int, factor: int) -> tuple[int, int]:
+    """Qwen2-VL's `smart_resize` (transformers' image_processing_qwen2_vl): each side rounded to a multiple of
+    `factor` (patch x merge = 28), the area kept within QWEN_MIN_PIXELS and QWEN_MAX_PIXELS, the aspect ratio kept."""
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > QWEN_MAX_PIXELS:
+        beta = math.sqrt(height * width / QWEN_MAX_PIXELS)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < QWEN_MIN_PIXELS:
+        beta = math.sqrt(QWEN_MIN_PIXELS / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def _qwen2_5_vl_vision(config: Mapping, vision: Mapping) -> VisionShape:
+    """Qwen2.5-VL: RMSNorm, a gated MLP (gate/up/down with biases), the merger MLP (RMSNorm, Hv m^2 -> Hv m^2 -> H)."""
+    Hv, m = vision["hidden_size"], vision.get("spatial_merge_size", 2)
+    return VisionShape(
+        family="qwen2_5_vl",
+        hidden_size=Hv,
+        intermediate_size=vision["intermediate_size"],
+        num_layers=vision["depth"],
+        num_heads=vision["num_heads"],
+        patch_size=vision.get("patch_size", 14),
+        temporal_patch_size=vision.get("temporal_patch_size", 2),
+        in_channels=vision.get("in_channels") or vision.get("in_chans") or 3,
+        merge_size=m,
+        out_hidden_size=vision["out_hidden_size"],
+        gated_mlp=True,
+        layer_norm=False,
+        patch_bias=False,
+        position_embeddings=0,
+        post_norm=False,
+        projector_linear=((Hv * m * m, Hv * m * m, True), (Hv * m * m, vision["out_hidden_size"], True)),
+        projector_norm=Hv,
+    )
+
+
+def _qwen2_vl_vision(config: Mapping, vision: Mapping) -> VisionShape:
+    """Qwen2-VL: LayerNorm, an fc1/fc2 MLP of `mlp_ratio x embed_dim`, the merger (LayerNorm, Hv m^2 -> Hv m^2 -> H);
+    its vision config calls the tower's width `embed_dim` and the language model's `hidden_size`."""
+    Hv, m, H = vision["embed_dim"], vision.get("spatial_merge_size", 2), vision["hidden_size"]
+    return VisionShape(
+        family="qwen2_vl",
+        hidden_size=Hv,
+        intermediate_size=int(Hv * vision.get("mlp_ratio", 4)),
+        num_layers=vision["depth"],
+        num_heads=vision["num_heads"],
+        patch_size=vision.get("patch_size", 14),
+        temporal_patch_size=vision.get("temporal_patch_size", 2),
+        in_channels=vision.get("in_channels") or vision.get("in_chans") or 3,
+        merge_size=m,
+        out_hidden_size=H,
+        gated_mlp=False,
+        layer_norm=True,
+        patch_bias=False,
+        position_embeddings=0,
+        post_norm=False,
+        projector_linear=((Hv * m * m, Hv * m * m, True), (Hv * m * m, H, True)),
+        projector_norm=2 * Hv,
+    )
+
+
+def _gemma3_vision(config: Mapping, vision: Mapping) -> VisionShape:
+    """Gemma 3: a SigLIP tower (LayerNorm, fc1/fc2, learned positions, no pooling head) on images resized to
+    `image_size` squared; the projector average-pools its patches to `mm_tokens_per_image` tokens, RMS-norms them and
+    multiplies by one `(Hv, H)` matrix."""
+    Hv, p, size = vision["hidden_size"], vision.get("patch_size", 14), vision.get("image_size", 896)
+    tokens_per_side = math.isqrt(config.get("mm_tokens_per_image") or 256)
+    H = (config.get("text_config") or config)["hidden_size"]
+    return VisionShape(
+        family="gemma3",
+        hidden_size=Hv,
+        intermediate_size=vision["intermediate_size"],
+        num_layers=vision["num_hidden_layers"],
+        num_heads=vision["num_attention_heads"],
+        patch_size=p,
+        temporal_patch_size=1,
+        in_channels=vision.get("num_channels", 3),
+        merge_size=size // p // tokens_per_side,
+        out_hidden_size=H,
+        gated_mlp=False,
+        layer_norm=True,
+        patch_bias=True,
+        position_embeddings=(size // p) ** 2,
+        post_norm=True,
+        projector_linear=((Hv, H, False),),
+        projector_norm=Hv,
+        fixed_image_size=size,
+    )
+
+
+# model_type of a vision-language config -> how its vision_config reads; a family is one entry and one test
+VISION_FAMILIES = {
+    "qwen2_5_vl": _qwen2_5_vl_vision,
+    "qwen2_vl": _qwen2_vl_vision,
+    "gemma3": _gemma3_vision,
+}
+
+
+def _vision_shape(config: Mapping, source: str, fix: str) -> VisionShape:
+    family = VISION_FAMILIES.get(config.get("model_type"))
+    if family is None:
+        raise ValueError(
+            f"{source}: the memory planner cannot plan the vision tower of model_type {config.get('model_type')!r}: "
+            f"it reads the vision configs of {', '.join(sorted(VISION_FAMILIES))} (a family is one entry of "
+            f"grpo_ext.plan.VISION_FAMILIES). {fix}"
+        )
+    try:
+        return family(config, config["vision_config"])
+    except KeyError as missing:
+        raise ValueError(
+            f"{source}: its vision_config has no {missing}, which the memory planner needs. {fix}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -180,6 +391,13 @@ class StepSettings:
     reference: str = "disabled_adapter"  # none | disabled_adapter | snapshot_adapter | copy
     reward_model_shapes: tuple[ModelShape, ...] = ()
     device: str = "cuda"  # "cpu": no CUDA context, no allocator slack
+    # A vision-language model's images (ignored for a text model); prompt_length counts the prompt's text tokens
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE  # (height, width) of each image given to the processor
+    images_per_prompt: int = 1
+    image_tokens_per_image: int | None = None  # instead of the count from image_size (other processor settings)
+    images_once_per_group: bool = True  # with prefix sharing each prompt's images are encoded once per group, not G
+    vision_load_in_4bit: bool = False  # under load_in_4bit, the vision layers' linear weights in NF4 too
+    vision_trains: bool = False  # LoRA on the vision layers (full fine-tuning: its weights); else frozen
 
     def replace(self, **changes) -> StepSettings:
         return dataclasses.replace(self, **changes)
@@ -253,8 +471,17 @@ def check_memory_settings(args) -> None:
         raise ValueError(f"gpu_memory_budget={args.gpu_memory_budget!r}: {error}") from None
 
 
+def _nf4_bytes(weights: int, double_quant: bool) -> int:
+    """`weights` NF4 weights (half a byte each) and their absmaxes: 1 byte per block of 64 with double quantisation
+    (+ an fp32 absmax per 256 blocks), else fp32 per block."""
+    blocks = weights // NF4_BLOCK
+    constants = blocks + 4 * (blocks // NESTED_BLOCK) if double_quant else 4 * blocks
+    return weights // 2 + constants
+
+
 def base_weight_bytes(shape: ModelShape, settings: StepSettings) -> dict[str, int]:
-    """The model as loaded: NF4 linear layers with their quantisation constants, the rest in 16 (or 32) bits."""
+    """The language model as loaded: NF4 linear layers with their quantisation constants, the rest in 16 (or 32)
+    bits. A vision-language model's vision tower: `vision_weight_bytes`."""
     s = settings.dtype_bytes
     linear = sum(i * o for i, o in shape.linear_layers().values()) * shape.num_layers
     embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)  # embed_tokens, lm_head
@@ -262,31 +489,82 @@ def base_weight_bytes(shape: ModelShape, settings: StepSettings) -> dict[str, in
     biases = (shape.q_dim + 2 * shape.kv_dim) * shape.num_layers if shape.qkv_bias else 0
     if not settings.load_in_4bit:
         return {"base weights": (linear + embeddings + norms + biases) * s}
-    blocks = linear // NF4_BLOCK
-    # absmax: 1 byte per block with double quantisation (+ an fp32 absmax per 256 blocks), else fp32 per block
-    constants = blocks + 4 * (blocks // NESTED_BLOCK) if settings.double_quant else 4 * blocks
     return {
-        "base weights: NF4 linear layers": linear // 2 + constants,
+        "base weights: NF4 linear layers": _nf4_bytes(linear, settings.double_quant),
         "base weights: 16-bit embeddings, lm_head, norms": (embeddings + norms + biases) * s,
     }
 
 
+def vision_weight_bytes(vision: VisionShape, settings: StepSettings) -> dict[str, int]:
+    """The vision tower and projector as loaded: in 16 (or 32) bits, the default (bitsandbytes told to skip them), or
+    with `vision_load_in_4bit` its layers' linear weights NF4 (the patch embedding, norms, biases and projector not)."""
+    total = sum(vision.parameters().values())
+    if not (settings.load_in_4bit and settings.vision_load_in_4bit):
+        return {"vision tower + projector (16-bit)": total * settings.dtype_bytes}
+    linear = sum(i * o for i, o in vision.linear_layers().values()) * vision.num_layers
+    return {
+        "vision tower: NF4 linear layers": _nf4_bytes(linear, settings.double_quant),
+        "vision tower + projector: 16-bit rest": (total - linear) * settings.dtype_bytes,
+    }
+
+
 def lora_parameters(shape: ModelShape, settings: StepSettings) -> int:
+    """LoRA's `r (in + out)` per adapted linear layer: the language model's `lora_targets`, and every linear layer of
+    the vision layers when the vision tower trains."""
     layers = shape.linear_layers()
-    return sum(settings.lora_r * (i + o) for name, (i, o) in layers.items() if name in settings.lora_targets) * (
-        shape.num_layers
-    )
+    n = sum(settings.lora_r * (i + o) for name, (i, o) in layers.items() if name in settings.lora_targets)
+    n *= shape.num_layers
+    if shape.vision is not None and settings.vision_trains:
+        n += sum(settings.lora_r * (i + o) for i, o in shape.vision.linear_layers().values()) * shape.vision.num_layers
+    return n
 
 
 def _trainable_bytes(shape: ModelShape, settings: StepSettings, base: int) -> tuple[int, int, int]:
-    """(weights, gradients, AdamW moments) of what is trained. LoRA weights stay fp32 on a 4-bit or 16-bit base."""
+    """(weights, gradients, AdamW moments) of what is trained. LoRA weights stay fp32 on a 4-bit or 16-bit base.
+    `base`: the bytes of the weights full fine-tuning trains (a frozen vision tower's left out)."""
     if settings.lora_r is None:  # full fine-tuning: gradients in the weights' dtype, moments too
         return 0, base, 2 * base
     n = lora_parameters(shape, settings)
     return 4 * n, 4 * n, 8 * n
 
 
-def _layer_activation_bytes(shape: ModelShape, settings: StepSettings, tokens: int, keys: int) -> int:
+def image_grid(shape: ModelShape, settings: StepSettings) -> tuple[int, int]:
+    """(patches the vision tower encodes, image tokens the language model sees) per image; (0, 0) for a text model."""
+    if shape.vision is None:
+        return 0, 0
+    if settings.image_tokens_per_image is not None:
+        return settings.image_tokens_per_image * shape.vision.merge_size**2, settings.image_tokens_per_image
+    return shape.vision.image_grid(*settings.image_size)
+
+
+def _vision_encoder_bytes(vision: VisionShape, settings: StepSettings, images: int, grid: tuple[int, int]) -> int:
+    """The vision tower's forward over `images` images at once, without keeping anything for a backward: their pixel
+    values `(images x patches, C x t x p^2)` in fp32 as the processor gives them and the copy the patch embedding
+    casts, one layer's working set over all the patches (the language model's no-grad count: 5Hv + 3Iv per patch),
+    and the projector's merged rows `(images x tokens, m^2 Hv)` twice and its output `(images x tokens, H)`."""
+    s, (patches, tokens) = settings.dtype_bytes, grid
+    pixels = images * patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * (4 + s)
+    layer = images * patches * (5 * vision.hidden_size + 3 * vision.intermediate_size) * s
+    projector = images * tokens * (2 * vision.merge_size**2 * vision.hidden_size + vision.out_hidden_size) * s
+    return pixels + layer + projector
+
+
+def _vision_training_bytes(vision: VisionShape, settings: StepSettings, images: int, grid: tuple[int, int]) -> int:
+    """The vision tower in a training forward and backward. Frozen, autograd keeps nothing (no parameter and no input
+    needs a gradient): its no-grad working set, for a moment. Trained, every vision layer's activations over the
+    patches (or only each layer's input under gradient checkpointing, plus one layer recomputed) on top of it."""
+    working_set = _vision_encoder_bytes(vision, settings, images, grid)
+    if not settings.vision_trains:
+        return working_set
+    patches = images * grid[0]
+    all_linear = settings.replace(lora_targets=tuple(vision.linear_layers()))  # LoRA on every vision linear layer
+    one_layer = _layer_activation_bytes(vision, all_linear, patches, patches)
+    if settings.gradient_checkpointing:
+        return working_set + vision.num_layers * patches * vision.hidden_size * settings.dtype_bytes + one_layer
+    return working_set + vision.num_layers * one_layer
+
+
+def _layer_activation_bytes(shape: ModelShape | VisionShape, settings: StepSettings, tokens: int, keys: int) -> int:
     """Activations one decoder layer keeps for its backward: `tokens` rows of queries, `keys` rows of keys/values.
 
     Per token: the layer input and the attention input (both normed copies: 4H with the residual), q and the attention
@@ -313,14 +591,27 @@ def _lm_head_chunk_bytes(shape: ModelShape, settings: StepSettings, rows: int, t
 
 
 def plan_step(shape: ModelShape, settings: StepSettings) -> MemoryPlan:
-    """Predict the peak memory of one optimizer step, component by component."""
+    """Predict the peak memory of one optimizer step, component by component.
+
+    A vision-language model's prompt is its text and its images' tokens, `P = prompt_length + images_per_prompt x
+    image tokens`, in the KV cache, the prefill, scoring and training like any prompt token; its vision tower encodes
+    the images (`images_once_per_group` with prefix sharing: each group's once, else each completion's) before the
+    prefill, the scoring pass and each micro-batch's forward."""
     s, L, H = settings.dtype_bytes, shape.num_layers, shape.hidden_size
-    P, C, G = settings.prompt_length, settings.max_completion_length, settings.num_generations
+    C, G = settings.max_completion_length, settings.num_generations
     b, N = settings.per_device_train_batch_size, settings.generation_batch_size
     sharing = settings.prefix_sharing and G > 1
+    grid = image_grid(shape, settings)  # (patches, image tokens) per image
+    P = settings.prompt_length + settings.images_per_prompt * grid[1]
     components = base_weight_bytes(shape, settings)
+    trained_base = sum(components.values())
+    if shape.vision is not None:
+        vision_weights = vision_weight_bytes(shape.vision, settings)
+        components.update(vision_weights)
+        if settings.vision_trains:
+            trained_base += sum(vision_weights.values())
     base = sum(components.values())
-    lora_weights, gradients, moments = _trainable_bytes(shape, settings, base)
+    lora_weights, gradients, moments = _trainable_bytes(shape, settings, trained_base)
     if settings.lora_r is not None:
         components["LoRA weights (fp32)"] = lora_weights
     reference = {
@@ -376,6 +667,18 @@ def plan_step(shape: ModelShape, settings: StepSettings) -> MemoryPlan:
     }
     optimizer = {"optimizer: gradients": gradients}
 
+    if shape.vision is not None:  # images encoded per prompt (once per group) or per completion
+        per_group = sharing and settings.images_once_per_group
+        rollout_images = (N // G if per_group else N) * settings.images_per_prompt
+        batch_images = (prompts_in_batch if per_group else b) * settings.images_per_prompt
+        encoder = _vision_encoder_bytes(shape.vision, settings, rollout_images, grid)
+        generation["generation: vision encoder (no grad)"] = encoder
+        scoring["scoring (no grad): vision encoder"] = encoder
+        frozen = "trained" if settings.vision_trains else "frozen, no grad"
+        training[f"training: vision encoder ({frozen})"] = _vision_training_bytes(
+            shape.vision, settings, batch_images, grid
+        )
+
     phases = {
         "generation": sum(generation.values()),
         "scoring": sum(scoring.values()),
@@ -390,11 +693,32 @@ def plan_step(shape: ModelShape, settings: StepSettings) -> MemoryPlan:
         f"phases on top of {format_bytes(resident)} resident: "
         + ", ".join(f"{k} {format_bytes(v)}" for k, v in phases.items())
     ]
+    if shape.vision is not None:
+        notes += _image_notes(shape, settings, components, grid, per_group)
     if settings.device == "cuda":
         components["CUDA context (allowance)"] = CUDA_CONTEXT_BYTES
         components[f"allocator slack (allowance, {ALLOCATOR_SLACK:.0%})"] = int(ALLOCATOR_SLACK * peak)
         peak = int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES
     return MemoryPlan(components, phases, resident, peak, peak_phase, settings, notes)
+
+
+def _image_notes(shape, settings, components, grid, per_group) -> list[str]:
+    """What the images are, and their tokens' share of the KV cache, scoring and training: the difference to the same
+    step without images."""
+    patches, tokens = grid
+    size = "x".join(map(str, settings.image_size)) if settings.image_tokens_per_image is None else "given"
+    notes = [
+        f"images: {settings.images_per_prompt} per prompt, {size} -> {patches} patches, {tokens} image tokens each "
+        f"(patch {shape.vision.patch_size}, merge {shape.vision.merge_size}); prompt = {settings.prompt_length} text "
+        f"+ {settings.images_per_prompt * tokens} image tokens; encoded {'once per group' if per_group else 'G times'}"
+    ]
+    if settings.images_per_prompt and tokens:
+        text_only = plan_step(shape, settings.replace(images_per_prompt=0)).components
+        names = {"KV cache": "generation: KV cache", "scoring": "scoring (no grad): one layer + hidden states"}
+        names["training activations"] = next(name for name in components if name.startswith("training: activations"))
+        share = {part: components[name] - text_only[name] for part, name in names.items()}
+        notes.append("image tokens' share: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in share.items()))
+    return notes
 
 
 # --- Suggestions and auto-fit ---
@@ -423,6 +747,10 @@ def suggestions(shape: ModelShape, settings: StepSettings, budget: int) -> list[
         candidates.append((f"max_completion_length: {length}", settings.replace(max_completion_length=length)))
     if settings.lora_r is not None and settings.lora_r > 8:
         candidates.append((f"lora_r: {settings.lora_r // 2}", settings.replace(lora_r=settings.lora_r // 2)))
+    if shape.vision is not None and not shape.vision.fixed_image_size and settings.image_tokens_per_image is None:
+        height, width = settings.image_size
+        for smaller in ((height * 3 // 4, width * 3 // 4), (height // 2, width // 2)):
+            candidates.append((f"image_size: {smaller[0]}x{smaller[1]}", settings.replace(image_size=smaller)))
     fitting, seen = [], set()
     for change, changed in candidates:
         plan = plan_step(shape, changed)
@@ -489,13 +817,31 @@ def _value(values, name, default):
     return default if value is None else value
 
 
+def parse_image_size(value) -> tuple[int, int]:
+    """(height, width) of `448x448`, `448` (a square), `[448, 640]` or a (height, width) tuple."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", str(value))
+    if not match:
+        raise ValueError(f"image_size {value!r} is not an image size: write HEIGHTxWIDTH, e.g. 448x448.")
+    return int(match.group(1)), int(match.group(2) or match.group(1))
+
+
 def settings_from_config(
-    values, prompt_length: int | None = None, checkpoint_dtype: str | None = None, **overrides
+    values,
+    prompt_length: int | None = None,
+    checkpoint_dtype: str | None = None,
+    shape: ModelShape | None = None,
+    **overrides,
 ) -> StepSettings:
     """StepSettings from a recipe's values: a YAML mapping, or GRPOExtConfig / ModelConfig objects merged with `|`
     (GRPOExtConfig and TRL ModelConfig field names; TRL's defaults where a field is absent). `checkpoint_dtype`, the
     model config's `dtype`, is what `dtype: auto` loads, except on a CPU without native kernels for it (float32 there,
-    as `models.load_causal_lm` loads it)."""
+    as `models.load_causal_lm` loads it). For a vision-language `shape`: the recipe's `image_size` and
+    `images_per_prompt`; `max_prompt_length` bounds the whole prompt, images included (the trainer refuses a longer
+    one), so the text is what the images leave of it."""
     b = int(_value(values, "per_device_train_batch_size", 8))
     steps = _value(values, "steps_per_generation", None) or _value(values, "gradient_accumulation_steps", 1)
     rollout = int(_value(values, "generation_batch_size", b * steps))
@@ -507,7 +853,9 @@ def settings_from_config(
     dtype_bytes = 2 if bf16 else _DTYPE_BYTES.get(dtype, 2)
     use_peft = bool(_value(values, "use_peft", False))
     targets = _value(values, "lora_target_modules", ["q_proj", "v_proj"])  # PEFT's default for Qwen2 / Llama
-    targets = ALL_LINEAR if targets == "all-linear" else tuple([targets] if isinstance(targets, str) else targets)
+    if isinstance(targets, str) and targets != "all-linear":  # PEFT's regex: the layer names it names
+        targets = [name for name in ALL_LINEAR if re.search(rf"\b{name}\b", targets)]
+    targets = ALL_LINEAR if targets == "all-linear" else tuple(targets)
     needs_reference = float(_value(values, "beta", 0.04)) > 0 or float(_value(values, "reward_kl_coef", 0.0)) > 0
     reference = _value(values, "ref_model_mode", "auto")
     if reference == "auto":
@@ -529,8 +877,21 @@ def settings_from_config(
         lora_dropout=float(_value(values, "lora_dropout", 0.05)) > 0,
         reference=reference,
         device=device,
+        image_size=parse_image_size(_value(values, "image_size", DEFAULT_IMAGE_SIZE)),
+        images_per_prompt=int(_value(values, "images_per_prompt", 1)),
     )
-    return settings.replace(**overrides)
+    settings = settings.replace(**overrides)
+    max_prompt_length = _value(values, "max_prompt_length", None)
+    if shape is not None and shape.vision is not None and not prompt_length and max_prompt_length:
+        image_tokens = settings.images_per_prompt * image_grid(shape, settings)[1]
+        if image_tokens >= max_prompt_length:
+            raise ValueError(
+                f"max_prompt_length={max_prompt_length} leaves no room for text after {image_tokens} image tokens "
+                f"({settings.images_per_prompt} images of {settings.image_size[0]}x{settings.image_size[1]}): raise "
+                "it, or use smaller images (image_size)."
+            )
+        settings = settings.replace(prompt_length=max_prompt_length - image_tokens)
+    return settings
 
 
 def run_step_inputs(
@@ -558,7 +919,7 @@ def run_step_inputs(
     values = {**{f.name: getattr(args, f.name) for f in dataclasses.fields(args)}, **peft}
     values["generation_batch_size"] = args.generation_batch_size // args.world_size
     values["dtype"] = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
-    return shape, settings_from_config(values, load_in_4bit=load_in_4bit, double_quant=True)
+    return shape, settings_from_config(values, shape=shape, load_in_4bit=load_in_4bit, double_quant=True)
 
 
 @dataclass(frozen=True)
@@ -595,9 +956,13 @@ def fit_batch_size(args, model_config, peft_config=None, load_in_4bit: bool = Fa
 
 
 def plan_config_file(
-    path: str, model_config: str | None = None, prompt_length: int | None = None, reward_models: tuple[str, ...] = ()
+    path: str,
+    model_config: str | None = None,
+    prompt_length: int | None = None,
+    reward_models: tuple[str, ...] = (),
+    **overrides,
 ) -> tuple[ModelShape, StepSettings]:
-    """The model shape and step settings of a recipe YAML."""
+    """The model shape and step settings of a recipe YAML (`overrides`: StepSettings fields, as the CLI sets them)."""
     import yaml
 
     with open(path) as file:
@@ -611,7 +976,10 @@ def plan_config_file(
     shape = ModelShape.from_config(config, source)
     rewards = tuple(ModelShape.from_config(*load_model_config(r)) for r in reward_models)
     checkpoint_dtype = config.get("dtype") or config.get("torch_dtype")
-    return shape, settings_from_config(values, prompt_length, checkpoint_dtype, reward_model_shapes=rewards)
+    settings = settings_from_config(
+        values, prompt_length, checkpoint_dtype, shape, reward_model_shapes=rewards, **overrides
+    )
+    return shape, settings
 
 
 def main(argv=None) -> int:
@@ -625,6 +993,24 @@ def main(argv=None) -> int:
         "--prompt-length", type=int, help=f"prompt tokens (default: max_prompt_length or {DEFAULT_PROMPT_LENGTH})"
     )
     parser.add_argument("--reward-model", action="append", default=[], help="config of a reward model (repeatable)")
+    images = parser.add_argument_group("vision-language models")
+    images.add_argument(
+        "--image-size",
+        type=parse_image_size,
+        help="HEIGHTxWIDTH of each image (default: the recipe's image_size, or "
+        f"{DEFAULT_IMAGE_SIZE[0]}x{DEFAULT_IMAGE_SIZE[1]})",
+    )
+    images.add_argument("--images-per-prompt", type=int, help="default: the recipe's images_per_prompt, or 1")
+    images.add_argument(
+        "--image-tokens", type=int, help="image tokens per image, instead of counting them from the size"
+    )
+    images.add_argument(
+        "--images-per-completion",
+        action="store_true",
+        help="each completion's images encoded (G per group), instead of once per group with prefix sharing",
+    )
+    images.add_argument("--vision-4bit", action="store_true", help="the vision layers' linear weights in NF4 too")
+    images.add_argument("--vision-lora", action="store_true", help="LoRA on the vision layers too (default: frozen)")
     cli = parser.parse_args(argv)
     budget = None
     if cli.gpu_memory is not None:
@@ -632,12 +1018,25 @@ def main(argv=None) -> int:
             budget = parse_memory(cli.gpu_memory)
         except ValueError as error:
             parser.error(f"--gpu-memory {cli.gpu_memory}: {error}")
-    shape, settings = plan_config_file(cli.config, cli.model_config, cli.prompt_length, tuple(cli.reward_model))
+    image_options = {
+        "image_size": cli.image_size,
+        "images_per_prompt": cli.images_per_prompt,
+        "image_tokens_per_image": cli.image_tokens,
+        "images_once_per_group": False if cli.images_per_completion else None,
+        "vision_load_in_4bit": cli.vision_4bit or None,
+        "vision_trains": cli.vision_lora or None,
+    }
+    overrides = {name: value for name, value in image_options.items() if value is not None}
+    shape, settings = plan_config_file(
+        cli.config, cli.model_config, cli.prompt_length, tuple(cli.reward_model), **overrides
+    )
     plan = plan_step(shape, settings)
+    images = settings.images_per_prompt * image_grid(shape, settings)[1]
     print(  # noqa: T201 - the command line's output
         f"{cli.config}: {settings.per_device_train_batch_size} completions per micro-batch, "
-        f"{settings.generation_batch_size} per rollout, G={settings.num_generations}, P={settings.prompt_length}, "
-        f"C={settings.max_completion_length}"
+        f"{settings.generation_batch_size} per rollout, G={settings.num_generations}, P={settings.prompt_length}"
+        + (f" text + {images} image tokens" if shape.vision is not None else "")
+        + f", C={settings.max_completion_length}"
     )
     print(plan.table(budget))  # noqa: T201 - the command line's output
     if budget is not None and plan.peak > budget:

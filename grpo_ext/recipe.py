@@ -59,6 +59,19 @@ class ScriptArguments:
             "a local model folder is prepared (not used for training)."
         },
     )
+    image_size: str | None = field(
+        default=None,
+        metadata={
+            "help": "Vision-language recipes: HEIGHTxWIDTH of the images, from which `python -m grpo_ext.plan` counts "
+            "the image tokens (default 448x448; not used for training: the processor sizes the images)."
+        },
+    )
+    images_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "Vision-language recipes: images per prompt, for `python -m grpo_ext.plan` (not used for training)."
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
         metadata={
