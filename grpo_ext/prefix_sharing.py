@@ -18,6 +18,16 @@ scoring pass (old, reference, policy) re-encodes it G times. Here the prompt goe
   load-balancing loss (`router_aux_loss`) is computed over the tokens of the plain pass: each prompt's router logits
   repeated for every completion of its group, then the completion's own.
 
+**Prompts with images** (Qwen2-VL, Qwen2.5-VL: `IMAGE_SHARING_MODEL_TYPES`) share too, images included: the vision
+encoder runs once per group. Their positions are not the mask's: the model numbers image tokens on three rotary axes
+(time, height, width) and the text after an image from where the image's grid ends (`get_rope_index`), so a text token
+after the prompt's last image sits at its index among the real tokens plus a per-prompt offset, `rope_deltas`. The
+prefill (`shared_image_prompt_cache`) and the prompt pass of scoring take the prompt's positions from `get_rope_index`
+and the image tensors of one row per group; the decoding steps (`decoding.generate_dropping_finished`'s
+`position_offsets`) and the completion pass take the mask's positions plus each row's offset. Asked by
+`image_unsupported_reason` / `image_prefill_unsupported_reason` (the rollout module decides with them once per
+rollout); other vision-language models keep the plain path, every row with its own copy of the images.
+
 Why a cache and not one packed row `[prompt, c1, ..., cG]` with a 4D block mask (Prefix Grouper, arXiv 2506.05433):
 transformers 5 takes a 4D mask as is (`masking_utils._preprocess_mask_arguments`), but sdpa and eager then compute
 every score of the `(P + G*C)^2` matrix. For 8 completions of 256 tokens after a 64-token prompt that is 4.5M scores

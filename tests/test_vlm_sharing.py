@@ -185,7 +185,7 @@ def _completions(prompt_ids, tokens, length=7):
     completion_ids = torch.randint(4, tokens, (prompt_ids.size(0), length), generator=generator)
     completion_mask = torch.ones_like(completion_ids)
     completion_mask[1, 4:] = 0  # ended early
-    completion_mask[4, 1:] = 0  # EOS first
+    completion_mask[min(4, len(completion_mask) - 2), 1:] = 0  # EOS first
     completion_mask[-1] = 0  # masked out
     weights = torch.randn(completion_ids.shape, generator=generator)  # an arbitrary loss of the log-probs
     return completion_ids, completion_mask, weights
@@ -253,6 +253,12 @@ def test_groups_cut_by_micro_batches_and_lora():
             score_completions(model, prompt_ids, prompt_mask, plain).logps,
             **TOLERANCE,
         )
+
+
+def test_groups_of_one_take_the_plain_pass():
+    """A micro-batch without two rows of one group shares nothing: the plain pass, with each row's images."""
+    model, processor = make_tiny_vlm("qwen2_5_vl", image_size=84)
+    _assert_same(*_score_both_ways(model, processor, group_sizes=[1, 1, 1, 1]))
 
 
 def test_runs_split_where_the_images_differ():
