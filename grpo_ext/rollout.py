@@ -527,7 +527,7 @@ def _generate_with_images(model, prompt_ids, prompt_mask, num_generations, gener
         image_inputs = vision.select(slice(0, None, num_generations)).model_inputs(width, 0, prompt_ids.device)
         prefilled = prefix_sharing.shared_image_prompt_cache(model, *unique, num_generations, image_inputs)
         if prefilled is not None:
-            cache, rope_deltas = prefilled  # (B, ...) rows, (B, 1)
+            cache, rope_deltas = prefilled  # (B*G, ...) rows of prompt state, (B*G, 1)
             return decoding.generate_dropping_finished(
                 model, prompt_ids, prompt_mask, generation_config, cache=cache, position_offsets=rope_deltas
             )
