@@ -66,8 +66,12 @@ def _merged_config(model: nn.Module, generation_config: GenerationConfig) -> Gen
     return merged
 
 
-def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
-    """Why `generate_dropping_finished` cannot reproduce `model.generate` with this config, or None when it can."""
+def unsupported_reason(
+    model: nn.Module, generation_config: GenerationConfig, images_prefilled: bool = False
+) -> str | None:
+    """Why `generate_dropping_finished` cannot reproduce `model.generate` with this config, or None when it can.
+    `images_prefilled`: a vision-language model's prompts come prefilled with their images, with each row's position
+    offset (`prefix_sharing.shared_image_prompt_cache`), so the loop decodes text only."""
     causal_lm = unwrap_causal_lm(model)
     for helper in ("_prepare_generation_config", "_prepare_special_tokens", "_get_logits_processor"):
         if not hasattr(causal_lm, helper):
@@ -87,7 +91,7 @@ def unsupported_reason(model: nn.Module, generation_config: GenerationConfig) ->
         return f"{type(causal_lm).__name__} is an encoder-decoder model"
     if uses_prompt_learning(model):
         return "prompt-learning adapters (prefix / prompt tuning) manage the KV cache themselves"
-    if getattr(causal_lm.config, "vision_config", None) is not None:  # its image inputs and positions live in generate
+    if getattr(causal_lm.config, "vision_config", None) is not None and not images_prefilled:  # images: generate's
         return f"{type(causal_lm).__name__} is a vision-language model"
     return cache_rows.unsupported_reason(model)
 
@@ -134,12 +138,14 @@ def generate_dropping_finished(
     attention_mask: torch.Tensor,
     generation_config: GenerationConfig,
     cache: Cache | None = None,
+    position_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Completion ids `(B, C)` of the left-padded prompts `(B, P)`, padded after each row's stop token, `C` the longest
     completion (at most `max_new_tokens`), as `generate(...)[:, P:]` returns them.
 
     `cache`: a KV cache that already holds all but the last token of every prompt (prefix sharing prefills it once per
-    group); without one the prompts are prefilled here.
+    group); without one the prompts are prefilled here. `position_offsets` `(B, 1)`: added to each row's position ids
+    after the cache (a prompt with images: Qwen2-VL's `rope_deltas`, from `prefix_sharing.shared_image_prompt_cache`).
     """
     setup = prepare_decoding(model, input_ids, generation_config)
     config, processors, stop_ids, pad_id = setup.config, setup.processors, setup.stop_ids, setup.pad_id
@@ -155,6 +161,8 @@ def generate_dropping_finished(
         step_ids, step_positions = input_ids, position_ids_from_mask(attention_mask)  # prefill: (B, P) each
     else:  # the cache holds all but the last prompt token
         step_ids, step_positions = input_ids[:, -1:], attention_mask.sum(-1, keepdim=True) - 1  # (B, 1) each
+    offsets = position_offsets if position_offsets is not None else torch.zeros_like(rows[:, None])  # (b, 1)
+    step_positions = step_positions + offsets
     # Without attention layers (Mamba) the mask only zeroes the prompt's padding, which the prefill has done; as in
     # generate, decoding steps get none (Mamba's mixers would broadcast a (b, P + t) mask over their one token).
     attends = not cache.layers or not all(cache.is_linear)
@@ -183,8 +191,9 @@ def generate_dropping_finished(
         if bool(finished.any()):  # drop the finished rows from the batch and from every cache layer
             going = (~finished).nonzero().squeeze(1)  # (b',)
             rows, next_ids, sequences, mask = rows[going], next_ids[going], sequences[going], mask[going]
+            offsets = offsets[going]
             cache_rows.take_rows(cache, going)  # keys/values or recurrent states, by layer type
         sequences = torch.cat([sequences, next_ids[:, None]], dim=1)  # (b, P + t + 1)
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)  # (b, P + t + 1)
-        step_ids, step_positions = next_ids[:, None], mask.sum(-1, keepdim=True) - 1  # (b, 1) each
+        step_ids, step_positions = next_ids[:, None], mask.sum(-1, keepdim=True) - 1 + offsets  # (b, 1) each
     return completions

@@ -169,8 +169,8 @@ class RolloutEngine:
         return self.tool_calling.start(rows, prompts)
 
     def plan(self, model: nn.Module, generation_config=None, images: bool = False) -> GenerationPlan:
-        """What this rollout can use of the sharing and decoding settings (`rollout.plan_generation`); a rollout whose
-        prompts hold `images` takes the plain paths."""
+        """What this rollout can use of the sharing and decoding settings (`rollout.plan_generation`), for prompts
+        that hold `images` or not."""
         return plan_generation(
             model,
             generation_config or self.generation_config,
@@ -198,7 +198,7 @@ class RolloutEngine:
         config = generation_config or self.generation_config
         device = device or next(model.parameters()).device
         row_tools = episode.row_tools if episode is not None else None
-        vision, images, model_inputs = None, None, None
+        vision, images = None, None
         if has_images(prompts):
             if self.processor is None:
                 raise ValueError(
@@ -216,8 +216,7 @@ class RolloutEngine:
                 self.pad_to_multiple_of,
             )  # (B, P) each
             images = [prompt_images(prompt) or None for prompt in prompts]
-            model_inputs = vision.model_inputs(prompt_ids.size(1), 0, device)
-            plan = GenerationPlan(shared_prefix=False, continuous_batching=plan.continuous_batching)  # plain paths
+            plan = self.plan(model, config, images=True)  # what prompts with images can share
         else:
             prompt_ids, prompt_mask = encode_prompts(
                 self.processing_class,
@@ -232,7 +231,7 @@ class RolloutEngine:
             plan = dataclasses.replace(plan, shared_prefill=False)
         draft_stats = DraftStats() if plan.draft_tokens else None
         completion_ids = generate_completions(
-            model, prompt_ids, prompt_mask, num_generations, config, plan, self.draft_memory, draft_stats, model_inputs
+            model, prompt_ids, prompt_mask, num_generations, config, plan, self.draft_memory, draft_stats, vision
         )  # (B, C)
         prompt_lists = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
         completion_lists = token_lists_until_stop(completion_ids, self.stop_token_ids)
@@ -281,7 +280,7 @@ class RolloutEngine:
             pad_token_id,
             self.stop_token_ids,
             self.mask_truncated_completions,
-            plan.shared_prefix and generation.vision is None,
+            plan.shared_prefix,
             device,
         ).padded(self.pad_to_multiple_of, pad_token_id)
         if generation.vision is None and generation.images is not None and any(generation.images):

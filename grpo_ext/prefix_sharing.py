@@ -18,6 +18,16 @@ scoring pass (old, reference, policy) re-encodes it G times. Here the prompt goe
   load-balancing loss (`router_aux_loss`) is computed over the tokens of the plain pass: each prompt's router logits
   repeated for every completion of its group, then the completion's own.
 
+**Prompts with images** (Qwen2-VL, Qwen2.5-VL: `IMAGE_SHARING_MODEL_TYPES`) share too, images included: the vision
+encoder runs once per group. Their positions are not the mask's: the model numbers image tokens on three rotary axes
+(time, height, width) and the text after an image from where the image's grid ends (`get_rope_index`), so a text token
+after the prompt's last image sits at its index among the real tokens plus a per-prompt offset, `rope_deltas`. The
+prefill (`shared_image_prompt_cache`) and the prompt pass of scoring take the prompt's positions from `get_rope_index`
+and the image tensors of one row per group; the decoding steps (`decoding.generate_dropping_finished`'s
+`position_offsets`) and the completion pass take the mask's positions plus each row's offset. Asked by
+`image_unsupported_reason` / `image_prefill_unsupported_reason` (the rollout module decides with them once per
+rollout); other vision-language models keep the plain path, every row with its own copy of the images.
+
 Why a cache and not one packed row `[prompt, c1, ..., cG]` with a 4D block mask (Prefix Grouper, arXiv 2506.05433):
 transformers 5 takes a 4D mask as is (`masking_utils._preprocess_mask_arguments`), but sdpa and eager then compute
 every score of the `(P + G*C)^2` matrix. For 8 completions of 256 tokens after a 64-token prompt that is 4.5M scores
@@ -40,9 +50,9 @@ expectation is unchanged, but set `disable_dropout=True` for runs that must matc
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -60,11 +70,16 @@ from .logprobs import (
 )
 from .models import unwrap_causal_lm, uses_prompt_learning
 from .moe import load_balancing_loss, without_router_logits
+from .vision import TOKEN_ALIGNED, VisionInputs
 
 __all__ = [
     "unsupported_reason",
     "prefill_unsupported_reason",
+    "image_unsupported_reason",
+    "image_prefill_unsupported_reason",
     "shared_prompt_cache",
+    "shared_image_prompt_cache",
+    "groups_share_images",
     "generate_with_shared_prefix",
     "SharedPrefixScoring",
     "shared_prefix_logps",
@@ -95,12 +110,18 @@ def warn_plain_prefill(reason: str) -> None:
 # --- Groups of identical prompts ---
 
 
-def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs of identical consecutive prompt rows: the first row of each run `(U,)` and its length `(U,)`.
+def prompt_groups(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vision: VisionInputs | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of identical consecutive prompt rows: the first row of each run `(U,)` and its length `(U,)`. With
+    `vision`, rows of a run also hold the same images (two images of one size give the same prompt ids).
 
     Runs rather than fixed groups of G, so a micro-batch that cuts a group in two still shares within each part.
     """
     same_as_previous = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)
+    if vision is not None:
+        same_images = [_same_images(a, b) for a, b in zip(vision.rows[1:], vision.rows[:-1], strict=True)]
+        same_as_previous &= torch.tensor(same_images, dtype=torch.bool, device=prompt_ids.device)
     is_start = torch.cat([same_as_previous.new_ones(1), ~same_as_previous])  # (N,)
     starts = is_start.nonzero().squeeze(-1)  # (U,)
     ends = torch.cat([starts[1:], starts.new_tensor([prompt_ids.size(0)])])  # (U,)
@@ -121,6 +142,17 @@ def unique_prompts(
     if not ((groups_ids == groups_ids[:, :1]).all() and (groups_mask == groups_mask[:, :1]).all()):
         return None
     return groups_ids[:, 0], groups_mask[:, 0]
+
+
+def _same_images(a: dict, b: dict) -> bool:
+    """Whether two rows' image tensors (`VisionInputs` rows) are equal: the rows of a group share one dict."""
+    return a is b or (a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a))
+
+
+def groups_share_images(vision: VisionInputs, num_generations: int) -> bool:
+    """Whether each group of G consecutive rows holds the same images (with `unique_prompts`: whole groups)."""
+    rows = vision.rows
+    return all(_same_images(rows[i], rows[i - i % num_generations]) for i in range(len(rows)))
 
 
 # --- What can share ---
@@ -164,6 +196,34 @@ def _backbone_reason(causal_lm: nn.Module) -> str | None:
     return None
 
 
+# Models whose prompts with images share: the backbone merges the image features into the prompt's embeddings and takes
+# explicit multimodal rotary positions (`get_rope_index`: `(3, U, P)` for the prompt, a per-row `rope_deltas` offset for
+# the text after it), so the prompt pass computes both once per group and the completion pass adds the offset.
+IMAGE_SHARING_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _image_model_reason(causal_lm: nn.Module) -> str | None:
+    """Why the prompts with images of this model cannot share (in scoring or in the prefill), or None."""
+    if getattr(causal_lm.config, "model_type", None) not in IMAGE_SHARING_MODEL_TYPES:
+        return (
+            f"the prompts hold images and {type(causal_lm).__name__} is not of a family whose image prompts share "
+            f"({', '.join(IMAGE_SHARING_MODEL_TYPES)})"
+        )
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    if backbone is None or not hasattr(backbone, "get_rope_index"):
+        return f"{type(causal_lm).__name__}'s backbone has no get_rope_index"
+    return None
+
+
+def image_unsupported_reason(model: nn.Module, training: bool = True) -> str | None:
+    """`unsupported_reason` for a rollout whose prompts hold images: why its completions cannot be scored with each
+    prompt and its images encoded once per group, or None when they can (Qwen2-VL and Qwen2.5-VL)."""
+    causal_lm = unwrap_causal_lm(model)
+    if training and _reentrant_checkpointing(causal_lm):
+        return _REENTRANT
+    return _cache_owner_reason(model) or _image_model_reason(causal_lm) or _scoring_layers_reason(causal_lm)
+
+
 def _scoring_layers_reason(causal_lm: nn.Module) -> str | None:
     """Scoring hands each completion its group's prompt keys/values, so every layer must attend to all of them: full
     attention only (a sliding window or a recurrent state depends on what came before in a way a shared cache does
@@ -185,6 +245,29 @@ def _scoring_layers_reason(causal_lm: nn.Module) -> str | None:
 def prefill_unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
     """Why `generate` with `generation_config` cannot start from a prompt cache prefilled once per group (e.g. a
     static cache, beam search), or None when it can. Scoring may still share the prompts (`unsupported_reason`)."""
+    # Looser than scoring's layer rule: a sliding-window layer's last keys/values and a recurrent layer's running
+    # state are each a whole row of state, repeated as such (`cache_rows`)
+    return (
+        _generation_config_reason(model, generation_config)
+        or _cache_owner_reason(model)
+        or _backbone_reason(unwrap_causal_lm(model))
+        or cache_rows.unsupported_reason(model)
+    )
+
+
+def image_prefill_unsupported_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
+    """`prefill_unsupported_reason` for prompts with images: why they cannot be prefilled once per group with their
+    image features (`shared_image_prompt_cache`), or None when they can (Qwen2-VL and Qwen2.5-VL)."""
+    return (
+        _generation_config_reason(model, generation_config)
+        or _cache_owner_reason(model)
+        or _image_model_reason(unwrap_causal_lm(model))
+        or cache_rows.unsupported_reason(model)
+    )
+
+
+def _generation_config_reason(model: nn.Module, generation_config: GenerationConfig) -> str | None:
+    """Why `generate` with this config cannot continue from a cache repeated along the batch, or None."""
     defaults = unwrap_causal_lm(model).generation_config  # what generate uses for the fields left unset (None)
 
     def setting(name):
@@ -200,10 +283,7 @@ def prefill_unsupported_reason(model: nn.Module, generation_config: GenerationCo
             f"cache_implementation={setting('cache_implementation')!r}: only a DynamicCache can be repeated along "
             "the batch"
         )
-    # Looser than scoring's layer rule: a sliding-window layer's last keys/values and a recurrent layer's running
-    # state are each a whole row of state, repeated as such (`cache_rows`)
-    causal_lm = unwrap_causal_lm(model)
-    return _cache_owner_reason(model) or _backbone_reason(causal_lm) or cache_rows.unsupported_reason(model)
+    return None
 
 
 def _prefill_shared_cache(model: nn.Module, input_ids, attention_mask, num_generations: int) -> Cache:
@@ -229,6 +309,45 @@ def shared_prompt_cache(
     if input_ids.size(1) < 2 or num_generations < 2:
         return None
     return _prefill_shared_cache(model, input_ids[:, :-1], attention_mask[:, :-1], num_generations)
+
+
+def image_prompt_positions(backbone: nn.Module, prompt_ids, prompt_mask, image_inputs: dict):
+    """The multimodal rotary positions `(3, U, P)` of left-padded prompts with images, and each prompt's `rope_deltas`
+    `(U, 1)`: a text token after the prompt's last image sits at its index among the real tokens plus this offset (the
+    completion's tokens, as `generate` numbers them). `image_inputs`: the processor's tensors of these prompts
+    (`VisionInputs.model_inputs(P, 0)`)."""
+    return backbone.get_rope_index(prompt_ids, attention_mask=prompt_mask, **image_inputs)
+
+
+@torch.no_grad()
+def shared_image_prompt_cache(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_generations: int, image_inputs: dict
+) -> tuple[Cache, torch.Tensor] | None:
+    """`shared_prompt_cache` for the `(B, P)` unique prompts with images (`image_inputs`: their processor tensors,
+    `VisionInputs.model_inputs(P, 0)`): the vision encoder runs once per prompt, its features merged into the
+    prompt's embeddings by the backbone's own forward, at the multimodal positions of `get_rope_index`. Returns the
+    cache of all but the last prompt token repeated G times, and each row's `rope_deltas` `(B*G, 1)`, to add to the
+    decoding steps' positions (`position_ids_from_mask` numbering); None when there is nothing to share or a prompt ends
+    with an image token (its features would be missing from the prefill). For a model that
+    `image_prefill_unsupported_reason` accepts."""
+    causal_lm = unwrap_causal_lm(model)
+    ends_with_image = bool((input_ids[:, -1] == causal_lm.config.image_token_id).any())
+    if input_ids.size(1) < 2 or num_generations < 2 or ends_with_image:
+        return None
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    positions, rope_deltas = image_prompt_positions(backbone, input_ids, attention_mask, image_inputs)  # (3, B, P)
+    cache = DynamicCache(config=causal_lm.config)
+    backbone(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=positions[..., :-1],
+        cache=cache,
+        use_cache=True,
+        **{key: value[:, :-1] if key in TOKEN_ALIGNED else value for key, value in image_inputs.items()},
+    )
+    rows = torch.arange(input_ids.size(0), device=input_ids.device).repeat_interleave(num_generations)  # (B*G,)
+    cache_rows.take_rows(cache, rows)
+    return cache, rope_deltas[rows]
 
 
 @torch.no_grad()
@@ -326,13 +445,21 @@ def _reentrant_checkpointing(causal_lm: nn.Module) -> bool:
     return False
 
 
-@dataclass
+@dataclasses.dataclass
 class SharedPrefixScoring(ScoringRequest):
-    """A `ScoringRequest` run with each prompt encoded once per run of identical rows (the module docstring)."""
+    """A `ScoringRequest` run with each prompt encoded once per run of identical rows (the module docstring). With
+    `vision` (prompts with images, a model `image_unsupported_reason` accepts) each run's images go through the vision
+    encoder once, in the prompt pass; `model_inputs` is then left unset."""
+
+    vision: VisionInputs | None = None  # the rows' image tensors (Rollout.vision)
 
     def run(self, causal_lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> CompletionScores:
-        _, group_sizes = prompt_groups(prompt_ids, prompt_mask)  # (U,)
+        _, group_sizes = prompt_groups(prompt_ids, prompt_mask, self.vision)  # (U,)
         if bool((group_sizes == 1).all()):  # nothing shared in this micro-batch: the plain pass is as cheap
+            if self.vision is not None:
+                width = (prompt_ids.size(1), self.completion_ids.size(1))
+                plain = dataclasses.replace(self, model_inputs=self.vision.model_inputs(*width, prompt_ids.device))
+                return ScoringRequest.run(plain, causal_lm, prompt_ids, prompt_mask)
             return super().run(causal_lm, prompt_ids, prompt_mask)
         return _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, self)
 
@@ -341,28 +468,37 @@ def _shared_prefix_forward(causal_lm, prompt_ids, prompt_mask, request: SharedPr
     """Prompt pass on the unique prompts, completion pass on every completion against the shared prompt cache."""
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     completion_ids, completion_mask = request.completion_ids, request.completion_mask  # (N, C)
-    starts, group_sizes = prompt_groups(prompt_ids, prompt_mask)  # (U,), (U,)
+    starts, group_sizes = prompt_groups(prompt_ids, prompt_mask, request.vision)  # (U,), (U,)
 
     # Positions as the plain path numbers them over [prompt, completion]
     full_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P+C)
     position_ids = position_ids_from_mask(full_mask)  # (N, P+C)
     prompt_length = prompt_ids.size(1)
+    prompt_positions, completion_positions = position_ids[starts, :prompt_length], position_ids[:, prompt_length:]
+    image_inputs = {}
+    if request.vision is not None:  # each run's images encoded once; multimodal positions (Qwen2-VL's get_rope_index)
+        image_inputs = request.vision.select(starts).model_inputs(prompt_length, 0, prompt_ids.device)
+        prompt_positions, rope_deltas = image_prompt_positions(
+            backbone, prompt_ids[starts], prompt_mask[starts], image_inputs
+        )  # (3, U, P), (U, 1)
+        completion_positions = completion_positions + rope_deltas.repeat_interleave(group_sizes, dim=0)  # (N, C)
 
     with _CheckpointWithReadOnlyCache(backbone):
         recorder = Cache(layer_class_to_replicate=_RecordPromptLayer)
         prompt_outputs = backbone(
             input_ids=prompt_ids[starts],
             attention_mask=prompt_mask[starts],
-            position_ids=position_ids[starts, :prompt_length],
+            position_ids=prompt_positions,
             cache=recorder,
             use_cache=False,  # the cache is passed explicitly; use_cache only asks the backbone to create one
             **request.backbone_kwargs(),
+            **image_inputs,
         )
         shared = Cache(layers=[_SharedPromptLayer(*layer.recorded, group_sizes) for layer in recorder.layers])
         completion_outputs = backbone(
             input_ids=completion_ids,
             attention_mask=full_mask,
-            position_ids=position_ids[:, prompt_length:],
+            position_ids=completion_positions,
             cache=shared,
             use_cache=False,
             **request.backbone_kwargs(),

@@ -362,7 +362,7 @@ def continuous_batching_config(args):
     )
 
 
-_IMAGES_REASON = "the prompts hold images (sharing a prompt's image tokens across its group is not built yet)"
+_IMAGES_REASON = "the prompts hold images (drafting is not built for them yet)"
 
 
 @dataclass(frozen=True)
@@ -389,18 +389,29 @@ def plan_generation(
     images: bool = False,
 ) -> GenerationPlan:
     """What this rollout can use of what the config asks for (the policy `model`, before it is unwrapped for
-    generation). Each reason not to is warned about once per process. A rollout with `images` (vision.py) takes
-    `model.generate` and the plain scoring pass: sharing a prompt's image tokens is not built yet. `continuous_batching` (a
-    `ContinuousBatchingConfig`): generation runs on transformers' engine, which neither drops rows our way nor takes a
-    prefilled cache; scoring may still share the prompts. `draft_tokens` > 0: speculative decoding with drafts from
-    the group (`speculative.py`), within the loop that drops finished rows."""
+    generation). Each reason not to is warned about once per process. A rollout with `images` (vision.py) shares its
+    prompts, images included, where `prefix_sharing.image_unsupported_reason` allows (Qwen2-VL, Qwen2.5-VL): each
+    prompt is prefilled once with its images and decoded by the loop that drops finished rows, else `model.generate`
+    with every row's images; no drafting. `continuous_batching` (a `ContinuousBatchingConfig`): generation runs on
+    transformers' engine, which neither drops rows our way nor takes a prefilled cache; scoring may still share the
+    prompts. `draft_tokens` > 0: speculative decoding with drafts from the group (`speculative.py`), within the loop
+    that drops finished rows."""
 
     def usable(wanted: bool, unsupported_reason, warn, *settings) -> bool:
-        reason = (_IMAGES_REASON if images else unsupported_reason(model, *settings)) if wanted else None
+        reason = unsupported_reason(model, *settings) if wanted else None
         if reason is not None:
             warn(reason)
         return wanted and reason is None
 
+    if images:
+        return _plan_with_images(
+            usable,
+            prefix_sharing_wanted,
+            drop_finished_rows_wanted,
+            generation_config,
+            continuous_batching,
+            draft_tokens,
+        )
     shared_prefix = usable(prefix_sharing_wanted, prefix_sharing.unsupported_reason, prefix_sharing.warn_plain_path)
     if continuous_batching is not None:
         return GenerationPlan(shared_prefix=shared_prefix, continuous_batching=continuous_batching)
@@ -424,6 +435,42 @@ def plan_generation(
     )
 
 
+def _plan_with_images(
+    usable, prefix_sharing_wanted, drop_finished_rows_wanted, generation_config, continuous_batching, draft_tokens
+) -> GenerationPlan:
+    """`plan_generation` for prompts with images: the prefill shares only into the loop that drops finished rows
+    (`generate` cannot be handed the rows' multimodal position offsets), and that loop runs only after it (its own
+    prefill takes no images)."""
+    shared_prefix = usable(
+        prefix_sharing_wanted, prefix_sharing.image_unsupported_reason, prefix_sharing.warn_plain_path
+    )
+    if draft_tokens > 0:
+        speculative.warn_plain_decoding(_IMAGES_REASON)
+    if continuous_batching is not None:
+        return GenerationPlan(shared_prefix=shared_prefix, continuous_batching=continuous_batching)
+    shared_prefill = usable(
+        prefix_sharing_wanted,
+        prefix_sharing.image_prefill_unsupported_reason,
+        prefix_sharing.warn_plain_prefill,
+        generation_config,
+    )
+    if shared_prefill and not drop_finished_rows_wanted:
+        prefix_sharing.warn_plain_prefill(
+            "prompts with images are prefilled once per group only for the loop that drops finished rows "
+            "(drop_finished_rows=False)"
+        )
+    decoding_reason = decoding.unsupported_reason if shared_prefill else lambda *_: _NO_IMAGE_PREFILL
+    drop_finished_rows = usable(
+        drop_finished_rows_wanted, decoding_reason, decoding.warn_generate, generation_config, True
+    )
+    return GenerationPlan(
+        shared_prefix=shared_prefix, drop_finished_rows=drop_finished_rows, shared_prefill=drop_finished_rows
+    )
+
+
+_NO_IMAGE_PREFILL = "the prompts hold images and are not prefilled once per group (the loop's own prefill takes none)"
+
+
 @torch.no_grad()
 def generate_completions(
     model: nn.Module,
@@ -434,13 +481,13 @@ def generate_completions(
     plan: GenerationPlan,
     draft_memory: DraftMemory | None = None,
     draft_stats: speculative.DraftStats | None = None,
-    model_inputs: dict | None = None,
+    vision: VisionInputs | None = None,
 ) -> torch.Tensor:
     """Completion ids `(B, C)` for the `(B, P)` prompts, each prompt repeated G times in a row. With drafting, earlier
-    completions come from and go to `draft_memory`, and `draft_stats` counts what the drafts saved. `model_inputs`: a
-    vision-language model's image tensors (`Rollout.model_inputs`), for `model.generate` (the plan's plain path)."""
-    if model_inputs and (plan.continuous_batching is not None or plan.shared_prefill or plan.drop_finished_rows):
-        raise ValueError(f"a rollout with image inputs is generated by model.generate only, not with {plan}")
+    completions come from and go to `draft_memory`, and `draft_stats` counts what the drafts saved. `vision`: the
+    rows' image tensors (a vision-language model's prompts with images, `_generate_with_images`)."""
+    if vision is not None:
+        return _generate_with_images(model, prompt_ids, prompt_mask, num_generations, generation_config, plan, vision)
     if plan.continuous_batching is not None:
         return _generate_batch(model, prompt_ids, prompt_mask, generation_config, plan.continuous_batching)
     # An evaluation batch may cut a group across processes: then there is no whole group to prefill once
@@ -463,9 +510,35 @@ def generate_completions(
         generation_config=generation_config,
         **({"cache": cache} if cache is not None else {}),  # generate then feeds only the last prompt token first
         **without_router_logits(model),
-        **(model_inputs or {}),
     )  # (B, P + C)
     return sequences[:, prompt_ids.size(1) :]
+
+
+def _generate_with_images(model, prompt_ids, prompt_mask, num_generations, generation_config, plan, vision):
+    """Completions `(B, C)` of prompts with images: each group's prompt prefilled once, its images encoded once
+    (`prefix_sharing.shared_image_prompt_cache`), then the loop that drops finished rows with each row's multimodal
+    position offset; `model.generate` with every row's images when the plan or the batch (no whole groups) does not
+    share."""
+    if plan.continuous_batching is not None or plan.draft_tokens:
+        raise ValueError(f"a rollout with images is generated by grpo-ext's loop or model.generate, not with {plan}")
+    width = prompt_ids.size(1)
+    unique = prefix_sharing.unique_prompts(prompt_ids, prompt_mask, num_generations) if plan.shared_prefill else None
+    if unique is not None and prefix_sharing.groups_share_images(vision, num_generations):
+        image_inputs = vision.select(slice(0, None, num_generations)).model_inputs(width, 0, prompt_ids.device)
+        prefilled = prefix_sharing.shared_image_prompt_cache(model, *unique, num_generations, image_inputs)
+        if prefilled is not None:
+            cache, rope_deltas = prefilled  # (B*G, ...) rows of prompt state, (B*G, 1)
+            return decoding.generate_dropping_finished(
+                model, prompt_ids, prompt_mask, generation_config, cache=cache, position_offsets=rope_deltas
+            )
+    sequences = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        generation_config=generation_config,
+        **without_router_logits(model),
+        **vision.model_inputs(width, 0, prompt_ids.device),
+    )  # (B, P + C)
+    return sequences[:, width:]
 
 
 def _generate_batch(model, prompt_ids, prompt_mask, generation_config, batching_config) -> torch.Tensor:
@@ -543,9 +616,11 @@ def score_rollout(
     request_type = prefix_sharing.SharedPrefixScoring if rollout.shared_prefix else ScoringRequest
 
     def score(part: Rollout) -> CompletionScores:
+        # Shared prompts with images: each run's images are batched in the prompt pass, once (not every row's)
+        images = {"vision": part.vision} if rollout.shared_prefix and part.vision is not None else None
         request = request_type(
             part.completion_ids, part.completion_mask, temperature, chunk_size, entropy_gradients, router_aux_loss,
-            model_inputs=part.model_inputs(),
+            **(images or {"model_inputs": part.model_inputs()}),
         )  # fmt: skip
         return score_completions(model, part.prompt_ids, part.prompt_mask, request)
 

@@ -11,9 +11,9 @@ row, the model-specific tensors (`VisionInputs`): `pixel_values`, `image_grid_th
 carries them (`Rollout.vision`) to every pass over its rows: generation, the old / reference passes and each training
 micro-batch, whose rows take their own images (`VisionInputs.select`).
 
-What it does not do yet: share a group's prompt (its image encoded once for G completions) in generation or scoring,
-drop finished rows, draft tokens, or run tools with images; a rollout with images takes `model.generate` and the plain
-scoring pass (`rollout.plan_generation`). Videos are not handled.
+A group's prompt and its images are encoded once for its G completions, in generation and scoring, for the Qwen2-VL
+family (`prefix_sharing.py`); other models take `model.generate` and the plain scoring pass (`rollout.plan_generation`).
+What it does not do yet: draft tokens or run tools with images. Videos are not handled.
 """
 
 from __future__ import annotations
