@@ -220,3 +220,28 @@ def test_long_image_prompt_is_not_cut(tmp_path):
                           train_dataset=make_image_dataset(8), processing_class=processor)  # fmt: skip
     with pytest.raises(ValueError, match="more than max_prompt_length=8; prompts of a batch with images are not cut"):
         trainer.train()
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo", "luspo", "cispo", "sapo", "vespo"])
+def test_every_loss_type_trains_a_vlm_with_padding_and_a_sequence_ratio(tmp_path, loss_type):
+    """Each loss type on image batches, with `pad_to_multiple_of` (prompts padded on the left, completions on the
+    right: the image tokens stay with their pixels), beta > 0, two optimizer passes per rollout (a ratio that is not
+    1) and, for the two that use it, the sequence-level importance ratio: finite losses and moving weights."""
+    model, processor = make_tiny_vlm("qwen2_5_vl")
+    sequence_level = loss_type in ("luspo", "vespo")
+    args = vlm_args(
+        tmp_path, loss_type=loss_type, beta=0.05, pad_to_multiple_of=8, num_iterations=2, max_steps=2,
+        importance_sampling_level="sequence" if sequence_level else "token",
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=make_image_dataset(8),
+        processing_class=processor,
+    )
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
