@@ -429,31 +429,70 @@ def record_trained_batches(trainer) -> list:
 # --- Tiny vision-language models (grpo_ext.vision) ---
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
-# CHAT_TEMPLATE, plus image parts: a message's content may be a list of {"type": "text" | "image"} parts (Qwen2-VL's way)
-VLM_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl")
+
+
+def _image_chat_template(image_text: str) -> str:
+    """CHAT_TEMPLATE, plus image parts: a message's content may be a list of {"type": "text" | "image"} parts, an
+    image part rendered as `image_text` (the placeholder the model's processor expands into its image tokens)."""
+    return (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ '" + image_text + "' }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{{ '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
+VLM_CHAT_TEMPLATE = _image_chat_template(VISION_START + IMAGE_PAD + VISION_END)  # Qwen2-VL's way
+TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl", "gemma3")
+# The language model of every tiny VLM: make_tiny_model's sizes
+_VLM_TEXT_SIZES = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512,
+)  # fmt: skip
 
 
 def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: int = 28):
     """A randomly initialised vision-language model (a 1-layer vision tower, a 2-layer language model, hidden 32) and
     its processor, both built here: `make_tokenizer()` plus the image tokens, an image processor of the model's
     family with explicit settings, and a chat template that renders image parts. An `image_size` x `image_size` image
-    (a multiple of 28) becomes `(image_size / 28)^2` image tokens. Returns `(model, processor)`."""
+    (a multiple of 28) becomes `(image_size / 28)^2` image tokens. `architecture`: one of `TINY_VLM_ARCHITECTURES`.
+    Returns `(model, processor)`."""
     import torch
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if architecture not in TINY_VLM_ARCHITECTURES:
         raise ValueError(f"architecture must be one of {TINY_VLM_ARCHITECTURES}, got {architecture!r}.")
+    builder = _tiny_qwen_vl if architecture.startswith("qwen") else globals()[f"_tiny_{architecture}"]
+    torch.manual_seed(seed)
+    model, processor = builder(architecture, image_size)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    return model, processor
+
+
+def _vlm_tokenizer(named_tokens: dict[str, str]) -> PreTrainedTokenizerFast:
+    """`make_tokenizer()` plus a VLM's image tokens, each also an attribute named as the processor looks it up
+    (`tokenizer.image_token`, `tokenizer.image_token_id`, ...)."""
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens(list(named_tokens.values()), special_tokens=True)
+    tokenizer._set_model_specific_special_tokens(named_tokens)  # the attributes, saved with the tokenizer
+    return tokenizer
+
+
+def _text_config(tokenizer, **overrides) -> dict:
+    return dict(
+        vocab_size=len(tokenizer), **_VLM_TEXT_SIZES, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **overrides,
+    )  # fmt: skip
+
+
+def _tiny_qwen_vl(architecture: str, image_size: int):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     tokenizer = make_tokenizer()
     tokenizer.add_tokens([VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD], special_tokens=True)
     token_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
@@ -464,19 +503,8 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=28 * 28, max_pixels=image_size * image_size, patch_size=14, temporal_patch_size=2, merge_size=2
     )
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},  # head_dim 8: 4 rotary pairs over (t, h, w)
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    # head_dim 8: 4 rotary pairs over (t, h, w)
+    text_config = _text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
     if architecture == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
@@ -496,13 +524,45 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
         )  # fmt: skip
         config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     config = config_class(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **token_ids)
-    torch.manual_seed(seed)
-    model = model_class(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     processor = _without_video(processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=VLM_CHAT_TEMPLATE
     )
+    return model_class(config), processor
+
+
+def _tiny_gemma3(architecture: str, image_size: int):
+    """Gemma 3: a SigLIP tower whose patches are average-pooled into `mm_tokens_per_image` tokens, placed between
+    begin / end-of-image tokens; `token_type_ids` mark the image tokens, which attend to each other both ways."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = _vlm_tokenizer(
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    )
+    # 14-pixel patches pooled 2 x 2 into one token: a 28 x 28 image is 1 token (the processor resizes to image_size)
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, do_pan_and_scan=False)
+    image_tokens = (image_size // 28) ** 2
+    text_config = _text_config(
+        tokenizer, head_dim=8, query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,  # a window the prompts outgrow; the full-attention layer sees the image
+    )  # fmt: skip
+    vision_config = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+        patch_size=14, vision_use_head=False,
+    )  # fmt: skip
+    config = Gemma3Config(
+        text_config=text_config, vision_config=vision_config, mm_tokens_per_image=image_tokens,
+        boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Gemma3ForConditionalGeneration(config)
+    # Gemma 3 initialises the image projection to zero, which would hide the images from the language model
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.1)
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_tokens,
+        chat_template=_image_chat_template(tokenizer.boi_token),
+    )  # fmt: skip
     return model, processor
 
 
