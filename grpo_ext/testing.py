@@ -448,7 +448,7 @@ def _image_chat_template(image_text: str) -> str:
 
 
 VLM_CHAT_TEMPLATE = _image_chat_template(VISION_START + IMAGE_PAD + VISION_END)  # Qwen2-VL's way
-TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl", "gemma3")
+TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl", "gemma3", "idefics3")
 # The language model of every tiny VLM: make_tiny_model's sizes
 _VLM_TEXT_SIZES = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -474,11 +474,11 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
     return model, processor
 
 
-def _vlm_tokenizer(named_tokens: dict[str, str]) -> PreTrainedTokenizerFast:
-    """`make_tokenizer()` plus a VLM's image tokens, each also an attribute named as the processor looks it up
-    (`tokenizer.image_token`, `tokenizer.image_token_id`, ...)."""
+def _vlm_tokenizer(*tokens: str, **named_tokens: str) -> PreTrainedTokenizerFast:
+    """`make_tokenizer()` plus a VLM's image tokens; `named_tokens` are also attributes named as the processor looks
+    them up (`tokenizer.image_token`, `tokenizer.image_token_id`, ...)."""
     tokenizer = make_tokenizer()
-    tokenizer.add_tokens(list(named_tokens.values()), special_tokens=True)
+    tokenizer.add_tokens([*tokens, *named_tokens.values()], special_tokens=True)
     tokenizer._set_model_specific_special_tokens(named_tokens)  # the attributes, saved with the tokenizer
     return tokenizer
 
@@ -538,7 +538,7 @@ def _tiny_gemma3(architecture: str, image_size: int):
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     tokenizer = _vlm_tokenizer(
-        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>"
     )
     # 14-pixel patches pooled 2 x 2 into one token: a 28 x 28 image is 1 token (the processor resizes to image_size)
     image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, do_pan_and_scan=False)
@@ -564,6 +564,36 @@ def _tiny_gemma3(architecture: str, image_size: int):
         chat_template=_image_chat_template(tokenizer.boi_token),
     )  # fmt: skip
     return model, processor
+
+
+def _tiny_idefics3(architecture: str, image_size: int):
+    """Idefics3 (SmolVLM's architecture): a SigLIP tower whose patches are pixel-shuffled into fewer tokens, placed
+    between `<fake_token_around_image>` tokens after `<global-img>`; `pixel_values` `(1, images, 3, H, W)` per prompt
+    with a `pixel_attention_mask`. Image splitting off: each image is resized to `image_size`, one tile."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = _vlm_tokenizer("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=False
+    )
+    # 14-pixel patches, 2 x 2 shuffled into one token: a 28 x 28 image is 1 token
+    image_tokens = (image_size // 28) ** 2
+    vision_config = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+        patch_size=14,
+    )  # fmt: skip
+    config = Idefics3Config(
+        text_config=_text_config(tokenizer, model_type="llama"), vision_config=vision_config, scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
+    )  # fmt: skip
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens,
+        chat_template=_image_chat_template("<image>"),
+    )  # fmt: skip
+    # The processor makes its image tokens the tokenizer's only extra special tokens: give back make_tokenizer()'s
+    tokenizer.add_special_tokens({"extra_special_tokens": [EOS, IM_START]}, replace_extra_special_tokens=False)
+    return Idefics3ForConditionalGeneration(config), processor
 
 
 def _without_video(processor_class):
