@@ -448,7 +448,7 @@ def _image_chat_template(image_text: str) -> str:
 
 
 VLM_CHAT_TEMPLATE = _image_chat_template(VISION_START + IMAGE_PAD + VISION_END)  # Qwen2-VL's way
-TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl", "gemma3", "idefics3")
+TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl", "gemma3", "idefics3", "llava", "llava_next")
 # The language model of every tiny VLM: make_tiny_model's sizes
 _VLM_TEXT_SIZES = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -466,7 +466,14 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
 
     if architecture not in TINY_VLM_ARCHITECTURES:
         raise ValueError(f"architecture must be one of {TINY_VLM_ARCHITECTURES}, got {architecture!r}.")
-    builder = _tiny_qwen_vl if architecture.startswith("qwen") else globals()[f"_tiny_{architecture}"]
+    builder = {
+        "qwen2_5_vl": _tiny_qwen_vl,
+        "qwen2_vl": _tiny_qwen_vl,
+        "gemma3": _tiny_gemma3,
+        "idefics3": _tiny_idefics3,
+        "llava": _tiny_llava,
+        "llava_next": _tiny_llava,
+    }[architecture]
     torch.manual_seed(seed)
     model, processor = builder(architecture, image_size)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -594,6 +601,46 @@ def _tiny_idefics3(architecture: str, image_size: int):
     # The processor makes its image tokens the tokenizer's only extra special tokens: give back make_tokenizer()'s
     tokenizer.add_special_tokens({"extra_special_tokens": [EOS, IM_START]}, replace_extra_special_tokens=False)
     return Idefics3ForConditionalGeneration(config), processor
+
+
+def _tiny_llava(architecture: str, image_size: int):
+    """LLaVA: a CLIP tower whose patch features (its class token dropped) are projected one to one into image
+    tokens; `pixel_values` `(images, 3, H, W)`, one row per image. LLaVA-NeXT ("AnyRes") adds the image cut into tiles
+    of the best-fitting `image_grid_pinpoints` resolution beside its resized whole, with `image_sizes` `(images, 2)`
+    to unpad the tiles' features."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tokenizer = _vlm_tokenizer(image_token="<image>")
+    # One 28-pixel patch is one image token: a 28 x 28 image is 1 token (LLaVA-NeXT: more, for its tiles)
+    vision_config = dict(
+        model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, image_size=image_size, patch_size=28, projection_dim=32,
+    )  # fmt: skip
+    settings = dict(vision_feature_layer=-1, vision_feature_select_strategy="default")  # model and processor agree
+    sizes = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    if architecture == "llava":
+        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+        config_class, model_class, processor_class = LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        image_processor, extra = LlavaImageProcessorPil(**sizes), {}
+    else:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        config_class, model_class = LlavaNextConfig, LlavaNextForConditionalGeneration
+        processor_class = LlavaNextProcessor
+        pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size]]  # a square image: 2 tiles
+        image_processor = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints)
+        extra = dict(image_grid_pinpoints=pinpoints)
+    config = config_class(
+        text_config=_text_config(tokenizer, model_type="llama"), vision_config=vision_config,
+        image_token_id=tokenizer.image_token_id, tie_word_embeddings=False, **settings, **extra,
+    )  # fmt: skip
+    processor = processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=28, num_additional_image_tokens=1,
+        chat_template=_image_chat_template("<image>"), vision_feature_select_strategy="default",
+    )  # fmt: skip
+    return model_class(config), processor
 
 
 def _without_video(processor_class):

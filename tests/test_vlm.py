@@ -40,7 +40,7 @@ def vlm_args(tmp_path, **overrides):
     return GRPOConfig(**settings)
 
 
-@pytest.mark.parametrize("architecture", ["qwen2_5_vl", "qwen2_vl"])  # every architecture: test_vlm_architectures.py
+@pytest.mark.parametrize("architecture", ["qwen2_5_vl", "qwen2_vl"])  # the others: test_vlm_architectures.py
 def test_trl_vlm_script_trains(tmp_path, architecture):
     """TRL's VLM script shape: an `image` column, conversational prompts, a processor; the parameters move and the
     reward functions get the `image` column and the prompts with their image parts."""

@@ -12,6 +12,8 @@ from grpo_ext.testing import TINY_VLM_ARCHITECTURES, make_image_dataset, make_ti
 
 VISION_TOWERS = ("visual.", "vision_tower.", "vision_model.")  # where each family keeps its image encoder
 LANGUAGE_MODELS = ("language_model.", "text_model.")
+# Qwen2-VL and Qwen2.5-VL in depth: test_vlm.py
+ARCHITECTURES = [name for name in TINY_VLM_ARCHITECTURES if not name.startswith("qwen")]
 
 
 def length_reward(completions, **kwargs):
@@ -29,7 +31,7 @@ def make_trainer(tmp_path, architecture, **overrides):
     return GRPOTrainer(model, length_reward, args=args, train_dataset=make_image_dataset(8), processing_class=processor)
 
 
-@pytest.mark.parametrize("architecture", TINY_VLM_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_a_step_moves_the_vision_tower_and_the_language_model(tmp_path, architecture):
     trainer = make_trainer(tmp_path, architecture)
     model = trainer.model
@@ -40,7 +42,7 @@ def test_a_step_moves_the_vision_tower_and_the_language_model(tmp_path, architec
     assert any(lm in name for name in changed for lm in LANGUAGE_MODELS)
 
 
-@pytest.mark.parametrize("architecture", TINY_VLM_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @torch.no_grad()
 def test_scoring_matches_forward_and_generate(tmp_path, architecture):
     """The rollout's log-probs (the chunked scoring pass with each row's image tensors) equal those of the model's own
