@@ -81,3 +81,30 @@ def test_scoring_matches_forward_and_generate(tmp_path, architecture):
     request.model_inputs = prompts.vision.model_inputs(prompts.prompt_ids.size(1), 4, completion_ids.device)
     scored = score_completions(model, prompts.prompt_ids, prompts.prompt_mask, request).logps
     torch.testing.assert_close(scored, generated, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_rows_with_different_numbers_of_images(tmp_path):
+    """Idefics3 gives each prompt's images as `(1, images, 3, H, W)`: rows with one and two images are zero-padded to
+    two in one batch, as its processor pads them, and score as each group alone."""
+    from PIL import Image
+
+    images = [[Image.new("RGB", (28, 28), (255, 0, 0))], [Image.new("RGB", (28, 28), c) for c in [(0, 255, 0), (0, 0, 255)]]]  # fmt: skip
+    prompt = [{"role": "user", "content": "What colours are the images?"}]
+    trainer = make_trainer(tmp_path, "idefics3")
+    rows = [{"prompt": prompt, "images": row_images} for row_images in images for _ in range(4)]
+    rollout = trainer.generate_and_score(rows)
+    assert rollout.model_inputs()["pixel_values"].shape[:2] == (8, 2)
+    model = trainer.model.eval()
+    scored = score_completions(
+        model, rollout.prompt_ids, rollout.prompt_mask,
+        ScoringRequest(rollout.completion_ids, rollout.completion_mask, model_inputs=rollout.model_inputs()),
+    ).logps  # fmt: skip
+    for group in (slice(0, 4), slice(4, 8)):
+        alone = rollout.select(group)
+        expected = score_completions(
+            model, alone.prompt_ids, alone.prompt_mask,
+            ScoringRequest(alone.completion_ids, alone.completion_mask, model_inputs=alone.model_inputs()),
+        ).logps  # fmt: skip
+        mask = alone.completion_mask.bool()
+        torch.testing.assert_close(scored[group][mask], expected[mask], atol=1e-5, rtol=1e-5)
