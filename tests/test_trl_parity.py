@@ -283,11 +283,8 @@ def test_vlm_loss_and_gradient_match_trl(tmp_path, make_args, architecture, loss
 
     assert abs(our_loss.item() - trl_loss.item()) < 1e-6, (our_loss.item(), trl_loss.item())
     assert abs(our_loss.item()) > 1e-3
-    grads = 0
     for (name, ours_param), trl_param in zip(ours.model.named_parameters(), trl_trainer.model.parameters()):
         torch.testing.assert_close(ours_param.grad, trl_param.grad, atol=1e-6, rtol=1e-4, msg=name)
-        grads += (
-            name.startswith(VISION_TOWERS) and ours_param.grad is not None and bool(ours_param.grad.abs().sum() > 0)
-        )
-    assert grads > 0  # the images are in the gradient
+    vision_grads = [p.grad for name, p in ours.model.named_parameters() if name.startswith(VISION_TOWERS)]
+    assert any(grad is not None and grad.abs().sum() > 0 for grad in vision_grads)  # the images are in the gradient
     assert ours.recorder.values["train"]["kl"][-1] == pytest.approx(trl_trainer._metrics["train"]["kl"][-1], abs=1e-6)
