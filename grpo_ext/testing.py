@@ -460,8 +460,8 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
     """A randomly initialised vision-language model (a 1-layer vision tower, a 2-layer language model, hidden 32) and
     its processor, both built here: `make_tokenizer()` plus the image tokens, an image processor of the model's
     family with explicit settings, and a chat template that renders image parts. An `image_size` x `image_size` image
-    (a multiple of 28) becomes `(image_size / 28)^2` image tokens. `architecture`: one of `TINY_VLM_ARCHITECTURES`.
-    Returns `(model, processor)`."""
+    (a multiple of 28) becomes `(image_size / 28)^2` image tokens (LLaVA-NeXT: more, for its tiles). `architecture`:
+    one of `TINY_VLM_ARCHITECTURES`, the families TRL's VLM tests use. Returns `(model, processor)`."""
     import torch
 
     if architecture not in TINY_VLM_ARCHITECTURES:
