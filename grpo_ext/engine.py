@@ -131,9 +131,11 @@ class RolloutEngine:
         shared nor rows dropped (two backbone passes in one forward are untested there, and ranks must run the same
         number of forwards)."""
         generation_config = build_generation_config(args, tokenizer_of(processing_class).pad_token_id, stop_token_ids)
-        image_token_id = getattr(processing_class, "image_token_id", None) if is_processor(processing_class) else None
-        if image_token_id is not None and "suppress_tokens" not in (args.generation_kwargs or {}):
-            generation_config.suppress_tokens = [image_token_id]  # as TRL: a sampled image token has no image features
+        if is_processor(processing_class) and "suppress_tokens" not in (args.generation_kwargs or {}):
+            # As TRL: a sampled image token has no image features. `image_token_ids` holds the token the model fills
+            # with image features where it differs from the placeholder `image_token_id` (Gemma 3's soft token).
+            image_token_ids = [getattr(processing_class, "image_token_id", None), *processing_class.image_token_ids]
+            generation_config.suppress_tokens = list(dict.fromkeys(i for i in image_token_ids if i is not None)) or None
         return cls(
             processing_class,
             generation_config,

@@ -429,31 +429,77 @@ def record_trained_batches(trainer) -> list:
 # --- Tiny vision-language models (grpo_ext.vision) ---
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
-# CHAT_TEMPLATE, plus image parts: a message's content may be a list of {"type": "text" | "image"} parts (Qwen2-VL's way)
-VLM_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl")
+
+
+def _image_chat_template(image_text: str) -> str:
+    """CHAT_TEMPLATE, plus image parts: a message's content may be a list of {"type": "text" | "image"} parts, an
+    image part rendered as `image_text` (the placeholder the model's processor expands into its image tokens)."""
+    return (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ '" + image_text + "' }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{{ '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
+VLM_CHAT_TEMPLATE = _image_chat_template(VISION_START + IMAGE_PAD + VISION_END)  # Qwen2-VL's way
+TINY_VLM_ARCHITECTURES = ("qwen2_5_vl", "qwen2_vl", "gemma3", "idefics3", "llava", "llava_next")
+# The language model of every tiny VLM: make_tiny_model's sizes
+_VLM_TEXT_SIZES = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512,
+)  # fmt: skip
 
 
 def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: int = 28):
     """A randomly initialised vision-language model (a 1-layer vision tower, a 2-layer language model, hidden 32) and
     its processor, both built here: `make_tokenizer()` plus the image tokens, an image processor of the model's
     family with explicit settings, and a chat template that renders image parts. An `image_size` x `image_size` image
-    (a multiple of 28) becomes `(image_size / 28)^2` image tokens. Returns `(model, processor)`."""
+    (a multiple of 28) becomes `(image_size / 28)^2` image tokens (LLaVA-NeXT: more, for its tiles). `architecture`:
+    one of `TINY_VLM_ARCHITECTURES`, the families TRL's VLM tests use. Returns `(model, processor)`."""
     import torch
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if architecture not in TINY_VLM_ARCHITECTURES:
         raise ValueError(f"architecture must be one of {TINY_VLM_ARCHITECTURES}, got {architecture!r}.")
+    builder = {
+        "qwen2_5_vl": _tiny_qwen_vl,
+        "qwen2_vl": _tiny_qwen_vl,
+        "gemma3": _tiny_gemma3,
+        "idefics3": _tiny_idefics3,
+        "llava": _tiny_llava,
+        "llava_next": _tiny_llava,
+    }[architecture]
+    torch.manual_seed(seed)
+    model, processor = builder(architecture, image_size)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    return model, processor
+
+
+def _vlm_tokenizer(*tokens: str, **named_tokens: str) -> PreTrainedTokenizerFast:
+    """`make_tokenizer()` plus a VLM's image tokens; `named_tokens` are also attributes named as the processor looks
+    them up (`tokenizer.image_token`, `tokenizer.image_token_id`, ...)."""
+    tokenizer = make_tokenizer()
+    tokenizer.add_tokens([*tokens, *named_tokens.values()], special_tokens=True)
+    tokenizer._set_model_specific_special_tokens(named_tokens)  # the attributes, saved with the tokenizer
+    return tokenizer
+
+
+def _text_config(tokenizer, **overrides) -> dict:
+    return dict(
+        vocab_size=len(tokenizer), **_VLM_TEXT_SIZES, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **overrides,
+    )  # fmt: skip
+
+
+def _tiny_qwen_vl(architecture: str, image_size: int):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     tokenizer = make_tokenizer()
     tokenizer.add_tokens([VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD], special_tokens=True)
     token_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
@@ -464,19 +510,8 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=28 * 28, max_pixels=image_size * image_size, patch_size=14, temporal_patch_size=2, merge_size=2
     )
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},  # head_dim 8: 4 rotary pairs over (t, h, w)
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    # head_dim 8: 4 rotary pairs over (t, h, w)
+    text_config = _text_config(tokenizer, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
     if architecture == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
@@ -496,14 +531,116 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
         )  # fmt: skip
         config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     config = config_class(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **token_ids)
-    torch.manual_seed(seed)
-    model = model_class(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     processor = _without_video(processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=VLM_CHAT_TEMPLATE
     )
+    return model_class(config), processor
+
+
+def _tiny_gemma3(architecture: str, image_size: int):
+    """Gemma 3: a SigLIP tower whose patches are average-pooled into `mm_tokens_per_image` tokens, placed between
+    begin / end-of-image tokens; `token_type_ids` mark the image tokens, which attend to each other both ways."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = _vlm_tokenizer(
+        boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>"
+    )
+    # 14-pixel patches pooled 2 x 2 into one token: a 28 x 28 image is 1 token (the processor resizes to image_size)
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}, do_pan_and_scan=False)
+    image_tokens = (image_size // 28) ** 2
+    text_config = _text_config(
+        tokenizer, head_dim=8, query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,  # a window the prompts outgrow; the full-attention layer sees the image
+    )  # fmt: skip
+    vision_config = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+        patch_size=14, vision_use_head=False,
+    )  # fmt: skip
+    config = Gemma3Config(
+        text_config=text_config, vision_config=vision_config, mm_tokens_per_image=image_tokens,
+        boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Gemma3ForConditionalGeneration(config)
+    # Gemma 3 initialises the image projection to zero, which would hide the images from the language model
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.1)
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_tokens,
+        chat_template=_image_chat_template(tokenizer.boi_token),
+    )  # fmt: skip
     return model, processor
+
+
+def _tiny_idefics3(architecture: str, image_size: int):
+    """Idefics3 (SmolVLM's architecture): a SigLIP tower whose patches are pixel-shuffled into fewer tokens, placed
+    between `<fake_token_around_image>` tokens after `<global-img>`; `pixel_values` `(1, images, 3, H, W)` per prompt
+    with a `pixel_attention_mask`. Image splitting off: each image is resized to `image_size`, one tile."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = _vlm_tokenizer("<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}, do_image_splitting=False
+    )
+    # 14-pixel patches, 2 x 2 shuffled into one token: a 28 x 28 image is 1 token
+    image_tokens = (image_size // 28) ** 2
+    vision_config = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+        patch_size=14,
+    )  # fmt: skip
+    config = Idefics3Config(
+        text_config=_text_config(tokenizer, model_type="llama"), vision_config=vision_config, scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
+    )  # fmt: skip
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_tokens,
+        chat_template=_image_chat_template("<image>"),
+    )  # fmt: skip
+    # The processor makes its image tokens the tokenizer's only extra special tokens: give back make_tokenizer()'s
+    tokenizer.add_special_tokens({"extra_special_tokens": [EOS, IM_START]}, replace_extra_special_tokens=False)
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+def _tiny_llava(architecture: str, image_size: int):
+    """LLaVA: a CLIP tower whose patch features (its class token dropped) are projected one to one into image
+    tokens; `pixel_values` `(images, 3, H, W)`, one row per image. LLaVA-NeXT ("AnyRes") adds the image cut into tiles
+    of the best-fitting `image_grid_pinpoints` resolution beside its resized whole, with `image_sizes` `(images, 2)`
+    to unpad the tiles' features."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tokenizer = _vlm_tokenizer(image_token="<image>")
+    # One 28-pixel patch is one image token: a 28 x 28 image is 1 token (LLaVA-NeXT: more, for its tiles)
+    vision_config = dict(
+        model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, image_size=image_size, patch_size=28, projection_dim=32,
+    )  # fmt: skip
+    settings = dict(vision_feature_layer=-1, vision_feature_select_strategy="default")  # model and processor agree
+    sizes = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    if architecture == "llava":
+        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+        config_class, model_class, processor_class = LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        image_processor, extra = LlavaImageProcessorPil(**sizes), {}
+    else:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        config_class, model_class = LlavaNextConfig, LlavaNextForConditionalGeneration
+        processor_class = LlavaNextProcessor
+        pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size]]  # a square image: 2 tiles
+        image_processor = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints)
+        extra = dict(image_grid_pinpoints=pinpoints)
+    config = config_class(
+        text_config=_text_config(tokenizer, model_type="llama"), vision_config=vision_config,
+        image_token_id=tokenizer.image_token_id, tie_word_embeddings=False, **settings, **extra,
+    )  # fmt: skip
+    processor = processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=28, num_additional_image_tokens=1,
+        chat_template=_image_chat_template("<image>"), vision_feature_select_strategy="default",
+    )  # fmt: skip
+    return model_class(config), processor
 
 
 def _without_video(processor_class):

@@ -178,7 +178,8 @@ class VisionInputs:
     def model_inputs(self, prompt_width: int, completion_width: int, device) -> dict[str, torch.Tensor]:
         """The keyword arguments of a forward (or `generate`) over these rows' left-padded prompts `(b, P)` followed
         by `completion_width` completion columns: per-image tensors concatenated over the rows' images in row
-        order, per-token ones `(b, P + C)` left-padded with 0 to the prompt width and 0 on the completion."""
+        order (zero-padded to one shape where rows differ in images or tiles, `_cat_padded`), per-token ones
+        `(b, P + C)` left-padded with 0 to the prompt width and 0 on the completion."""
         inputs = {}
         keys = dict.fromkeys(key for row in self.rows for key in row)
         for key in keys:
@@ -190,10 +191,25 @@ class VisionInputs:
                         row_values = row[key][0]  # (P_i,)
                         values[i, prompt_width - row_values.numel() : prompt_width] = row_values
                 inputs[key] = values.to(device)
-            else:
-                tensors = [row[key] for row in self.rows if key in row]
-                inputs[key] = torch.cat(tensors).to(device)  # images (or their patches) of every row, in row order
+            else:  # images (or their patches) of every row, in row order
+                inputs[key] = _cat_padded([row[key] for row in self.rows if key in row]).to(device)
         return inputs
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated over their first dimension, each zero-padded at the end of its other dimensions to the
+    largest, as a processor pads the images of a batch: Idefics3's `(1, images, 3, H, W)` to the most images per
+    prompt (an all-zero image is dropped by the model), LLaVA-NeXT's `(images, tiles, 3, H, W)` to the most tiles (the
+    model reads each image's own from `image_sizes`)."""
+    shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=True)]
+    if all(list(t.shape[1:]) == shape for t in tensors):
+        return torch.cat(tensors)
+    result = tensors[0].new_zeros(sum(len(t) for t in tensors), *shape)
+    start = 0
+    for t in tensors:
+        result[(slice(start, start + len(t)), *(slice(0, size) for size in t.shape[1:]))] = t
+        start += len(t)
+    return result
 
 
 def check_vision_setup(model, processing_class, train_dataset, eval_dataset) -> None:

@@ -12,6 +12,7 @@ from grpo_ext.rollout import Rollout
 from grpo_ext.testing import digit_fraction_reward, make_prompt_dataset, save_tiny_model
 
 TRL_SETTINGS = dict(bf16=False, gradient_checkpointing=False, report_to=[], use_cpu=True)
+VISION_TOWERS = ("model.visual.", "model.vision_tower.", "model.vision_model.")  # each family's image encoder
 
 
 def _batch(tokenizer, seed=0):
@@ -214,3 +215,76 @@ def test_a_completion_cut_on_a_generated_pad_token_is_truncated(tmp_path, make_a
                                      [eos], mask_truncated_completions=True)  # fmt: skip
     assert rollout.is_truncated.tolist() == [True, False, True]
     assert rollout.completion_mask.sum(1).tolist() == [0, 4, 0]
+
+
+@pytest.mark.parametrize(
+    "architecture, loss_type",
+    [("qwen2_5_vl", "grpo"), ("qwen2_5_vl", "dapo"), ("gemma3", "dapo"), ("idefics3", "dapo"), ("llava", "dapo"),
+     ("llava_next", "dapo")],
+)  # fmt: skip
+def test_vlm_loss_and_gradient_match_trl(tmp_path, make_args, architecture, loss_type):
+    """A vision-language model (tiny, 56 x 56 images of 4 tokens each): the same prompts with their images,
+    completions, old / reference log-probs and advantages give TRL's loss and gradient. TRL's batch is built as its
+    `_generate_and_score_completions` builds it (the processor over the whole batch, `padding=True`; its token types
+    extended with zeros over the completion: `pixel_values`, `image_grid_thw`, `mm_token_type_ids`, `token_type_ids`,
+    `pixel_attention_mask`, `image_sizes` as the architecture has them); grpo-ext's prompts are encoded by its own engine, row by row, and must
+    come out the same."""
+    from grpo_ext.rollout import encode_image_prompts
+    from grpo_ext.testing import make_image_dataset, make_tiny_vlm
+    from grpo_ext.vision import with_images
+
+    model, processor = make_tiny_vlm(architecture, image_size=56)
+    path = str(tmp_path / "vlm")
+    model.save_pretrained(path)  # a path: TRL loads its reference model from it
+    dataset = make_image_dataset(8, image_size=56)
+    common = dict(
+        loss_type=loss_type, beta=0.04, epsilon=0.2, epsilon_high=0.28, temperature=0.7, num_generations=4,
+        per_device_train_batch_size=4, max_completion_length=5, use_bias_correction_kl=False,
+    )  # fmt: skip
+    trl_args = GRPOConfig(output_dir=str(tmp_path / "trl"), **common, **TRL_SETTINGS)
+    trl_trainer = GRPOTrainer(path, digit_fraction_reward, args=trl_args, train_dataset=dataset, processing_class=processor)  # fmt: skip
+    ours = GRPOExtTrainer(path, digit_fraction_reward, args=make_args(**common), train_dataset=dataset,
+                          processing_class=processor)  # fmt: skip
+
+    rows = [dataset[i] for i in (0, 1, 2, 3)]  # four prompts with different images (and colours)
+    prompts = with_images([row["prompt"] for row in rows], rows)
+    texts = [processor.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    images = [[row["image"]] for row in rows]
+    trl_prompt = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    prompt_ids, prompt_mask, vision = encode_image_prompts(processor, prompts, None, None, "cpu")
+    assert torch.equal(prompt_ids, trl_prompt["input_ids"]) and torch.equal(prompt_mask, trl_prompt["attention_mask"])
+
+    batch = _batch(processor.tokenizer)
+    batch.update(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
+    with torch.no_grad():  # old and ref log-probs near the model's own, so some ratios clip and some do not
+        logps = ours._completion_logps(ours.model, {**batch, "vision": vision})
+    inputs = {k: v for k, v in batch.items() if not k.startswith("_")}
+    inputs["old_per_token_logps"] = logps + batch["_old_noise"]
+    inputs["ref_per_token_logps"] = logps + batch["_ref_noise"]
+    num_tokens = float(batch["completion_mask"].sum())
+    C = batch["completion_ids"].size(1)
+    trl_images = {k: v for k, v in trl_prompt.items() if k not in ("input_ids", "attention_mask")}
+    for key in {"token_type_ids", "mm_token_type_ids"} & set(trl_images):
+        trl_images[key] = torch.cat([trl_images[key], torch.zeros(4, C, dtype=torch.long)], 1)
+    trl_images["num_images"] = [1] * 4
+
+    trl_trainer.model.train()
+    trl_trainer.current_gradient_accumulation_steps = 1
+    trl_inputs = {**inputs, **trl_images, "num_items_in_batch": torch.tensor(num_tokens)}
+    trl_loss = trl_trainer._compute_loss(trl_trainer.model, trl_inputs)
+    trl_loss.backward()
+
+    ours.model.train()
+    ours.current_gradient_accumulation_steps = 1
+    our_inputs = {**inputs, "vision": vision, "num_sequences": 4.0, "num_tokens": num_tokens,
+                  "num_tokens_per_process": num_tokens}  # fmt: skip
+    our_loss = ours.compute_loss(ours.model, our_inputs)
+    our_loss.backward()
+
+    assert abs(our_loss.item() - trl_loss.item()) < 1e-6, (our_loss.item(), trl_loss.item())
+    assert abs(our_loss.item()) > 1e-3
+    for (name, ours_param), trl_param in zip(ours.model.named_parameters(), trl_trainer.model.parameters()):
+        torch.testing.assert_close(ours_param.grad, trl_param.grad, atol=1e-6, rtol=1e-4, msg=name)
+    vision_grads = [p.grad for name, p in ours.model.named_parameters() if name.startswith(VISION_TOWERS)]
+    assert any(grad is not None and grad.abs().sum() > 0 for grad in vision_grads)  # the images are in the gradient
+    assert ours.recorder.values["train"]["kl"][-1] == pytest.approx(trl_trainer._metrics["train"]["kl"][-1], abs=1e-6)
