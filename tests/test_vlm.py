@@ -222,7 +222,11 @@ def test_long_image_prompt_is_not_cut(tmp_path):
         trainer.train()
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo", "luspo", "cispo", "sapo", "vespo"])
+@pytest.mark.parametrize(
+    "loss_type",
+    ["grpo", "luspo"]  # a token ratio and a sequence ratio in the fast tier, the others with the slow tests
+    + [pytest.param(name, marks=pytest.mark.slow) for name in ("dapo", "dr_grpo", "bnpo", "cispo", "sapo", "vespo")],
+)
 def test_every_loss_type_trains_a_vlm_with_padding_and_a_sequence_ratio(tmp_path, loss_type):
     """Each loss type on image batches, with `pad_to_multiple_of` (prompts padded on the left, completions on the
     right: the image tokens stay with their pixels), beta > 0, two optimizer passes per rollout (a ratio that is not
