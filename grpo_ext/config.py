@@ -157,6 +157,15 @@ class GRPOExtConfig(_RefusedTRLFields):
         "Whether to set every dropout probability of the policy to 0, so the policy, old and reference passes see "
         "the same function. Recommended `True` when the base model has dropout.",
     )
+    lora_vision_tower: bool = _field(
+        False,
+        "With a vision-language model and a PEFT adapter (`peft_config`): whether LoRA also adapts the linear layers "
+        "of the vision tower and projector (Qwen2.5-VL's `model.visual`, its merger inside). By default the adapter "
+        "sits on the language model only, whatever `target_modules` says, and the vision side stays frozen, as in "
+        "the QLoRA recipes for vision-language models (a 4-bit load keeps it out of quantization too, in the "
+        "loading dtype). `True` adapts both; the reference (disabled adapter) is the base model either way. Not in "
+        "TRL, whose adapter follows `target_modules` alone.",
+    )
     cast_lm_head_to_fp32: bool = _field(
         False,
         "Cast the LM head of the policy (and of a reference copy) to float32 and run its projection in float32, "

@@ -6,8 +6,10 @@ python -m grpo_ext.models MODEL.gguf OUTPUT_DIR   # a GGUF checkpoint, dequantis
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
+import re
 import types
 import warnings
 from contextlib import contextmanager
@@ -243,7 +245,9 @@ def load_causal_lm(
     kwargs = _resolve_dtype(model, model_init_kwargs or {}, on_cpu)
     source = gguf_source(model, kwargs)
     if source is None:
-        return _auto_class(model, kwargs).from_pretrained(model, **kwargs)
+        auto_class = _auto_class(model, kwargs)
+        kwargs = _vision_outside_quantization(model, auto_class, kwargs)
+        return auto_class.from_pretrained(model, **kwargs)
     if kwargs.get("quantization_config") is not None:
         raise ValueError(
             f"{model} is a GGUF checkpoint, and transformers cannot quantize one with bitsandbytes as it loads. For "
@@ -275,6 +279,75 @@ def _auto_class(model: str, kwargs: dict):
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
+
+
+def vision_module_names(model: nn.Module) -> list[str]:
+    """The modules of a vision-language model that hold linear layers outside its language model and LM head: the
+    vision tower and the projector (Qwen2.5-VL: `model.visual`, its merger inside; LLaVA: `model.vision_tower` and
+    `model.multi_modal_projector`). The language model is transformers' `get_decoder()`, so no table of names per
+    architecture is needed. `[]` for a text-only model."""
+    if not is_vision_model(model):
+        return []
+    language_side = {id(model.get_decoder()), id(model.get_output_embeddings())}
+    names = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if id(child) in language_side:
+                continue
+            if any(id(inner) in language_side for inner in child.modules()):
+                walk(child, f"{prefix}{name}.")  # holds the language model: look inside
+            elif any(isinstance(inner, nn.Linear) for inner in child.modules()):
+                names.append(f"{prefix}{name}")
+
+    walk(model, "")
+    return names
+
+
+def _vision_outside_quantization(model: str, auto_class, kwargs: dict) -> dict:
+    """`from_pretrained` keywords whose bitsandbytes config keeps a vision-language model's vision tower and projector
+    out of quantization, in the loading dtype (16-bit on a GPU), as QLoRA quantizes the language model only: the
+    vision side is small, its patch embeddings are sensitive to rounding, and it is not adapted (`lora_vision_tower`).
+    The names come from the model built on the meta device (no weights); transformers' default skips (the LM head)
+    are kept, since `llm_int8_skip_modules` replaces them. A config that sets `llm_int8_skip_modules` is the user's
+    choice and is left as it is."""
+    from transformers import AutoConfig, BitsAndBytesConfig
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    quantization_config = kwargs.get("quantization_config")
+    if not isinstance(quantization_config, BitsAndBytesConfig) or quantization_config.llm_int8_skip_modules:
+        return kwargs
+    options = {key: kwargs[key] for key in ("revision", "trust_remote_code") if key in kwargs}
+    config = AutoConfig.from_pretrained(model, **options)
+    if getattr(config, "vision_config", None) is None:
+        return kwargs
+    with torch.device("meta"):
+        skeleton = auto_class.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+    quantization_config = copy.deepcopy(quantization_config)
+    quantization_config.llm_int8_skip_modules = vision_module_names(skeleton) + get_keys_to_not_convert(skeleton)
+    return {**kwargs, "quantization_config": quantization_config}
+
+
+def language_model_adapter(peft_config, model: nn.Module):
+    """`peft_config` with a vision-language model's vision tower and projector (`vision_module_names`) added to its
+    `exclude_modules`, so that LoRA adapts the language model only, whatever `target_modules` says (the vision MLPs of
+    Qwen2.5-VL are named `gate_proj` / `up_proj` / `down_proj` too, and `"all-linear"` reaches every linear layer).
+    The config itself is unchanged (a copy is returned); so is a config without `exclude_modules` (prompt learning)."""
+    names = vision_module_names(model)
+    if not names or not hasattr(peft_config, "exclude_modules"):
+        return peft_config
+    patterns = [rf"{re.escape(name)}(\..*)?" for name in names]  # the module and everything inside it
+    excluded = peft_config.exclude_modules
+    if isinstance(excluded, str):  # a regex, matched against the whole name
+        patterns.append(f"(?:{excluded})")
+    elif excluded:  # names, matched exactly or as a suffix
+        patterns += [rf"(.*\.)?{re.escape(name)}" for name in excluded]
+    peft_config = copy.copy(peft_config)
+    peft_config.exclude_modules = "|".join(patterns)
+    logger.info(
+        "LoRA on the language model only: %s stay frozen (lora_vision_tower=True adapts them too).", ", ".join(names)
+    )
+    return peft_config
 
 
 def _require_gguf() -> None:
@@ -362,8 +435,12 @@ def keep_4bit_weights_trainable(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_peft(model: PreTrainedModel, peft_config, gradient_checkpointing: bool) -> nn.Module:
-    """Wrap the model in a PEFT adapter; with gradient checkpointing the inputs must require grad for LoRA to learn."""
+def apply_peft(
+    model: PreTrainedModel, peft_config, gradient_checkpointing: bool, lora_vision_tower: bool = False
+) -> nn.Module:
+    """Wrap the model in a PEFT adapter; with gradient checkpointing the inputs must require grad for LoRA to learn.
+    A vision-language model's vision tower and projector are left out of the adapter unless `lora_vision_tower`
+    (`language_model_adapter`)."""
     try:
         from peft import PeftConfig, get_peft_model
     except ImportError as error:  # pragma: no cover - peft is a runtime dependency
@@ -375,6 +452,8 @@ def apply_peft(model: PreTrainedModel, peft_config, gradient_checkpointing: bool
             "The model already has a PEFT adapter and peft_config was given too: pass either the PeftModel (and no "
             "peft_config) or the base model with peft_config."
         )
+    if not lora_vision_tower:
+        peft_config = language_model_adapter(peft_config, model)
     with peft_checkpointing_read_ignored():
         model = get_peft_model(model, peft_config)
     if gradient_checkpointing:
@@ -477,7 +556,7 @@ def prepare_policy(model, args, processing_class=None, peft_config=None, quantiz
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # a vision-language model's text config
     if peft_config is not None:
-        model = apply_peft(model, peft_config, args.activation_checkpointing)
+        model = apply_peft(model, peft_config, args.activation_checkpointing, args.lora_vision_tower)
     elif hasattr(model, "peft_config") and args.activation_checkpointing:
         model.enable_input_require_grads()
     if args.disable_dropout:

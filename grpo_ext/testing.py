@@ -670,3 +670,117 @@ def make_image_dataset(num_prompts: int = 8, image_size: int = 28, seed: int = 0
         rows["image"].append(Image.new("RGB", (image_size, image_size), colours[name]))
         rows["answer"].append(name)
     return Dataset.from_dict(rows)
+
+
+# --- A vision task for the vision demo: name the colour and shape of a drawn figure ---
+
+SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 230), "yellow": (230, 220, 40)}
+SHAPES = ("square", "circle", "triangle")
+SHAPE_QUESTION = "Name the colour and the shape."
+
+
+def draw_shape(colour: str, shape: str, image_size: int, rng: random.Random):
+    """A PIL image: one filled `shape` of `colour` (its shade jittered), of random size and place, on a dark
+    background."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (image_size, image_size), tuple(rng.randint(0, 40) for _ in range(3)))
+    size = rng.randint(image_size * 2 // 5, image_size * 3 // 4)
+    x, y = rng.randint(0, image_size - size), rng.randint(0, image_size - size)
+    fill = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in SHAPE_COLOURS[colour])
+    draw = ImageDraw.Draw(image)
+    if shape == "square":
+        draw.rectangle([x, y, x + size, y + size], fill=fill)
+    elif shape == "circle":
+        draw.ellipse([x, y, x + size, y + size], fill=fill)
+    else:
+        draw.polygon([(x + size / 2, y), (x, y + size), (x + size, y + size)], fill=fill)
+    return image
+
+
+def make_shape_splits(
+    num_train: int = 240, num_test: int = 96, image_size: int = 56, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """TRL's vision-language dataset shape (a conversational `prompt`, an `image` column) for the vision demo: one
+    coloured square, circle or triangle per image, `answer` its name ("red circle"), 12 classes balanced in each
+    split. The held-out images are drawn apart (sizes, places and shades training never sees exactly)."""
+    classes = [(colour, shape) for colour in SHAPE_COLOURS for shape in SHAPES]
+
+    def split(num_rows: int, rng: random.Random) -> Dataset:
+        rows = {"prompt": [], "image": [], "answer": []}
+        for i in range(num_rows):
+            colour, shape = classes[i % len(classes)]
+            rows["prompt"].append([{"role": "user", "content": SHAPE_QUESTION}])
+            rows["image"].append(draw_shape(colour, shape, image_size, rng))
+            rows["answer"].append(f"{colour} {shape}")
+        return Dataset.from_dict(rows).shuffle(seed=rng.randint(0, 2**31))
+
+    return split(num_train, random.Random(seed)), split(num_test, random.Random(seed + 1))
+
+
+def shape_reward(completions, answer, **kwargs) -> list[float]:
+    """0.5 for the right colour word and 0.5 for the right shape word, each only as the completion's own word (1.0 =
+    the exact answer)."""
+    rewards = []
+    for completion, gold in zip(completions, answer, strict=True):
+        text = completion[0]["content"] if isinstance(completion, list) else completion
+        words = text.split()
+        rewards.append(sum(0.5 for i, word in enumerate(gold.split()) if i < len(words) and words[i] == word))
+    return rewards
+
+
+def vlm_supervised_warm_up(
+    model, processor, dataset: Dataset, steps: int, learning_rate: float = 3e-3, batch_size: int = 16, seed: int = 0
+) -> float:
+    """`supervised_warm_up` for a vision-language model: a short supervised pass on each row's prompt with its image,
+    then `answer + EOS` (the loss on the answer only), so the tiny model knows the answer format before GRPO; returns
+    the final loss."""
+    import torch
+    from trl.data_utils import prepare_multimodal_messages
+
+    generator = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    tokenizer = processor.tokenizer
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        rows = [dataset[i] for i in generator.sample(range(len(dataset)), batch_size)]
+        prompts = [
+            processor.apply_chat_template(prepare_multimodal_messages(row["prompt"], images=[row["image"]]),
+                                          tokenize=False, add_generation_prompt=True)
+            for row in rows
+        ]  # fmt: skip
+        texts = [prompt + row["answer"] + tokenizer.eos_token for prompt, row in zip(prompts, rows, strict=True)]
+        images = [row["image"] for row in rows]
+        batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="right")
+        prompt_lengths = [len(ids) for ids in processor(text=prompts, images=images)["input_ids"]]
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        for i, length in enumerate(prompt_lengths):  # padding is on the right: the prompt starts each row
+            labels[i, :length] = -100
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss.item()
+
+
+def vlm_held_out_scores(model, processor, dataset: Dataset, max_new_tokens: int = 16) -> tuple[float, float]:
+    """`(exact, mean)`: the fraction of the rows whose greedy answer earns the full `shape_reward`, and its mean, one
+    batched `generate` with each row's image. The vision demo's own measure: the evaluation of `eval_reward_funcs`
+    (`evaluation.py`) does not pass images yet."""
+    import torch
+    from trl.data_utils import prepare_multimodal_messages
+
+    rows = list(dataset)
+    messages = [prepare_multimodal_messages(row["prompt"], images=[row["image"]]) for row in rows]
+    prompts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    batch = processor(text=prompts, images=[row["image"] for row in rows], return_tensors="pt", padding=True,
+                      padding_side="left").to(model.device)  # fmt: skip
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    model.train(was_training)
+    answers = processor.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=True)
+    rewards = shape_reward(answers, [row["answer"] for row in rows])
+    return sum(reward == 1.0 for reward in rewards) / len(rows), sum(rewards) / len(rows)
