@@ -28,6 +28,11 @@ from grpo_ext.testing import (
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1"]
 
 
+# Where each architecture keeps its vision tower and projector (Qwen's `visual` holds its merger), and its language model
+VISION_PARTS = (".visual.", ".vision_tower.", ".multi_modal_projector.", ".vision_model.", ".connector.")
+LANGUAGE_PARTS = (".language_model.", ".text_model.")
+
+
 def length_reward(completions, **kwargs):
     return [float(len(c[0]["content"])) for c in completions]
 
@@ -73,14 +78,14 @@ def linear_layers(model):
 def test_four_bit_quantizes_and_adapts_the_language_model_only(tmp_path, architecture):
     trainer = qlora_trainer(tmp_path, architecture)
     layers = linear_layers(trainer.model)
-    vision = {name: m for name, m in layers.items() if ".visual." in name}
-    language = {name: m for name, m in layers.items() if ".language_model." in name}
+    vision = {name: m for name, m in layers.items() if any(part in name for part in VISION_PARTS)}
+    language = {name: m for name, m in layers.items() if any(part in name for part in LANGUAGE_PARTS)}
     assert vision and language
     assert all(type(m) is Linear4bit and m.weight.quant_type == "nf4" for m in language.values())
     assert all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in vision.values())
     assert type(layers["base_model.model.lm_head"]) is nn.Linear  # transformers' default skip, kept
     adapted = {name.split(".lora_A")[0] for name, _ in trainer.model.named_parameters() if ".lora_A." in name}
-    assert adapted and all(".language_model." in name for name in adapted)
+    assert adapted and all(any(part in name for part in LANGUAGE_PARTS) for name in adapted)
     assert len(adapted) == len(language)  # "all-linear": every linear layer of the language model
     assert trainer.reference.mode == "disabled_adapter"
 
