@@ -24,6 +24,7 @@ from datasets import Dataset, IterableDataset, load_dataset
 from trl.trainer.utils import RepeatSampler, repeat_iterable_dataset
 
 from .rollout import prompt_texts
+from .vision import IMAGE_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def to_prompt_answer(
     answer_column: str | None = None,
 ) -> Dataset:
     """Columns `prompt` (chat messages, or text when `conversational=False`) and `answer` (the gold solution as
-    given: the accuracy reward extracts `#### n` or `\\boxed{}` itself)."""
+    given: the accuracy reward extracts `#### n` or `\\boxed{}` itself), and an `image` / `images` column as it is
+    (TRL's vision-language columns: the trainer puts the images into the prompts)."""
     columns = list(dataset.column_names)
     question = _pick(columns, question_column, QUESTION_COLUMNS, "question")
     answer = _pick(columns, answer_column, ANSWER_COLUMNS, "answer")
@@ -85,7 +87,8 @@ def to_prompt_answer(
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return {"prompt": messages + [{"role": "user", "content": text}], "answer": str(row[answer])}
 
-    return dataset.map(shape, remove_columns=[c for c in columns if c not in ("prompt", "answer")])
+    kept = ("prompt", "answer", *IMAGE_COLUMNS)
+    return dataset.map(shape, remove_columns=[c for c in columns if c not in kept])
 
 
 def as_datasets(train_dataset, eval_dataset) -> tuple:

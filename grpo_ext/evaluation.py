@@ -40,6 +40,7 @@ from .drafting import DraftMemory
 from .engine import RolloutEngine
 from .models import unwrapped_for_generation
 from .rollout import eos_token_ids
+from .vision import has_images, with_images
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +341,8 @@ class TaskEvaluationMixin:
         start_time = time.perf_counter()
         args, k, engine = self.args, self.args.eval_num_samples, self.rollout_engine
         indices, rows = process_share(dataset, self.accelerator.process_index, self.accelerator.num_processes)
-        prompts = [row["prompt"] for row in rows]
+        # An image column's images as image parts of the prompts, as in a training rollout (vision.py)
+        prompts = with_images([row["prompt"] for row in rows], rows) if rows else []
         batch, device = args.per_device_eval_batch_size, self.accelerator.device
         self.model.eval()
         with unwrapped_for_generation(
@@ -352,12 +354,14 @@ class TaskEvaluationMixin:
             if self._answering_engine is None:  # the greedy answers of one evaluation draft those of the next
                 memory = DraftMemory(args.speculative_memory_prompts, per_prompt=1)
                 self._answering_engine = engine.with_drafts(args.eval_speculative_draft_tokens, memory)
+            answering = engine if has_images(prompts) else self._answering_engine  # no drafts with images
             greedy = greedy_config(engine.generation_config)
-            answers = generate_answers(self._answering_engine, model, prompts, 1, greedy, batch, device=device)
+            answers = generate_answers(answering, model, prompts, 1, greedy, batch, device=device)
             samples = None
             if k > 1:
                 samples = generate_answers(engine, model, prompts, k, engine.generation_config, batch, device=device)
-        problems = score_answers(self.task_metrics, rows, answers, samples, shared={"trainer_state": self.state})
+        scored_rows = [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)]  # as rewards see
+        problems = score_answers(self.task_metrics, scored_rows, answers, samples, shared={"trainer_state": self.state})
         problems = gather_object(problems[: len(indices)])  # every process's real problems
         self._warn_unscored_task_metrics(torch.stack([problem[0] for problem in problems]), list(rows[0]))
         metrics = metrics_of_problems(self.task_metrics.names, problems)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
 
 from . import cpu
 from .plan import fit_batch_size, load_model_config
@@ -374,7 +374,7 @@ def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None
     """The policy's tokenizer, read from the model's path (or `model` itself when it is a path, `.gguf` included, at
     `model_init_kwargs["revision"]` if given, with its `trust_remote_code`); left padding and truncation, as GRPO needs."""
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-    vision = is_vision_model(model) if not isinstance(model, str) else False
+    vision = is_vision_model(model) if not isinstance(model, str) else None  # a path: read from its config below
     if not name:
         raise ValueError(
             "The model was built in memory and has no path to load a tokenizer from: pass processing_class=tokenizer."
@@ -393,6 +393,12 @@ def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None
         _check_local_gguf(name, source, what)
         with named_gguf_errors(os.path.join(*source), what):
             return AutoTokenizer.from_pretrained(source[0], **kwargs, gguf_file=source[1])
+    if vision is None:  # a model path: its config says whether it takes images (a tokenizer-only folder has none)
+        config_kwargs = {key: kwargs[key] for key in ("revision", "trust_remote_code") if key in kwargs}
+        try:
+            vision = is_vision_model(types.SimpleNamespace(config=AutoConfig.from_pretrained(name, **config_kwargs)))
+        except (OSError, ValueError):
+            vision = False
     if vision:  # as TRL: a vision-language model's processor (its tokenizer inside)
         return AutoProcessor.from_pretrained(name, **kwargs)
     return AutoTokenizer.from_pretrained(name, **kwargs)

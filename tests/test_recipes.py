@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -179,3 +180,72 @@ def test_quickstart_example_learns(tmp_path):
     first, last = map(float, re.search(r"first 10 steps ([\d.]+) -> last 10 steps ([\d.]+)", run.stdout).groups())
     assert first < 0.3 and last > 0.8, (first, last)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # the recipe end to end, with images
+def test_recipe_trains_a_vision_language_model_with_qlora(tmp_path):
+    """The recipe on TRL's vision-language columns (a question, an `image`, an answer, from parquet files): the
+    model folder's processor is loaded (its config has a vision tower), every prompt the rewards see carries its row's
+    image (training and the held-out evaluation), the 4-bit run's LoRA adapter stays off the vision tower."""
+    from grpo_ext.testing import make_shape_splits, make_tiny_vlm
+
+    model, processor = make_tiny_vlm("llava")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    for split, rows in zip(("train", "test"), make_shape_splits(num_train=16, num_test=4, image_size=28), strict=True):
+        rows = rows.map(lambda row: {"question": row["prompt"][0]["content"]}, remove_columns=["prompt"])
+        rows.to_parquet(tmp_path / f"{split}.parquet")
+    # A reward that fails the run unless each prompt carries its row's image as an image part
+    (tmp_path / "needs_images.py").write_text(
+        "from grpo_ext.testing import shape_reward\n\n"
+        "def shape_reward_on_images(prompts, completions, image, **kwargs):\n"
+        "    for prompt, row_image in zip(prompts, image, strict=True):\n"
+        "        parts = prompt[-1]['content']\n"
+        "        assert row_image is not None and any(part['type'] == 'image' for part in parts), prompt\n"
+        "    return shape_reward(completions, **kwargs)\n"
+    )
+    output_dir = tmp_path / "grpo"
+    config = {
+        "model_name_or_path": str(tmp_path / "model"),
+        "dtype": "float32",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": "all-linear",
+        "dataset_name": str(tmp_path / "train.parquet"),
+        "dataset_test_name": str(tmp_path / "test.parquet"),
+        "dataset_test_split": "test",
+        "question_column": "question",
+        "answer_column": "answer",
+        "instruction": "",
+        "reward_funcs": ["needs_images:shape_reward_on_images"],
+        "eval_reward_funcs": ["needs_images:shape_reward_on_images"],
+        "eval_task_metrics_only": True,
+        "eval_before_training": True,
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 4,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    trained = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "deepseek_math_style.py"), "--config", str(tmp_path / "config.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "held-out pass@1 (needs_images:shape_reward_on_images)" in trained.stdout  # before -> after, measured
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["before"]["eval_task_problems"] == results["after"]["eval_task_problems"] == 4
+    adapter = json.loads((output_dir / "adapter_config.json").read_text())
+    assert "vision_tower" in str(adapter.get("exclude_modules"))  # the adapter stays on the language model

@@ -7,7 +7,7 @@ import torch
 from grpo_ext import GRPOExtConfig as GRPOConfig
 from grpo_ext import GRPOExtTrainer as GRPOTrainer
 from grpo_ext.logprobs import ScoringRequest, score_completions
-from grpo_ext.testing import make_image_dataset, make_tiny_model, make_tiny_vlm
+from grpo_ext.testing import make_image_dataset, make_tiny_model, make_tiny_vlm, make_tokenizer
 
 
 def colour_reward(completions, image, **kwargs):
@@ -249,3 +249,51 @@ def test_every_loss_type_trains_a_vlm_with_padding_and_a_sequence_ratio(tmp_path
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_task_metrics_are_measured_on_the_images(tmp_path):
+    """`eval_reward_funcs` on an image dataset: the greedy answers are generated from the prompts with their images
+    as image parts, and the task metric gets the `image` column, row by row."""
+    model, processor = make_tiny_vlm("qwen2_5_vl")
+    seen = {}
+
+    def sees_image(prompts, completions, image, **kwargs):
+        seen["prompt"], seen["image"] = prompts[0], list(image)
+        return [1.0 if c[0]["content"] else 0.0 for c in completions]
+
+    eval_set = make_image_dataset(4, seed=5)
+    args = vlm_args(tmp_path, eval_reward_funcs=["sees_image"], eval_task_metrics_only=True)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[sees_image],
+        args=args,
+        train_dataset=make_image_dataset(8),
+        eval_dataset=eval_set,
+        processing_class=processor,
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_task_problems"] == 4 and 0.0 <= metrics["eval_pass@1/sees_image"] <= 1.0
+    assert seen["prompt"][0]["content"][0]["type"] == "image"  # the prompt carries its image
+    assert [img.tobytes() for img in seen["image"]] == [img.tobytes() for img in eval_set["image"]]
+
+
+def test_a_model_path_loads_its_processor_when_the_model_takes_images(tmp_path):
+    """`load_tokenizer` on a saved folder (the recipe's path): a vision-language model's config gives its processor,
+    a text model's gives its tokenizer."""
+    from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+    from grpo_ext.models import load_tokenizer
+
+    vlm, processor = make_tiny_vlm("llava")
+    vlm.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    tokenizer = make_tokenizer()
+    text_model = make_tiny_model(tokenizer=tokenizer)
+    text_model.save_pretrained(tmp_path / "text")
+    tokenizer.save_pretrained(tmp_path / "text")
+
+    loaded = load_tokenizer(str(tmp_path / "vlm"))
+    assert isinstance(loaded, ProcessorMixin) and loaded.tokenizer.padding_side == "left"
+    assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    loaded = load_tokenizer(str(tmp_path / "text"))
+    assert isinstance(loaded, PreTrainedTokenizerBase) and loaded.get_vocab() == tokenizer.get_vocab()
