@@ -22,6 +22,35 @@ def make_args(tmp_path):
     return lambda **overrides: tiny_args(tmp_path, **overrides)
 
 
+@pytest.fixture
+def greedy_training_step(tmp_path, make_args):
+    """One greedy training step of a GRPOExtTrainer on a saved tiny model and 8 prompts, with config fields
+    overridden: returns `(the trained batch, the step's logs, the trainer)`."""
+    from grpo_ext import GRPOExtTrainer
+    from grpo_ext.testing import (
+        digit_fraction_reward,
+        make_prompt_dataset,
+        make_tokenizer,
+        record_trained_batches,
+        save_tiny_model,
+    )
+
+    model_path = save_tiny_model(tmp_path / "model")
+
+    def one_step(**fields):
+        args = make_args(max_steps=1, generation_kwargs={"do_sample": False}, **fields)
+        trainer = GRPOExtTrainer(
+            model_path, digit_fraction_reward, args=args, train_dataset=make_prompt_dataset(8),
+            processing_class=make_tokenizer(),
+        )  # fmt: skip
+        trained = record_trained_batches(trainer)
+        trainer.train()
+        (batch,) = trained
+        return batch, trainer.state.log_history[0], trainer
+
+    return one_step
+
+
 def tiny_args(tmp_path, **overrides):
     """A fast CPU config: fp32, no gradient checkpointing, nothing saved or reported."""
     from grpo_ext import GRPOExtConfig

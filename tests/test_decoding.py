@@ -132,34 +132,11 @@ def test_settings_that_need_generate_are_named(tokenizer, settings, reason):
     assert unsupported_reason(model, GenerationConfig(max_new_tokens=4, pad_token_id=0, do_sample=True)) is None
 
 
-def test_trainer_rollout_is_the_same_with_and_without_dropping_rows(tmp_path, make_args):
+def test_trainer_rollout_is_the_same_with_and_without_dropping_rows(greedy_training_step):
     """Greedy rollouts of the trainer: the same completions, rewards and loss whichever engine decodes them."""
-    from grpo_ext import GRPOExtTrainer
-    from grpo_ext.testing import (
-        digit_fraction_reward,
-        make_prompt_dataset,
-        make_tokenizer,
-        record_trained_batches,
-        save_tiny_model,
+    (dropped, dropped_log, _), (kept, kept_log, _) = (
+        greedy_training_step(drop_finished_rows=drop, max_completion_length=8) for drop in (True, False)
     )
-
-    model_path = save_tiny_model(tmp_path / "model")
-
-    def one_step(drop_finished_rows):
-        args = make_args(
-            drop_finished_rows=drop_finished_rows, max_steps=1, generation_kwargs={"do_sample": False},
-            max_completion_length=8,
-        )  # fmt: skip
-        trainer = GRPOExtTrainer(
-            model_path, digit_fraction_reward, args=args, train_dataset=make_prompt_dataset(8),
-            processing_class=make_tokenizer(),
-        )  # fmt: skip
-        trained = record_trained_batches(trainer)
-        trainer.train()
-        (batch,) = trained
-        return batch, trainer.state.log_history[0]
-
-    (dropped, dropped_log), (kept, kept_log) = one_step(True), one_step(False)
     assert torch.equal(dropped.completion_ids, kept.completion_ids) and dropped.completion_mask.sum() > 0
     for key in ("loss", "reward", "completions/mean_length"):
         assert dropped_log[key] == pytest.approx(kept_log[key], rel=1e-5, abs=1e-7), key

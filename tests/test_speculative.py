@@ -244,35 +244,13 @@ def test_unsupported_models_are_named(tokenizer):
     assert "flash_attention_2" in unsupported_reason(eager)
 
 
-def test_trainer_rollout_with_drafts_equals_plain(tmp_path, make_args):
+def test_trainer_rollout_with_drafts_equals_plain(greedy_training_step):
     """Greedy rollouts of the trainer: the same completions, rewards and loss with drafts as without; the acceptance
     is logged and the completions are remembered as drafts for the next epoch."""
-    from grpo_ext import GRPOExtTrainer
-    from grpo_ext.testing import (
-        digit_fraction_reward,
-        make_prompt_dataset,
-        make_tokenizer,
-        record_trained_batches,
-        save_tiny_model,
+    (drafted, drafted_log, drafting), (plain, plain_log, plain_trainer) = (
+        greedy_training_step(speculative_draft_tokens=k, max_completion_length=12) for k in (4, 0)
     )
-
-    model_path = save_tiny_model(tmp_path / "model")
-
-    def one_step(draft_tokens):
-        args = make_args(
-            speculative_draft_tokens=draft_tokens, max_steps=1, generation_kwargs={"do_sample": False},
-            max_completion_length=12,
-        )  # fmt: skip
-        trainer = GRPOExtTrainer(
-            model_path, digit_fraction_reward, args=args, train_dataset=make_prompt_dataset(8),
-            processing_class=make_tokenizer(),
-        )  # fmt: skip
-        trained = record_trained_batches(trainer)
-        trainer.train()
-        (batch,) = trained
-        return batch, trainer.state.log_history[0], trainer.rollout_engine.draft_memory
-
-    (drafted, drafted_log, memory), (plain, plain_log, no_memory) = one_step(4), one_step(0)
+    memory, no_memory = drafting.rollout_engine.draft_memory, plain_trainer.rollout_engine.draft_memory
     assert torch.equal(drafted.completion_ids, plain.completion_ids) and drafted.completion_mask.sum() > 0
     for key in ("loss", "reward", "completions/mean_length"):
         assert drafted_log[key] == pytest.approx(plain_log[key], rel=1e-5, abs=1e-7), key
