@@ -168,6 +168,8 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         self.rollout_func = rollout_func  # TRL's custom rollout (engine.custom_rollout), or None
         if rollout_func is not None and (tools or environment_factory is not None):
             raise ValueError("rollout_func replaces generation, tools and environments: pass either, not both.")
+        multi_turn_args = {"tools": tools, "environment_factory": environment_factory, "rollout_func": rollout_func}
+        check_vision_setup(model, processing_class, train_dataset, eval_dataset, multi_turn_args)  # images: here
         self._tool_calling = None
         if tools or environment_factory is not None:
             self._tool_calling = ToolCalling.from_config(args, tokenizer, tools, environment_factory)
@@ -194,7 +196,6 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         max_positions = getattr(model.config, "max_position_embeddings", None)
         self._stream_checks = {"train": required, "eval": {**required, **task_columns}, "max_positions": max_positions}
         check_datasets(train_dataset, eval_dataset, args, self._stream_checks, tokenizer, self._tool_calling, placeholder)  # fmt: skip
-        check_vision_setup(model, processing_class, train_dataset, eval_dataset)
 
         self.reference = ReferencePolicy.from_config(args, model, self._model_path, quantization_config)
         self.entropy_control = EntropyController.from_config(args)  # entropy bonus, off by default

@@ -212,9 +212,14 @@ def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def check_vision_setup(model, processing_class, train_dataset, eval_dataset) -> None:
+def check_vision_setup(
+    model, processing_class, train_dataset, eval_dataset, multi_turn_args: dict | None = None
+) -> None:
     """At trainer start: a dataset with an image column needs a processor and a vision-language model, and its first
-    row's images must open (every row's are loaded at its rollout); a processor needs a model that takes images."""
+    row's images must open (every row's are loaded at its rollout); a processor needs a model that takes images;
+    `multi_turn_args` (name -> value: `tools`, `environment_factory`, `rollout_func`), any given, are refused beside an
+    image column, which grpo-ext's own single-turn generation serves only."""
+    multi_turn = next((name for name, value in (multi_turn_args or {}).items() if value), None)
     datasets = {"train_dataset": train_dataset}
     for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
         datasets[f"eval_dataset[{split!r}]" if split else "eval_dataset"] = dataset
@@ -237,6 +242,12 @@ def check_vision_setup(model, processing_class, train_dataset, eval_dataset) -> 
                 f"{name} has an '{column}' column but {type(model).__name__} takes no images (its config has no "
                 "vision_config). Load the vision-language model (e.g. AutoModelForImageTextToText.from_pretrained), "
                 "or drop the column for text-only training."
+            )
+        if multi_turn is not None:
+            raise NotImplementedError(
+                f"{name} has an '{column}' column and the trainer got {multi_turn}: rollouts with images are "
+                f"generated and scored by grpo-ext's own single-turn generation only, for now. Drop {multi_turn} "
+                f"for this dataset, or the '{column}' column for text-only tool use."
             )
         if first_row is not None:
             _row_images(first_row, column, f"{name} row 0")
