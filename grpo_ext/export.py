@@ -113,10 +113,12 @@ FORMATS: dict[str, Callable[[Exported, str, ExportOptions], list[str]]] = {
 # --- Drift of each merge from the adapter on its own base ---
 
 
-def measure_drift(trained: TrainedModel, merged: nn.Module, tokenizer, options: ExportOptions) -> list[Drift]:
+def measure_drift(
+    trained: TrainedModel, merged: nn.Module, tokenizer, options: ExportOptions, gguf: bool = False
+) -> list[Drift]:
     """The drift from the adapter on the base it was trained on (4-bit for QLoRA) of: the merged model (float32), its
-    weights rounded to the exported dtype, and for QLoRA the merge into the other base. A full model (no adapter) is
-    compared with itself rounded to the exported dtype."""
+    weights rounded to the exported dtype, with `gguf` its weights as the GGUF file of `options.quant` stores them,
+    and for QLoRA the merge into the other base. A full model (no adapter) is compared with itself rounded."""
     batch = drift_batch(tokenizer)
     mask = batch["attention_mask"]
     if trained.adapter:
@@ -135,6 +137,12 @@ def measure_drift(trained: TrainedModel, merged: nn.Module, tokenizer, options: 
         drifts.append(
             next_token_drift(f"{label}, {options.dtype}", reference, next_token_log_probs(rounded, batch), mask)
         )
+        del rounded
+    if gguf:
+        from .gguf_export import file_rounded
+
+        rounded = file_rounded(merged, options.quant)
+        drifts.append(next_token_drift(f"GGUF {options.quant}", reference, next_token_log_probs(rounded, batch), mask))
         del rounded
     if trained.four_bit:
         other = "original" if options.merge_into == "nf4" else "nf4"
@@ -213,7 +221,8 @@ def export_model(
         "sampling": trained.sampling,
     }
     exported = Exported(merged, tokenizer, eos_token_ids(merged, tokenizer), info)
-    drifts = measure_drift(trained, merged, tokenizer, ExportOptions(options.dtype, options.quant, merge_into))
+    options = ExportOptions(options.dtype, options.quant, merge_into)
+    drifts = measure_drift(trained, merged, tokenizer, options, gguf="gguf" in formats)
     reference = "the adapter on its 4-bit base" if trained.four_bit else "the adapter on its base"
     reference = reference if trained.adapter else "the fine-tuned model in fp32"
     if drifts:
@@ -226,7 +235,7 @@ def export_model(
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is private; OUTPUT is an ordinary folder
     try:
         for name in formats:
-            FORMATS[name](exported, staging, ExportOptions(options.dtype, options.quant, merge_into))
+            FORMATS[name](exported, staging, options)
         with open(os.path.join(staging, EXPORT_INFO), "w", encoding="utf-8") as file:
             json.dump(info, file, indent=2)
         if os.path.isdir(output):
@@ -256,12 +265,14 @@ def _umask() -> int:
 
 
 def main() -> None:
+    from .gguf_export import QUANTS  # numpy and torch only: gguf itself loads when a file is written
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_or_adapter", help="a run's output_dir, an adapter folder, or a full model folder")
     parser.add_argument("output", help="new folder for the exported files")
     parser.add_argument("--format", nargs="+", default=["merged"], choices=tuple(FORMATS), dest="formats")
     parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="the merged folder's weights")
-    parser.add_argument("--quant", default="f16", choices=("f16", "q8_0"), help="the GGUF file's weights")
+    parser.add_argument("--quant", default="f16", choices=tuple(QUANTS), help="the GGUF file's weights")
     parser.add_argument("--base", help="the base model the adapter was trained on (default: from adapter_config.json)")
     parser.add_argument(
         "--base-4bit", action="store_true", default=None, help="the adapter was trained on a 4-bit base"

@@ -12,6 +12,7 @@ with its type, the merges, the pre-tokenizer name, bos / eos / unk / pad ids and
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -32,20 +33,48 @@ def _f16(data: np.ndarray):
     return data.astype(np.float16), None
 
 
-def _q8_0(data: np.ndarray):
-    """Q8_0 blocks of 32 along each row; a row not a whole number of blocks stays f16 (as llama.cpp's converter)."""
+def _blocks(data: np.ndarray, quant_type):
+    """`data` in GGML blocks of `quant_type` along each row (the gguf package's numpy quantiser); a row that is not
+    a whole number of blocks stays f16, as llama.cpp's converter does."""
     import gguf
 
-    if data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[quant_type][0]:
         return data.astype(np.float16), None
-    return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(data, quant_type), quant_type
 
 
-# --quant name -> (writer of one 2-D tensor: float32 array -> (array, raw GGML type or None), llama.cpp file type name)
-QUANTS: dict[str, tuple[Callable, str]] = {
-    "f16": (_f16, "MOSTLY_F16"),
-    "q8_0": (_q8_0, "MOSTLY_Q8_0"),
+def _q8_0(data: np.ndarray):
+    """Q8_0: 8-bit weights in blocks of 32, one f16 scale per block."""
+    import gguf
+
+    return _blocks(data, gguf.GGMLQuantizationType.Q8_0)
+
+
+def _q4_0(data: np.ndarray):
+    """Q4_0: 4-bit weights in blocks of 32, one f16 scale per block."""
+    import gguf
+
+    return _blocks(data, gguf.GGMLQuantizationType.Q4_0)
+
+
+def _q5_0(data: np.ndarray):
+    """Q5_0: 5-bit weights in blocks of 32, one f16 scale per block."""
+    import gguf
+
+    return _blocks(data, gguf.GGMLQuantizationType.Q5_0)
+
+
+# --quant name -> (writer of one 2-D weight: float32 array -> (array, raw GGML type or None), writer of the token
+# embeddings and output projection, llama.cpp file type name). q4_0 keeps those two in Q8_0: they are read once per
+# token each and their rounding costs the most (llama.cpp's own q4_0 keeps the output projection at 6 bits, which the
+# gguf package cannot write).
+QUANTS: dict[str, tuple[Callable, Callable, str]] = {
+    "f16": (_f16, _f16, "MOSTLY_F16"),
+    "q8_0": (_q8_0, _q8_0, "MOSTLY_Q8_0"),
+    "q5_0": (_q5_0, _q8_0, "MOSTLY_Q5_0"),
+    "q4_0": (_q4_0, _q8_0, "MOSTLY_Q4_0"),
 }
+EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
 
 
 def check_architecture(config) -> str:
@@ -127,7 +156,7 @@ def _add_hyperparameters(writer, config, quant: str, name: str) -> None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(getattr(gguf.LlamaFileType, QUANTS[quant][1]))
+    writer.add_file_type(getattr(gguf.LlamaFileType, QUANTS[quant][2]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -140,14 +169,15 @@ def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _add_tensors(writer, model: nn.Module, architecture: str, quant: str) -> None:
+def _file_tensors(model: nn.Module, architecture: str, quant: str):
+    """`(gguf name, array, raw GGML type or None)` of each tensor the file holds, in llama.cpp's layout."""
     import gguf
 
     config = model.config
     arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
-    convert = QUANTS[quant][0]
+    convert_weight, convert_embedding = QUANTS[quant][:2]
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":  # llama.cpp reuses token_embd when output.weight is absent
             continue
@@ -160,10 +190,35 @@ def _add_tensors(writer, model: nn.Module, architecture: str, quant: str) -> Non
         elif architecture in PERMUTED_ARCHITECTURES and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             data = _permute(data, config.num_key_value_heads)
         if data.ndim < 2:  # norms and biases: float32, as llama.cpp keeps them
-            writer.add_tensor(gguf_name, data)
+            yield gguf_name, data, None
             continue
-        converted, raw_type = convert(data)
-        writer.add_tensor(gguf_name, converted, raw_dtype=raw_type)
+        convert = convert_embedding if gguf_name in EMBEDDING_TENSORS else convert_weight
+        yield gguf_name, *convert(data)
+
+
+def _add_tensors(writer, model: nn.Module, architecture: str, quant: str) -> None:
+    for gguf_name, data, raw_type in _file_tensors(model, architecture, quant):
+        writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
+
+
+def file_rounded(model: nn.Module, quant: str) -> nn.Module:
+    """A float32 copy of `model` whose weights hold what a GGUF file of `quant` stores, dequantised: what the file's
+    reader computes with, for the export's drift table (the q / k permutation is exact and left out)."""
+    import gguf
+
+    rounded = copy.deepcopy(model).float()
+    convert_weight, convert_embedding = QUANTS[quant][:2]
+    layers = (rounded.get_input_embeddings(), rounded.get_output_embeddings())
+    embeddings = [layer.weight for layer in layers if layer is not None]
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            if parameter.ndim < 2:  # float32 in the file
+                continue
+            convert = convert_embedding if any(parameter is e for e in embeddings) else convert_weight
+            data, raw_type = convert(parameter.cpu().numpy())
+            values = gguf.quants.dequantize(data, raw_type) if raw_type is not None else data
+            parameter.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)).reshape(parameter.shape))
+    return rounded
 
 
 # --- Tokenizer ---

@@ -86,6 +86,24 @@ class ScriptArguments:
         default_factory=list,
         metadata={"help": "After training, export to output_dir/export: merged and / or gguf (grpo_ext.export)."},
     )
+    export_quant: str = field(
+        default="f16",
+        metadata={
+            "help": "The exported GGUF file's weights: f16, q8_0 (no measurable cost on SmolLM2-135M), q5_0, q4_0."
+        },
+    )
+
+    def __post_init__(self):
+        from .export import FORMATS
+        from .gguf_export import QUANTS
+
+        unknown = [name for name in self.export if name not in FORMATS]
+        if unknown:  # found now, not after training
+            raise ValueError(f"export: {unknown} are not export formats; use any of {list(FORMATS)}.")
+        if self.export_quant not in QUANTS:
+            raise ValueError(
+                f"export_quant={self.export_quant!r} is not a GGUF type written here; use one of {list(QUANTS)}."
+            )
 
 
 RECIPE_ARGUMENTS = (ScriptArguments, GRPOExtConfig, ModelConfig)

@@ -73,9 +73,12 @@ def main():
 
     # Export: merged weights (QLoRA merged into the dequantised NF4 base) and / or GGUF, with the measured drift
     if is_main and script_args.export:
-        from grpo_ext.export import export_model
+        from grpo_ext.export import ExportOptions, export_model
 
-        export_model(training_args.output_dir, os.path.join(training_args.output_dir, "export"), script_args.export)
+        options = ExportOptions(quant=script_args.export_quant)
+        export_model(
+            training_args.output_dir, os.path.join(training_args.output_dir, "export"), script_args.export, options
+        )
 
     # Push the adapter and its model card when asked (--push_to_hub --hub_model_id user/name)
     if training_args.push_to_hub:

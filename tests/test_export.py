@@ -210,6 +210,33 @@ def test_gguf_q8_0_round_trip_agrees_within_tolerance(tmp_path):
     assert (got.argmax(-1) == wanted.argmax(-1)).float().mean() >= 0.95
 
 
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_gguf_4_and_5_bit_files_hold_their_blocks_and_the_drift_measures_them(tmp_path, architecture):
+    """q4_0 / q5_0: the layers' weights in 4- / 5-bit blocks, the token embeddings (and output) in Q8_0; transformers'
+    GGUF loader reads back exactly the weights the drift table measured (`file_rounded`), and the drift grows as
+    the bits shrink."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from grpo_ext.gguf_export import file_rounded
+
+    run = save_run(tmp_path, architecture)
+    merged = merged_model(find_trained_model(run))
+    kl = {}
+    for quant, layer_type in (("q8_0", "Q8_0"), ("q5_0", "Q5_0"), ("q4_0", "Q4_0")):
+        info = export_model(run, tmp_path / quant, ["gguf"], ExportOptions(quant=quant))
+        path = tmp_path / quant / "gguf" / f"model-{quant}.gguf"
+        types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+        assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == GGMLQuantizationType[layer_type]
+        assert types["token_embd.weight"] == GGMLQuantizationType.Q8_0
+        assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
+        back = read_gguf(tmp_path / quant / "gguf", f"model-{quant}.gguf").state_dict()
+        for name, weight in file_rounded(merged, quant).state_dict().items():
+            assert torch.equal(back[name].float(), weight), name
+        (row,) = [row for row in info["drift"]["rows"] if row["name"] == f"GGUF {quant}"]
+        kl[quant] = row["mean_kl"]
+    assert 0 < kl["q8_0"] < kl["q5_0"] < kl["q4_0"], kl
+
+
 def test_gguf_permutes_llama_q_and_k_as_llama_cpp(tmp_path):
     """transformers' GGUF loader undoes llama.cpp's q / k permutation: the weights come back in place."""
     from gguf import GGUFReader

@@ -109,6 +109,20 @@ def test_demo_evaluates_on_problems_training_never_saw():
     assert not set(train["prompt"]) & set(test["prompt"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--export", "onnx"], r"export: \['onnx'\] are not export formats"),
+        (["--export_quant", "q3_k"], "export_quant='q3_k'"),
+    ],
+)
+def test_recipe_refuses_an_unknown_export_before_training(override, message):
+    from grpo_ext.recipe import parse_recipe_args
+
+    with pytest.raises(ValueError, match=message):
+        parse_recipe_args(["--config", str(ROOT / "recipes" / "configs" / "tiny-cpu.yaml"), *override])
+
+
 @pytest.mark.slow  # the recipe end to end
 def test_recipe_runs_end_to_end_and_evaluate_py_reads_its_adapter(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)  # noqa: E731
