@@ -168,7 +168,8 @@ def test_export_merged_writes_a_standalone_folder_and_reports_the_drift(tmp_path
 def test_a_full_fine_tune_exports_too(tmp_path):
     run = save_run(tmp_path, adapter=False)
     info = export_model(run, tmp_path / "out", ["merged", "gguf"], ExportOptions(dtype="fp32"))
-    assert info["adapter"] is None and info["drift"]["rows"] == []  # fp32: nothing rounded, nothing to measure
+    (row,) = info["drift"]["rows"]  # fp32 weights: only the GGUF file's f16 rounding to measure
+    assert info["adapter"] is None and row["name"] == "GGUF f16" and row["agreement"] == 1.0 and row["mean_kl"] < 1e-5
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     original = AutoModelForCausalLM.from_pretrained(run)
     tokenizer = bpe_tokenizer()
