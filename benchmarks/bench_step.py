@@ -114,6 +114,25 @@ class PhaseTimer:
         setattr(owner, attribute, timed)
 
 
+def step_times(timer: PhaseTimer, per_step: list):
+    """A trainer callback appending each optimizer step's seconds per phase to `per_step`, from a `PhaseTimer` whose
+    wrapped calls nest (the rollout inside training_step, generation inside the rollout): inner phases subtracted."""
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start, self.before = clock(), dict(timer.totals)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            spent = {name: timer.totals[name] - self.before[name] for name in PHASES}
+            spent["scoring"] -= spent["generation"]
+            spent["training"] -= spent["generation"] + spent["scoring"]
+            spent["step"] = clock() - self.start
+            per_step.append(spent)
+
+    return StepTimes()
+
+
 # --- Data, model, configs ---
 
 
@@ -186,7 +205,6 @@ def real_workload(num_prompts: int):
 def run_trainer(trainer_name: str, shape: str, model_path: str, steps: int, warmup: int, prompts_per_step: int):
     """Train `steps` steps and return per-phase seconds per step (after `warmup` steps) and peak memory."""
     import torch
-    from transformers import TrainerCallback
 
     from grpo_ext.testing import digit_fraction_reward
 
@@ -218,20 +236,14 @@ def run_trainer(trainer_name: str, shape: str, model_path: str, steps: int, warm
     timer.wrap(trainer_cls, "training_step", "training")  # includes the rollout; subtracted below
     per_step = []
 
-    class StepTimes(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start, self.before = clock(), dict(timer.totals)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            spent = {name: timer.totals[name] - self.before[name] for name in PHASES}
-            spent["scoring"] -= spent["generation"]
-            spent["training"] -= spent["generation"] + spent["scoring"]
-            spent["step"] = clock() - self.start
-            per_step.append(spent)
-
     torch.manual_seed(0)
     trainer = trainer_cls(
-        model_path, reward_funcs, args=args, train_dataset=dataset, callbacks=[StepTimes()], peft_config=peft_config
+        model_path,
+        reward_funcs,
+        args=args,
+        train_dataset=dataset,
+        callbacks=[step_times(timer, per_step)],
+        peft_config=peft_config,
     )
     tokens = count_tokens(trainer_cls, trainer, trainer_name, timer)
     rss_before_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -33,7 +33,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import PHASES, PhaseTimer, clock  # noqa: E402
+from bench_step import PHASES, PhaseTimer, step_times  # noqa: E402
 
 TRAINERS = ("trl", "ours", "ours+sharing")
 TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
@@ -84,7 +84,6 @@ def distinct_characters(completions, **kwargs):
 
 def run_trainer(trainer_name: str, model_path: str, steps: int, warmup: int, image_size: int) -> dict:
     import torch
-    from transformers import TrainerCallback
 
     from grpo_ext.testing import make_tiny_vlm  # its processor (the saved one has no video processor to load)
 
@@ -123,21 +122,10 @@ def run_trainer(trainer_name: str, model_path: str, steps: int, warmup: int, ima
     timer.wrap(trainer_cls, "training_step", "training")
     per_step = []
 
-    class StepTimes(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start, self.before = clock(), dict(timer.totals)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            spent = {name: timer.totals[name] - self.before[name] for name in PHASES}
-            spent["scoring"] -= spent["generation"]
-            spent["training"] -= spent["generation"] + spent["scoring"]
-            spent["step"] = clock() - self.start
-            per_step.append(spent)
-
     torch.manual_seed(0)
     trainer = trainer_cls(
         model_path, distinct_characters, args=args, train_dataset=make_dataset(2 * steps, image_size),
-        processing_class=make_tiny_vlm("qwen2_5_vl", image_size=image_size)[1], callbacks=[StepTimes()],
+        processing_class=make_tiny_vlm("qwen2_5_vl", image_size=image_size)[1], callbacks=[step_times(timer, per_step)],
     )  # fmt: skip
     if trainer_name == "trl":
         timer.wrap(trainer.model, "generate", "generation")
