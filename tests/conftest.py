@@ -88,3 +88,26 @@ def tiny_trainer(tokenizer, args, reward_funcs=None, dataset=None, **kwargs):
         processing_class=tokenizer,
         **kwargs,
     )
+
+
+def vlm_args(tmp_path, **overrides):
+    """A fast CPU config for the tiny vision-language models: 1 step of 4 completions of 6 tokens."""
+    from grpo_ext import GRPOExtConfig
+
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        learning_rate=1e-2,
+        max_steps=1,
+        logging_steps=1,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return GRPOExtConfig(**settings)

@@ -3,8 +3,8 @@ tensors reach every pass with the right rows, and bad input fails at start with 
 
 import pytest
 import torch
+from conftest import vlm_args
 
-from grpo_ext import GRPOExtConfig as GRPOConfig
 from grpo_ext import GRPOExtTrainer as GRPOTrainer
 from grpo_ext.logprobs import ScoringRequest, score_completions
 from grpo_ext.testing import make_image_dataset, make_tiny_model, make_tiny_vlm, make_tokenizer
@@ -18,26 +18,6 @@ def colour_reward(completions, image, **kwargs):
 
 def length_reward(completions, **kwargs):
     return [float(len(c[0]["content"])) for c in completions]
-
-
-def vlm_args(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        learning_rate=1e-2,
-        max_steps=1,
-        logging_steps=1,
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    settings.update(overrides)
-    return GRPOConfig(**settings)
 
 
 @pytest.mark.parametrize("architecture", ["qwen2_5_vl", "qwen2_vl"])  # the others: test_vlm_architectures.py
@@ -102,28 +82,6 @@ def _rollout(tmp_path, image_size=56, **overrides):
     )
     rows = [trainer.train_dataset[i] for i in (0, 1) for _ in range(4)]  # two prompts, G = 4
     return trainer, trainer.generate_and_score(rows)
-
-
-@torch.no_grad()
-def test_scoring_matches_the_models_own_forward(tmp_path):
-    """The chunked scoring pass with the rollout's image tensors gives the log-probs of the model's own forward with
-    the processor's inputs (pixel values, image grid, token types, its own multimodal positions)."""
-    trainer, rollout = _rollout(tmp_path)
-    model = trainer.model.eval()
-    scored = score_completions(
-        model, rollout.prompt_ids, rollout.prompt_mask,
-        ScoringRequest(rollout.completion_ids, rollout.completion_mask, model_inputs=rollout.model_inputs()),
-    ).logps  # fmt: skip
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
-    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **rollout.model_inputs()).logits
-    C = rollout.completion_ids.size(1)
-    expected = torch.log_softmax(logits[:, -C - 1 : -1].float(), -1).gather(-1, rollout.completion_ids[..., None])
-    mask = rollout.completion_mask.bool()
-    torch.testing.assert_close(scored[mask], expected.squeeze(-1)[mask], atol=1e-4, rtol=1e-4)
-    # The images matter: without them (image tokens embedded as text) the log-probs differ
-    text_only = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    assert not torch.allclose(logits[:, -C - 1 : -1], text_only[:, -C - 1 : -1], atol=1e-4)
 
 
 def test_training_logps_equal_rollout_logps_per_micro_batch(tmp_path):

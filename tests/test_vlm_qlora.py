@@ -7,10 +7,10 @@ from contextlib import nullcontext
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
+from conftest import vlm_args
 from peft import LoraConfig
 from torch import nn
 
-from grpo_ext import GRPOExtConfig as GRPOConfig
 from grpo_ext import GRPOExtTrainer as GRPOTrainer
 from grpo_ext.logprobs import ScoringRequest, score_completions
 from grpo_ext.models import four_bit_config, language_model_adapter, vision_module_names
@@ -37,27 +37,10 @@ def qlora_trainer(tmp_path, architecture="qwen2_5_vl", target_modules="all-linea
     """A tiny VLM saved and loaded by path in 4-bit NF4 (float32 compute on the CPU), with a LoRA adapter."""
     model, processor = make_tiny_vlm(architecture, image_size=56)
     model.save_pretrained(tmp_path / "model")
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        model_init_kwargs={"dtype": "float32"},
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        learning_rate=1e-2,
-        max_steps=1,
-        beta=0.1,
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    settings.update(overrides)
     return GRPOTrainer(
         model=str(tmp_path / "model"),
         reward_funcs=length_reward,
-        args=GRPOConfig(**settings),
+        args=vlm_args(tmp_path, model_init_kwargs={"dtype": "float32"}, beta=0.1, **overrides),
         train_dataset=make_image_dataset(8, image_size=56),
         processing_class=processor,
         peft_config=LoraConfig(r=4, target_modules=target_modules),
