@@ -111,3 +111,26 @@ def vlm_args(tmp_path, **overrides):
     )
     settings.update(overrides)
     return GRPOExtConfig(**settings)
+
+
+def group_prompts(tokenizer, num_generations: int = 4):
+    """Four arithmetic prompts, left-padded, each repeated `num_generations` times in a row: `(ids, mask)` (4G, P)."""
+    encoded = tokenizer(["1+2=", "33+4=", "5*6=", "7="], return_tensors="pt", padding=True, padding_side="left")
+    return (
+        encoded["input_ids"].repeat_interleave(num_generations, 0),
+        encoded["attention_mask"].repeat_interleave(num_generations, 0),
+    )
+
+
+def processed_distribution(logits, sequence, penalty, temperature, top_k):
+    """The sampling distribution by hand: repetition penalty on the tokens in `sequence`, temperature, top-k."""
+    import math
+
+    import torch
+
+    logits = logits.clone()
+    seen = torch.tensor(sorted(set(sequence)))
+    logits[seen] = torch.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+    logits = logits / temperature
+    kth = logits.topk(top_k).values[-1]
+    return torch.softmax(logits.masked_fill(logits < kth, -math.inf), -1)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import group_prompts, processed_distribution
 from transformers import GenerationConfig
 
 from grpo_ext import prefix_sharing
@@ -11,11 +12,6 @@ from grpo_ext.decoding import generate_dropping_finished, unsupported_reason
 from grpo_ext.testing import make_tiny_model
 
 G = 4
-
-
-def _prompts(tokenizer):
-    encoded = tokenizer(["1+2=", "33+4=", "5*6=", "7="], return_tensors="pt", padding=True, padding_side="left")
-    return encoded["input_ids"].repeat_interleave(G, 0), encoded["attention_mask"].repeat_interleave(G, 0)  # (16, P)
 
 
 def _stops_at_uneven_steps(model, tokenizer, prompt_ids, prompt_mask):
@@ -32,7 +28,7 @@ def _stops_at_uneven_steps(model, tokenizer, prompt_ids, prompt_mask):
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])
 def test_greedy_completions_equal_generate(tokenizer, architecture):
     model = make_tiny_model(architecture, tokenizer).eval()
-    prompt_ids, prompt_mask = _prompts(tokenizer)
+    prompt_ids, prompt_mask = group_prompts(tokenizer)
     config = _stops_at_uneven_steps(model, tokenizer, prompt_ids, prompt_mask)
     expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
     expected = expected[:, prompt_ids.size(1) :]
@@ -53,20 +49,10 @@ def test_greedy_completions_equal_generate(tokenizer, architecture):
 
 def test_all_rows_run_to_the_limit_when_none_stops(tokenizer):
     model = make_tiny_model("qwen2", tokenizer).eval()
-    prompt_ids, prompt_mask = _prompts(tokenizer)
+    prompt_ids, prompt_mask = group_prompts(tokenizer)
     config = GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=[tokenizer.eos_token_id], pad_token_id=0)
     expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
     assert torch.equal(generate_dropping_finished(model, prompt_ids, prompt_mask, config), expected[:, -6:])
-
-
-def _processed(logits, sequence, penalty, temperature, top_k):
-    """The sampling distribution by hand: repetition penalty on tokens seen, temperature, top-k."""
-    logits = logits.clone()
-    seen = torch.tensor(sorted(set(sequence)))
-    logits[seen] = torch.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
-    logits = logits / temperature
-    kth = logits.topk(top_k).values[-1]
-    return torch.softmax(logits.masked_fill(logits < kth, -math.inf), -1)
 
 
 def test_sampled_completions_follow_the_model_distribution(tokenizer):
@@ -76,14 +62,16 @@ def test_sampled_completions_follow_the_model_distribution(tokenizer):
     prompt = tokenizer(["12+34="], return_tensors="pt")["input_ids"]  # (1, P)
     penalty, temperature, top_k = 1.3, 0.7, 6
     with torch.no_grad():
-        first = _processed(model(prompt).logits[0, -1].float(), prompt[0].tolist(), penalty, temperature, top_k)
+        first = processed_distribution(
+            model(prompt).logits[0, -1].float(), prompt[0].tolist(), penalty, temperature, top_k
+        )
     candidates = first.nonzero().squeeze(1).tolist()  # the top-k first tokens
     stops = candidates[:2]  # two of them end the completion
     expected = {(t,): first[t].item() for t in stops}
     with torch.no_grad():
         for t in candidates[2:]:
             sequence = torch.cat([prompt[0], torch.tensor([t])])
-            second = _processed(
+            second = processed_distribution(
                 model(sequence[None]).logits[0, -1].float(), sequence.tolist(), penalty, temperature, top_k
             )
             expected.update({(t, u): first[t].item() * second[u].item() for u in second.nonzero().squeeze(1).tolist()})

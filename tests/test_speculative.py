@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import group_prompts, processed_distribution
 from transformers import GenerationConfig
 
 from grpo_ext import prefix_sharing
@@ -13,11 +14,6 @@ from grpo_ext.speculative import DraftStats, accept_drafts, generate_with_drafts
 from grpo_ext.testing import make_tiny_model
 
 G = 4
-
-
-def _prompts(tokenizer):
-    encoded = tokenizer(["1+2=", "33+4=", "5*6=", "7="], return_tensors="pt", padding=True, padding_side="left")
-    return encoded["input_ids"].repeat_interleave(G, 0), encoded["attention_mask"].repeat_interleave(G, 0)  # (16, P)
 
 
 def _unpadded(ids, mask):
@@ -63,7 +59,7 @@ class _FixedDrafts:
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])
 def test_greedy_completions_equal_generate(tokenizer, architecture):
     model = make_tiny_model(architecture, tokenizer).eval()
-    prompt_ids, prompt_mask = _prompts(tokenizer)
+    prompt_ids, prompt_mask = group_prompts(tokenizer)
     config = _uneven_stops(model, tokenizer, prompt_ids, prompt_mask)
     expected = _generate(model, prompt_ids, prompt_mask, config)
     assert len(set((expected != 0).sum(1).tolist())) >= 3  # rows finish at different steps and leave the batch
@@ -82,7 +78,7 @@ def test_ragged_acceptance_right_and_wrong_drafts(tokenizer):
     """Drafts that are always right (each row proposing a different number, so rows accept 1..4 tokens a forward)
     and drafts that are always wrong (nothing accepted) give the same completions; the forwards follow."""
     model = make_tiny_model("qwen2", tokenizer).eval()
-    prompt_ids, prompt_mask = _prompts(tokenizer)
+    prompt_ids, prompt_mask = group_prompts(tokenizer)
     config = _uneven_stops(model, tokenizer, prompt_ids, prompt_mask)
     expected = _generate(model, prompt_ids, prompt_mask, config)
     lengths = (expected != 0).sum(1).tolist()
@@ -105,7 +101,7 @@ def test_token_reading_rules_and_all_rows_to_the_limit(tokenizer):
     """Processors that read the tokens before each position (repetition penalty, min_new_tokens) see the accepted
     drafts; completions that never stop run to max_new_tokens."""
     model = make_tiny_model("llama", tokenizer).eval()
-    prompt_ids, prompt_mask = _prompts(tokenizer)
+    prompt_ids, prompt_mask = group_prompts(tokenizer)
     config = _uneven_stops(model, tokenizer, prompt_ids, prompt_mask, repetition_penalty=1.5)
     config.min_new_tokens = 5
     expected = _generate(model, prompt_ids, prompt_mask, config)
@@ -116,16 +112,6 @@ def test_token_reading_rules_and_all_rows_to_the_limit(tokenizer):
     expected = _generate(model, prompt_ids, prompt_mask, config)
     drafts = GroupDrafts(_unpadded(prompt_ids, prompt_mask), G, num_draft_tokens=4, min_ngram_size=1)
     assert torch.equal(generate_with_drafts(model, prompt_ids, prompt_mask, config, drafts), expected)
-
-
-def _processed(logits, sequence, penalty, temperature, top_k):
-    """The sampling distribution by hand: repetition penalty on tokens seen, temperature, top-k."""
-    logits = logits.clone()
-    seen = torch.tensor(sorted(set(sequence)))
-    logits[seen] = torch.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
-    logits = logits / temperature
-    kth = logits.topk(top_k).values[-1]
-    return torch.softmax(logits.masked_fill(logits < kth, -math.inf), -1)
 
 
 @pytest.mark.parametrize("penalty", [1.3, 1.0], ids=["token-reading processors", "score-only processors"])
@@ -140,7 +126,7 @@ def test_sampled_tokens_follow_the_model_distribution(tokenizer, penalty):
     def distribution(sequence):
         with torch.no_grad():
             logits = model(torch.tensor([sequence])).logits[0, -1].float()
-        return _processed(logits, sequence, penalty, temperature, top_k)
+        return processed_distribution(logits, sequence, penalty, temperature, top_k)
 
     first = distribution(prompt[0].tolist())
     candidates = first.argsort(descending=True)[:top_k].tolist()  # the top-k first tokens, most likely first
@@ -335,7 +321,7 @@ def test_a_4bit_model_with_lora_drafts_the_same_greedy_completions(tokenizer, tm
         tmp_path, quantization_config=four_bit_config(torch.float32), dtype=torch.float32
     )
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).eval()
-    prompt_ids, prompt_mask = _prompts(tokenizer)
+    prompt_ids, prompt_mask = group_prompts(tokenizer)
     config = GenerationConfig(do_sample=False, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
     plain = generate_completions(model, prompt_ids, prompt_mask, G, config, GenerationPlan(True, True, True))
     stats = DraftStats()
