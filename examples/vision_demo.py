@@ -1,4 +1,4 @@
-"""Offline vision demo: a tiny vision-language model learns by GRPO to name drawn figures, on a CPU, in under a minute.
+"""Offline vision demo: a tiny vision-language model learns by GRPO to name drawn figures, on a CPU, in about a minute.
 
 A tiny Qwen2.5-VL (a 1-layer vision tower of width 32, a 2-layer language model), built here with its processor, is
 warmed up for a few supervised steps on the answer form ("red circle"), loaded in 4-bit NF4 (the vision tower stays
