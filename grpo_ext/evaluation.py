@@ -40,7 +40,7 @@ from .drafting import DraftMemory
 from .engine import RolloutEngine
 from .models import unwrapped_for_generation
 from .rollout import eos_token_ids
-from .vision import has_images, with_images
+from .vision import has_images, tokenizer_of, with_images
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,9 @@ def evaluate_accuracy(
     reward_funcs: dict | None = None,
 ) -> dict:
     """Task metrics of `model` on a dataset with `prompt` and `answer` columns, as the trainer measures them: one
-    greedy answer per problem and, with `num_samples=k > 1`, k samples at `temperature`.
+    greedy answer per problem and, with `num_samples=k > 1`, k samples at `temperature`. With a vision-language
+    model, `tokenizer` is its processor and an `image` / `images` column goes into the prompts as in training; every
+    column reaches the task metrics.
 
     `reward_funcs` (name -> task metric) default to `{"accuracy": reward_models.accuracy_reward}` (math-verify). The
     result has `pass@1/<name>` (greedy) and with k > 1 `sampled_pass@1/<name>`, `pass@k/<name>`, `maj@k/<name>` for
@@ -223,24 +225,25 @@ def evaluate_accuracy(
 
     scorer = task_scorer(reward_funcs or {"accuracy": accuracy_reward})
     model.eval()
-    stop_ids = eos_token_ids(model, tokenizer)  # the same stop rule as training rollouts
+    stop_ids = eos_token_ids(model, tokenizer_of(tokenizer))  # the same stop rule as training rollouts
     sampling = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=True,
         temperature=temperature,
         top_p=1.0,
         top_k=0,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer_of(tokenizer).pad_token_id,
         eos_token_id=stop_ids,
     )
-    prompts = list(dataset["prompt"])
+    rows = list(dataset)
+    prompts = with_images([row["prompt"] for row in rows], rows) if rows else []  # images as image parts
 
     engine = RolloutEngine(tokenizer, sampling, stop_ids, max_new_tokens)
     answers = generate_answers(engine, model, prompts, 1, greedy_config(sampling), batch_size, progress=True)
     samples = None
     if num_samples > 1:
         samples = generate_answers(engine, model, prompts, num_samples, sampling, batch_size, progress=True)
-    rows = [{"prompt": prompt, "answer": answer} for prompt, answer in zip(prompts, dataset["answer"], strict=True)]
+    rows = [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)]
     results = metrics_of_problems(scorer.names, score_answers(scorer, rows, answers, samples, answer_key=answer_key))
     first = scorer.names[0]
     headline = {"pass@1": results[f"pass@1/{first}"]}

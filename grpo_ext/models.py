@@ -393,12 +393,14 @@ def load_tokenizer(model: str | nn.Module, model_init_kwargs: dict | None = None
         _check_local_gguf(name, source, what)
         with named_gguf_errors(os.path.join(*source), what):
             return AutoTokenizer.from_pretrained(source[0], **kwargs, gguf_file=source[1])
-    if vision is None:  # a model path: its config says whether it takes images (a tokenizer-only folder has none)
+    if vision is None:  # a model path: its config says whether it takes images; an adapter folder (no config) has
+        # the processor's own file beside it when the trainer saved a processor
         config_kwargs = {key: kwargs[key] for key in ("revision", "trust_remote_code") if key in kwargs}
         try:
             vision = is_vision_model(types.SimpleNamespace(config=AutoConfig.from_pretrained(name, **config_kwargs)))
         except (OSError, ValueError):
-            vision = False
+            saved = ("processor_config.json", "preprocessor_config.json")  # transformers 5 / older layouts
+            vision = any(os.path.isfile(os.path.join(name, file)) for file in saved)
     if vision:  # as TRL: a vision-language model's processor (its tokenizer inside)
         return AutoProcessor.from_pretrained(name, **kwargs)
     return AutoTokenizer.from_pretrained(name, **kwargs)

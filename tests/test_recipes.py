@@ -227,7 +227,8 @@ def test_vision_demo_learns_to_name_shapes(tmp_path):
 def test_recipe_trains_a_vision_language_model_with_qlora(tmp_path):
     """The recipe on TRL's vision-language columns (a question, an `image`, an answer, from parquet files): the
     model folder's processor is loaded (its config has a vision tower), every prompt the rewards see carries its row's
-    image (training and the held-out evaluation), the 4-bit run's LoRA adapter stays off the vision tower."""
+    image (training and the held-out evaluation), the 4-bit run's LoRA adapter stays off the vision tower, and
+    recipes/evaluate.py scores the adapter with the processor saved beside it, on the images."""
     from grpo_ext.testing import make_shape_splits, make_tiny_vlm
 
     model, processor = make_tiny_vlm("llava")
@@ -277,15 +278,26 @@ def test_recipe_trains_a_vision_language_model_with_qlora(tmp_path):
         "disable_tqdm": True,
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     trained = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "deepseek_math_style.py"), "--config", str(tmp_path / "config.yaml")],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
+        env=env,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "held-out pass@1 (needs_images:shape_reward_on_images)" in trained.stdout  # before -> after, measured
+    # recipes/evaluate.py on the adapter: the processor saved beside it, the images in the prompts
+    evaluated = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "evaluate.py"), "--model", str(tmp_path / "model"),
+         "--adapter", str(output_dir), "--dataset", str(tmp_path / "test.parquet"), "--instruction", "",
+         "--max_new_tokens", "4", "--reward_funcs", "needs_images:shape_reward_on_images",
+         "--output", str(tmp_path / "evaluated.json")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "evaluated.json").read_text())["num_problems"] == 4
     results = json.loads((output_dir / "eval_results.json").read_text())
     assert results["before"]["eval_task_problems"] == results["after"]["eval_task_problems"] == 4
     adapter = json.loads((output_dir / "adapter_config.json").read_text())

@@ -275,7 +275,7 @@ def test_task_metrics_are_measured_on_the_images(tmp_path):
 
 def test_a_model_path_loads_its_processor_when_the_model_takes_images(tmp_path):
     """`load_tokenizer` on a saved folder (the recipe's path): a vision-language model's config gives its processor,
-    a text model's gives its tokenizer."""
+    a text model's gives its tokenizer, and an adapter folder with the processor saved beside it its processor."""
     from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
     from grpo_ext.models import load_tokenizer
@@ -293,3 +293,24 @@ def test_a_model_path_loads_its_processor_when_the_model_takes_images(tmp_path):
     assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     loaded = load_tokenizer(str(tmp_path / "text"))
     assert isinstance(loaded, PreTrainedTokenizerBase) and loaded.get_vocab() == tokenizer.get_vocab()
+    processor.save_pretrained(tmp_path / "adapter")  # what the trainer saves beside an adapter: no config.json
+    assert isinstance(load_tokenizer(str(tmp_path / "adapter")), ProcessorMixin)
+
+
+def test_a_vision_language_model_alone_is_evaluated_on_its_images():
+    """`evaluate_accuracy` (recipes/evaluate.py) with a processor: each greedy answer comes from the prompt with its
+    row's image, and the task metric gets that prompt and the `image` column, row by row."""
+    from grpo_ext.evaluation import evaluate_accuracy
+
+    model, processor = make_tiny_vlm("qwen2_5_vl")
+    dataset = make_image_dataset(4, seed=3)
+
+    def sees_its_image(prompts, completions, image, **kwargs):
+        parts = [prompt[-1]["content"][0] for prompt in prompts]
+        return [
+            float(part["type"] == "image" and part["image"].tobytes() == img.tobytes())
+            for part, img in zip(parts, image, strict=True)
+        ]
+
+    results = evaluate_accuracy(model, processor, dataset, max_new_tokens=3, reward_funcs={"sees": sees_its_image})
+    assert results["num_problems"] == 4 and results["pass@1/sees"] == 1.0
