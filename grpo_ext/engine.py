@@ -207,8 +207,6 @@ class RolloutEngine:
                     "The prompts hold images but the trainer's processing_class is a tokenizer: pass the model's "
                     "processor, processing_class=AutoProcessor.from_pretrained(<model id>)."
                 )
-            if row_tools and any(row_tools):
-                raise NotImplementedError("Tools with image prompts are not supported by grpo-ext yet.")
             prompt_ids, prompt_mask, vision = encode_image_prompts(
                 self.processor,
                 prompts,
@@ -216,6 +214,7 @@ class RolloutEngine:
                 self.max_prompt_length,
                 device,
                 self.pad_to_multiple_of,
+                tools=row_tools,
             )  # (B, P) each
             images = [prompt_images(prompt) or None for prompt in prompts]
             plan = self.plan(model, config, images=True)  # what prompts with images can share
@@ -244,13 +243,20 @@ class RolloutEngine:
                 prompt_lists, completion_lists, None, completions, draft_stats=draft_stats, images=images, vision=vision
             )
 
-        def go_on(history_ids, history_mask, max_new_tokens):  # later turns: one completion per history
+        def go_on(history_ids, history_mask, max_new_tokens, rows):  # later turns: one completion per history
             later = copy.deepcopy(config)
             later.max_new_tokens = max_new_tokens
             one_each = GenerationPlan(
                 drop_finished_rows=plan.drop_finished_rows, continuous_batching=plan.continuous_batching
             )
-            return generate_completions(model, history_ids.to(device), history_mask.to(device), 1, later, one_each)
+            row_vision = None
+            if vision is not None:  # the rows' prompt images; their text since the prompt has no image
+                so_far = [
+                    int(length) - len(prompt_lists[i]) for i, length in zip(rows, history_mask.sum(1), strict=True)
+                ]
+                row_vision = vision.select(torch.tensor(rows)).followed_by(so_far)
+            history_ids, history_mask = history_ids.to(device), history_mask.to(device)
+            return generate_completions(model, history_ids, history_mask, 1, later, one_each, vision=row_vision)
 
         turns = tool_call_loop(
             self.processing_class,
@@ -268,8 +274,9 @@ class RolloutEngine:
         )
         self.tool_calling.report(turns)
         return Generation(
-            prompt_lists, turns.completion_ids, turns.tool_mask, turns.completions, turns=turns, draft_stats=draft_stats
-        )
+            prompt_lists, turns.completion_ids, turns.tool_mask, turns.completions, turns=turns, draft_stats=draft_stats,
+            images=images, vision=vision,
+        )  # fmt: skip
 
     def to_rollout(self, generation: Generation, plan: GenerationPlan, device: torch.device) -> Rollout:
         """The padded tensors of a generation `(B, P)` / `(B, C)`, masked after each completion's first stop token;

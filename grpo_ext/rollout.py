@@ -281,13 +281,15 @@ def encode_image_prompts(
     max_prompt_length: int | None,
     device,
     pad_to_multiple_of: int | None = None,
+    tools: list[list] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, VisionInputs]:
     """Token ids and attention mask `(B, P)` of prompts with images, left-padded, and their `VisionInputs`. Each
-    prompt is rendered by the processor's chat template and processed with its images (placeholders expanded to the
-    image's tokens); consecutive equal prompts (a group) are processed once and share their tensors. A prompt longer
-    than `max_prompt_length` is an error: cutting it could cut image tokens from their pixels."""
+    prompt is rendered by the processor's chat template (with row i's tool schema, `tools[i]`) and processed with
+    its images (placeholders expanded to the image's tokens); consecutive equal prompts (a group) are processed once
+    and share their tensors. A prompt longer than `max_prompt_length` is an error: cutting it could cut image tokens
+    from their pixels."""
     tokenizer = tokenizer_of(processor)
-    texts = prompt_texts(prompts, processor, chat_template_kwargs)
+    texts = prompt_texts(prompts, processor, chat_template_kwargs, tools)
     prompt_ids, rows, previous = [], [], None
     for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
         images = prompt_images(prompt)

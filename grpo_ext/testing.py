@@ -431,17 +431,26 @@ def record_trained_batches(trainer) -> list:
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 
 
-def _image_chat_template(image_text: str) -> str:
+def _image_chat_template(image_text: str, tool_calling: bool = False) -> str:
     """CHAT_TEMPLATE, plus image parts: a message's content may be a list of {"type": "text" | "image"} parts, an
-    image part rendered as `image_text` (the placeholder the model's processor expands into its image tokens)."""
+    image part rendered as `image_text` (the placeholder the model's processor expands into its image tokens). With
+    `tool_calling`, TOOL_CHAT_TEMPLATE's tool names and tool calls too."""
+    tool_names = (
+        "{% if tools %}{{ '<|im_start|>system\nTools:' }}{% for tool in tools %}{{ ' ' + tool['function']['name'] }}"
+        "{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"
+    )
+    tool_calls = (
+        "{% for call in message.get('tool_calls') or [] %}"
+        "{{ '<tool_call>' + call['function'] | tojson + '</tool_call>' }}"
+        "{% endfor %}"
+    )
     return (
-        "{% for message in messages %}"
+        (tool_names if tool_calling else "") + "{% for message in messages %}"
         "{{ '<|im_start|>' + message['role'] + '\n' }}"
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
         "{% if part['type'] == 'image' %}{{ '" + image_text + "' }}"
         "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-        "{% endfor %}{% endif %}"
-        "{{ '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% endif %}" + (tool_calls if tool_calling else "") + "{{ '<|im_end|>' + '\n' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
@@ -456,16 +465,20 @@ _VLM_TEXT_SIZES = dict(
 )  # fmt: skip
 
 
-def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: int = 28):
+def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: int = 28, tool_calling: bool = False):
     """A randomly initialised vision-language model (a 1-layer vision tower, a 2-layer language model, hidden 32) and
     its processor, both built here: `make_tokenizer()` plus the image tokens, an image processor of the model's
     family with explicit settings, and a chat template that renders image parts. An `image_size` x `image_size` image
     (a multiple of 28) becomes `(image_size / 28)^2` image tokens (LLaVA-NeXT: more, for its tiles). `architecture`:
-    one of `TINY_VLM_ARCHITECTURES`, the families TRL's VLM tests use. Returns `(model, processor)`."""
+    one of `TINY_VLM_ARCHITECTURES`, the families TRL's VLM tests use. `tool_calling` (the Qwen families):
+    `make_tokenizer(tool_calling=True)`'s vocabulary, tool calls in the template and parsed back. Returns
+    `(model, processor)`."""
     import torch
 
     if architecture not in TINY_VLM_ARCHITECTURES:
         raise ValueError(f"architecture must be one of {TINY_VLM_ARCHITECTURES}, got {architecture!r}.")
+    if tool_calling and not architecture.startswith("qwen"):
+        raise ValueError(f"tool_calling is built for the Qwen families here, not {architecture!r}.")
     builder = {
         "qwen2_5_vl": _tiny_qwen_vl,
         "qwen2_vl": _tiny_qwen_vl,
@@ -475,7 +488,7 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
         "llava_next": _tiny_llava,
     }[architecture]
     torch.manual_seed(seed)
-    model, processor = builder(architecture, image_size)
+    model, processor = builder(architecture, image_size, **({"tool_calling": True} if tool_calling else {}))
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     return model, processor
@@ -497,10 +510,10 @@ def _text_config(tokenizer, **overrides) -> dict:
     )  # fmt: skip
 
 
-def _tiny_qwen_vl(architecture: str, image_size: int):
+def _tiny_qwen_vl(architecture: str, image_size: int, tool_calling: bool = False):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(tool_calling)
     tokenizer.add_tokens([VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD], special_tokens=True)
     token_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
         ("image_token_id", IMAGE_PAD), ("video_token_id", VIDEO_PAD),
@@ -531,8 +544,11 @@ def _tiny_qwen_vl(architecture: str, image_size: int):
         )  # fmt: skip
         config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     config = config_class(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **token_ids)
+    template = _image_chat_template(VISION_START + IMAGE_PAD + VISION_END, tool_calling)
+    if tool_calling:  # the tool results' turns are rendered by the tokenizer: the same template
+        tokenizer.chat_template = template
     processor = _without_video(processor_class)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=VLM_CHAT_TEMPLATE
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=template
     )
     return model_class(config), processor
 

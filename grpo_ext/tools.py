@@ -485,8 +485,9 @@ def tool_call_loop(
     """Run the tool calls of the first turns (`completions`: one parsed assistant message per row) and let the model
     go on, until no row calls a tool, or `max_iterations` rounds.
 
-    `generate(prompt_ids, prompt_mask, max_new_tokens)` continues each left-padded history `(b, L)` (prompt +
-    completion so far + tool results) with one completion `(b, C)`; each is cut after its first stop token.
+    `generate(prompt_ids, prompt_mask, max_new_tokens, rows)` continues each left-padded history `(b, L)` (prompt +
+    completion so far + tool results) of the batch's `rows` with one completion `(b, C)`; each is cut after its
+    first stop token.
 
     A round's results that would push the completion past `max_completion_length` (or the model's `max_positions`)
     are dropped whole, as TRL drops them: the completion ends with the turn that called the tools, and those calls
@@ -509,6 +510,13 @@ def tool_call_loop(
             if timeouts:
                 timed_out = [name for name, value in outcomes if value == {"error": _timed_out(name, tool_timeout)}]
                 result.timed_out_tools.update(timed_out)
+            for name, value in outcomes:
+                if _holds_image(value):
+                    raise NotImplementedError(
+                        f"Tool {name!r} returned image parts: grpo-ext feeds tool results back as text, so the model "
+                        "would read the image's repr, not the image. Return text from the tool (for example a "
+                        "description), or drop the image parts."
+                    )
             messages = [{"role": "tool", "name": name, "content": str(value)} for name, value in outcomes]
             suffix = tool_suffix_ids(tokenizer, messages, chat_template_kwargs)
             so_far = result.completion_ids[i] + suffix
@@ -530,7 +538,7 @@ def tool_call_loop(
         turns = [[] for _ in continuing]
         if max(room) > 0:
             history_ids, history_mask = pad_token_lists(histories, tokenizer.pad_token_id, "left", device=None)
-            turns = token_lists_until_stop(generate(history_ids, history_mask, max(room)), eos_token_ids)
+            turns = token_lists_until_stop(generate(history_ids, history_mask, max(room), continuing), eos_token_ids)
         next_active = []
         for i, history, ids, most in zip(continuing, histories, turns, room, strict=True):
             ids = ids[:most]
@@ -544,6 +552,11 @@ def tool_call_loop(
         active = next_active
         result.rounds += 1
     return result
+
+
+def _holds_image(value) -> bool:
+    """Whether a tool's result is a list of content parts with an image (TRL's multimodal tool result)."""
+    return isinstance(value, list) and any(isinstance(part, dict) and part.get("type") == "image" for part in value)
 
 
 class ToolCalling:

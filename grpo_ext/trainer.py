@@ -168,8 +168,7 @@ class GRPOExtTrainer(GroupedDataMixin, TaskEvaluationMixin, ResumeMixin, HubMixi
         self.rollout_func = rollout_func  # TRL's custom rollout (engine.custom_rollout), or None
         if rollout_func is not None and (tools or environment_factory is not None):
             raise ValueError("rollout_func replaces generation, tools and environments: pass either, not both.")
-        multi_turn_args = {"tools": tools, "environment_factory": environment_factory, "rollout_func": rollout_func}
-        check_vision_setup(model, processing_class, train_dataset, eval_dataset, multi_turn_args)  # images: here
+        check_vision_setup(model, processing_class, train_dataset, eval_dataset, rollout_func)
         self._tool_calling = None
         if tools or environment_factory is not None:
             self._tool_calling = ToolCalling.from_config(args, tokenizer, tools, environment_factory)

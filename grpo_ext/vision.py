@@ -171,6 +171,21 @@ class VisionInputs:
             return VisionInputs(self.rows[rows])
         return VisionInputs([self.rows[i] for i in rows.tolist()])
 
+    def followed_by(self, lengths: list[int]) -> VisionInputs:
+        """These rows with `lengths[i]` text tokens after row i's prompt (a tool-calling history: the completion so
+        far), so that per-token tensors stay aligned with their prompt tokens (0 over the text after them)."""
+        rows = []
+        for row, length in zip(self.rows, lengths, strict=True):
+            rows.append(
+                {
+                    key: torch.cat([value, value.new_zeros(value.size(0), length)], 1)
+                    if key in TOKEN_ALIGNED
+                    else value
+                    for key, value in row.items()
+                }
+            )
+        return VisionInputs(rows)
+
     @classmethod
     def concat(cls, parts: list[VisionInputs]) -> VisionInputs:
         return cls([row for part in parts for row in part.rows])
@@ -212,14 +227,10 @@ def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def check_vision_setup(
-    model, processing_class, train_dataset, eval_dataset, multi_turn_args: dict | None = None
-) -> None:
+def check_vision_setup(model, processing_class, train_dataset, eval_dataset, rollout_func=None) -> None:
     """At trainer start: a dataset with an image column needs a processor and a vision-language model, and its first
-    row's images must open (every row's are loaded at its rollout); a processor needs a model that takes images;
-    `multi_turn_args` (name -> value: `tools`, `environment_factory`, `rollout_func`), any given, are refused beside an
-    image column, which grpo-ext's own single-turn generation serves only."""
-    multi_turn = next((name for name, value in (multi_turn_args or {}).items() if value), None)
+    row's images must open (every row's are loaded at its rollout); a processor needs a model that takes images; a
+    `rollout_func` is refused beside an image column (grpo-ext scores images its own generation encoded)."""
     datasets = {"train_dataset": train_dataset}
     for split, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
         datasets[f"eval_dataset[{split!r}]" if split else "eval_dataset"] = dataset
@@ -243,11 +254,11 @@ def check_vision_setup(
                 "vision_config). Load the vision-language model (e.g. AutoModelForImageTextToText.from_pretrained), "
                 "or drop the column for text-only training."
             )
-        if multi_turn is not None:
+        if rollout_func is not None:
             raise NotImplementedError(
-                f"{name} has an '{column}' column and the trainer got {multi_turn}: rollouts with images are "
-                f"generated and scored by grpo-ext's own single-turn generation only, for now. Drop {multi_turn} "
-                f"for this dataset, or the '{column}' column for text-only tool use."
+                f"{name} has an '{column}' column and the trainer got a rollout_func: rollouts with images are "
+                "generated (with tools and environments too) and scored by grpo-ext's own generation only, for now. "
+                f"Drop the rollout_func for this dataset, or the '{column}' column for a text-only custom rollout."
             )
         if first_row is not None:
             _row_images(first_row, column, f"{name} row 0")

@@ -28,7 +28,7 @@ def call(name, **arguments) -> str:
 def scripted(monkeypatch, tokenizer, turns: list[str]):
     """Generation answers a history holding k assistant turns already with `turns[k]` (the last one repeated)."""
 
-    def generate(model, prompt_ids, prompt_mask, num_generations, generation_config, plan, *drafting):
+    def generate(model, prompt_ids, prompt_mask, num_generations, generation_config, plan, *drafting, **vision):
         rows = []
         for ids, mask in zip(prompt_ids, prompt_mask):
             done = tokenizer.decode(ids[mask.bool()]).count("<|im_start|>assistant") - 1
@@ -174,9 +174,13 @@ def test_later_turns_continue_the_whole_history(tool_tokenizer, make_args, monke
     first = call("add", a=1, b=2) + "<|im_end|>"
     generate = engine_module.generate_completions
 
-    def first_turn_scripted(model, prompt_ids, prompt_mask, num_generations, generation_config, plan, *drafting):
+    def first_turn_scripted(
+        model, prompt_ids, prompt_mask, num_generations, generation_config, plan, *drafting, **vision
+    ):
         if num_generations == 1:  # a later turn: the model itself, from prompt + completion + tool result
-            return generate(model, prompt_ids, prompt_mask, num_generations, generation_config, plan, *drafting)
+            return generate(
+                model, prompt_ids, prompt_mask, num_generations, generation_config, plan, *drafting, **vision
+            )
         ids = tool_tokenizer(first, add_special_tokens=False)["input_ids"]
         return torch.tensor([ids] * prompt_ids.size(0))
 
