@@ -195,6 +195,13 @@ def metrics_of_problems(names: list[str], problems: list[tuple]) -> dict[str, fl
     )
 
 
+def rows_with_image_prompts(rows: list[dict]) -> list[dict]:
+    """The rows with an image column's images as image parts of their prompts (`vision.with_images`), as a training
+    rollout makes them: what generation answers and what the task metrics receive."""
+    prompts = with_images([row["prompt"] for row in rows], rows)
+    return [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)]
+
+
 # --- A model alone (recipes/evaluate.py) ---
 
 
@@ -225,25 +232,25 @@ def evaluate_accuracy(
 
     scorer = task_scorer(reward_funcs or {"accuracy": accuracy_reward})
     model.eval()
-    stop_ids = eos_token_ids(model, tokenizer_of(tokenizer))  # the same stop rule as training rollouts
+    text_tokenizer = tokenizer_of(tokenizer)  # a processor's own tokenizer
+    stop_ids = eos_token_ids(model, text_tokenizer)  # the same stop rule as training rollouts
     sampling = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=True,
         temperature=temperature,
         top_p=1.0,
         top_k=0,
-        pad_token_id=tokenizer_of(tokenizer).pad_token_id,
+        pad_token_id=text_tokenizer.pad_token_id,
         eos_token_id=stop_ids,
     )
-    rows = list(dataset)
-    prompts = with_images([row["prompt"] for row in rows], rows) if rows else []  # images as image parts
+    rows = rows_with_image_prompts(list(dataset))
+    prompts = [row["prompt"] for row in rows]
 
     engine = RolloutEngine(tokenizer, sampling, stop_ids, max_new_tokens)
     answers = generate_answers(engine, model, prompts, 1, greedy_config(sampling), batch_size, progress=True)
     samples = None
     if num_samples > 1:
         samples = generate_answers(engine, model, prompts, num_samples, sampling, batch_size, progress=True)
-    rows = [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)]
     results = metrics_of_problems(scorer.names, score_answers(scorer, rows, answers, samples, answer_key=answer_key))
     first = scorer.names[0]
     headline = {"pass@1": results[f"pass@1/{first}"]}
@@ -344,8 +351,8 @@ class TaskEvaluationMixin:
         start_time = time.perf_counter()
         args, k, engine = self.args, self.args.eval_num_samples, self.rollout_engine
         indices, rows = process_share(dataset, self.accelerator.process_index, self.accelerator.num_processes)
-        # An image column's images as image parts of the prompts, as in a training rollout (vision.py)
-        prompts = with_images([row["prompt"] for row in rows], rows) if rows else []
+        rows = rows_with_image_prompts(rows)
+        prompts = [row["prompt"] for row in rows]
         batch, device = args.per_device_eval_batch_size, self.accelerator.device
         self.model.eval()
         with unwrapped_for_generation(
@@ -357,14 +364,14 @@ class TaskEvaluationMixin:
             if self._answering_engine is None:  # the greedy answers of one evaluation draft those of the next
                 memory = DraftMemory(args.speculative_memory_prompts, per_prompt=1)
                 self._answering_engine = engine.with_drafts(args.eval_speculative_draft_tokens, memory)
-            answering = engine if has_images(prompts) else self._answering_engine  # no drafts with images
+            # Images: no drafts (the plan would drop them, warning of a default the user never set)
+            answering = engine if has_images(prompts) else self._answering_engine
             greedy = greedy_config(engine.generation_config)
             answers = generate_answers(answering, model, prompts, 1, greedy, batch, device=device)
             samples = None
             if k > 1:
                 samples = generate_answers(engine, model, prompts, k, engine.generation_config, batch, device=device)
-        scored_rows = [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)]  # as rewards see
-        problems = score_answers(self.task_metrics, scored_rows, answers, samples, shared={"trainer_state": self.state})
+        problems = score_answers(self.task_metrics, rows, answers, samples, shared={"trainer_state": self.state})
         problems = gather_object(problems[: len(indices)])  # every process's real problems
         self._warn_unscored_task_metrics(torch.stack([problem[0] for problem in problems]), list(rows[0]))
         metrics = metrics_of_problems(self.task_metrics.names, problems)

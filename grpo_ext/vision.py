@@ -107,10 +107,10 @@ def _row_images(row: dict, column: str, where: str) -> list:
 
 def with_images(prompts: list, rows: list[dict]) -> list:
     """The prompts with each row's images as image parts (TRL's `prepare_multimodal_messages`); the prompts as they
-    are when the rows have no image column. Conversational prompts only, as in TRL."""
+    are when the rows have no image column (or there are none). Conversational prompts only, as in TRL."""
     from trl.data_utils import prepare_multimodal_messages
 
-    column = image_column(rows[0])
+    column = image_column(rows[0]) if rows else None
     if column is None:
         return prompts
     images = [_row_images(row, column, f"row {i} of the batch") for i, row in enumerate(rows)]
