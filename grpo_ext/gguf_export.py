@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -29,50 +29,27 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2")  # transformers model_type -> llama
 PERMUTED_ARCHITECTURES = ("llama",)  # rotary embedding on interleaved pairs in llama.cpp: q / k rows reordered
 
 
-def _f16(data: np.ndarray):
-    return data.astype(np.float16), None
-
-
-def _blocks(data: np.ndarray, quant_type):
-    """`data` in GGML blocks of `quant_type` along each row (the gguf package's numpy quantiser); a row that is not
-    a whole number of blocks stays f16, as llama.cpp's converter does."""
+def _converted(data: np.ndarray, ggml_type: str | None):
+    """`data` (float32, 2-D) as the file stores it: f16 for `None`, else in GGML blocks of `ggml_type` along each row
+    (the gguf package's numpy quantiser), with a row that is not a whole number of blocks left f16 as llama.cpp's
+    converter does. Returns `(array, raw GGML type or None)`."""
     import gguf
 
-    if data.shape[-1] % gguf.GGML_QUANT_SIZES[quant_type][0]:
+    quant_type = gguf.GGMLQuantizationType[ggml_type] if ggml_type is not None else None
+    if quant_type is None or data.shape[-1] % gguf.GGML_QUANT_SIZES[quant_type][0]:
         return data.astype(np.float16), None
     return gguf.quants.quantize(data, quant_type), quant_type
 
 
-def _q8_0(data: np.ndarray):
-    """Q8_0: 8-bit weights in blocks of 32, one f16 scale per block."""
-    import gguf
-
-    return _blocks(data, gguf.GGMLQuantizationType.Q8_0)
-
-
-def _q4_0(data: np.ndarray):
-    """Q4_0: 4-bit weights in blocks of 32, one f16 scale per block."""
-    import gguf
-
-    return _blocks(data, gguf.GGMLQuantizationType.Q4_0)
-
-
-def _q5_0(data: np.ndarray):
-    """Q5_0: 5-bit weights in blocks of 32, one f16 scale per block."""
-    import gguf
-
-    return _blocks(data, gguf.GGMLQuantizationType.Q5_0)
-
-
-# --quant name -> (writer of one 2-D weight: float32 array -> (array, raw GGML type or None), writer of the token
-# embeddings and output projection, llama.cpp file type name). q4_0 keeps those two in Q8_0: they are read once per
-# token each and their rounding costs the most (llama.cpp's own q4_0 keeps the output projection at 6 bits, which the
-# gguf package cannot write).
-QUANTS: dict[str, tuple[Callable, Callable, str]] = {
-    "f16": (_f16, _f16, "MOSTLY_F16"),
-    "q8_0": (_q8_0, _q8_0, "MOSTLY_Q8_0"),
-    "q5_0": (_q5_0, _q8_0, "MOSTLY_Q5_0"),
-    "q4_0": (_q4_0, _q8_0, "MOSTLY_Q4_0"),
+# --quant name -> (GGML type of the layers' 2-D weights, of the token embeddings and output projection; None: f16,
+# llama.cpp file type name). Q8_0 / Q5_0 / Q4_0: blocks of 32 weights with one f16 scale each. q5_0 and q4_0 keep the
+# embeddings and output projection in Q8_0: they are read once per token each and their rounding costs the most
+# (llama.cpp's own q4_0 keeps the output projection at 6 bits, which the gguf package cannot write).
+QUANTS: dict[str, tuple[str | None, str | None, str]] = {
+    "f16": (None, None, "MOSTLY_F16"),
+    "q8_0": ("Q8_0", "Q8_0", "MOSTLY_Q8_0"),
+    "q5_0": ("Q5_0", "Q8_0", "MOSTLY_Q5_0"),
+    "q4_0": ("Q4_0", "Q8_0", "MOSTLY_Q4_0"),
 }
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
 
@@ -177,7 +154,7 @@ def _file_tensors(model: nn.Module, architecture: str, quant: str):
     arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = getattr(config, "tie_word_embeddings", False)
-    convert_weight, convert_embedding = QUANTS[quant][:2]
+    weight_type, embedding_type = QUANTS[quant][:2]
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":  # llama.cpp reuses token_embd when output.weight is absent
             continue
@@ -192,8 +169,7 @@ def _file_tensors(model: nn.Module, architecture: str, quant: str):
         if data.ndim < 2:  # norms and biases: float32, as llama.cpp keeps them
             yield gguf_name, data, None
             continue
-        convert = convert_embedding if gguf_name in EMBEDDING_TENSORS else convert_weight
-        yield gguf_name, *convert(data)
+        yield gguf_name, *_converted(data, embedding_type if gguf_name in EMBEDDING_TENSORS else weight_type)
 
 
 def _add_tensors(writer, model: nn.Module, architecture: str, quant: str) -> None:
@@ -207,15 +183,15 @@ def file_rounded(model: nn.Module, quant: str) -> nn.Module:
     import gguf
 
     rounded = copy.deepcopy(model).float()
-    convert_weight, convert_embedding = QUANTS[quant][:2]
-    layers = (rounded.get_input_embeddings(), rounded.get_output_embeddings())
+    weight_type, embedding_type = QUANTS[quant][:2]
+    layers = (rounded.get_input_embeddings(), rounded.get_output_embeddings())  # EMBEDDING_TENSORS in the file
     embeddings = [layer.weight for layer in layers if layer is not None]
     with torch.no_grad():
         for parameter in rounded.parameters():
             if parameter.ndim < 2:  # float32 in the file
                 continue
-            convert = convert_embedding if any(parameter is e for e in embeddings) else convert_weight
-            data, raw_type = convert(parameter.cpu().numpy())
+            embedding = any(parameter is e for e in embeddings)
+            data, raw_type = _converted(parameter.cpu().numpy(), embedding_type if embedding else weight_type)
             values = gguf.quants.dequantize(data, raw_type) if raw_type is not None else data
             parameter.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)).reshape(parameter.shape))
     return rounded
