@@ -10,6 +10,7 @@ finds that file and `real_model_dir()` dequantises it once into a cached safeten
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import random
@@ -479,16 +480,17 @@ def make_tiny_vlm(architecture: str = "qwen2_5_vl", seed: int = 0, image_size: i
         raise ValueError(f"architecture must be one of {TINY_VLM_ARCHITECTURES}, got {architecture!r}.")
     if tool_calling and not architecture.startswith("qwen"):
         raise ValueError(f"tool_calling is built for the Qwen families here, not {architecture!r}.")
+    qwen_vl = functools.partial(_tiny_qwen_vl, tool_calling=tool_calling)
     builder = {
-        "qwen2_5_vl": _tiny_qwen_vl,
-        "qwen2_vl": _tiny_qwen_vl,
+        "qwen2_5_vl": qwen_vl,
+        "qwen2_vl": qwen_vl,
         "gemma3": _tiny_gemma3,
         "idefics3": _tiny_idefics3,
         "llava": _tiny_llava,
         "llava_next": _tiny_llava,
     }[architecture]
     torch.manual_seed(seed)
-    model, processor = builder(architecture, image_size, **({"tool_calling": True} if tool_calling else {}))
+    model, processor = builder(architecture, image_size)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     return model, processor
